@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""p3s job client: submit, list, show, adjust, kill and delete jobs.
+
+usage:
+  python p3s_job.py -j myjob.json [-f FILE[,FILE...]] [-N n] [-t]   submit (prints uuids)
+  python p3s_job.py --list [-s STATE[,STATE]] [-T TYPE] [--user U] [--limit N]
+  python p3s_job.py --show UUID
+  python p3s_job.py -a -u UUID[,UUID...] [-s defined|dropped] [-P PRIORITY]
+  python p3s_job.py --kill UUID[,UUID...]
+  python p3s_job.py -d -u UUID[,UUID...]
+Add --json for machine-readable output. The server is --server or P3S_SERVER
+(default http://127.0.0.1:8080/); P3S_TOKEN is sent as a bearer token when set.
+
+The job file is the original p3s format: a JSON list of objects with name, jobtype, payload,
+env (an object), priority, timeout (the timelimit in seconds) and state (defined, the default,
+or template); numbers may be strings. -f makes one job per input file for each job of the
+list, with env.P3S_INPUT_FILE set to it; -N makes n replicas of each.
+
+Exit codes (shared by every p3s client):
+  0  success                        2  bad command line
+  1  the server refused a request   3  the server could not be reached or answered nonsense
+                                    4  a local file is missing or invalid
+This file uses the Python standard library only: copy it alone onto any node.
+"""
+import argparse
+import getpass
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid as uuidlib
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+DEFAULT_SERVER = 'http://127.0.0.1:8080/'
+HTTP_TIMEOUT = 60.0
+SUBMIT_ATTEMPTS = 5          # a submission is idempotent (uuids are made here), so retry it
+LIST_COLUMNS = ('uuid', 'state', 'jobtype', 'priority', 'name', 'defined_at')
+
+
+class P3SError(Exception):
+    """A failure with a one-line message; `code` is the exit code it leads to."""
+
+    def __init__(self, message, code=EXIT_REFUSED):
+        super().__init__(message)
+        self.code = code
+
+
+def call(server, method, path, body=None, timeout=HTTP_TIMEOUT):
+    """One JSON request to the server. The only code that touches urllib."""
+    url = server.rstrip('/') + path
+    headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
+    if os.environ.get('P3S_TOKEN'):
+        headers['Authorization'] = 'Bearer ' + os.environ['P3S_TOKEN']
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as reply:
+            return json.loads(reply.read().decode() or '{}')
+    except urllib.error.HTTPError as e:
+        code = EXIT_UNREACHABLE if e.code >= 500 else EXIT_REFUSED
+        raise P3SError('server: %s (HTTP %d)' % (error_text(e), e.code), code) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        reason = getattr(e, 'reason', None) or e
+        raise P3SError('cannot reach the server at %s: %s' % (server, reason),
+                       EXIT_UNREACHABLE) from None
+
+
+def error_text(http_error):
+    try:
+        return json.loads(http_error.read().decode())['error']
+    except Exception:
+        return http_error.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the original job format
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise P3SError('cannot read %s: %s' % (path, e.strerror), EXIT_INPUT) from None
+    except ValueError as e:
+        raise P3SError('%s is not valid JSON: %s' % (path, e), EXIT_INPUT) from None
+
+
+def as_int(job, key, where):
+    value = job[key]
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise P3SError('%s: %s must be a whole number, not %r' % (where, key, value),
+                           EXIT_INPUT) from None
+    return value
+
+
+def normalize(raw, where):
+    """One job of the original format as the API takes it: timeout -> timelimit, numbers from
+    strings, env values as strings. Anything else is left for the server to judge."""
+    if not isinstance(raw, dict):
+        raise P3SError('%s is not a JSON object' % where, EXIT_INPUT)
+    job = dict(raw)
+    if 'timeout' in job:
+        if 'timelimit' in job:
+            raise P3SError('%s: give timeout or timelimit, not both' % where, EXIT_INPUT)
+        job['timelimit'] = job.pop('timeout')
+    for key in ('timelimit', 'priority'):
+        if key in job:
+            job[key] = as_int(job, key, where)
+    env = job.get('env') or {}
+    if isinstance(env, str):
+        try:
+            env = json.loads(env)
+        except ValueError:
+            raise P3SError('%s: env is not a JSON object' % where, EXIT_INPUT) from None
+    if not isinstance(env, dict):
+        raise P3SError('%s: env must be a JSON object' % where, EXIT_INPUT)
+    job['env'] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in env.items()}
+    return job
+
+
+def build_jobs(templates, input_files, replicas):
+    """The jobs to submit: for each template, one per input file (in order), times replicas."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = ''
+    host = socket.gethostname()
+    jobs = []
+    for n, raw in enumerate(templates, 1):
+        template = normalize(raw, 'job %d' % n)
+        for infile in input_files or [None]:
+            for _ in range(replicas):
+                job = dict(template, env=dict(template['env']), uuid=str(uuidlib.uuid4()))
+                job.setdefault('user', user)
+                job.setdefault('subhost', host)
+                if infile is not None:
+                    job['env']['P3S_INPUT_FILE'] = infile
+                jobs.append(job)
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def submit(args):
+    templates = read_json_file(args.jobfile)
+    if isinstance(templates, dict):
+        templates = [templates]
+    if not isinstance(templates, list) or not templates:
+        raise P3SError('%s must hold a JSON list of jobs' % args.jobfile, EXIT_INPUT)
+    files = [f for f in (args.files or '').split(',') if f]
+    jobs = build_jobs(templates, files, args.replicas)
+    if args.dry_run:
+        print(json.dumps(jobs, indent=2))
+        return EXIT_OK
+    for attempt in range(SUBMIT_ATTEMPTS):
+        try:
+            uuids = call(args.server, 'POST', '/api/jobs', jobs)['uuids']
+            break
+        except P3SError as e:
+            if e.code != EXIT_UNREACHABLE or attempt == SUBMIT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * 2 ** attempt)
+    print(json.dumps({'uuids': uuids}) if args.json else '\n'.join(uuids))
+    return EXIT_OK
+
+
+def list_jobs(args):
+    query = {k: v for k, v in (('state', args.state), ('jobtype', args.jobtype),
+                               ('user', args.user), ('limit', args.limit)) if v}
+    jobs = call(args.server, 'GET', '/api/jobs?' + urllib.parse.urlencode(query))['jobs']
+    if args.json:
+        print(json.dumps({'jobs': jobs}, indent=1))
+    else:
+        print_table(jobs, LIST_COLUMNS)
+    return EXIT_OK
+
+
+def print_table(rows, columns):
+    cells = [[str('' if r.get(c) is None else r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    for row in [list(columns)] + cells:
+        print('  '.join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def show_job(args):
+    job = call(args.server, 'GET', '/api/jobs/%s' % quote(args.show))
+    if args.json:
+        print(json.dumps(job, indent=1))
+    else:
+        for key, value in job.items():
+            print('%-13s %s' % (key + ':', json.dumps(value) if key == 'env' else value))
+    return EXIT_OK
+
+
+def quote(text):
+    return urllib.parse.quote(text, safe='')
+
+
+def for_each_uuid(args, action, method, path, body=None):
+    """Apply one request to each uuid of -u/--kill; report each; fail if any failed."""
+    code, results = EXIT_OK, []
+    for job_uuid in [u for u in args.uuids.split(',') if u]:
+        try:
+            results.append(call(args.server, method, path % quote(job_uuid), body))
+            if not args.json:
+                print('%s %s' % (job_uuid, action))
+        except P3SError as e:
+            print('p3s_job: error: %s: %s' % (job_uuid, e), file=sys.stderr)
+            code = max(code, e.code)
+    if args.json:
+        print(json.dumps({'jobs': results}, indent=1))
+    return code
+
+
+def adjust(args):
+    body = {}
+    if args.state:
+        body['state'] = args.state
+    if args.priority is not None:
+        body['priority'] = args.priority
+    if not body:
+        raise P3SError('-a needs -s STATE and/or -P PRIORITY', EXIT_USAGE)
+    return for_each_uuid(args, 'adjusted', 'POST', '/api/jobs/%s/adjust', body)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog='p3s_job.py', description='Submit and manage p3s jobs.',
+                                 epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
+                                 'command line, 3 server unreachable, 4 bad local file.')
+    do = ap.add_mutually_exclusive_group(required=True)
+    do.add_argument('-j', '--jobs', dest='jobfile', metavar='FILE', help='submit the jobs in FILE')
+    do.add_argument('--list', action='store_true', help='list jobs, newest first')
+    do.add_argument('--show', metavar='UUID', help='show one job')
+    do.add_argument('-a', '--adjust', action='store_true', help='adjust the jobs of -u')
+    do.add_argument('-d', '--delete', action='store_true', help='delete the jobs of -u')
+    do.add_argument('--kill', metavar='UUID[,UUID]', help='kill jobs (queued or running)')
+    ap.add_argument('-f', '--files', metavar='FILE[,FILE]', help='input files: one job each')
+    ap.add_argument('-N', '--replicas', type=int, default=1, help='copies of each job')
+    ap.add_argument('-t', '--dry-run', action='store_true', help='print the jobs, submit nothing')
+    ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]', help='jobs for -a, -d')
+    ap.add_argument('-s', '--state', help='state filter (--list) or new state (-a)')
+    ap.add_argument('-P', '--priority', type=int, help='new priority (-a)')
+    ap.add_argument('-T', '--jobtype', help='job type filter (--list)')
+    ap.add_argument('--user', help='user filter (--list)')
+    ap.add_argument('--limit', type=int, help='at most this many jobs (--list; default 1000)')
+    ap.add_argument('--json', action='store_true', help='machine-readable output')
+    ap.add_argument('-S', '--server', default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
+                    help='server URL (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+    args = ap.parse_args(argv)
+    if args.replicas < 1:
+        ap.error('-N must be at least 1')
+    if (args.adjust or args.delete) and not args.uuids:
+        ap.error('-a and -d need -u UUID[,UUID...]')
+    if args.kill:
+        args.uuids = args.kill
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.jobfile:
+            return submit(args)
+        if args.list:
+            return list_jobs(args)
+        if args.show:
+            return show_job(args)
+        if args.adjust:
+            return adjust(args)
+        if args.delete:
+            return for_each_uuid(args, 'deleted', 'DELETE', '/api/jobs/%s')
+        return for_each_uuid(args, 'killed', 'POST', '/api/jobs/%s/kill')
+    except P3SError as e:
+        print('p3s_job: error: %s' % e, file=sys.stderr)
+        return e.code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

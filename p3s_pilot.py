@@ -1,0 +1,448 @@
+#!/usr/bin/env python3
+"""p3s pilot: registers with the p3s server, pulls jobs, runs them and reports back.
+
+usage: python p3s_pilot.py [--server URL] [--site NAME] [--joblog DIR] [--pilotlog DIR]
+                           [--cycles N] [--period S] [--beat S] [--wait S]
+                           [--jobtypes a,b] [--extra TEXT]
+
+Defaults come from the environment: P3S_SERVER (http://127.0.0.1:8080/), P3S_SITE,
+P3S_JOBLOG (/tmp/$USER/p3s/jobs), P3S_PILOTLOG (/tmp/$USER/p3s/pilots); P3S_PILOT_TOKEN or
+P3S_TOKEN is sent as a bearer token when set.
+
+A cycle is one job run or one request that found nothing; --cycles 0 runs for ever. A request
+waits on the server up to --wait seconds for a job, so a job submitted to an idle pilot starts
+at once; when the server cannot hold the request the pilot polls again after --period.
+
+Each payload runs in its own process group with the job's env plus P3S_JOB_UUID,
+P3S_PILOT_UUID and P3S_SERVER; stdout and stderr go to <joblog>/<job uuid>.out and .err.
+P3S_MODE=COPY in the job env copies the executable into a private sandbox (removed after the
+job; its path is P3S_SANDBOX); P3S_EXECMODE (any value) runs the payload through the shell.
+At the job's timelimit, or on a kill order, the whole group gets SIGTERM, then SIGKILL.
+The pilot's log is <pilotlog>/<pilot uuid>.log.
+
+Exit codes (shared by every p3s client):
+  0  success                        2  bad command line
+  1  the server refused a request   3  the server could not be reached or answered nonsense
+                                    4  a local file is missing or invalid
+This file uses the Python standard library only: copy it alone onto any node.
+"""
+import argparse
+import getpass
+import http.client
+import json
+import logging
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid as uuidlib
+from contextlib import contextmanager
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+DEFAULT_SERVER = 'http://127.0.0.1:8080/'
+HTTP_TIMEOUT = 30.0          # seconds for one ordinary request
+BEAT_TIMEOUT = 5.0           # a heartbeat must not hold up timelimit enforcement for long
+KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL of a payload's group
+LOG_TAIL = 64 * 1024         # bytes of stdout/stderr sent with the final report
+BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
+SHUTDOWN_PATIENCE = 30.0     # seconds a signalled pilot keeps trying to deliver its report
+
+log = logging.getLogger('p3s_pilot')
+
+
+class P3SError(Exception):
+    """A failed request: `code` is the exit code it leads to (EXIT_REFUSED or EXIT_UNREACHABLE)."""
+
+    def __init__(self, message, code=EXIT_REFUSED):
+        super().__init__(message)
+        self.code = code
+
+
+def call(server, method, path, body=None, timeout=HTTP_TIMEOUT):
+    """One JSON request to the server. The only code that touches urllib."""
+    url = server.rstrip('/') + path
+    headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
+    token = os.environ.get('P3S_PILOT_TOKEN') or os.environ.get('P3S_TOKEN')
+    if token:
+        headers['Authorization'] = 'Bearer ' + token
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as reply:
+            return json.loads(reply.read().decode() or '{}')
+    except urllib.error.HTTPError as e:
+        code = EXIT_UNREACHABLE if e.code >= 500 else EXIT_REFUSED
+        raise P3SError('server: %s (HTTP %d)' % (error_text(e), e.code), code) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        reason = getattr(e, 'reason', None) or e
+        raise P3SError('cannot reach the server at %s: %s' % (server, reason),
+                       EXIT_UNREACHABLE) from None
+
+
+def error_text(http_error):
+    try:
+        return json.loads(http_error.read().decode())['error']
+    except Exception:
+        return http_error.reason
+
+
+class Interrupted(Exception):
+    """Raised by the signal handler while the pilot only waits (for work, or to retry)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one payload
+# ---------------------------------------------------------------------------------------------
+
+
+def kill_group(proc):
+    """SIGTERM the payload's whole process group, then SIGKILL what is left after a grace."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if sig == signal.SIGTERM:
+            try:
+                proc.wait(KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                pass
+    proc.wait()
+
+
+def read_tail(path, size=LOG_TAIL):
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode('utf-8', 'replace')
+    except OSError:
+        return ''
+
+
+def copy_to_sandbox(executable, env, job_uuid):
+    """P3S_MODE=COPY: a private copy of the executable in a fresh per-job directory."""
+    source = executable if os.sep in executable else shutil.which(executable, path=env.get('PATH'))
+    if not source or not os.path.isfile(source):
+        raise FileNotFoundError('payload %r not found for P3S_MODE=COPY' % executable)
+    sandbox = tempfile.mkdtemp(prefix='p3s-job-%s-' % job_uuid[:8])
+    target = os.path.join(sandbox, os.path.basename(source))
+    shutil.copy2(source, target)
+    return sandbox, target
+
+
+def command_for(job, env):
+    """(command for Popen, shell?, sandbox or None) for a job's payload."""
+    payload = job['payload'].strip()
+    shell = 'P3S_EXECMODE' in job['env']
+    if job['env'].get('P3S_MODE') != 'COPY':
+        return (payload if shell else shlex.split(payload)), shell, None
+    first = payload.split(None, 1)[0]
+    sandbox, copy = copy_to_sandbox(shlex.split(first)[0], env, job['uuid'])
+    env['P3S_SANDBOX'] = sandbox
+    if shell:
+        return shlex.quote(copy) + payload[len(first):], shell, sandbox
+    return [copy] + shlex.split(payload)[1:], shell, sandbox
+
+
+# ---------------------------------------------------------------------------------------------
+# The pilot
+# ---------------------------------------------------------------------------------------------
+
+
+class Pilot:
+    def __init__(self, args):
+        self.args = args
+        self.server = args.server
+        self.uuid = str(uuidlib.uuid4())
+        self.cycles_left = args.cycles if args.cycles > 0 else None
+        self.pending = None           # the last job's final report, until the server has it
+        self.signalled = None
+        self.gone = False             # the server told us to stop
+        self._interruptible = False
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def on_signal(self, signum, frame):
+        self.signalled = signum
+        if self._interruptible:
+            self._interruptible = False
+            raise Interrupted()
+
+    @contextmanager
+    def interruptible(self):
+        """While only waiting, a signal ends the wait at once."""
+        if self.signalled:
+            raise Interrupted()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def sleep(self, seconds):
+        with self.interruptible():
+            time.sleep(seconds)
+
+    # -- talking to the server ----------------------------------------------------------------
+
+    def call(self, method, path, body=None, timeout=HTTP_TIMEOUT, patience=None):
+        """A request retried with back-off while the server is unreachable (for ever, or for
+        `patience` seconds). A refusal is raised at once."""
+        give_up = None if patience is None else time.monotonic() + patience
+        for attempt in range(10 ** 9):
+            try:
+                return call(self.server, method, path, body, timeout)
+            except P3SError as e:
+                if e.code != EXIT_UNREACHABLE or (give_up and time.monotonic() > give_up):
+                    raise
+                delay = BACKOFF[min(attempt, len(BACKOFF) - 1)] * random.uniform(0.8, 1.2)
+                log.warning('%s; retrying in %.1f s', e, delay)
+                if patience is None:
+                    self.sleep(delay)
+                else:
+                    time.sleep(delay)
+
+    def register(self):
+        body = {'uuid': self.uuid, 'host': socket.gethostname(), 'site': self.args.site,
+                'pid': os.getpid(), 'extra': self.args.extra, 'jobtypes': self.args.jobtypes}
+        reply = self.call('POST', '/api/pilots', body)
+        log.info('registered as %s with %s (site %r, jobtypes %s)', self.uuid, self.server,
+                 self.args.site, ','.join(self.args.jobtypes) or 'any')
+        return reply
+
+    def request_work(self):
+        body = {'wait': self.args.wait}
+        if self.pending:
+            body['report'] = self.pending
+        with self.interruptible():
+            reply = self.call('POST', '/api/pilots/%s/work' % self.uuid, body,
+                              timeout=self.args.wait + HTTP_TIMEOUT)
+        if self.pending:
+            note = reply.get('report', {})
+            if note.get('status') == 'REFUSED':
+                log.warning('server refused the report on job %s: %s', self.pending['job'],
+                            note.get('error'))
+            self.pending = None
+        return reply
+
+    def report(self, job_uuid, state, **fields):
+        """The start report: one attempt, as the final report will do in its place."""
+        try:
+            return call(self.server, 'POST', '/api/pilots/%s/report' % self.uuid,
+                        dict(fields, job=job_uuid, state=state), BEAT_TIMEOUT)
+        except P3SError as e:
+            log.warning('report %s on job %s not delivered: %s', state, job_uuid, e)
+            return {'status': 'OK'}
+
+    def heartbeat(self, job_uuid):
+        try:
+            return call(self.server, 'POST', '/api/pilots/%s/heartbeat' % self.uuid,
+                        {'job': job_uuid}, BEAT_TIMEOUT)
+        except P3SError as e:
+            log.warning('heartbeat not delivered (the payload goes on): %s', e)
+            return {'status': 'OK'}
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def job_environment(self, job):
+        env = dict(os.environ)
+        env.update(job['env'])
+        env.update(P3S_JOB_UUID=job['uuid'], P3S_PILOT_UUID=self.uuid, P3S_SERVER=self.server)
+        return env
+
+    def run_job(self, job):
+        """Run a job's payload to its end; returns its final report."""
+        job_uuid = job['uuid']
+        os.makedirs(self.args.joblog, exist_ok=True)
+        out_path = os.path.join(self.args.joblog, job_uuid + '.out')
+        err_path = os.path.join(self.args.joblog, job_uuid + '.err')
+        env = self.job_environment(job)
+        sandbox = None
+        log.info('job %s (%s): %s', job_uuid, job['jobtype'], job['payload'])
+        try:
+            with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
+                try:
+                    command, shell, sandbox = command_for(job, env)
+                    proc = subprocess.Popen(command, shell=shell, env=env, stdout=out, stderr=err,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                except (OSError, ValueError, IndexError) as e:
+                    err.write(('nonstarter: %s\n' % e).encode())
+                    log.warning('job %s could not start: %s', job_uuid, e)
+                    state, errcode, pid = 'nonstarter', None, None
+                else:
+                    state, errcode = self.supervise(proc, job)
+                    pid = proc.pid
+        finally:
+            if sandbox:
+                shutil.rmtree(sandbox, ignore_errors=True)
+        log.info('job %s %s (errcode %s)', job_uuid, state, errcode)
+        return {'job': job_uuid, 'state': state, 'errcode': errcode, 'pid': pid,
+                'stdout': read_tail(out_path), 'stderr': read_tail(err_path)}
+
+    def supervise(self, proc, job):
+        """Wait for the payload, heartbeating every beat, killing it at its timelimit, on a kill
+        order or on a signal. Returns (final state, errcode)."""
+        if self.report(job['uuid'], 'running', pid=proc.pid).get('status') in ('KILL', 'STOP'):
+            kill_group(proc)
+            return 'killed', proc.returncode
+        limit_at = time.monotonic() + job['timelimit']
+        next_beat = time.monotonic() + self.args.beat
+        while True:
+            timeout = min(limit_at, next_beat) - time.monotonic()
+            try:
+                code = proc.wait(max(0.0, min(timeout, 1.0)))
+                return ('finished' if code == 0 else 'failed'), code
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if self.signalled:
+                kill_group(proc)
+                return 'killed', proc.returncode
+            if now >= limit_at:
+                log.warning('job %s reached its timelimit of %d s', job['uuid'], job['timelimit'])
+                kill_group(proc)
+                return 'timelimit', proc.returncode
+            if now >= next_beat:
+                next_beat = now + self.args.beat
+                order = self.heartbeat(job['uuid']).get('status')
+                if order in ('KILL', 'STOP'):
+                    log.warning('server ordered %s for job %s', order, job['uuid'])
+                    self.gone = self.gone or order == 'STOP'
+                    kill_group(proc)
+                    return 'killed', proc.returncode
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def step(self):
+        """One cycle: ask for work (delivering the last report), run what comes. Returns whether
+        the pilot goes on."""
+        started = time.monotonic()
+        reply = self.request_work()
+        if reply.get('status') == 'STOP':
+            log.warning('server says stop: this pilot is %s', reply.get('state'))
+            self.gone = True
+            return False
+        if reply.get('state') == 'dispatched':
+            self.pending = self.run_job(reply['job'])
+        elif time.monotonic() - started < min(self.args.wait, self.args.period):
+            self.sleep(self.args.period)          # the server could not hold the request
+        if self.cycles_left is not None:
+            self.cycles_left -= 1
+        return not self.gone and not self.signalled and self.cycles_left != 0
+
+    def finish(self):
+        """Deliver the last report and leave: `stopped`, or `killed` after a signal."""
+        try:
+            self.deliver_and_leave()
+        except Interrupted:
+            self.deliver_and_leave()          # signalled now, so its patience is bounded
+
+    def deliver_and_leave(self):
+        patience = SHUTDOWN_PATIENCE if self.signalled else None
+        try:
+            if self.pending:
+                self.call('POST', '/api/pilots/%s/report' % self.uuid, self.pending,
+                          patience=patience)
+                self.pending = None
+            if not self.gone:
+                state = 'killed' if self.signalled else 'stopped'
+                self.call('POST', '/api/pilots/%s/stop' % self.uuid, {'state': state},
+                          patience=SHUTDOWN_PATIENCE)
+                log.info('pilot %s %s', self.uuid, state)
+        except P3SError as e:
+            log.error('leaving without the server: %s', e)
+
+    def run(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+        try:
+            self.register()
+            while self.step():
+                pass
+        except Interrupted:
+            log.info('signal %s: stopping', self.signalled)
+        self.finish()
+        return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def default_dir(kind):
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = 'p3s'
+    return os.path.join(tempfile.gettempdir(), user, 'p3s', kind)
+
+
+def parse_args(argv):
+    env = os.environ.get
+    ap = argparse.ArgumentParser(prog='p3s_pilot.py', description='The p3s pilot.',
+                                 epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
+                                 'command line, 3 server unreachable, 4 bad local file.')
+    ap.add_argument('-S', '--server', default=env('P3S_SERVER') or DEFAULT_SERVER,
+                    help='server URL (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+    ap.add_argument('-s', '--site', default=env('P3S_SITE', ''), help='site name (P3S_SITE)')
+    ap.add_argument('-L', '--joblog', default=env('P3S_JOBLOG') or default_dir('jobs'),
+                    help='directory of <job uuid>.out/.err (P3S_JOBLOG)')
+    ap.add_argument('-l', '--pilotlog', default=env('P3S_PILOTLOG') or default_dir('pilots'),
+                    help='directory of <pilot uuid>.log (P3S_PILOTLOG)')
+    ap.add_argument('-c', '--cycles', type=int, default=1,
+                    help='job requests before exiting; 0 = for ever (default 1)')
+    ap.add_argument('-p', '--period', type=float, default=5.0,
+                    help='seconds between requests when the server cannot hold one (default 5)')
+    ap.add_argument('-b', '--beat', type=float, default=5.0,
+                    help='seconds between heartbeats while a job runs (default 5)')
+    ap.add_argument('-w', '--wait', type=float, default=20.0,
+                    help='seconds a request may wait on the server for a job (default 20; '
+                    '0 = plain polling)')
+    ap.add_argument('-j', '--jobtypes', default='',
+                    help='comma-separated job types this pilot runs (default: any)')
+    ap.add_argument('-e', '--extra', default='', help='free text stored with the pilot, '
+                    'e.g. a batch job id')
+    args = ap.parse_args(argv)
+    if args.cycles < 0 or args.period < 0 or args.beat <= 0 or not 0 <= args.wait <= 30:
+        ap.error('--cycles and --period must be >= 0, --beat > 0, --wait between 0 and 30')
+    args.jobtypes = [t for t in args.jobtypes.split(',') if t]
+    return args
+
+
+def setup_logging(pilotlog, pilot_uuid):
+    os.makedirs(pilotlog, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(pilotlog, pilot_uuid + '.log'))
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pilot = Pilot(args)
+    try:
+        setup_logging(args.pilotlog, pilot.uuid)
+    except OSError as e:
+        print('p3s_pilot: error: cannot write the pilot log in %s: %s' % (args.pilotlog, e),
+              file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        return pilot.run()
+    except P3SError as e:
+        log.error('%s', e)
+        print('p3s_pilot: error: %s' % e, file=sys.stderr)
+        return e.code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1041 @@
+#!/usr/bin/env python3
+"""p3s server: the job database, brokerage, housekeeping and the monitor, in one process.
+
+    python p3s_server.py [--host 127.0.0.1] [--port 8080] [--db ./p3s.db] [--threads N]
+                         [--max-waiters N] [--pilot-timeout S] [--sync normal|full]
+
+A Bottle app served by waitress on a WAL-mode SQLite database. Every write is one short
+`BEGIN IMMEDIATE` transaction; brokerage is a single `UPDATE ... RETURNING` statement.
+"""
+import argparse
+import json
+import logging
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+import uuid as uuidlib
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+import bottle
+from bottle import Bottle, HTTPError, request, response
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+VERSION = '0.1'
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMA_FILE = os.path.join(HERE, 'schema.sql')
+SCHEMA_VERSION = 1
+MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
+
+DEFAULT_PORT = 8080
+DEFAULT_DB = './p3s.db'
+# waitress: a thread per request in flight, and (waitress #177/#418, reference/limits.md 2c)
+# no more open connections than it has threads, or its main loop starves the workers.
+DEFAULT_THREADS = 16
+DEFAULT_MAX_WAITERS = 8          # long polls held at once; the other threads stay free
+CONNECTION_SLACK = 4             # waitress counts its listening socket and trigger pipe
+CHANNEL_TIMEOUT = 60             # must outlast the longest long poll
+MAX_WAIT = 30.0                  # seconds a pilot may wait for work in one request
+DEFAULT_PILOT_TIMEOUT = 120.0    # silence after which a pilot is lost
+SWEEP_PERIOD = 5.0               # seconds between housekeeping passes
+BUSY_TIMEOUT_MS = 10000
+
+MAX_BODY = 64 * 1024 * 1024      # bytes in one request body (10,000 jobs are about 5 MB)
+MAX_JOBS_PER_SUBMIT = 100000
+MAX_LIST = 100000                # rows in one listing
+DEFAULT_LIST = 1000
+MAX_TEXT = 256                   # names, users, types, hosts
+MAX_PAYLOAD = 8192
+MAX_ENV_VALUE = 65536
+MAX_LOG_TAIL = 64 * 1024         # characters of stdout/stderr kept per job
+MAX_TIMELIMIT = 10 ** 8
+INT_RANGE = (-2 ** 62, 2 ** 62)
+
+JOB_STATES = ('template', 'defined', 'dispatched', 'running', 'finished', 'failed',
+              'timelimit', 'nonstarter', 'lost', 'killed', 'stale', 'dropped', 'cancelled')
+ACTIVE_STATES = ('dispatched', 'running')
+TERMINAL_STATES = ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed',
+                   'stale', 'dropped', 'cancelled')
+PILOT_STATES = ('active', 'idle', 'dispatched', 'running', 'stopped', 'lost', 'killed')
+PILOT_GONE = ('stopped', 'lost', 'killed')
+# What a pilot may report about the job it holds.
+REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'killed')
+UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
+
+JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
+              'timelimit', 'site', 'state'}
+PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
+
+log = logging.getLogger('p3s')
+
+# ---------------------------------------------------------------------------------------------
+# SQL
+# ---------------------------------------------------------------------------------------------
+
+JOB_COLUMNS = ('uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, '
+               'deadline, deadline_at, retries, site, infile, workflow, state, pilot, host, pid, '
+               'errcode, created_at, defined_at, dispatched_at, started_at, stopped_at')
+PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done, registered_at, '
+                 'last_seen, stopped_at')
+
+INSERT_JOB = """
+INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
+                  infile, state, created_at, defined_at)
+VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
+        :infile, :state, :now, CASE WHEN :state = 'defined' THEN :now END)
+ON CONFLICT (uuid) DO NOTHING
+"""
+GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
+GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
+GET_JOB_HOLDER = 'SELECT state, pilot FROM jobs WHERE uuid = :uuid'
+
+# Brokerage: one statement takes the best queued job the pilot may run. It takes the write lock
+# before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
+# literal, and the queue index is named: with the (state, id) index the planner would read every
+# queued job and sort them (reference/limits.md 1b), and INDEXED BY makes that an error instead.
+CLAIM_JOB = """
+UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
+ WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
+              WHERE state = 'defined'
+                AND (site = '' OR site = :site)
+                AND (:jobtypes = '[]' OR jobtype IN (SELECT value FROM json_each(:jobtypes)))
+              ORDER BY priority DESC, defined_at, id
+              LIMIT 1)
+RETURNING """ + JOB_COLUMNS
+# A pilot asking for work while its job is still dispatched never got the reply that carried it.
+REDELIVER_JOB = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
+                 " WHERE uuid = :job AND pilot = :pilot AND state = 'dispatched'")
+START_JOB = """
+UPDATE jobs SET state = 'running', started_at = :now, pid = :pid
+ WHERE uuid = :uuid AND pilot = :pilot AND state = 'dispatched'
+"""
+FINISH_JOB = """
+UPDATE jobs SET state = :state, errcode = :errcode, pid = coalesce(:pid, pid), stopped_at = :now
+ WHERE uuid = :uuid AND pilot = :pilot AND state IN ('dispatched', 'running')
+"""
+SAVE_JOB_LOGS = """
+INSERT INTO joblogs (job, stdout, stderr) VALUES (:uuid, :stdout, :stderr)
+ON CONFLICT (job) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr
+"""
+KILL_JOB = """
+UPDATE jobs SET state = 'killed', stopped_at = :now
+ WHERE uuid = :uuid AND state IN ('template', 'defined', 'dispatched', 'running')
+"""
+SET_JOB_PRIORITY = """
+UPDATE jobs SET priority = :priority
+ WHERE uuid = :uuid AND state IN ('template', 'defined', 'dispatched', 'running')
+"""
+DEFINE_JOB = """
+UPDATE jobs SET state = 'defined', defined_at = :now WHERE uuid = :uuid AND state = 'template'
+RETURNING jobtype, site
+"""
+DROP_JOB = """
+UPDATE jobs SET state = 'dropped', stopped_at = :now
+ WHERE uuid = :uuid AND state IN ('template', 'defined')
+"""
+DELETE_JOB = "DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN ('dispatched', 'running')"
+# A pilot that stops positively never started the jobs still dispatched to it: queue them again.
+RELEASE_PILOT_JOBS = """
+UPDATE jobs SET state = 'defined', pilot = NULL, host = NULL, dispatched_at = NULL
+ WHERE pilot = :pilot AND state = 'dispatched'
+RETURNING jobtype, site
+"""
+LOSE_PILOT_JOBS = """
+UPDATE jobs SET state = 'lost', stopped_at = :now
+ WHERE pilot IN (SELECT value FROM json_each(:pilots)) AND state IN ('dispatched', 'running')
+"""
+
+INSERT_PILOT = """
+INSERT INTO pilots (uuid, host, site, pid, extra, jobtypes, state, registered_at, last_seen)
+VALUES (:uuid, :host, :site, :pid, :extra, :jobtypes, 'active', :now, :now)
+ON CONFLICT (uuid) DO NOTHING
+"""
+GET_PILOT = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots WHERE uuid = :uuid'
+PILOT_DISPATCHED = """
+UPDATE pilots SET state = 'dispatched', job = :job, last_seen = :now WHERE uuid = :pilot
+"""
+PILOT_IDLE = "UPDATE pilots SET state = 'idle', last_seen = :now WHERE uuid = :pilot"
+PILOT_RUNNING = """
+UPDATE pilots SET state = 'running', job = :job, last_seen = :now WHERE uuid = :pilot
+"""
+PILOT_JOB_DONE = """
+UPDATE pilots SET state = 'active', jobs_done = jobs_done + 1, last_seen = :now WHERE uuid = :pilot
+"""
+PILOT_SEEN = 'UPDATE pilots SET last_seen = :now WHERE uuid = :pilot RETURNING state'
+STOP_PILOT = """
+UPDATE pilots SET state = :state, stopped_at = :now, last_seen = :now
+ WHERE uuid = :pilot AND state IN ('active', 'idle', 'dispatched', 'running')
+"""
+# Must repeat the condition of the partial index pilots_live to use it.
+LOSE_SILENT_PILOTS = """
+UPDATE pilots INDEXED BY pilots_live SET state = 'lost', stopped_at = :now
+ WHERE state IN ('active', 'idle', 'dispatched', 'running') AND last_seen < :cutoff
+RETURNING uuid
+"""
+
+COUNT_JOBS_BY_STATE = 'SELECT state, count(*) AS n FROM jobs GROUP BY state'
+COUNT_PILOTS_BY_STATE = 'SELECT state, count(*) AS n FROM pilots GROUP BY state'
+
+# Listing filters: fixed fragments, chosen by which filters are given; values are bound.
+JOB_FILTERS = {
+    'state': 'state = :state',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+    'jobtype': 'jobtype = :jobtype',
+    'user': 'user = :user',
+    'site': 'site = :site',
+    'pilot': 'pilot = :pilot',
+}
+PILOT_FILTERS = {
+    'state': 'state = :state',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+    'site': 'site = :site',
+    'host': 'host = :host',
+}
+
+# ---------------------------------------------------------------------------------------------
+# Database helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def utcnow():
+    """The current time as stored: ISO 8601 UTC with microseconds (fixed width, sorts as text)."""
+    return datetime.now(timezone.utc).isoformat(timespec='microseconds')
+
+
+def connect(path, sync='full'):
+    """Open the database with the whole connection policy in one place."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                         timeout=BUSY_TIMEOUT_MS / 1000)
+    db.row_factory = sqlite3.Row
+    db.execute('PRAGMA journal_mode = WAL')
+    db.execute('PRAGMA synchronous = ' + {'normal': 'NORMAL', 'full': 'FULL'}[sync])
+    db.execute('PRAGMA foreign_keys = ON')
+    db.execute('PRAGMA busy_timeout = %d' % BUSY_TIMEOUT_MS)
+    return db
+
+
+def check_sqlite():
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise SystemExit('p3s_server: error: SQLite %s is too old: p3s needs 3.35 or newer '
+                         '(UPDATE ... RETURNING)' % sqlite3.sqlite_version)
+
+
+def apply_schema(db):
+    """Create what is missing; refuse a database written by a newer p3s."""
+    found = db.execute('PRAGMA user_version').fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise SystemExit('p3s_server: error: the database has schema version %d, newer than this '
+                         'server (%d)' % (found, SCHEMA_VERSION))
+    with open(SCHEMA_FILE) as f:
+        db.executescript(f.read())
+
+
+class Store:
+    """The database as the server uses it: one connection per thread, one writer at a time.
+
+    SQLite serialises writers anyway; taking a process lock first keeps an unlucky thread out
+    of SQLite's busy-handler back-off, which costs up to seconds of tail latency
+    (reference/limits.md 1c).
+    """
+
+    def __init__(self, path, sync='full', max_waiters=DEFAULT_MAX_WAITERS):
+        self.path = path
+        self.sync = sync
+        self.local = threading.local()
+        self.write_lock = threading.Lock()
+        self.waiters = Waiters(max_waiters)
+        self.connections = []
+        self.connections_lock = threading.Lock()
+        apply_schema(self.db())
+
+    def db(self):
+        db = getattr(self.local, 'db', None)
+        if db is None:
+            db = self.local.db = connect(self.path, self.sync)
+            with self.connections_lock:
+                self.connections.append(db)
+        return db
+
+    @contextmanager
+    def write(self):
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+        db = self.db()
+        with self.write_lock:
+            db.execute('BEGIN IMMEDIATE')
+            try:
+                yield db
+            except BaseException:
+                db.execute('ROLLBACK')
+                raise
+            db.execute('COMMIT')
+
+    def close(self):
+        with self.connections_lock:
+            for db in self.connections:
+                db.close()
+            self.connections.clear()
+
+
+class Waiter:
+    __slots__ = ('site', 'jobtypes', 'event')
+
+    def __init__(self, site, jobtypes):
+        self.site = site
+        self.jobtypes = jobtypes
+        self.event = threading.Event()
+
+    def accepts(self, jobtype, site):
+        return (not site or site == self.site) and (not self.jobtypes or jobtype in self.jobtypes)
+
+
+class Waiters:
+    """Pilots held in a long poll. A new job wakes one waiting pilot that may run it.
+
+    Each held poll occupies a waitress thread, so their number is bounded: past the bound a
+    pilot is answered at once and polls again after its period (reference/limits.md 4a).
+    Waking one pilot per job, not all, avoids a thundering herd (limits.md 4b).
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.waiting = []
+
+    def enter(self, site, jobtypes):
+        with self.lock:
+            if len(self.waiting) >= self.limit:
+                return None
+            waiter = Waiter(site, jobtypes)
+            self.waiting.append(waiter)
+            return waiter
+
+    def leave(self, waiter):
+        with self.lock:
+            self.waiting.remove(waiter)
+
+    def wake(self, jobs):
+        """jobs: (jobtype, site) of each job that became runnable."""
+        with self.lock:
+            for jobtype, site in jobs:
+                for waiter in self.waiting:
+                    if not waiter.event.is_set() and waiter.accepts(jobtype, site):
+                        waiter.event.set()
+                        break
+
+    def __len__(self):
+        return len(self.waiting)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def fail(status, message):
+    raise HTTPError(status, message)
+
+
+def check_object(value, what):
+    if not isinstance(value, dict):
+        fail(400, '%s must be a JSON object' % what)
+    return value
+
+
+def check_known(d, allowed, what):
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        fail(400, 'unknown %s field %r' % (what, unknown[0]))
+
+
+def text_field(d, key, default='', maxlen=MAX_TEXT, required=False):
+    value = d.get(key, default)
+    if value is None and not required:
+        value = default
+    if not isinstance(value, str):
+        fail(400, '%s must be a string' % key)
+    if required and not value.strip():
+        fail(400, '%s is required' % key)
+    if len(value) > maxlen:
+        fail(400, '%s is longer than %d characters' % (key, maxlen))
+    if '\x00' in value:
+        fail(400, '%s contains a NUL character' % key)
+    return value
+
+
+def int_field(d, key, default=None, lo=INT_RANGE[0], hi=INT_RANGE[1]):
+    value = d.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(400, '%s must be an integer' % key)
+    if not lo <= value <= hi:
+        fail(400, '%s must be between %d and %d' % (key, lo, hi))
+    return value
+
+
+def number_field(d, key, default, lo, hi):
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        fail(400, '%s must be a number' % key)
+    return min(max(float(value), lo), hi)
+
+
+def env_field(d, key='env'):
+    env = d.get(key, {})
+    if env is None:
+        env = {}
+    if not isinstance(env, dict):
+        fail(400, '%s must be a JSON object' % key)
+    for name, value in env.items():
+        if not name or '=' in name or '\x00' in name or len(name) > MAX_TEXT:
+            fail(400, '%s has an invalid variable name %r' % (key, name[:MAX_TEXT]))
+        if not isinstance(value, str):
+            fail(400, '%s.%s must be a string' % (key, name))
+        if len(value) > MAX_ENV_VALUE or '\x00' in value:
+            fail(400, '%s.%s is too long or contains a NUL character' % (key, name))
+    return env
+
+
+def uuid_field(d, key, required=False):
+    value = d.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not UUID_RE.match(value):
+        fail(400, '%s must be a uuid' % key)
+    return value.lower()
+
+
+def check_uuid(value, what='uuid'):
+    if not UUID_RE.match(value):
+        fail(404, 'no such %s: %s' % (what, value[:64]))
+    return value.lower()
+
+
+def check_job(raw, now):
+    """A submitted job, checked and shaped as a row of the jobs table."""
+    job = check_object(raw, 'each job')
+    check_known(job, JOB_FIELDS, 'job')
+    env = env_field(job)
+    state = text_field(job, 'state', 'defined')
+    if state not in ('defined', 'template'):
+        fail(400, "state must be 'defined' or 'template', not %r" % state[:32])
+    return {
+        'uuid': uuid_field(job, 'uuid') or str(uuidlib.uuid4()),
+        'name': text_field(job, 'name'),
+        'user': text_field(job, 'user'),
+        'subhost': text_field(job, 'subhost'),
+        'jobtype': text_field(job, 'jobtype', 'default') or 'default',
+        'payload': text_field(job, 'payload', maxlen=MAX_PAYLOAD, required=True),
+        'env': json.dumps(env),
+        'priority': int_field(job, 'priority', 0),
+        'timelimit': int_field(job, 'timelimit', 1000, 1, MAX_TIMELIMIT),
+        'site': text_field(job, 'site'),
+        'infile': env.get('P3S_INPUT_FILE', ''),
+        'state': state,
+        'now': now,
+    }
+
+
+def check_report(raw):
+    rep = check_object(raw, 'report')
+    check_known(rep, {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr'}, 'report')
+    state = text_field(rep, 'state', required=True)
+    if state not in REPORT_STATES:
+        fail(400, 'a pilot reports one of %s, not %r' % (', '.join(REPORT_STATES), state[:32]))
+    errcode = int_field(rep, 'errcode', None, -1024, 1024)
+    if state == 'finished' and errcode not in (0, None):
+        fail(400, 'a finished job has errcode 0')
+    if state == 'failed' and not errcode:
+        fail(400, 'a failed job has a non-zero errcode')
+    return {
+        'uuid': uuid_field(rep, 'job', required=True),
+        'state': state,
+        'pid': int_field(rep, 'pid', None, 0, 2 ** 31),
+        'errcode': errcode,
+        'stdout': text_field(rep, 'stdout', maxlen=4 * MAX_LOG_TAIL)[-MAX_LOG_TAIL:],
+        'stderr': text_field(rep, 'stderr', maxlen=4 * MAX_LOG_TAIL)[-MAX_LOG_TAIL:],
+    }
+
+
+def check_pilot(raw, now):
+    p = check_object(raw, 'pilot')
+    check_known(p, PILOT_FIELDS, 'pilot')
+    jobtypes = p.get('jobtypes') or []
+    if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
+        fail(400, 'jobtypes must be a list of names')
+    return {
+        'uuid': uuid_field(p, 'uuid') or str(uuidlib.uuid4()),
+        'host': text_field(p, 'host'),
+        'site': text_field(p, 'site'),
+        'pid': int_field(p, 'pid', None, 0, 2 ** 31),
+        'extra': text_field(p, 'extra', maxlen=4096),
+        'jobtypes': json.dumps(sorted(set(jobtypes))),
+        'now': now,
+    }
+
+
+def filters_from(query, allowed):
+    """Listing filters from a query string: ({name: value}, [SQL fragments])."""
+    params, where = {}, []
+    for key in ('jobtype', 'user', 'site', 'pilot', 'host'):
+        if key in allowed and query.get(key):
+            params[key] = query.get(key)
+            where.append(allowed[key])
+    states = [s for s in query.get('state', '').split(',') if s]
+    if len(states) == 1:
+        params['state'] = states[0]
+        where.append(allowed['state'])
+    elif states:
+        params['states'] = json.dumps(states)
+        where.append(allowed['states'])
+    return params, where
+
+
+def limit_from(query):
+    try:
+        limit = int(query.get('limit', DEFAULT_LIST))
+    except ValueError:
+        fail(400, 'limit must be an integer')
+    if not 1 <= limit <= MAX_LIST:
+        fail(400, 'limit must be between 1 and %d' % MAX_LIST)
+    return limit
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain: jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def job_dict(row):
+    job = dict(row)
+    job['env'] = json.loads(job['env'])
+    return job
+
+
+def submit_jobs(store, raw_jobs, now):
+    """Store a list of jobs in one transaction: all of them or none. Returns their uuids.
+
+    A uuid already stored is accepted again without a change, so a client may safely retry a
+    submission whose answer it never got.
+    """
+    if not isinstance(raw_jobs, list) or not raw_jobs:
+        fail(400, 'expected a non-empty JSON list of jobs')
+    if len(raw_jobs) > MAX_JOBS_PER_SUBMIT:
+        fail(413, 'at most %d jobs in one submission' % MAX_JOBS_PER_SUBMIT)
+    rows = [check_job(raw, now) for raw in raw_jobs]
+    with store.write() as db:
+        db.executemany(INSERT_JOB, rows)
+    store.waiters.wake([(r['jobtype'], r['site']) for r in rows if r['state'] == 'defined'])
+    return [r['uuid'] for r in rows]
+
+
+def get_job(store, job_uuid, logs=False):
+    row = store.db().execute(GET_JOB, {'uuid': check_uuid(job_uuid, 'job')}).fetchone()
+    if row is None:
+        fail(404, 'no such job: %s' % job_uuid)
+    job = job_dict(row)
+    if logs:
+        tails = store.db().execute(GET_JOB_LOGS, {'uuid': job['uuid']}).fetchone()
+        job['stdout'], job['stderr'] = tuple(tails) if tails else ('', '')
+    return job
+
+
+def list_jobs(store, query):
+    params, where = filters_from(query, JOB_FILTERS)
+    params['limit'] = limit_from(query)
+    sql = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
+           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
+    return [job_dict(r) for r in store.db().execute(sql, params)]
+
+
+def job_conflict(db, job_uuid, action):
+    """Why a conditional update of a job touched no row: it is missing (404) or in a state that
+    does not allow the action (409)."""
+    row = db.execute(GET_JOB_HOLDER, {'uuid': job_uuid}).fetchone()
+    if row is None:
+        fail(404, 'no such job: %s' % job_uuid)
+    fail(409, 'cannot %s job %s: it is %s' % (action, job_uuid, row['state']))
+
+
+def adjust_job(store, job_uuid, changes, now):
+    """Change a job's priority and/or move it to defined (from template) or dropped."""
+    job_uuid = check_uuid(job_uuid, 'job')
+    check_object(changes, 'adjustment')
+    check_known(changes, {'priority', 'state'}, 'adjustment')
+    priority = int_field(changes, 'priority')
+    state = changes.get('state')
+    if state not in (None, 'defined', 'dropped'):
+        fail(400, "a job can be adjusted to state 'defined' or 'dropped' only")
+    if priority is None and state is None:
+        fail(400, 'nothing to adjust: give priority and/or state')
+    woken = []
+    with store.write() as db:
+        params = {'uuid': job_uuid, 'priority': priority, 'now': now}
+        if priority is not None and not db.execute(SET_JOB_PRIORITY, params).rowcount:
+            job_conflict(db, job_uuid, 'change the priority of')
+        if state == 'defined':
+            woken = [tuple(r) for r in db.execute(DEFINE_JOB, params).fetchall()]
+            if not woken:
+                job_conflict(db, job_uuid, 'define')
+        if state == 'dropped' and not db.execute(DROP_JOB, params).rowcount:
+            job_conflict(db, job_uuid, 'drop')
+    store.waiters.wake(woken)
+    return get_job(store, job_uuid)
+
+
+def kill_job(store, job_uuid, now):
+    """A queued job is killed at once; a running one is killed by its pilot at its next beat."""
+    job_uuid = check_uuid(job_uuid, 'job')
+    with store.write() as db:
+        if not db.execute(KILL_JOB, {'uuid': job_uuid, 'now': now}).rowcount:
+            job_conflict(db, job_uuid, 'kill')
+    return get_job(store, job_uuid)
+
+
+def delete_job(store, job_uuid):
+    job_uuid = check_uuid(job_uuid, 'job')
+    with store.write() as db:
+        if not db.execute(DELETE_JOB, {'uuid': job_uuid}).rowcount:
+            job_conflict(db, job_uuid, 'delete')
+    return {'deleted': job_uuid}
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain: pilots and brokerage
+# ---------------------------------------------------------------------------------------------
+
+
+def pilot_dict(row):
+    pilot = dict(row)
+    pilot['jobtypes'] = json.loads(pilot['jobtypes'])
+    return pilot
+
+
+def register_pilot(store, raw, now):
+    """Create the pilot, or return it as it is if it registered before (a retried request)."""
+    row = check_pilot(raw, now)
+    with store.write() as db:
+        db.execute(INSERT_PILOT, row)
+        pilot = db.execute(GET_PILOT, row).fetchone()
+    return pilot_dict(pilot)
+
+
+def get_pilot(store, pilot_uuid):
+    row = store.db().execute(GET_PILOT, {'uuid': check_uuid(pilot_uuid, 'pilot')}).fetchone()
+    if row is None:
+        fail(404, 'no such pilot: %s' % pilot_uuid)
+    return pilot_dict(row)
+
+
+def list_pilots(store, query):
+    params, where = filters_from(query, PILOT_FILTERS)
+    params['limit'] = limit_from(query)
+    sql = ('SELECT ' + PILOT_COLUMNS + ' FROM pilots'
+           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
+    return [pilot_dict(r) for r in store.db().execute(sql, params)]
+
+
+def live_pilot(db, pilot_uuid):
+    pilot = db.execute(GET_PILOT, {'uuid': pilot_uuid}).fetchone()
+    if pilot is None:
+        fail(404, 'no such pilot: %s' % pilot_uuid)
+    return pilot
+
+
+def stop_reply(pilot):
+    return {'status': 'STOP', 'state': pilot['state']}
+
+
+def request_work(store, pilot_uuid, now):
+    """One brokerage attempt for a pilot: its undelivered job, else the best queued job it may
+    run. Returns (reply, pilot row)."""
+    with store.write() as db:
+        pilot = live_pilot(db, pilot_uuid)
+        if pilot['state'] in PILOT_GONE:
+            return stop_reply(pilot), pilot
+        params = {'pilot': pilot_uuid, 'host': pilot['host'], 'site': pilot['site'],
+                  'jobtypes': pilot['jobtypes'], 'now': now}
+        job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
+               or db.execute(CLAIM_JOB, params).fetchone())
+        if job is None:
+            db.execute(PILOT_IDLE, params)
+            return {'status': 'OK', 'state': 'idle'}, pilot
+        db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
+    return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}, pilot
+
+
+def wait_for_work(store, pilot_uuid, wait):
+    """Brokerage with a long poll: hold the request up to `wait` seconds until a job arrives.
+
+    The waiter is entered before the second attempt, so a job submitted between an empty
+    attempt and the wait still wakes it.
+    """
+    reply, pilot = request_work(store, pilot_uuid, utcnow())
+    if reply['state'] != 'idle' or wait <= 0:
+        return reply
+    waiter = store.waiters.enter(pilot['site'], set(json.loads(pilot['jobtypes'])))
+    if waiter is None:
+        return dict(reply, waited=False)
+    give_up = time.monotonic() + wait
+    try:
+        while True:
+            reply, _ = request_work(store, pilot_uuid, utcnow())
+            remaining = give_up - time.monotonic()
+            if reply['state'] != 'idle' or remaining <= 0:
+                return reply
+            waiter.event.wait(remaining)
+            waiter.event.clear()
+    finally:
+        store.waiters.leave(waiter)
+
+
+def report_job(store, pilot_uuid, rep, now):
+    """A pilot's word on the job it holds: started (running) or ended (a terminal state).
+
+    Each change names the state it expects, so a repeated or late report changes nothing.
+    A report on a job the pilot does not hold is refused (409).
+    """
+    params = dict(rep, pilot=pilot_uuid, now=now, job=rep['uuid'])
+    with store.write() as db:
+        pilot = live_pilot(db, pilot_uuid)
+        held = db.execute(GET_JOB_HOLDER, params).fetchone()
+        if held is None or held['pilot'] != pilot_uuid:
+            fail(409, 'job %s is not held by pilot %s' % (rep['uuid'], pilot_uuid))
+        gone = pilot['state'] in PILOT_GONE
+        if rep['state'] == 'running':
+            changed = not gone and db.execute(START_JOB, params).rowcount
+            if changed:
+                db.execute(PILOT_RUNNING, params)
+        else:
+            changed = not gone and db.execute(FINISH_JOB, params).rowcount
+            if changed:
+                db.execute(PILOT_JOB_DONE, params)
+            if not gone and (rep['stdout'] or rep['stderr']):
+                db.execute(SAVE_JOB_LOGS, params)
+        state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
+    if gone:
+        return stop_reply(pilot)
+    if rep['state'] == 'running' and state not in ACTIVE_STATES:
+        return {'status': 'KILL', 'state': state, 'changed': False}
+    return {'status': 'OK', 'state': state, 'changed': bool(changed)}
+
+
+def heartbeat(store, pilot_uuid, job_uuid, now):
+    """A running pilot is alive; tell it to kill its payload if its job was killed or lost."""
+    with store.write() as db:
+        row = db.execute(PILOT_SEEN, {'pilot': pilot_uuid, 'now': now}).fetchone()
+        if row is None:
+            fail(404, 'no such pilot: %s' % pilot_uuid)
+        if row['state'] in PILOT_GONE:
+            return stop_reply(row)
+        if job_uuid is None:
+            return {'status': 'OK'}
+        held = db.execute(GET_JOB_HOLDER, {'uuid': job_uuid}).fetchone()
+    if held is None or held['pilot'] != pilot_uuid or held['state'] not in ACTIVE_STATES:
+        return {'status': 'KILL', 'state': held['state'] if held else 'deleted'}
+    return {'status': 'OK', 'state': held['state']}
+
+
+def stop_pilot(store, pilot_uuid, state, now):
+    """The pilot leaves: `stopped` (cycles used up) or `killed` (signalled). Jobs still
+    dispatched to it were never started, so they go back to the queue."""
+    params = {'pilot': pilot_uuid, 'state': state, 'now': now}
+    with store.write() as db:
+        live_pilot(db, pilot_uuid)
+        released = []
+        if db.execute(STOP_PILOT, params).rowcount:
+            released = [tuple(r) for r in db.execute(RELEASE_PILOT_JOBS, params).fetchall()]
+        pilot = db.execute(GET_PILOT, {'uuid': pilot_uuid}).fetchone()
+    store.waiters.wake(released)
+    return dict(pilot_dict(pilot), released=len(released))
+
+
+def sweep(store, now, pilot_timeout):
+    """Housekeeping: pilots silent for longer than pilot_timeout are lost, with their jobs."""
+    cutoff = datetime.fromisoformat(now).timestamp() - pilot_timeout
+    cutoff = datetime.fromtimestamp(cutoff, timezone.utc).isoformat(timespec='microseconds')
+    with store.write() as db:
+        lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, {'cutoff': cutoff, 'now': now})]
+        if lost:
+            db.execute(LOSE_PILOT_JOBS, {'pilots': json.dumps(lost), 'now': now})
+    if lost:
+        log.warning('pilots lost after %.0f s of silence: %s', pilot_timeout, ', '.join(lost))
+    return {'lost_pilots': lost}
+
+
+class Housekeeper(threading.Thread):
+    """Runs sweep() every `period` seconds inside the server: no cron needed."""
+
+    def __init__(self, store, pilot_timeout, period=SWEEP_PERIOD):
+        super().__init__(name='p3s-housekeeper', daemon=True)
+        self.store, self.pilot_timeout, self.period = store, pilot_timeout, period
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.wait(self.period):
+            try:
+                sweep(self.store, utcnow(), self.pilot_timeout)
+            except Exception:
+                log.exception('housekeeping failed; trying again in %.0f s', self.period)
+
+
+def counts(store):
+    db = store.db()
+    return {
+        'jobs': {r['state']: r['n'] for r in db.execute(COUNT_JOBS_BY_STATE)},
+        'pilots': {r['state']: r['n'] for r in db.execute(COUNT_PILOTS_BY_STATE)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON API routes
+# ---------------------------------------------------------------------------------------------
+
+app = Bottle()
+bottle.TEMPLATE_PATH[:] = [os.path.join(HERE, 'views')]
+
+
+def store():
+    return app.config['p3s.store']
+
+
+def json_body():
+    """The request body as JSON, within the size limit."""
+    if request.content_length > MAX_BODY:
+        fail(413, 'request body larger than %d bytes' % MAX_BODY)
+    raw = request.body.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        fail(413, 'request body larger than %d bytes' % MAX_BODY)
+    try:
+        return json.loads(raw or b'{}')
+    except (ValueError, UnicodeDecodeError) as e:
+        fail(400, 'request body is not valid JSON: %s' % e)
+
+
+@app.get('/api')
+@app.get('/api/ping')
+def api_ping():
+    return {'status': 'OK', 'version': VERSION, 'time': utcnow()}
+
+
+@app.post('/api/jobs')
+def api_submit_jobs():
+    return {'uuids': submit_jobs(store(), json_body(), utcnow())}
+
+
+@app.get('/api/jobs')
+def api_list_jobs():
+    return {'jobs': list_jobs(store(), request.query)}
+
+
+@app.get('/api/jobs/<job_uuid>')
+def api_get_job(job_uuid):
+    return get_job(store(), job_uuid, logs=request.query.get('logs') in ('1', 'true'))
+
+
+@app.post('/api/jobs/<job_uuid>/adjust')
+def api_adjust_job(job_uuid):
+    return adjust_job(store(), job_uuid, json_body(), utcnow())
+
+
+@app.post('/api/jobs/<job_uuid>/kill')
+def api_kill_job(job_uuid):
+    return kill_job(store(), job_uuid, utcnow())
+
+
+@app.delete('/api/jobs/<job_uuid>')
+def api_delete_job(job_uuid):
+    return delete_job(store(), job_uuid)
+
+
+@app.post('/api/pilots')
+def api_register_pilot():
+    pilot = register_pilot(store(), json_body(), utcnow())
+    return {'status': 'OK', 'state': pilot['state'], 'pilot': pilot,
+            'pilot_timeout': app.config['p3s.pilot_timeout'], 'max_wait': MAX_WAIT}
+
+
+@app.get('/api/pilots')
+def api_list_pilots():
+    return {'pilots': list_pilots(store(), request.query)}
+
+
+@app.get('/api/pilots/<pilot_uuid>')
+def api_get_pilot(pilot_uuid):
+    return get_pilot(store(), pilot_uuid)
+
+
+@app.post('/api/pilots/<pilot_uuid>/work')
+def api_request_work(pilot_uuid):
+    """Ask for a job, optionally delivering the final report of the previous one with it."""
+    pilot_uuid = check_uuid(pilot_uuid, 'pilot')
+    body = check_object(json_body(), 'request')
+    check_known(body, {'wait', 'report'}, 'request')
+    wait = number_field(body, 'wait', 0, 0, MAX_WAIT)
+    reply = {}
+    if body.get('report') is not None:
+        reply['report'] = report_or_refusal(pilot_uuid, body['report'])
+    reply.update(wait_for_work(store(), pilot_uuid, wait))
+    return reply
+
+
+def report_or_refusal(pilot_uuid, raw):
+    """A report carried by a work request: its refusal must not cost the pilot its next job."""
+    try:
+        return report_job(store(), pilot_uuid, check_report(raw), utcnow())
+    except HTTPError as e:
+        if e.status_code == 404:
+            raise
+        return {'status': 'REFUSED', 'error': e.body}
+
+
+@app.post('/api/pilots/<pilot_uuid>/report')
+def api_report(pilot_uuid):
+    return report_job(store(), check_uuid(pilot_uuid, 'pilot'), check_report(json_body()), utcnow())
+
+
+@app.post('/api/pilots/<pilot_uuid>/heartbeat')
+def api_heartbeat(pilot_uuid):
+    body = check_object(json_body(), 'heartbeat')
+    check_known(body, {'job'}, 'heartbeat')
+    return heartbeat(store(), check_uuid(pilot_uuid, 'pilot'), uuid_field(body, 'job'), utcnow())
+
+
+@app.post('/api/pilots/<pilot_uuid>/stop')
+def api_stop_pilot(pilot_uuid):
+    body = check_object(json_body(), 'stop')
+    check_known(body, {'state'}, 'stop')
+    state = body.get('state', 'stopped')
+    if state not in ('stopped', 'killed'):
+        fail(400, "a pilot stops as 'stopped' or 'killed'")
+    return stop_pilot(store(), check_uuid(pilot_uuid, 'pilot'), state, utcnow())
+
+
+@app.get('/api/summary')
+def api_summary():
+    return dict(counts(store()), time=utcnow())
+
+
+# ---------------------------------------------------------------------------------------------
+# Monitor routes
+# ---------------------------------------------------------------------------------------------
+
+
+@app.get('/')
+def monitor_dashboard():
+    refresh = request.query.get('refresh', '')
+    return bottle.template('dashboard', counts=counts(store()), now=utcnow(),
+                           refresh=refresh if refresh in ('5', '10', '30', '60') else '',
+                           job_states=JOB_STATES, pilot_states=PILOT_STATES)
+
+
+@app.get('/static/<path:path>')
+def monitor_static(path):
+    return bottle.static_file(path, root=os.path.join(HERE, 'static'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Error handlers
+# ---------------------------------------------------------------------------------------------
+
+
+def json_error(err):
+    """Every error answers {"error": "..."}; a 500 is logged with its traceback."""
+    response.content_type = 'application/json'
+    if err.status_code >= 500:
+        log.error('internal error on %s %s: %s\n%s', request.method, request.path,
+                  err.exception, err.traceback)
+        return json.dumps({'error': 'internal server error'})
+    if isinstance(err.body, str) and err.body:
+        message = err.body
+    else:
+        message = err.status_line
+    return json.dumps({'error': message})
+
+
+for _code in (400, 401, 403, 404, 405, 409, 413, 500):
+    app.error(_code)(json_error)
+
+
+def on_integrity_error(callback):
+    """A constraint the validation missed is a conflict with stored data, not a crash."""
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except sqlite3.IntegrityError as e:
+            raise HTTPError(409, 'conflicts with stored data: %s' % e)
+    return wrapper
+
+
+app.install(on_integrity_error)
+
+# ---------------------------------------------------------------------------------------------
+# main()
+# ---------------------------------------------------------------------------------------------
+
+
+def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT,
+              max_waiters=DEFAULT_MAX_WAITERS):
+    """Attach a database to the app; returns the Store."""
+    check_sqlite()
+    st = Store(db_path, sync, max_waiters)
+    app.config['p3s.store'] = st
+    app.config['p3s.pilot_timeout'] = pilot_timeout
+    return st
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog='p3s_server.py', description='The p3s server.')
+    ap.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
+    ap.add_argument('--port', type=int, default=DEFAULT_PORT,
+                    help='port (default %d; 0 picks a free one)' % DEFAULT_PORT)
+    ap.add_argument('--db', default=DEFAULT_DB, help='SQLite database file (default ./p3s.db)')
+    ap.add_argument('--threads', type=int, default=DEFAULT_THREADS,
+                    help='request threads (default %d)' % DEFAULT_THREADS)
+    ap.add_argument('--max-waiters', type=int, default=DEFAULT_MAX_WAITERS,
+                    help='pilots held in a long poll at once (default %d; must be below --threads)'
+                    % DEFAULT_MAX_WAITERS)
+    ap.add_argument('--pilot-timeout', type=float, default=DEFAULT_PILOT_TIMEOUT,
+                    help='seconds of silence after which a pilot is lost (default %.0f)'
+                    % DEFAULT_PILOT_TIMEOUT)
+    ap.add_argument('--sync', choices=('normal', 'full'), default='full',
+                    help='SQLite synchronous setting (default full)')
+    args = ap.parse_args(argv)
+    if not 0 <= args.max_waiters < args.threads:
+        ap.error('--max-waiters must be at least 0 and below --threads')
+    return args
+
+
+def main(argv=None):
+    import waitress
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
+    logging.getLogger('waitress.queue').setLevel(logging.ERROR)   # per-request queue-depth noise
+    st = configure(args.db, args.sync, args.pilot_timeout, args.max_waiters)
+    keeper = Housekeeper(st, args.pilot_timeout)
+    keeper.start()
+    server = waitress.create_server(
+        app, host=args.host, port=args.port, threads=args.threads,
+        connection_limit=args.threads + CONNECTION_SLACK, channel_timeout=CHANNEL_TIMEOUT,
+        asyncore_use_poll=True, backlog=1024, max_request_body_size=MAX_BODY, ident='p3s')
+    print('p3s server listening on http://%s:%s/ (database %s)'
+          % (args.host, server.effective_port, os.path.abspath(args.db)), flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        keeper.stopping.set()
+        server.close()
+        st.close()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

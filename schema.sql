@@ -1,0 +1,73 @@
+-- p3s database schema. Applied idempotently at every server start.
+-- Times are ISO 8601 UTC text with microseconds ('2026-11-21T11:42:38.123456+00:00'):
+-- fixed width, so they sort and compare as text.
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id            INTEGER PRIMARY KEY,
+    uuid          TEXT NOT NULL UNIQUE,
+    name          TEXT NOT NULL DEFAULT '',
+    user          TEXT NOT NULL DEFAULT '',
+    subhost       TEXT NOT NULL DEFAULT '',          -- host the job was submitted from
+    jobtype       TEXT NOT NULL DEFAULT 'default',
+    payload       TEXT NOT NULL CHECK (payload <> ''),
+    env           TEXT NOT NULL DEFAULT '{}',        -- JSON object of strings
+    priority      INTEGER NOT NULL DEFAULT 0,        -- higher first
+    timelimit     INTEGER NOT NULL DEFAULT 1000,     -- seconds of running
+    deadline      INTEGER,                           -- seconds after definition to be dispatched
+    deadline_at   TEXT,                              -- defined_at + deadline
+    retries       INTEGER NOT NULL DEFAULT 0,        -- re-queues left after lost/nonstarter
+    site          TEXT NOT NULL DEFAULT '',          -- '' runs anywhere
+    infile        TEXT NOT NULL DEFAULT '',          -- env.P3S_INPUT_FILE
+    workflow      TEXT,                              -- uuid of the owning workflow
+    state         TEXT NOT NULL CHECK (state IN ('template', 'defined', 'dispatched', 'running',
+                      'finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed',
+                      'stale', 'dropped', 'cancelled')),
+    pilot         TEXT,                              -- uuid of the pilot that holds it
+    host          TEXT,
+    pid           INTEGER,
+    errcode       INTEGER,
+    created_at    TEXT NOT NULL,
+    defined_at    TEXT,
+    dispatched_at TEXT,
+    started_at    TEXT,
+    stopped_at    TEXT
+);
+
+-- The brokerage queue: only queued jobs, in dispatch order. The claim walks it from the top,
+-- so a claim costs the same with ten or a million jobs of history (reference/limits.md 1b).
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, defined_at, id) WHERE state = 'defined';
+-- Jobs a pilot holds or held (re-delivery of a lost reply, lost pilots, the pilot's page).
+CREATE INDEX IF NOT EXISTS jobs_pilot ON jobs (pilot, id) WHERE pilot IS NOT NULL;
+-- Listings by state, newest first.
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+
+-- The tails of a job's stdout and stderr, sent by the pilot with its final report.
+CREATE TABLE IF NOT EXISTS joblogs (
+    job    TEXT PRIMARY KEY REFERENCES jobs (uuid) ON DELETE CASCADE,
+    stdout TEXT NOT NULL DEFAULT '',
+    stderr TEXT NOT NULL DEFAULT ''
+);
+
+CREATE TABLE IF NOT EXISTS pilots (
+    id            INTEGER PRIMARY KEY,
+    uuid          TEXT NOT NULL UNIQUE,
+    host          TEXT NOT NULL DEFAULT '',
+    site          TEXT NOT NULL DEFAULT '',
+    pid           INTEGER,
+    extra         TEXT NOT NULL DEFAULT '',          -- free text, e.g. a batch job id
+    jobtypes      TEXT NOT NULL DEFAULT '[]',        -- JSON list; [] accepts every type
+    state         TEXT NOT NULL CHECK (state IN ('active', 'idle', 'dispatched', 'running',
+                      'stopped', 'lost', 'killed')),
+    job           TEXT,                              -- current or last job
+    jobs_done     INTEGER NOT NULL DEFAULT 0,
+    registered_at TEXT NOT NULL,
+    last_seen     TEXT NOT NULL,                     -- the heartbeat: any request of the pilot
+    stopped_at    TEXT
+);
+
+-- Live pilots by silence, for the lost-pilot sweep.
+CREATE INDEX IF NOT EXISTS pilots_live ON pilots (last_seen)
+    WHERE state IN ('active', 'idle', 'dispatched', 'running');
+CREATE INDEX IF NOT EXISTS pilots_state ON pilots (state, id);
+
+PRAGMA user_version = 1;

@@ -1,0 +1,196 @@
+"""The test harness: a real server on an ephemeral port with its own database, the real client
+scripts and real pilot processes, all on 127.0.0.1, all cleaned up after each test."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SERVER_START_TIMEOUT = 20
+
+
+def script(name):
+    return os.path.join(ROOT, name)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=20, interval=0.05, what='condition'):
+    """Poll until predicate() is truthy; returns its value or fails the test."""
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail('timed out after %.0f s waiting for %s' % (timeout, what))
+
+
+def api(url, method, path, body=None, timeout=30):
+    """A raw API call: (HTTP status, decoded JSON body)."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url.rstrip('/') + path, data=data, method=method,
+                                 headers={'Content-Type': 'application/json'})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b'{}')
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        assert e.headers.get('Content-Type', '').startswith('application/json'), raw[:200]
+        return e.code, json.loads(raw)
+
+
+class Server:
+    """A p3s_server.py process on a free port with a temporary database."""
+
+    def __init__(self, tmp_path, port=0, extra_args=()):
+        self.db = str(tmp_path / 'p3s.db')
+        self.log_path = tmp_path / 'server.log'
+        self.port = port
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.url = None
+
+    def start(self):
+        self.log = open(self.log_path, 'ab')
+        self.proc = subprocess.Popen(
+            [sys.executable, script('p3s_server.py'), '--port', str(self.port), '--db', self.db]
+            + self.extra_args, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
+        line = self.proc.stdout.readline().decode()
+        if 'listening on' not in line:
+            self.stop()
+            pytest.fail('server did not start: %r\n%s' % (line, self.log_path.read_text()))
+        self.url = line.split('listening on ')[1].split()[0]
+        self.port = int(self.url.rsplit(':', 1)[1].strip('/'))
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self.proc.stdout.close()
+        self.log.close()
+
+    def api(self, method, path, body=None, timeout=30):
+        return api(self.url, method, path, body, timeout)
+
+    def job(self, job_uuid):
+        status, job = self.api('GET', '/api/jobs/' + job_uuid)
+        assert status == 200, job
+        return job
+
+    def jobs(self, **query):
+        query.setdefault('limit', 100000)
+        qs = '&'.join('%s=%s' % kv for kv in query.items())
+        return self.api('GET', '/api/jobs?' + qs)[1]['jobs']
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path).start()
+    yield srv
+    srv.stop()
+
+
+class Clients:
+    """Runs the client scripts and pilots as separate processes against one server."""
+
+    def __init__(self, tmp_path, server):
+        self.tmp = tmp_path
+        self.server = server
+        self.joblog = tmp_path / 'jobs'
+        self.pilotlog = tmp_path / 'pilots'
+        self.pilots = []
+
+    def env(self, extra=None):
+        env = dict(os.environ, P3S_SERVER=self.server.url if self.server.url else '',
+                   P3S_JOBLOG=str(self.joblog), P3S_PILOTLOG=str(self.pilotlog))
+        env.pop('P3S_TOKEN', None)
+        env.update(extra or {})
+        return env
+
+    def run(self, name, *args, env=None, check=None, timeout=120):
+        """Run p3s_<name>.py to its end. `-S` proves it needs no site-packages."""
+        proc = subprocess.run([sys.executable, '-S', script('p3s_%s.py' % name)] + list(args),
+                              capture_output=True, text=True, env=self.env(env), cwd=self.tmp,
+                              timeout=timeout)
+        if check is not None:
+            assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    def submit(self, jobs, *args):
+        path = self.tmp / ('jobs-%d.json' % time.monotonic_ns())
+        path.write_text(json.dumps(jobs))
+        proc = self.run('job', '-j', str(path), *args, check=0)
+        return proc.stdout.split()
+
+    def pilot(self, *args, env=None):
+        """Start a pilot in the background; it is killed at the end of the test if still up."""
+        proc = subprocess.Popen([sys.executable, '-S', script('p3s_pilot.py')] + list(args),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env(env), cwd=self.tmp)
+        self.pilots.append(proc)
+        return proc
+
+    def run_pilot(self, *args, env=None, timeout=120):
+        proc = self.pilot(*args, env=env)
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, (proc.returncode, out, err, self.pilot_logs())
+        return proc
+
+    def pilot_logs(self):
+        if not self.pilotlog.exists():
+            return ''
+        return '\n'.join(p.read_text() for p in self.pilotlog.iterdir())
+
+    def cleanup(self):
+        for proc in self.pilots:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture
+def clients(tmp_path, server):
+    c = Clients(tmp_path, server)
+    yield c
+    c.cleanup()
+
+
+def make_job(payload, **fields):
+    job = {'name': 'test', 'jobtype': 'test', 'payload': payload, 'timeout': '100',
+           'priority': '0', 'state': 'defined', 'env': {}}
+    job.update(fields)
+    return job
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().split(')')[-1].split()[0] != 'Z'
+    except OSError:
+        return False
+    return True

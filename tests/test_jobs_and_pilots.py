@@ -1,0 +1,361 @@
+"""End to end: the real server, the real p3s_job.py and real p3s_pilot.py processes."""
+import json
+import os
+import signal
+import stat
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, Server, free_port, make_job, pid_alive, wait_for
+
+
+def write_script(path, text):
+    path.write_text('#!/bin/bash\n' + text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def test_seed_example(clients, server, tmp_path):
+    """The walk-through of seeds/000: myjob.json (COPY mode) + my_executable.sh writes the date."""
+    myfile = tmp_path / 'myfile.txt'
+    jobs = json.loads(open(os.path.join(ROOT, 'examples', 'myjob.json')).read())
+    jobs[0]['payload'] = os.path.join(ROOT, 'examples', 'my_executable.sh')
+    jobs[0]['env']['MYFILE'] = str(myfile)
+    [job_uuid] = clients.submit(jobs)
+    clients.run_pilot()
+    assert myfile.read_text().strip()[-4:].isdigit()          # `date` ends with the year
+    job = server.job(job_uuid)
+    assert (job['state'], job['errcode'], job['timelimit'], job['priority']) == ('finished', 0, 100, 1)
+    assert job['dispatched_at'] <= job['started_at'] <= job['stopped_at']
+    assert (clients.joblog / (job_uuid + '.out')).exists()
+    assert (clients.joblog / (job_uuid + '.err')).exists()
+    [pilot] = server.api('GET', '/api/pilots')[1]['pilots']
+    assert (pilot['state'], pilot['jobs_done'], pilot['job']) == ('stopped', 1, job_uuid)
+
+
+def test_payload_environment_and_copy_sandbox(clients, server, tmp_path):
+    payload = write_script(tmp_path / 'env.sh', 'echo "job=$P3S_JOB_UUID pilot=$P3S_PILOT_UUID '
+                           'sandbox=$P3S_SANDBOX self=$0 args=$1,$2"\n')
+    [job_uuid] = clients.submit([make_job(payload + ' one two', env={'P3S_MODE': 'COPY'})])
+    clients.run_pilot()
+    out = (clients.joblog / (job_uuid + '.out')).read_text()
+    fields = dict(kv.split('=', 1) for kv in out.split())
+    assert fields['job'] == job_uuid
+    assert fields['pilot'] == server.job(job_uuid)['pilot']
+    assert fields['self'].startswith(fields['sandbox'])       # the copy ran, with its arguments
+    assert fields['args'] == 'one,two'
+    assert not os.path.exists(fields['sandbox'])              # and the sandbox is gone
+
+
+def test_shell_mode_is_per_job(clients, server, tmp_path):
+    target = tmp_path / 'redirected.txt'
+    shell_job = make_job('echo $GREETING > %s' % target, priority='2',
+                         env={'P3S_EXECMODE': 'SHELL', 'GREETING': 'hello'})
+    plain_job = make_job('echo $GREETING > not-a-redirect', priority='1', env={'GREETING': 'x'})
+    shell_uuid, plain_uuid = clients.submit([shell_job, plain_job])
+    clients.run_pilot('--cycles', '2')
+    assert target.read_text() == 'hello\n'
+    # The next job of the same pilot is not run through the shell (the original's sticky flag).
+    assert (clients.joblog / (plain_uuid + '.out')).read_text() == '$GREETING > not-a-redirect\n'
+    assert server.job(plain_uuid)['state'] == 'finished'
+
+
+def test_priority_then_first_defined_first(clients, server):
+    """job_template2 of the original: 8 jobs with priorities "1".."8", dispatched 8 -> 1; within a
+    priority, the first defined goes first; negative and large priorities work."""
+    jobs = [make_job('/bin/true', jobtype='jobtype%d' % p, priority=str(p)) for p in range(1, 9)]
+    jobs += [make_job('/bin/true', name='late-%d' % i, priority='5') for i in range(3)]
+    jobs += [make_job('/bin/true', name='low', priority='-7'),
+             make_job('/bin/true', name='top', priority=str(10 ** 9))]
+    clients.submit(jobs)
+    clients.run_pilot('--cycles', str(len(jobs)))
+    done = sorted(server.jobs(), key=lambda j: j['dispatched_at'])
+    assert all(j['state'] == 'finished' for j in done)
+    order = [(j['priority'], j['name'], j['jobtype']) for j in done]
+    expected = sorted(order, key=lambda o: -o[0])       # stable: keeps submission order in a priority
+    assert [o[0] for o in order] == [o[0] for o in expected]
+    assert [o[1] for o in order if o[0] == 5] == ['test', 'late-0', 'late-1', 'late-2']
+    assert order[0][1] == 'top' and order[-1][1] == 'low'
+
+
+def test_exit_codes_of_payloads(clients, server, tmp_path):
+    ok, bad, missing, notexec = clients.submit([
+        make_job('/bin/true', priority='4'),
+        make_job('/bin/sh -c "echo oops >&2; exit 3"', priority='3'),
+        make_job('/no/such/program', priority='2'),
+        make_job(str(tmp_path / 'jobs-not-executable.json'), priority='1'),
+    ])
+    (tmp_path / 'jobs-not-executable.json').write_text('{}')
+    clients.run_pilot('--cycles', '4')
+    states = {u: (server.job(u)['state'], server.job(u)['errcode']) for u in (ok, bad, missing, notexec)}
+    assert states[ok] == ('finished', 0)
+    assert states[bad] == ('failed', 3)
+    assert states[missing] == ('nonstarter', None)
+    assert states[notexec] == ('nonstarter', None)
+    assert (clients.joblog / (bad + '.err')).read_text() == 'oops\n'
+    assert 'nonstarter' in (clients.joblog / (missing + '.err')).read_text()
+    logs = server.api('GET', '/api/jobs/%s?logs=1' % bad)[1]
+    assert logs['stderr'] == 'oops\n'
+
+
+def test_timelimit_kills_the_whole_process_group(clients, server, tmp_path):
+    pids = tmp_path / 'pids'
+    payload = write_script(tmp_path / 'spawner.sh',
+                           'sleep 300 &\necho $! >> %s\necho $$ >> %s\nwait\n' % (pids, pids))
+    [job_uuid] = clients.submit([make_job(payload, timeout='2')])
+    clients.run_pilot('--beat', '0.5')
+    job = server.job(job_uuid)
+    assert job['state'] == 'timelimit'
+    assert job['errcode'] == -signal.SIGTERM
+    child, parent = [int(p) for p in pids.read_text().split()]
+    wait_for(lambda: not pid_alive(child) and not pid_alive(parent), 10, what='payload group dead')
+
+
+def test_kill_a_running_job(clients, server, tmp_path):
+    started = tmp_path / 'started'
+    [job_uuid] = clients.submit([make_job('/bin/sh -c "touch %s; sleep 60"' % started)])
+    pilot = clients.pilot('--beat', '0.3', '--cycles', '2', '--wait', '1')
+    wait_for(started.exists, what='payload start')
+    wait_for(lambda: server.job(job_uuid)['state'] == 'running', what='running')
+    proc = clients.run('job', '--kill', job_uuid, check=0)
+    assert job_uuid in proc.stdout
+    assert server.job(job_uuid)['state'] == 'killed'
+    pilot.communicate(timeout=30)
+    assert pilot.returncode == 0
+    job = server.job(job_uuid)
+    assert job['state'] == 'killed' and job['pid'] and not pid_alive(job['pid'])
+    [p] = server.api('GET', '/api/pilots')[1]['pilots']
+    assert p['state'] == 'stopped'                      # the pilot went on with its next cycle
+
+
+def test_sigterm_stops_payload_reports_and_deregisters(clients, server, tmp_path):
+    started = tmp_path / 'started'
+    [job_uuid] = clients.submit([make_job('/bin/sh -c "touch %s; sleep 60"' % started)])
+    pilot = clients.pilot('--beat', '5')
+    wait_for(started.exists, what='payload start')
+    wait_for(lambda: server.job(job_uuid)['state'] == 'running', what='running')
+    pilot.send_signal(signal.SIGTERM)
+    pilot.communicate(timeout=30)
+    assert pilot.returncode == 0
+    job = server.job(job_uuid)
+    assert job['state'] == 'killed' and not pid_alive(job['pid'])
+    [p] = server.api('GET', '/api/pilots')[1]['pilots']
+    assert p['state'] == 'killed'
+
+
+def test_sigterm_while_idle_leaves_at_once(clients, server):
+    pilot = clients.pilot('--cycles', '0', '--wait', '30')
+    wait_for(lambda: server.api('GET', '/api/pilots?state=idle')[1]['pilots'], what='idle pilot')
+    time.sleep(0.2)
+    pilot.send_signal(signal.SIGINT)
+    pilot.communicate(timeout=10)
+    assert pilot.returncode == 0
+    assert server.api('GET', '/api/pilots')[1]['pilots'][0]['state'] == 'killed'
+
+
+def test_pilot_started_while_server_is_down(tmp_path):
+    """The pilot retries its registration with back-off, then runs the job."""
+    port = free_port()
+    srv = Server(tmp_path, port=port)
+    from conftest import Clients
+    clients = Clients(tmp_path, srv)
+    srv.url = 'http://127.0.0.1:%d/' % port
+    try:
+        pilot = clients.pilot('--wait', '10')
+        time.sleep(1.5)
+        assert pilot.poll() is None
+        srv.start()
+        [job_uuid] = clients.submit([make_job('/bin/echo hello')])
+        out, err = pilot.communicate(timeout=60)
+        assert pilot.returncode == 0, err
+        assert srv.job(job_uuid)['state'] == 'finished'
+        assert 'retrying' in clients.pilot_logs()
+    finally:
+        clients.cleanup()
+        srv.stop()
+
+
+def test_pilot_matches_jobtypes_and_site(clients, server):
+    a, b, here, there = clients.submit([
+        make_job('/bin/true', jobtype='a'), make_job('/bin/true', jobtype='b'),
+        make_job('/bin/true', jobtype='a', site='here'), make_job('/bin/true', jobtype='a', site='there')])
+    clients.run_pilot('--jobtypes', 'a,c', '--site', 'here', '--cycles', '3', '--wait', '0',
+                      '--period', '0')
+    states = {u: server.job(u)['state'] for u in (a, b, here, there)}
+    assert states == {a: 'finished', b: 'defined', here: 'finished', there: 'defined'}
+
+
+def test_input_files_replicas_and_dry_run(clients, server, tmp_path):
+    template = tmp_path / 't.json'
+    template.write_text(json.dumps([make_job('/bin/true', env={'X': '1', 'P3S_INPUT_FILE': 'dummy'})]))
+    proc = clients.run('job', '-j', str(template), '-f', 'c.raw,a.raw,b.raw', '-N', '2', check=0)
+    uuids = proc.stdout.split()
+    assert len(uuids) == 6
+    infiles = [server.job(u)['infile'] for u in uuids]
+    assert infiles == ['c.raw', 'c.raw', 'a.raw', 'a.raw', 'b.raw', 'b.raw']
+    assert server.job(uuids[0])['env'] == {'X': '1', 'P3S_INPUT_FILE': 'c.raw'}
+    dry = clients.run('job', '-j', str(template), '-f', 'z.raw', '-t', '--server',
+                      'http://127.0.0.1:1/', check=0)
+    assert json.loads(dry.stdout)[0]['env']['P3S_INPUT_FILE'] == 'z.raw'
+    assert len(server.jobs()) == 6
+
+
+def test_list_show_adjust_delete(clients, server):
+    tpl, queued = clients.submit([make_job('/bin/true', state='template', name='tpl'),
+                                  make_job('/bin/true', name='queued', priority='5')])
+    listing = json.loads(clients.run('job', '--list', '--json', '--state', 'template', check=0).stdout)
+    assert [j['uuid'] for j in listing['jobs']] == [tpl]
+    text = clients.run('job', '--list', check=0).stdout
+    assert 'tpl' in text and 'queued' in text
+    shown = json.loads(clients.run('job', '--show', queued, '--json', check=0).stdout)
+    assert shown['priority'] == 5
+    clients.run('job', '-a', '-u', queued, '-P', '0', check=0)          # priority 0 can be set
+    assert server.job(queued)['priority'] == 0
+    clients.run('job', '-a', '-u', tpl, '-s', 'defined', check=0)
+    assert server.job(tpl)['state'] == 'defined' and server.job(tpl)['defined_at']
+    clients.run('job', '-a', '-u', tpl, '-s', 'dropped', check=0)
+    refused = clients.run('job', '-a', '-u', tpl, '-s', 'defined', check=1)
+    assert 'dropped' in refused.stderr and refused.stderr.count('\n') == 1
+    clients.run('job', '-d', '-u', '%s,%s' % (tpl, queued), check=0)
+    assert server.jobs() == []
+    missing = clients.run('job', '-d', '-u', tpl, check=1)
+    assert 'no such job' in missing.stderr
+
+
+def test_client_errors_are_one_line_with_documented_exit_codes(clients, server, tmp_path):
+    bad_json = tmp_path / 'bad.json'
+    bad_json.write_text('[{"name": ')
+    no_payload = tmp_path / 'nopayload.json'
+    no_payload.write_text(json.dumps([{'name': 'x'}]))
+    bad_number = tmp_path / 'badnumber.json'
+    bad_number.write_text(json.dumps([make_job('/bin/true', timeout='ten')]))
+    cases = [
+        (('-j', str(tmp_path / 'missing.json')), 4, 'cannot read'),
+        (('-j', str(bad_json)), 4, 'not valid JSON'),
+        (('-j', str(bad_number)), 4, 'timelimit must be a whole number'),
+        (('-j', str(no_payload)), 1, 'payload is required'),
+        (('--show', 'nonsense'), 1, 'no such job'),
+        (('--list', '--server', 'http://127.0.0.1:%d' % free_port()), 3, 'cannot reach'),
+    ]
+    for args, code, message in cases:
+        proc = clients.run('job', *args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert proc.stderr.startswith('p3s_job: error: ') and message in proc.stderr, proc.stderr
+        assert proc.stderr.count('\n') == 1
+    assert clients.run('job').returncode == 2
+    assert server.jobs() == []
+
+
+def test_sixteen_pilots_race_for_500_jobs_over_http(server):
+    """16 threads speak the pilot protocol at once: every job is dispatched exactly once."""
+    status, reply = server.api('POST', '/api/jobs', [{'payload': '/bin/true'}] * 500)
+    assert status == 200 and len(set(reply['uuids'])) == 500
+    got, errors = {}, []
+
+    def pilot():
+        try:
+            _, reg = server.api('POST', '/api/pilots', {'host': 'racer'})
+            me, report, mine = reg['pilot']['uuid'], None, []
+            while True:
+                body = {'wait': 0}
+                if report:
+                    body['report'] = report
+                status, work = server.api('POST', '/api/pilots/%s/work' % me, body)
+                assert status == 200, work
+                if work['state'] != 'dispatched':
+                    break
+                job = work['job']['uuid']
+                mine.append(job)
+                report = {'job': job, 'state': 'finished', 'errcode': 0}
+            got[me] = mine
+        except Exception as e:                                   # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=pilot) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    claimed = [j for mine in got.values() for j in mine]
+    assert len(claimed) == 500 and len(set(claimed)) == 500
+    jobs = server.jobs()
+    assert {j['state'] for j in jobs} == {'finished'}
+    holder = {j: p for p, mine in got.items() for j in mine}
+    assert all(j['pilot'] == holder[j['uuid']] for j in jobs)
+    assert sum(len(m) > 0 for m in got.values()) > 1
+
+
+def test_lost_reply_is_delivered_again_then_released(server):
+    _, reg = server.api('POST', '/api/pilots', {'host': 'h'})
+    me = reg['pilot']['uuid']
+    _, submitted = server.api('POST', '/api/jobs', [{'payload': '/bin/true'}, {'payload': '/bin/false'}])
+    _, first = server.api('POST', '/api/pilots/%s/work' % me, {})
+    # The reply above "never arrived": the same pilot asks again and gets the same job.
+    _, again = server.api('POST', '/api/pilots/%s/work' % me, {})
+    assert again['job']['uuid'] == first['job']['uuid']
+    assert server.job(first['job']['uuid'])['state'] == 'dispatched'
+    # A pilot that stops never ran it: the job goes back to the queue, in its place.
+    _, stopped = server.api('POST', '/api/pilots/%s/stop' % me, {'state': 'stopped'})
+    assert stopped['released'] == 1
+    job = server.job(first['job']['uuid'])
+    assert (job['state'], job['pilot']) == ('defined', None)
+    _, other = server.api('POST', '/api/pilots', {'host': 'h2'})
+    _, work = server.api('POST', '/api/pilots/%s/work' % other['pilot']['uuid'], {})
+    assert work['job']['uuid'] == first['job']['uuid']
+
+
+def test_reports_only_from_the_holder_and_never_backwards(server):
+    _, a = server.api('POST', '/api/pilots', {'host': 'a'})
+    _, b = server.api('POST', '/api/pilots', {'host': 'b'})
+    a, b = a['pilot']['uuid'], b['pilot']['uuid']
+    server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])
+    _, work = server.api('POST', '/api/pilots/%s/work' % a, {})
+    job = work['job']['uuid']
+    status, refused = server.api('POST', '/api/pilots/%s/report' % b,
+                                 {'job': job, 'state': 'finished', 'errcode': 0})
+    assert status == 409 and 'not held' in refused['error']
+    assert server.job(job)['state'] == 'dispatched'
+    assert server.api('POST', '/api/pilots/%s/report' % a, {'job': job, 'state': 'running', 'pid': 42})[0] == 200
+    status, done = server.api('POST', '/api/pilots/%s/report' % a, {'job': job, 'state': 'failed', 'errcode': 2})
+    assert (status, done['changed'], done['state']) == (200, True, 'failed')
+    for late in ({'state': 'finished', 'errcode': 0}, {'state': 'running', 'pid': 1}):
+        status, reply = server.api('POST', '/api/pilots/%s/report' % a, dict(late, job=job))
+        assert status == 200 and reply['changed'] is False
+    job_now = server.job(job)
+    assert (job_now['state'], job_now['errcode'], job_now['pid']) == ('failed', 2, 42)
+    # a piggy-backed report that is refused does not cost the pilot its next job
+    server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])
+    status, work = server.api('POST', '/api/pilots/%s/work' % b,
+                              {'report': {'job': job, 'state': 'finished', 'errcode': 0}})
+    assert status == 200 and work['report']['status'] == 'REFUSED' and work['state'] == 'dispatched'
+
+
+def test_long_poll_hands_a_new_job_to_a_waiting_pilot(server):
+    _, reg = server.api('POST', '/api/pilots', {'host': 'h'})
+    me = reg['pilot']['uuid']
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(
+        server.api('POST', '/api/pilots/%s/work' % me, {'wait': 20})[1]))
+    waiter.start()
+    wait_for(lambda: server.api('GET', '/api/pilots/' + me)[1]['state'] == 'idle', what='idle')
+    _, submitted = server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])
+    waiter.join(15)
+    assert not waiter.is_alive(), 'the waiting pilot was not woken'
+    assert result['job']['uuid'] == submitted['uuids'][0]
+
+
+@pytest.mark.parametrize('name', ['job', 'pilot'])
+def test_client_runs_when_copied_alone(tmp_path, name):
+    """A client copied alone onto a bare node, without site-packages, answers -h."""
+    import shutil
+    import subprocess
+    import sys
+    alone = tmp_path / 'node'
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, 'p3s_%s.py' % name), alone)
+    proc = subprocess.run([sys.executable, '-S', '-I', 'p3s_%s.py' % name, '-h'], cwd=alone,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and 'Exit codes' in proc.stdout, proc.stderr
