@@ -241,7 +241,8 @@ class Server:
     def __init__(self, db=None, args=()):
         self.dir = tmpdir()
         self.db = db or os.path.join(self.dir, 'p3s.db')
-        self.args = list(args)
+        # P3S_BENCH_SERVER_ARGS: extra server options for experiments (e.g. '--threads 8').
+        self.args = list(args) + os.environ.get('P3S_BENCH_SERVER_ARGS', '').split()
         self.proc = None
         self.port = None
 
@@ -318,7 +319,7 @@ def workflows_available():
 FILL_JOB = """
 INSERT INTO jobs (uuid, name, jobtype, payload, state, pilot, created_at, defined_at,
                   dispatched_at, started_at, stopped_at, errcode)
-VALUES (?, 'bench', 'default', '/bin/true', ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, 'bench', 'default', '/bin/true', ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
