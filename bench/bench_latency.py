@@ -20,13 +20,14 @@ from common import cell, ms, percentile, ts  # noqa: E402
 PILOTS = 4
 JOBS = 200
 RUNS = 5
+PAYLOAD = '/bin/true'
 SPACING = 0.01        # seconds between one job finishing and the next submission
 JOB_TIMEOUT = 10.0
 
 
 def one_job(server):
     """Submit one job, wait for it to finish; returns the job as stored."""
-    uuid = server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'latency'}])['uuids'][0]
+    uuid = server.api('POST', '/api/jobs', [{'payload': PAYLOAD, 'name': 'latency'}])['uuids'][0]
     give_up = time.monotonic() + JOB_TIMEOUT
     while time.monotonic() < give_up:
         time.sleep(0.002)

@@ -288,9 +288,10 @@ class Server:
 
 
 def pilot_command(server_url, *args):
-    """The real pilot, as a user starts it."""
-    return [sys.executable, os.path.join(ROOT, 'p3s_pilot.py'), '--server', server_url] + \
-        list(args)
+    """The real pilot, as a user starts it (P3S_BENCH_PILOT: another pilot file, for A/B
+    comparisons)."""
+    path = os.environ.get('P3S_BENCH_PILOT') or os.path.join(ROOT, 'p3s_pilot.py')
+    return [sys.executable, path, '--server', server_url] + list(args)
 
 
 def start_pilots(server, n, *args, workdir=None):
