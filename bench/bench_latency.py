@@ -42,42 +42,48 @@ def run_once(jobs):
         common.start_pilots(server, PILOTS, '--cycles', '0')
         common.wait_for(lambda: common.idle_pilots(server, PILOTS), 30, 'the pilots to wait')
         time.sleep(0.2)
-        start, finish = [], []
+        start, finish, dispatch = [], [], []
         for _ in range(jobs):
             job = one_job(server)
             assert job['state'] == 'finished', job
-            start.append(ms(ts(job['started_at']) - ts(job['defined_at'])))
-            finish.append(ms(ts(job['stopped_at']) - ts(job['defined_at'])))
+            defined = ts(job['defined_at'])
+            start.append(ms(ts(job['started_at']) - defined))
+            finish.append(ms(ts(job['stopped_at']) - defined))
+            dispatch.append(ms(ts(job['dispatched_at']) - defined))
             time.sleep(SPACING)
-    return start, finish
+    return start, finish, dispatch
 
 
-def workflow_latency(runs):
+def workflow_latency(runs, workflows):
     """parent finished -> child started: n/a until workflows are merged (issue 3)."""
     if not common.workflows_available():
         return None
     import bench_workflow
-    return bench_workflow.parent_child(runs)
+    return bench_workflow.parent_child(runs, workflows)
 
 
 def run(quick=False):
     runs, jobs = (2, 50) if quick else (RUNS, JOBS)
-    per_run = {'start50': [], 'start99': [], 'fin50': [], 'fin99': []}
+    per_run = {'start50': [], 'start99': [], 'fin50': [], 'fin99': [], 'disp50': [],
+               'disp99': []}
     for _ in range(runs):
-        start, finish = run_once(jobs)
+        start, finish, dispatch = run_once(jobs)
+        per_run['disp50'].append(percentile(dispatch, 50))
+        per_run['disp99'].append(percentile(dispatch, 99))
         per_run['start50'].append(percentile(start, 50))
         per_run['start99'].append(percentile(start, 99))
         per_run['fin50'].append(percentile(finish, 50))
         per_run['fin99'].append(percentile(finish, 99))
     rows = [
         ['submit → start', cell(per_run['start50']), cell(per_run['start99'])],
+        ['(of which submit → dispatch)', cell(per_run['disp50']), cell(per_run['disp99'])],
         ['submit → finished', cell(per_run['fin50']), cell(per_run['fin99'])],
     ]
     figures = {
         'start_p50': common.summary(per_run['start50'])[0],
         'start_p99': common.summary(per_run['start99'])[0],
     }
-    wf = workflow_latency(runs)
+    wf = workflow_latency(runs, min(jobs, 100))
     if wf is None:
         rows.append(['parent finished → child started (workflow)', 'n/a (no workflows yet)', 'n/a'])
     else:

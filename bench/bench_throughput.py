@@ -29,10 +29,11 @@ def all_done(server, n):
     return done >= n
 
 
-def run_once(jobs, sync):
+def run_once(jobs, sync, joblog_base=None):
     with common.Server(args=['--sync', sync]) as server:
         server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'tp%d' % i} for i in range(jobs)])
-        common.start_pilots(server, PILOTS, '--cycles', '0')
+        common.start_pilots(server, PILOTS, '--cycles', '0',
+                            workdir=common.tmpdir(base=joblog_base))
         common.wait_for(lambda: all_done(server, jobs), RUN_TIMEOUT, 'the jobs to finish', 0.25)
         rows = server.jobs()
         states = {}

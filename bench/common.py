@@ -134,8 +134,8 @@ def ms(seconds):
 # ---------------------------------------------------------------------------------------------
 
 
-def tmpdir(prefix='p3s-bench-'):
-    path = tempfile.mkdtemp(prefix=prefix)
+def tmpdir(prefix='p3s-bench-', base=None):
+    path = tempfile.mkdtemp(prefix=prefix, dir=base)
     _tmpdirs.append(path)
     return path
 
@@ -310,7 +310,12 @@ def idle_pilots(server, n):
 
 def workflows_available():
     """Workflows exist once issue 3 is merged: the server has /api/dags and the client exists."""
-    return os.path.exists(os.path.join(ROOT, 'p3s_workflow.py'))
+    try:
+        with open(os.path.join(ROOT, 'p3s_server.py')) as f:
+            routes = "'/api/dags'" in f.read()
+    except OSError:
+        return False
+    return routes and os.path.exists(os.path.join(ROOT, 'p3s_workflow.py'))
 
 
 # ---------------------------------------------------------------------------------------------
