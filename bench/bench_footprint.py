@@ -39,7 +39,8 @@ def pilot_rss(n):
     with common.Server() as server:
         pilots = common.start_pilots(server, n, '--cycles', '1')
         common.wait_for(lambda: common.idle_pilots(server, n), 30, 'the pilots to wait')
-        server.api('POST', '/api/jobs', [{'payload': 'sleep 3', 'name': 'rss%d' % i} for i in range(n)])
+        server.api('POST', '/api/jobs', [{'payload': 'sleep 3', 'name': 'rss%d' % i}
+                                         for i in range(n)])
         common.wait_for(lambda: len(server.jobs(state='running')) >= n, 30, 'the jobs to run')
         time.sleep(0.3)
         return [common.rss_mb(p.pid) for p in pilots]

@@ -85,7 +85,8 @@ def run(quick=False):
     }
     wf = workflow_latency(runs, min(jobs, 100))
     if wf is None:
-        rows.append(['parent finished → child started (workflow)', 'n/a (no workflows yet)', 'n/a'])
+        rows.append(['parent finished → child started (workflow)', 'n/a (no workflows yet)',
+                     'n/a'])
     else:
         rows.append(['parent finished → child started (workflow)', cell(wf['p50']),
                      cell(wf['p99'])])

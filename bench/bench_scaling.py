@@ -118,7 +118,8 @@ def run(quick=False):
     claim_table = common.table(
         'Scaling: in-process claim cost (µs per claim transaction, `synchronous=NORMAL`)',
         ['jobs in the database', 'µs per claim, median [min–max]', 'fill time'], rows,
-        note='%d runs of %d claims each after %d untimed; cost ratio {:,} / 1,000 queued = **%.2f**; %s'
+        note='%d runs of %d claims each after %d untimed; cost ratio {:,} / 1,000 queued = '
+             '**%.2f**; %s'
              .format(big) % (runs, CLAIMS, WARMUP, ratio, plan_note))
 
     with common.Server(db=big_db) as server:

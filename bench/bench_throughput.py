@@ -31,7 +31,8 @@ def all_done(server, n):
 
 def run_once(jobs, sync, joblog_base=None):
     with common.Server(args=['--sync', sync]) as server:
-        server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'tp%d' % i} for i in range(jobs)])
+        server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'tp%d' % i}
+                                         for i in range(jobs)])
         common.start_pilots(server, PILOTS, '--cycles', '0',
                             workdir=common.tmpdir(base=joblog_base))
         common.wait_for(lambda: all_done(server, jobs), RUN_TIMEOUT, 'the jobs to finish', 0.25)
@@ -46,7 +47,8 @@ def run_once(jobs, sync, joblog_base=None):
         rate = jobs / (last - first)
         common.wait_for(lambda: common.idle_pilots(server, 1), 30, 'a pilot to wait')
         time.sleep(IDLE)
-        uuid = server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'idle'}])['uuids'][0]
+        uuid = server.api('POST', '/api/jobs',
+                          [{'payload': '/bin/true', 'name': 'idle'}])['uuids'][0]
         job = common.wait_for(lambda: (lambda j: j if j['started_at'] else None)(
             server.api('GET', '/api/jobs/' + uuid)), 10, 'the idle job to start', 0.01)
         idle_start = ms(ts(job['started_at']) - ts(job['defined_at']))

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Where the CPU goes (a development tool behind NOTES.md, not run by `make bench`).
+
+1. Server CPU per request, by kind, for one sequential client (no concurrency): a ping (the
+   bare bottle + waitress + TCP cost), an idle work request, a heartbeat, and a complete job
+   cycle (work request with the previous final report + start report).
+2. CPU per job of a real 8-pilot run, split between the server, the pilot processes and the
+   payloads (`/proc/<pid>/stat`: utime+stime, and cutime+cstime for the reaped payloads).
+
+    python bench/costs.py [--sync full|normal] [--jobs 2000]
+"""
+import argparse
+import os
+import sys
+import time
+import uuid as uuidlib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from bench_brokerage import post  # noqa: E402
+
+N = 1500
+
+
+def per_request(sync):
+    rows = []
+    with common.Server(args=['--sync', sync]) as server:
+        port, me = server.port, str(uuidlib.uuid4())
+        post(port, '/api/pilots', {'uuid': me, 'host': 'bench'})
+        pending = []
+
+        def cycle():
+            body = {'wait': 0}
+            if pending:
+                body['report'] = pending.pop()
+            job = post(port, '/api/pilots/%s/work' % me, body)['job']['uuid']
+            post(port, '/api/pilots/%s/report' % me, {'job': job, 'state': 'running', 'pid': 1})
+            pending.append({'job': job, 'state': 'finished', 'errcode': 0, 'pid': 1,
+                            'stdout': '', 'stderr': ''})
+
+        kinds = [
+            ('GET /api/ping', lambda: common.request(port, 'GET', '/api/ping')),
+            ('POST …/work {wait: 0}, empty queue',
+             lambda: post(port, '/api/pilots/%s/work' % me, {'wait': 0})),
+            ('POST …/heartbeat', lambda: post(port, '/api/pilots/%s/heartbeat' % me, {})),
+            ('job cycle: work + report (2 requests)', cycle),
+        ]
+        for name, fn in kinds:
+            if fn is cycle:
+                server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': str(i)}
+                                                 for i in range(N + 1)])
+            c0, t0 = common.cpu_seconds(server.pid), time.perf_counter()
+            for _ in range(N):
+                fn()
+            wall = (time.perf_counter() - t0) / N * 1e6
+            rows.append([name, '%.0f' % ((common.cpu_seconds(server.pid) - c0) / N * 1e6),
+                         '%.0f' % wall])
+    return common.table('Server CPU per request, one sequential client (`--sync %s`)' % sync,
+                        ['request', 'server CPU µs', 'wall µs (round trip)'], rows)
+
+
+def proc_times(pid):
+    with open('/proc/%d/stat' % pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    tck = os.sysconf('SC_CLK_TCK')
+    return (int(fields[11]) + int(fields[12])) / tck, (int(fields[13]) + int(fields[14])) / tck
+
+
+def per_job(sync, jobs):
+    with common.Server(args=['--sync', sync]) as server:
+        server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': str(i)}
+                                         for i in range(jobs)])
+        c0 = common.cpu_seconds(server.pid)
+        pilots = common.start_pilots(server, 8, '--cycles', '0')
+        common.wait_for(lambda: server.api('GET', '/api/summary')['jobs'].get('finished', 0)
+                        >= jobs, 300, 'the jobs to finish', 0.25)
+        srv = common.cpu_seconds(server.pid) - c0
+        own = kids = 0.0
+        for p in pilots:
+            a, b = proc_times(p.pid)
+            own, kids = own + a, kids + b
+    ms = lambda x: '%.2f' % (x / jobs * 1000)  # noqa: E731
+    return common.table('CPU per job, 8 real pilots, `/bin/true` (`--sync %s`)' % sync,
+                        ['server ms', 'pilots ms', 'payloads ms', 'total ms'],
+                        [[ms(srv), ms(own), ms(kids), ms(srv + own + kids)]],
+                        note='%d jobs; a 2-core machine can give at most 2,000 ms of CPU per '
+                             'second, so jobs/s ≤ 2,000 / total.' % jobs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--sync', choices=('normal', 'full'), default='full')
+    ap.add_argument('--jobs', type=int, default=2000)
+    args = ap.parse_args()
+    print(common.machine_line())
+    print(per_request(args.sync))
+    print(per_job(args.sync, args.jobs))
+
+
+if __name__ == '__main__':
+    main()
