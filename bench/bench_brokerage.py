@@ -9,7 +9,9 @@ the next work request, as p3s_pilot.py does. One new connection per request with
 process (reference/limits.md 3), so the pilots are spread over several processes, each
 with threads. The queue is filled beforehand, so no request ever waits.
 
-A job cycle is complete when the work request that carries its final report returns.
+A job cycle is complete when the request that carries its final report returns: the next
+work request, or, for the last cycle of each pilot, a report of its own after the measuring
+window. Cycles/s = complete cycles / (last request's end - start).
 
     python bench/bench_brokerage.py [--quick] [--pilots 16,64,256] [--sync normal|full]
 """
@@ -89,9 +91,16 @@ class SimPilot:
                         'stdout': '', 'stderr': ''}
 
     def loop(self, start_at, end_at):
+        """Cycles started before end_at; then the last final report goes alone, as the
+        pilot's finish() sends it, so that every counted cycle is complete."""
         time.sleep(max(0.0, start_at - time.time()))
         while time.time() < end_at:
             self.cycle()
+        if self.pending:
+            reply = self.timed('/api/pilots/%s/report' % self.uuid, self.pending)
+            if reply.get('status') == 'OK':
+                self.cycles += 1
+        self.finished_at = time.time()
 
 
 def worker(port, n, ready, go, results):
@@ -108,7 +117,7 @@ def worker(port, n, ready, go, results):
     for t in threads:
         t.join()
     results.put((sum(p.cycles for p in pilots), sum(p.errors for p in pilots),
-                 [x for p in pilots for x in p.latencies]))
+                 [x for p in pilots for x in p.latencies], max(p.finished_at for p in pilots)))
 
 
 def run_once(server, pilots, duration):
@@ -126,7 +135,6 @@ def run_once(server, pilots, duration):
     start_at = time.time() + 0.5
     for go in gos:
         go.put((start_at, start_at + duration))
-    cpu0 = None
     time.sleep(0.5)
     cpu0 = common.cpu_seconds(server.pid)
     got = [results.get(timeout=duration + 120) for _ in procs]
@@ -135,6 +143,7 @@ def run_once(server, pilots, duration):
         p.join(30)
         if p.is_alive():
             p.kill()
+    duration = max(g[3] for g in got) - start_at
     cycles = sum(g[0] for g in got)
     errors = sum(g[1] for g in got)
     lat = [x for g in got for x in g[2]]
