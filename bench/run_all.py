@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import fmt  # noqa: E402
 
-ORDER = ('latency', 'throughput', 'brokerage', 'scaling', 'footprint')
+ORDER = ('latency', 'throughput', 'brokerage', 'scaling', 'footprint', 'costs')
 RESULTS = os.path.join(common.BENCH, 'RESULTS.md')
 
 # (figure, target text, peers, how to judge from the figures: returns (value text, met?))
@@ -137,7 +137,7 @@ def target_table(figures):
 
 
 def run_bench(name, quick, figures):
-    module = __import__('bench_' + name)
+    module = __import__(name if name == 'costs' else 'bench_' + name)
     t0 = time.monotonic()
     kwargs = {}
     if name == 'footprint' and 'scaling.server_rss_1m' in figures:
