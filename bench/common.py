@@ -148,9 +148,11 @@ def spawn(args, **kw):
 
 
 def stop(proc, sig=signal.SIGTERM, timeout=15):
+    """Signal a process (unless sig is None), wait for it, SIGKILL it after the timeout."""
     if proc.poll() is None:
         try:
-            proc.send_signal(sig)
+            if sig is not None:
+                proc.send_signal(sig)
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -160,6 +162,22 @@ def stop(proc, sig=signal.SIGTERM, timeout=15):
             stream.close()
     if proc in _children:
         _children.remove(proc)
+
+
+def stop_all(procs, timeout=15):
+    """SIGTERM them all, then wait for each (SIGKILL after the timeout)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        stop(proc, sig=None, timeout=timeout)
+
+
+def _terminated(signum, frame):
+    sys.exit(128 + signum)           # so that cleanup() runs on SIGTERM too
+
+
+signal.signal(signal.SIGTERM, _terminated)
 
 
 @atexit.register
@@ -245,6 +263,7 @@ class Server:
         self.args = list(args) + os.environ.get('P3S_BENCH_SERVER_ARGS', '').split()
         self.proc = None
         self.port = None
+        self.pilots = []             # stopped, while the server is still up, by stop()
 
     def start(self):
         self.log = open(os.path.join(self.dir, 'server.log'), 'ab')
@@ -265,6 +284,8 @@ class Server:
         return self.proc.pid
 
     def stop(self):
+        stop_all(self.pilots)
+        self.pilots.clear()
         if self.proc:
             stop(self.proc)
         self.log.close()
@@ -299,8 +320,10 @@ def start_pilots(server, n, *args, workdir=None):
     env = dict(os.environ, P3S_JOBLOG=os.path.join(workdir, 'jobs'),
                P3S_PILOTLOG=os.path.join(workdir, 'pilots'))
     env.pop('P3S_TOKEN', None)
-    return [spawn(pilot_command(server.url, *args), env=env, cwd=workdir,
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+    pilots = [spawn(pilot_command(server.url, *args), env=env, cwd=workdir,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+    server.pilots.extend(pilots)
+    return pilots
 
 
 def idle_pilots(server, n):
