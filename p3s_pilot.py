@@ -217,7 +217,19 @@ class Pilot:
         reply = self.call('POST', '/api/pilots', body)
         log.info('registered as %s with %s (site %r, jobtypes %s)', self.uuid, self.server,
                  self.args.site, ','.join(self.args.jobtypes) or 'any')
+        self.fit_timeout(reply.get('pilot_timeout'))
         return reply
+
+    def fit_timeout(self, pilot_timeout):
+        """Talk to the server often enough that it never takes this pilot for lost."""
+        if not pilot_timeout:
+            return
+        most = pilot_timeout / 3.0
+        for name in ('beat', 'period', 'wait'):
+            if getattr(self.args, name) > most:
+                log.info('--%s lowered to %.1f s: the server loses pilots silent for %.0f s',
+                         name, most, pilot_timeout)
+                setattr(self.args, name, most)
 
     def request_work(self):
         body = {'wait': self.args.wait}

@@ -122,7 +122,7 @@ def test_silent_pilot_is_lost_with_its_job_and_late_reports_change_nothing(store
     now = srv.utcnow()
     store.db().execute('UPDATE pilots SET last_seen = :t WHERE uuid = :p',
                        {'t': later(now, -200), 'p': quiet})
-    assert srv.sweep(store, now, pilot_timeout=120) == {'lost_pilots': [quiet]}
+    assert srv.sweep(store, now, pilot_timeout=120)['lost_pilots'] == [quiet]
     assert srv.get_pilot(store, quiet)['state'] == 'lost'
     assert srv.get_pilot(store, alive)['state'] == 'dispatched'
     assert srv.get_job(store, job)['state'] == 'lost'
@@ -133,7 +133,7 @@ def test_silent_pilot_is_lost_with_its_job_and_late_reports_change_nothing(store
     assert srv.get_job(store, job, logs=True)['stdout'] == ''
     assert srv.request_work(store, quiet, srv.utcnow())[0] == {'status': 'STOP', 'state': 'lost'}
     assert srv.heartbeat(store, quiet, job, srv.utcnow())['status'] == 'STOP'
-    assert srv.sweep(store, now, pilot_timeout=120) == {'lost_pilots': []}
+    assert srv.sweep(store, now, pilot_timeout=120)['lost_pilots'] == []
 
 
 def test_heartbeat_orders_a_kill_when_the_job_was_killed(store):
