@@ -274,14 +274,20 @@ class Pilot:
     def run_job(self, job):
         """Run a job's payload to its end; returns its final report."""
         job_uuid = job['uuid']
-        os.makedirs(self.args.joblog, exist_ok=True)
         out_path = os.path.join(self.args.joblog, job_uuid + '.out')
         err_path = os.path.join(self.args.joblog, job_uuid + '.err')
         env = self.job_environment(job)
         sandbox = None
         log.info('job %s (%s): %s', job_uuid, job['jobtype'], job['payload'])
         try:
-            with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
+            os.makedirs(self.args.joblog, exist_ok=True)
+            out, err = open(out_path, 'wb'), open(err_path, 'wb')
+        except OSError as e:
+            log.error('job %s: cannot write its logs in %s: %s', job_uuid, self.args.joblog, e)
+            return {'job': job_uuid, 'state': 'nonstarter', 'errcode': None, 'pid': None,
+                    'stdout': '', 'stderr': 'nonstarter: cannot write the job logs: %s' % e}
+        try:
+            with out, err:
                 try:
                     command, shell, sandbox = command_for(job, env)
                     proc = subprocess.Popen(command, shell=shell, env=env, stdout=out, stderr=err,

@@ -499,9 +499,17 @@ def check_report(raw):
         'state': state,
         'pid': int_field(rep, 'pid', None, 0, 2 ** 31),
         'errcode': errcode,
-        'stdout': text_field(rep, 'stdout', maxlen=4 * MAX_LOG_TAIL)[-MAX_LOG_TAIL:],
-        'stderr': text_field(rep, 'stderr', maxlen=4 * MAX_LOG_TAIL)[-MAX_LOG_TAIL:],
+        'stdout': log_tail(rep, 'stdout'),
+        'stderr': log_tail(rep, 'stderr'),
     }
+
+
+def log_tail(rep, key):
+    """A payload's output is data, not a name: keep it, whatever bytes it printed."""
+    text = rep.get(key) or ''
+    if not isinstance(text, str):
+        fail(400, '%s must be a string' % key)
+    return text[-MAX_LOG_TAIL:].replace('\x00', '\ufffd')
 
 
 def check_pilot(raw, now):
