@@ -289,7 +289,8 @@ UPDATE workflows SET state = 'defined', defined_at = :now
  WHERE uuid = :workflow AND state = 'template'
 """
 DEFINE_WORKFLOW_DATA = """
-UPDATE data SET state = 'defined', updated_at = :now WHERE workflow = :workflow AND state = 'template'
+UPDATE data SET state = 'defined', updated_at = :now
+ WHERE workflow = :workflow AND state = 'template'
 """
 RELEASE_SET = """
 UPDATE jobs SET state = CASE jobtype WHEN 'noop' THEN 'finished' ELSE 'defined' END,

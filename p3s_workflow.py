@@ -245,7 +245,8 @@ def parse_args(argv):
     do.add_argument('--list', action='store_true', help='list workflows (or DAGs with -w dag)')
     do.add_argument('--show', metavar='UUID', help='show a workflow with its jobs and data')
     do.add_argument('-G', '--getdag', metavar='DAG', help="print a DAG's GraphML")
-    do.add_argument('-d', '--delete', action='store_true', help='delete DAGs (-n) or workflows (-u)')
+    do.add_argument('-d', '--delete', action='store_true',
+                    help='delete DAGs (-n) or workflows (-u)')
     ap.add_argument('-n', '--name', help='name of the new DAG or workflow; DAGs to delete')
     ap.add_argument('-D', '--description', help='description of the new DAG or workflow')
     ap.add_argument('-s', '--state', help='template or defined (-a, -m); state filter (--list)')
