@@ -1365,7 +1365,7 @@ def pager(page, matches, paging, shown):
 
 def filter_form(page, states, fields, paging):
     checked = set(s for v in query_all(page.query, 'state') for s in v.split(','))
-    return {'action': request.path,
+    return {'action': request.path, 'clear': page.href(request.path),
             'states': [(s, s in checked) for s in states],
             'fields': [(f, page.query.get(f, '')) for f in fields],
             'perpage': [(n, n == paging['perpage']) for n in MON_PERPAGE],

@@ -17,7 +17,7 @@
 % for name, value in form['hidden']:
 <input type="hidden" name="{{name}}" value="{{value}}">
 % end
-<button type="submit">filter</button> <a href="{{form['action']}}">clear</a>
+<button type="submit">filter</button> <a href="{{form['clear']}}">clear</a>
 </form>
 <p class="count">{{pager['matches']}} matching · page {{pager['page']}}{{' of %s' % pager['last'] if pager['last'] else ''}}
 % if pager['prev']:
