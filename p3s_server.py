@@ -1150,8 +1150,12 @@ def local_time(iso):
 
 
 def local_zone():
+    """The server's zone by name and offset, e.g. 'CET (UTC+01:00)'."""
     now = datetime.now().astimezone()
-    return '%s (UTC%s)' % (now.tzname(), now.strftime('%z')[:3] + ':' + now.strftime('%z')[3:])
+    offset = now.strftime('%z')
+    if now.tzname() == 'UTC' and offset == '+0000':
+        return 'UTC'
+    return '%s (UTC%s:%s)' % (now.tzname(), offset[:3], offset[3:])
 
 
 def percentile(sorted_values, q):

@@ -312,3 +312,13 @@ def test_summary_client_prints_the_dashboard(clients, server):
     assert re.search(r'^WARN\s+Live pilots\s+No live pilots', text, re.M), text
     s = json.loads(clients.run('job', '--summary', '--json', check=0).stdout)
     assert s['jobs'] == {'failed': 1, 'finished': 1} and s['timeline']['finished'][4] == 1
+
+
+def test_docs_describe_every_monitor_page():
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'docs', 'monitor.md')).read()
+    for route in srv.app.routes:
+        if route.rule == '/' or route.rule.startswith('/monitor/'):
+            documented = re.sub(r'<\w+_uuid>', '<uuid>', route.rule)
+            assert '`%s`' % documented in doc or '`%s ' % documented in doc, route.rule
+    for key in srv.MON_JOB_SORTS + srv.MON_PILOT_SORTS:
+        assert '`%s`' % key in doc, key

@@ -41,7 +41,7 @@
 % for row, counts, href in d['timeline']:
 <tr class="state {{row}}"><th><a href="{{href}}">{{row}}</a></th>
 % for n in counts:
-<td>{{n}}</td>
+<td class="{{'' if n else 'zero'}}">{{n}}</td>
 % end
 </tr>
 % end
