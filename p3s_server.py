@@ -290,7 +290,7 @@ SELECT count(*) AS n, min(defined_at) AS oldest FROM jobs INDEXED BY jobs_queue
 """
 MON_PILOTS_LOST = "SELECT count(*) FROM pilots WHERE state = 'lost' AND stopped_at >= :since"
 MON_TABLE_EXISTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name"
-MON_JOBTYPE_CAPS = 'SELECT * FROM jobtypes'
+MON_JOBTYPE_CAPS = 'SELECT name, cap FROM jobtypes WHERE cap IS NOT NULL ORDER BY name'
 MON_JOB_COLUMNS = ('uuid, name, user, jobtype, priority, state, site, pilot, host, errcode, '
                    'workflow, defined_at, started_at, stopped_at')
 MON_PILOT_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE pilot = :pilot'
@@ -1223,21 +1223,11 @@ def jobtype_counts(db, now):
 
 
 def jobtype_caps(db):
-    """{jobtype: cap} from the jobtypes table of issue 4, or None while there is no such table.
-
-    Read by column name so that the monitor works before and after that table lands.
-    """
+    """{jobtype: cap} from the jobtypes table of issue 4 (NULL: no cap, 0: paused), or None
+    while the database has no such table: the monitor works before and after it lands."""
     if not db.execute(MON_TABLE_EXISTS, {'name': 'jobtypes'}).fetchone():
         return None
-    caps = {}
-    for r in db.execute(MON_JOBTYPE_CAPS):
-        row = dict(r)
-        name = row.get('name', row.get('jobtype'))
-        cap = next((row[k] for k in ('cap', 'max_running', 'maxrunning', 'limit', 'njobs')
-                    if k in row), None)
-        if name is not None and cap is not None:
-            caps[name] = cap
-    return caps
+    return {r['name']: r['cap'] for r in db.execute(MON_JOBTYPE_CAPS)}
 
 
 def latency(db, now):

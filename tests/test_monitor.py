@@ -283,13 +283,15 @@ def test_checklist_says_what_is_wrong(store):
 
 
 def test_caps_are_shown_and_a_capped_type_is_paused(store):
-    assert 'Jobtype caps' not in get('/')
+    has_table = store.db().execute(srv.MON_TABLE_EXISTS, {'name': 'jobtypes'}).fetchone()
+    assert ('Jobtype caps' in get('/')) == bool(has_table)
     [running] = submit(store, {'jobtype': 'reco'})
     run_pilot = srv.register_pilot(store, {'host': 'h'}, srv.utcnow())['uuid']
     srv.request_work(store, run_pilot, srv.utcnow())
     submit(store, {'jobtype': 'reco'}, {'jobtype': 'purity'})
-    store.db().execute('CREATE TABLE jobtypes (name TEXT PRIMARY KEY, cap INTEGER)')
-    store.db().execute("INSERT INTO jobtypes VALUES ('reco', 1), ('purity', 5)")
+    store.db().execute('CREATE TABLE IF NOT EXISTS jobtypes (name TEXT PRIMARY KEY, cap INTEGER)')
+    store.db().execute("INSERT OR REPLACE INTO jobtypes (name, cap) VALUES ('reco', 1), "
+                       "('purity', 5), ('femb', NULL)")
     s = get_json('/api/summary')
     assert s['caps'] == {'reco': 1, 'purity': 5}
     [cap] = checks('Jobtype caps')
