@@ -24,7 +24,7 @@ import time
 import urllib.parse
 import uuid as uuidlib
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import bottle
 from bottle import Bottle, HTTPError, request, response
@@ -1242,11 +1242,10 @@ def throughput(db, now, minutes=60):
     start = datetime.fromisoformat(iso_ago(now, (minutes - 1) * 60)).replace(second=0,
                                                                              microsecond=0)
     found = {r['minute']: r for r in db.execute(MON_THROUGHPUT, {
-        'since': start.isoformat(), 'states': json.dumps(TERMINAL_STATES)})}
+        'since': start.isoformat(timespec='microseconds'), 'states': json.dumps(TERMINAL_STATES)})}
     out = []
     for i in range(minutes):
-        key = (start.timestamp() + 60 * i)
-        minute = datetime.fromtimestamp(key, timezone.utc).isoformat()[:16]
+        minute = (start + timedelta(minutes=i)).isoformat()[:16]
         r = found.get(minute)
         out.append({'minute': minute, 'finished': r['finished'] if r else 0,
                     'other': r['other'] if r else 0})

@@ -314,6 +314,9 @@ def test_summary_client_prints_the_dashboard(clients, server):
     assert re.search(r'^WARN\s+Live pilots\s+No live pilots', text, re.M), text
     s = json.loads(clients.run('job', '--summary', '--json', check=0).stdout)
     assert s['jobs'] == {'failed': 1, 'finished': 1} and s['timeline']['finished'][4] == 1
+    assert sum(m['finished'] for m in s['throughput']) == 1
+    assert sum(m['other'] for m in s['throughput']) == 1
+    assert s['latency']['n'] == 2
 
 
 def test_docs_describe_every_monitor_page():
