@@ -55,6 +55,7 @@ KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL of a payload'
 LOG_TAIL = 64 * 1024         # bytes of stdout/stderr sent with the final report
 BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
 SHUTDOWN_PATIENCE = 30.0     # seconds a signalled pilot keeps trying to deliver its report
+START_REPORT_DELAY = 0.2     # a payload that ends sooner is reported once, at its end
 
 log = logging.getLogger('p3s_pilot')
 
@@ -216,11 +217,13 @@ class Pilot:
 
     def call(self, method, path, body=None, timeout=HTTP_TIMEOUT, patience=None):
         """A request retried with back-off while the server is unreachable (for ever, or for
-        `patience` seconds). A refusal is raised at once."""
+        `patience` seconds). A refusal is raised at once. `body` may be a function, called
+        for each attempt."""
         give_up = None if patience is None else time.monotonic() + patience
         for attempt in range(10 ** 9):
             try:
-                return call(self.server, method, path, body, timeout)
+                return call(self.server, method, path, body() if callable(body) else body,
+                            timeout)
             except P3SError as e:
                 if e.code != EXIT_UNREACHABLE or (give_up and time.monotonic() > give_up):
                     raise
@@ -237,12 +240,23 @@ class Pilot:
         reply = self.call('POST', '/api/pilots', body)
         log.info('registered as %s with %s (site %r, jobtypes %s)', self.uuid, self.server,
                  self.args.site, ','.join(self.args.jobtypes) or 'any')
+        self.fit_timeout(reply.get('pilot_timeout'))
         return reply
 
+    def fit_timeout(self, pilot_timeout):
+        """Talk to the server often enough that it never takes this pilot for lost."""
+        if not pilot_timeout:
+            return
+        most = pilot_timeout / 3.0
+        for name in ('beat', 'period', 'wait'):
+            if getattr(self.args, name) > most:
+                log.info('--%s lowered to %.1f s: the server loses pilots silent for %.0f s',
+                         name, most, pilot_timeout)
+                setattr(self.args, name, most)
+
     def request_work(self):
-        body = {'wait': self.args.wait}
-        if self.pending:
-            body['report'] = self.pending
+        def body():
+            return {'wait': self.args.wait, 'report': self.final_report()}
         with self.interruptible():
             reply = self.call('POST', '/api/pilots/%s/work' % self.uuid, body,
                               timeout=self.args.wait + HTTP_TIMEOUT)
@@ -253,6 +267,18 @@ class Pilot:
                             note.get('error'))
             self.pending = None
         return reply
+
+    def final_report(self):
+        """The pending final report as sent now: its times are durations up to this moment."""
+        if not self.pending:
+            return None
+        report = dict(self.pending)
+        now = time.monotonic()
+        started, ended = report.pop('started'), report.pop('ended')
+        if started is not None:
+            report['elapsed'] = now - started
+        report['ago'] = now - ended
+        return report
 
     def report(self, job_uuid, state, **fields):
         """The start report: one attempt, as the final report will do in its place."""
@@ -282,14 +308,21 @@ class Pilot:
     def run_job(self, job):
         """Run a job's payload to its end; returns its final report."""
         job_uuid = job['uuid']
-        os.makedirs(self.args.joblog, exist_ok=True)
         out_path = os.path.join(self.args.joblog, job_uuid + '.out')
         err_path = os.path.join(self.args.joblog, job_uuid + '.err')
         env = self.job_environment(job)
         sandbox = None
         log.info('job %s (%s): %s', job_uuid, job['jobtype'], job['payload'])
         try:
-            with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
+            os.makedirs(self.args.joblog, exist_ok=True)
+            out, err = open(out_path, 'wb'), open(err_path, 'wb')
+        except OSError as e:
+            log.error('job %s: cannot write its logs in %s: %s', job_uuid, self.args.joblog, e)
+            return {'job': job_uuid, 'state': 'nonstarter', 'errcode': None, 'pid': None,
+                    'stdout': '', 'stderr': 'nonstarter: cannot write the job logs: %s' % e,
+                    'started': None, 'ended': time.monotonic()}
+        try:
+            with out, err:
                 try:
                     command, shell, sandbox = command_for(job, env)
                     proc = subprocess.Popen(command, shell=shell, env=env, stdout=out, stderr=err,
@@ -297,48 +330,55 @@ class Pilot:
                 except (OSError, ValueError, IndexError) as e:
                     err.write(('nonstarter: %s\n' % e).encode())
                     log.warning('job %s could not start: %s', job_uuid, e)
-                    state, errcode, pid = 'nonstarter', None, None
+                    state, errcode, pid, started = 'nonstarter', None, None, None
                 else:
-                    state, errcode = self.supervise(proc, job)
+                    started = time.monotonic()
+                    state, errcode = self.supervise(proc, job, started)
                     pid = proc.pid
         finally:
             if sandbox:
                 shutil.rmtree(sandbox, ignore_errors=True)
         log.info('job %s %s (errcode %s)', job_uuid, state, errcode)
         return {'job': job_uuid, 'state': state, 'errcode': errcode, 'pid': pid,
-                'stdout': read_tail(out_path), 'stderr': read_tail(err_path)}
+                'stdout': read_tail(out_path), 'stderr': read_tail(err_path),
+                'started': started, 'ended': time.monotonic()}
 
-    def supervise(self, proc, job):
+    def supervise(self, proc, job, started):
         """Wait for the payload, heartbeating every beat, killing it at its timelimit, on a kill
-        order or on a signal. Returns (final state, errcode)."""
-        if self.report(job['uuid'], 'running', pid=proc.pid).get('status') in ('KILL', 'STOP'):
-            kill_group(proc)
-            return 'killed', proc.returncode
-        limit_at = time.monotonic() + job['timelimit']
-        next_beat = time.monotonic() + self.args.beat
+        order or on a signal. Returns (final state, errcode).
+
+        The start report goes out only if the payload is still running after
+        START_REPORT_DELAY: a short job costs the server one request, its final report."""
+        limit_at = started + job['timelimit']
+        next_beat = started + self.args.beat
+        start_report_at = started + START_REPORT_DELAY
         while True:
-            timeout = min(limit_at, next_beat) - time.monotonic()
+            timeout = min(limit_at, next_beat, start_report_at) - time.monotonic()
             try:
                 code = wait_exit(proc, max(0.0, min(timeout, 1.0)))
                 return ('finished' if code == 0 else 'failed'), code
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
+            order = None
             if self.signalled:
-                kill_group(proc)
-                return 'killed', proc.returncode
-            if now >= limit_at:
+                order = 'signal'
+            elif now >= limit_at:
                 log.warning('job %s reached its timelimit of %d s', job['uuid'], job['timelimit'])
                 kill_group(proc)
                 return 'timelimit', proc.returncode
-            if now >= next_beat:
+            elif now >= start_report_at:
+                start_report_at = float('inf')
+                order = self.report(job['uuid'], 'running', pid=proc.pid,
+                                    elapsed=now - started).get('status')
+            elif now >= next_beat:
                 next_beat = now + self.args.beat
                 order = self.heartbeat(job['uuid']).get('status')
-                if order in ('KILL', 'STOP'):
-                    log.warning('server ordered %s for job %s', order, job['uuid'])
-                    self.gone = self.gone or order == 'STOP'
-                    kill_group(proc)
-                    return 'killed', proc.returncode
+            if order in ('KILL', 'STOP', 'signal'):
+                log.warning('job %s killed: %s', job['uuid'], order)
+                self.gone = self.gone or order == 'STOP'
+                kill_group(proc)
+                return 'killed', proc.returncode
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -370,7 +410,7 @@ class Pilot:
         patience = SHUTDOWN_PATIENCE if self.signalled else None
         try:
             if self.pending:
-                self.call('POST', '/api/pilots/%s/report' % self.uuid, self.pending,
+                self.call('POST', '/api/pilots/%s/report' % self.uuid, self.final_report,
                           patience=patience)
                 self.pending = None
             if not self.gone:

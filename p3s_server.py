@@ -3,24 +3,32 @@
 
     python p3s_server.py [--host 127.0.0.1] [--port 8080] [--db ./p3s.db] [--threads N]
                          [--max-waiters N] [--pilot-timeout S] [--sync normal|full]
+                         [--keep-days N] [--token T] [--pilot-token T] [--private] [--insecure]
+    python p3s_server.py check [--db ./p3s.db]
+    python p3s_server.py purge --older 7d [--state S] [--db ./p3s.db]
 
 A Bottle app served by waitress on a WAL-mode SQLite database. Every write is one short
 `BEGIN IMMEDIATE` transaction; brokerage is a single `UPDATE ... RETURNING` statement.
 """
 import argparse
+import hmac
 import json
 import logging
 import os
+import posixpath
 import re
+import socket
 import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 import uuid as uuidlib
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import bottle
+import networkx
 from bottle import Bottle, HTTPError, request, response
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +51,12 @@ CONNECTION_SLACK = 4             # waitress counts its listening socket and trig
 CHANNEL_TIMEOUT = 60             # must outlast the longest long poll
 MAX_WAIT = 30.0                  # seconds a pilot may wait for work in one request
 DEFAULT_PILOT_TIMEOUT = 120.0    # silence after which a pilot is lost
-SWEEP_PERIOD = 5.0               # seconds between housekeeping passes
+SWEEP_PERIOD = 5.0               # seconds between housekeeping passes (at most)
+TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is killed by the server
+PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
+PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per transaction
+PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
+MAX_RETRIES = 100
 BUSY_TIMEOUT_MS = 10000
 
 MAX_BODY = 64 * 1024 * 1024      # bytes in one request body (10,000 jobs are about 5 MB)
@@ -69,8 +82,22 @@ REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'ki
 UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
 
 JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
-              'timelimit', 'site', 'state'}
+              'timelimit', 'site', 'state', 'retries'}
 PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
+
+# Workflows (issue 3)
+NOOP = 'noop'                    # a vertex of this jobtype finishes on the server at once
+MAX_GRAPHML = 1024 * 1024        # characters of GraphML in one DAG
+MAX_DAG_VERTICES = 10000
+MAX_DAG_EDGES = 100000
+MAX_PATH = 4096                  # file names and directories of data
+MAX_COMMENT = 4096
+MAX_EXT = 16
+DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
+WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo'}
+EDGE_ATTRS = ('name', 'dirpath', 'datatype', 'datatag', 'comment')
+XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
+ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 
 log = logging.getLogger('p3s')
 
@@ -86,14 +113,14 @@ PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done,
 
 INSERT_JOB = """
 INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
-                  infile, state, created_at, defined_at)
+                  infile, retries, state, created_at, defined_at)
 VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
-        :infile, :state, :now, CASE WHEN :state = 'defined' THEN :now END)
+        :infile, :retries, :state, :now, CASE WHEN :state = 'defined' THEN :now END)
 ON CONFLICT (uuid) DO NOTHING
 """
 GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
 GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
-GET_JOB_HOLDER = 'SELECT state, pilot FROM jobs WHERE uuid = :uuid'
+GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
 
 # Brokerage: one statement takes the best queued job the pilot may run. It takes the write lock
 # before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
@@ -111,12 +138,15 @@ RETURNING """ + JOB_COLUMNS
 # A pilot asking for work while its job is still dispatched never got the reply that carried it.
 REDELIVER_JOB = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
                  " WHERE uuid = :job AND pilot = :pilot AND state = 'dispatched'")
+# :started and :stopped are server times: the report's arrival less the seconds the pilot says
+# have passed since the payload started or ended (a duration, so the clocks need not agree).
 START_JOB = """
-UPDATE jobs SET state = 'running', started_at = :now, pid = :pid
+UPDATE jobs SET state = 'running', started_at = :started, pid = :pid
  WHERE uuid = :uuid AND pilot = :pilot AND state = 'dispatched'
 """
 FINISH_JOB = """
-UPDATE jobs SET state = :state, errcode = :errcode, pid = coalesce(:pid, pid), stopped_at = :now
+UPDATE jobs SET state = :state, errcode = :errcode, pid = coalesce(:pid, pid),
+                started_at = coalesce(started_at, :started), stopped_at = :stopped
  WHERE uuid = :uuid AND pilot = :pilot AND state IN ('dispatched', 'running')
 """
 SAVE_JOB_LOGS = """
@@ -131,15 +161,19 @@ SET_JOB_PRIORITY = """
 UPDATE jobs SET priority = :priority
  WHERE uuid = :uuid AND state IN ('template', 'defined', 'dispatched', 'running')
 """
+# A workflow's jobs are released by the workflow engine and deleted with their workflow.
 DEFINE_JOB = """
-UPDATE jobs SET state = 'defined', defined_at = :now WHERE uuid = :uuid AND state = 'template'
+UPDATE jobs SET state = 'defined', defined_at = :now
+ WHERE uuid = :uuid AND state = 'template' AND workflow IS NULL
 RETURNING jobtype, site
 """
 DROP_JOB = """
 UPDATE jobs SET state = 'dropped', stopped_at = :now
  WHERE uuid = :uuid AND state IN ('template', 'defined')
 """
-DELETE_JOB = "DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN ('dispatched', 'running')"
+DELETE_JOB = """
+DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN ('dispatched', 'running') AND workflow IS NULL
+"""
 # A pilot that stops positively never started the jobs still dispatched to it: queue them again.
 RELEASE_PILOT_JOBS = """
 UPDATE jobs SET state = 'defined', pilot = NULL, host = NULL, dispatched_at = NULL
@@ -149,6 +183,45 @@ RETURNING jobtype, site
 LOSE_PILOT_JOBS = """
 UPDATE jobs SET state = 'lost', stopped_at = :now
  WHERE pilot IN (SELECT value FROM json_each(:pilots)) AND state IN ('dispatched', 'running')
+RETURNING uuid
+"""
+# Opt-in retries ("retries": N): a job that was lost or could not start, never one that ran to
+# an exit code, goes back to the queue in its old place.
+RETRY_JOBS = """
+UPDATE jobs SET state = 'defined', retries = retries - 1, pilot = NULL, host = NULL, pid = NULL,
+                errcode = NULL, dispatched_at = NULL, started_at = NULL, stopped_at = NULL
+ WHERE uuid IN (SELECT value FROM json_each(:jobs)) AND state IN ('lost', 'nonstarter')
+   AND retries > 0
+RETURNING jobtype, site
+"""
+# A pilot should have killed these itself; it did not (or cannot), so the server ends them and
+# the pilot's next heartbeat is answered KILL.
+KILL_OVERDUE_JOBS = """
+UPDATE jobs SET state = 'timelimit', stopped_at = :now
+ WHERE state = 'running' AND (julianday(:now) - julianday(started_at)) * 86400 > timelimit + :grace
+RETURNING uuid
+"""
+PURGE_JOBS = """
+DELETE FROM jobs WHERE id IN (
+  SELECT id FROM jobs
+   WHERE state IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed', 'stale',
+                   'dropped', 'cancelled')
+     AND (:state IS NULL OR state = :state) AND coalesce(stopped_at, created_at) < :cutoff
+     AND workflow IS NULL
+   LIMIT :batch)
+"""
+# Old workflows go whole, with their jobs and data (DELETE_WORKFLOW_*).
+OLD_WORKFLOWS = """
+SELECT uuid AS workflow FROM workflows
+ WHERE state IN ('finished', 'failed') AND (:state IS NULL OR state = :state) AND stopped_at < :cutoff
+ LIMIT :batch
+"""
+PURGE_PILOTS = """
+DELETE FROM pilots WHERE id IN (
+  SELECT id FROM pilots
+   WHERE state IN ('stopped', 'lost', 'killed') AND (:state IS NULL OR state = :state)
+     AND stopped_at < :cutoff
+   LIMIT :batch)
 """
 
 INSERT_PILOT = """
@@ -180,12 +253,16 @@ RETURNING uuid
 """
 
 COUNT_JOBS_BY_STATE = 'SELECT state, count(*) AS n FROM jobs GROUP BY state'
+INTEGRITY_CHECK = 'PRAGMA integrity_check'
 COUNT_PILOTS_BY_STATE = 'SELECT state, count(*) AS n FROM pilots GROUP BY state'
 
 # Listing filters: fixed fragments, chosen by which filters are given; values are bound.
 JOB_FILTERS = {
     'state': 'state = :state',
     'states': 'state IN (SELECT value FROM json_each(:states))',
+    'error': 'errcode <> 0',                       # state=error: a non-zero exit code
+    'states_or_error': '(state IN (SELECT value FROM json_each(:states)) OR errcode <> 0)',
+    'workflow': 'workflow = :workflow',
     'jobtype': 'jobtype = :jobtype',
     'user': 'user = :user',
     'site': 'site = :site',
@@ -197,6 +274,219 @@ PILOT_FILTERS = {
     'site': 'site = :site',
     'host': 'host = :host',
 }
+
+# -- workflows and data --
+
+DAG_COLUMNS = 'name, user, description, nvertices, nedges, root, created_at'
+VERTEX_COLUMNS = 'name, jobtype, payload, env, timelimit, priority'
+EDGE_COLUMNS = 'source, target, name, dirpath, datatype, datatag, comment'
+WORKFLOW_COLUMNS = ('uuid, name, user, description, dag, state, comment, rootuuid, nvertices, '
+                    'ndone, created_at, defined_at, started_at, stopped_at')
+DATA_COLUMNS = ('uuid, name, dirpath, datatype, datatag, state, comment, workflow, source, '
+                'sourceuuid, target, targetuuid, created_at, updated_at')
+DATATYPE_COLUMNS = 'name, ext, comment, created_at'
+
+INSERT_DAG = """
+INSERT INTO dags (name, user, description, nvertices, nedges, root, graphml, created_at)
+VALUES (:name, :user, :description, :nvertices, :nedges, :root, :graphml, :now)
+RETURNING id
+"""
+INSERT_VERTEX = """
+INSERT INTO dag_vertices (dag, name, position, jobtype, payload, env, timelimit, priority)
+VALUES (:dag, :name, :position, :jobtype, :payload, :env, :timelimit, :priority)
+"""
+INSERT_EDGE = """
+INSERT INTO dag_edges (dag, source, target, name, dirpath, datatype, datatag, comment)
+VALUES (:dag, :source, :target, :name, :dirpath, :datatype, :datatag, :comment)
+"""
+GET_DAG = 'SELECT id, graphml, ' + DAG_COLUMNS + ' FROM dags WHERE name = :name'
+LIST_DAGS = 'SELECT ' + DAG_COLUMNS + ' FROM dags ORDER BY name LIMIT :limit'
+GET_DAG_VERTICES = ('SELECT ' + VERTEX_COLUMNS + ' FROM dag_vertices WHERE dag = :dag'
+                    ' ORDER BY position')
+GET_DAG_EDGES = 'SELECT ' + EDGE_COLUMNS + ' FROM dag_edges WHERE dag = :dag ORDER BY id'
+DELETE_DAG = 'DELETE FROM dags WHERE name = :name'        # vertices and edges cascade
+
+INSERT_WORKFLOW = """
+INSERT INTO workflows (uuid, name, user, description, dag, state, rootuuid, nvertices, created_at)
+VALUES (:uuid, :name, :user, :description, :dag, 'template', :rootuuid, :nvertices, :now)
+"""
+INSERT_WORKFLOW_JOB = """
+INSERT INTO jobs (uuid, name, user, jobtype, payload, env, priority, timelimit, workflow, state,
+                  created_at)
+VALUES (:uuid, :name, :user, :jobtype, :payload, :env, :priority, :timelimit, :workflow,
+        'template', :now)
+"""
+INSERT_WORKFLOW_DATA = """
+INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
+                  sourceuuid, target, targetuuid, created_at, updated_at)
+VALUES (:uuid, :name, :dirpath, :datatype, :datatag, 'template', :comment, :workflow, :source,
+        :sourceuuid, :target, :targetuuid, :now, :now)
+"""
+GET_WORKFLOW = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows WHERE uuid = :workflow'
+GET_WORKFLOW_JOBS = """
+SELECT uuid, name, state, jobtype, priority, errcode, pilot, defined_at, started_at, stopped_at
+  FROM jobs WHERE workflow = :workflow ORDER BY id
+"""
+GET_WORKFLOW_DATA = ('SELECT ' + DATA_COLUMNS + ' FROM data WHERE workflow = :workflow'
+                     ' ORDER BY id')
+GET_DATATYPES = 'SELECT ' + DATATYPE_COLUMNS + ' FROM datatypes ORDER BY name'
+COUNT_ACTIVE_WORKFLOW_JOBS = """
+SELECT count(*) FROM jobs WHERE workflow = :workflow AND state IN ('dispatched', 'running')
+"""
+DELETE_WORKFLOW_JOBS = 'DELETE FROM jobs WHERE workflow = :workflow'
+DELETE_WORKFLOW_DATA = 'DELETE FROM data WHERE workflow = :workflow'
+DELETE_WORKFLOW = 'DELETE FROM workflows WHERE uuid = :workflow'
+WORKFLOW_FILTERS = {
+    'state': 'state = :state',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+    'user': 'user = :user',
+}
+
+# The engine. Dependencies are the data edges: a job's parents are the producers of its inputs.
+# A released job becomes defined, or finished at once if it is a 'noop'.
+DEFINE_WORKFLOW = """
+UPDATE workflows SET state = 'defined', defined_at = :now
+ WHERE uuid = :workflow AND state = 'template'
+"""
+DEFINE_WORKFLOW_DATA = """
+UPDATE data SET state = 'defined', updated_at = :now
+ WHERE workflow = :workflow AND state = 'template'
+"""
+RELEASE_SET = """
+UPDATE jobs SET state = CASE jobtype WHEN 'noop' THEN 'finished' ELSE 'defined' END,
+       defined_at = :now,
+       dispatched_at = CASE jobtype WHEN 'noop' THEN :now END,
+       started_at = CASE jobtype WHEN 'noop' THEN :now END,
+       stopped_at = CASE jobtype WHEN 'noop' THEN :now END,
+       errcode = CASE jobtype WHEN 'noop' THEN 0 END
+"""
+RELEASE_SOURCES = RELEASE_SET + """
+ WHERE workflow = :workflow AND state = 'template'
+   AND NOT EXISTS (SELECT 1 FROM data WHERE targetuuid = jobs.uuid AND sourceuuid IS NOT NULL)
+RETURNING uuid, state, jobtype, site
+"""
+# AND-join: a child is released when the last of its parents has finished.
+RELEASE_CHILDREN = RELEASE_SET + """
+ WHERE state = 'template'
+   AND uuid IN (SELECT targetuuid FROM data WHERE sourceuuid = :job)
+   AND NOT EXISTS (SELECT 1 FROM data AS d JOIN jobs AS parent ON parent.uuid = d.sourceuuid
+                    WHERE d.targetuuid = jobs.uuid AND parent.state <> 'finished')
+RETURNING uuid, state, jobtype, site
+"""
+GET_FLOW_JOB = 'SELECT uuid, name, state, workflow FROM jobs WHERE uuid = :job'
+DATA_AVAILABLE = """
+UPDATE data SET state = 'available', updated_at = :now WHERE sourceuuid = :job AND state = 'defined'
+"""
+CANCEL_DOWNSTREAM = """
+WITH RECURSIVE downstream (uuid) AS (
+    SELECT targetuuid FROM data WHERE sourceuuid = :job AND targetuuid IS NOT NULL
+    UNION
+    SELECT d.targetuuid FROM data AS d JOIN downstream ON d.sourceuuid = downstream.uuid
+     WHERE d.targetuuid IS NOT NULL)
+UPDATE jobs SET state = 'cancelled', stopped_at = :now
+ WHERE uuid IN (SELECT uuid FROM downstream) AND state IN ('template', 'defined')
+"""
+FAIL_WORKFLOW = """
+UPDATE workflows SET state = 'failed', comment = :comment, stopped_at = :now
+ WHERE uuid = :workflow AND state IN ('template', 'defined', 'running')
+"""
+WORKFLOW_STARTED = """
+UPDATE workflows SET state = 'running', started_at = :now
+ WHERE uuid = :workflow AND state = 'defined'
+   AND EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND jobtype <> 'noop'
+                                    AND started_at IS NOT NULL)
+"""
+WORKFLOW_PROGRESS = """
+UPDATE workflows SET ndone = (SELECT count(*) FROM jobs WHERE workflow = :workflow
+                                                      AND state = 'finished')
+ WHERE uuid = :workflow
+"""
+WORKFLOW_FINISHED = """
+UPDATE workflows SET state = 'finished', stopped_at = :now
+ WHERE uuid = :workflow AND state IN ('defined', 'running')
+   AND NOT EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND state <> 'finished')
+"""
+
+UPSERT_DATATYPE = """
+INSERT INTO datatypes (name, ext, comment, created_at) VALUES (:name, :ext, :comment, :now)
+ON CONFLICT (name) DO UPDATE SET ext = excluded.ext, comment = excluded.comment
+RETURNING """ + DATATYPE_COLUMNS
+DELETE_DATATYPE = 'DELETE FROM datatypes WHERE name = :name'
+
+# -- monitor --
+# Every count the dashboard makes is bounded by a time window or by the live jobs, and reads an
+# index shaped for it (schema.sql); tests/test_monitor.py checks the plans.
+MON_WINDOWS = (('1 min', 60), ('10 min', 600), ('1 h', 3600), ('2 h', 7200), ('24 h', 86400))
+# One count per window and row: a range of one index each, far cheaper than one scan that
+# evaluates every window per row (10x at 100k jobs).
+MON_COUNT_DEFINED = 'SELECT count(*) FROM jobs WHERE defined_at >= :since'
+MON_COUNT_STARTED = 'SELECT count(*) FROM jobs WHERE started_at >= :since'
+MON_COUNT_ENDED = 'SELECT count(*) FROM jobs WHERE state = :state AND stopped_at >= :since'
+MON_COUNT_TYPE_ENDED = """
+SELECT count(*) FROM jobs INDEXED BY jobs_type_ended
+ WHERE jobtype = :jobtype AND state = :state AND stopped_at >= :since
+"""
+MON_TYPES_LIVE = """
+SELECT jobtype, state, count(*) AS n FROM jobs INDEXED BY jobs_live_types
+ WHERE state IN ('defined', 'dispatched', 'running') GROUP BY jobtype, state
+"""
+# The types that ever ended, by skipping through the index: one seek per type, not a scan.
+MON_TYPES_ENDED = """
+WITH RECURSIVE t (jobtype) AS (
+    SELECT min(jobtype) FROM jobs WHERE stopped_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_ended
+             WHERE stopped_at IS NOT NULL AND jobtype > t.jobtype)
+      FROM t WHERE t.jobtype IS NOT NULL LIMIT :limit)
+SELECT jobtype FROM t WHERE jobtype IS NOT NULL
+"""
+# Queue latency: the newest starts of the window, at most :cap of them.
+MON_LATENCY = """
+SELECT (julianday(started_at) - julianday(defined_at)) * 86400.0 AS wait FROM jobs
+ WHERE started_at >= :since AND defined_at IS NOT NULL ORDER BY started_at DESC LIMIT :cap
+"""
+MON_THROUGHPUT = """
+SELECT substr(stopped_at, 1, 16) AS minute, sum(state = 'finished') AS finished,
+       sum(state <> 'finished') AS other
+  FROM jobs INDEXED BY jobs_ended
+ WHERE state IN (SELECT value FROM json_each(:states)) AND stopped_at >= :since GROUP BY minute
+"""
+MON_WAITING = """
+SELECT count(*) AS n, min(defined_at) AS oldest FROM jobs INDEXED BY jobs_queue
+ WHERE state = 'defined' AND defined_at < :cutoff
+"""
+MON_PILOTS_LOST = "SELECT count(*) FROM pilots WHERE state = 'lost' AND stopped_at >= :since"
+MON_TABLE_EXISTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name"
+MON_JOBTYPE_CAPS = 'SELECT name, cap FROM jobtypes WHERE cap IS NOT NULL ORDER BY name'
+MON_JOB_COLUMNS = ('uuid, name, user, jobtype, priority, state, site, pilot, host, errcode, '
+                   'workflow, defined_at, started_at, stopped_at')
+MON_PILOT_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE pilot = :pilot'
+                  ' ORDER BY id DESC LIMIT :limit')
+# Listing sorts: ?sort=KEY or ?sort=-KEY picks one of these fixed ORDER BY fragments.
+MON_JOB_SORTS = ('id', 'name', 'user', 'jobtype', 'priority', 'state', 'site', 'errcode',
+                 'defined_at', 'started_at', 'stopped_at')
+MON_PILOT_SORTS = ('id', 'host', 'site', 'state', 'jobs_done', 'registered_at', 'last_seen',
+                   'stopped_at')
+
+
+def order_fragments(columns):
+    """{'col': 'ORDER BY col, id', '-col': 'ORDER BY col DESC, id DESC'} for whitelisted columns."""
+    frags = {}
+    for col in columns:
+        tie = '' if col == 'id' else ', id'
+        frags[col] = ' ORDER BY %s%s' % (col, tie)
+        frags['-' + col] = ' ORDER BY %s DESC%s' % (col, tie and tie + ' DESC')
+    return frags
+
+
+MON_JOB_ORDER = order_fragments(MON_JOB_SORTS)
+MON_PILOT_ORDER = order_fragments(MON_PILOT_SORTS)
+MON_COUNT_CAP = 10000            # a listing counts its matches up to this many
+MON_PERPAGE = (25, 50, 100, 200, 400)
+MON_LATENCY_CAP = 20000          # starts used for the latency percentiles
+MON_WAIT_ALARM = 600             # seconds a queued job may wait before the checklist fails
+MON_REFRESH = ('', '5', '10', '30', '60')
+MON_MAX_TYPES = 100             # job types on the dashboard
 
 # ---------------------------------------------------------------------------------------------
 # Database helpers
@@ -381,6 +671,8 @@ def int_field(d, key, default=None, lo=INT_RANGE[0], hi=INT_RANGE[1]):
 
 def number_field(d, key, default, lo, hi):
     value = d.get(key, default)
+    if value is None:
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         fail(400, '%s must be a number' % key)
     return min(max(float(value), lo), hi)
@@ -436,6 +728,7 @@ def check_job(raw, now):
         'priority': int_field(job, 'priority', 0),
         'timelimit': int_field(job, 'timelimit', 1000, 1, MAX_TIMELIMIT),
         'site': text_field(job, 'site'),
+        'retries': int_field(job, 'retries', 0, 0, MAX_RETRIES),
         'infile': env.get('P3S_INPUT_FILE', ''),
         'state': state,
         'now': now,
@@ -444,7 +737,8 @@ def check_job(raw, now):
 
 def check_report(raw):
     rep = check_object(raw, 'report')
-    check_known(rep, {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr'}, 'report')
+    check_known(rep, {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago'},
+                'report')
     state = text_field(rep, 'state', required=True)
     if state not in REPORT_STATES:
         fail(400, 'a pilot reports one of %s, not %r' % (', '.join(REPORT_STATES), state[:32]))
@@ -458,9 +752,19 @@ def check_report(raw):
         'state': state,
         'pid': int_field(rep, 'pid', None, 0, 2 ** 31),
         'errcode': errcode,
-        'stdout': text_field(rep, 'stdout', maxlen=4 * MAX_LOG_TAIL)[-MAX_LOG_TAIL:],
-        'stderr': text_field(rep, 'stderr', maxlen=4 * MAX_LOG_TAIL)[-MAX_LOG_TAIL:],
+        'stdout': log_tail(rep, 'stdout'),
+        'stderr': log_tail(rep, 'stderr'),
+        'elapsed': number_field(rep, 'elapsed', None, 0, MAX_TIMELIMIT),  # since the start
+        'ago': number_field(rep, 'ago', 0, 0, MAX_TIMELIMIT),             # since the end
     }
+
+
+def log_tail(rep, key):
+    """A payload's output is data, not a name: keep it, whatever bytes it printed."""
+    text = rep.get(key) or ''
+    if not isinstance(text, str):
+        fail(400, '%s must be a string' % key)
+    return text[-MAX_LOG_TAIL:].replace('\x00', '\ufffd')
 
 
 def check_pilot(raw, now):
@@ -481,20 +785,35 @@ def check_pilot(raw, now):
 
 
 def filters_from(query, allowed):
-    """Listing filters from a query string: ({name: value}, [SQL fragments])."""
+    """Listing filters from a query string: ({name: value}, [SQL fragments]).
+
+    `state` may be repeated or comma-separated; `state=error` (jobs) means a non-zero exit code.
+    """
     params, where = {}, []
-    for key in ('jobtype', 'user', 'site', 'pilot', 'host'):
+    for key in ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow'):
         if key in allowed and query.get(key):
             params[key] = query.get(key)
             where.append(allowed[key])
-    states = [s for s in query.get('state', '').split(',') if s]
-    if len(states) == 1:
+    states = [s for v in query_all(query, 'state') for s in v.split(',') if s]
+    error = 'error' in states and 'error' in allowed
+    states = [s for s in states if not (error and s == 'error')]
+    if error and states:
+        params['states'] = json.dumps(states)
+        where.append(allowed['states_or_error'])
+    elif error:
+        where.append(allowed['error'])
+    elif len(states) == 1:
         params['state'] = states[0]
         where.append(allowed['state'])
     elif states:
         params['states'] = json.dumps(states)
         where.append(allowed['states'])
     return params, where
+
+
+def query_all(query, key):
+    """Every value of a repeated query parameter (a Bottle FormsDict, or a plain dict)."""
+    return query.getall(key) if hasattr(query, 'getall') else [query.get(key) or '']
 
 
 def limit_from(query):
@@ -555,11 +874,14 @@ def list_jobs(store, query):
 
 
 def job_conflict(db, job_uuid, action):
-    """Why a conditional update of a job touched no row: it is missing (404) or in a state that
-    does not allow the action (409)."""
+    """Why a conditional update of a job touched no row: it is missing (404), in a state that
+    does not allow the action, or part of a workflow that manages it (409)."""
     row = db.execute(GET_JOB_HOLDER, {'uuid': job_uuid}).fetchone()
     if row is None:
         fail(404, 'no such job: %s' % job_uuid)
+    if row['workflow'] and action in ('define', 'delete') and row['state'] not in ACTIVE_STATES:
+        fail(409, 'cannot %s job %s: it belongs to workflow %s, which manages it'
+             % (action, job_uuid, row['workflow']))
     fail(409, 'cannot %s job %s: it is %s' % (action, job_uuid, row['state']))
 
 
@@ -585,6 +907,8 @@ def adjust_job(store, job_uuid, changes, now):
                 job_conflict(db, job_uuid, 'define')
         if state == 'dropped' and not db.execute(DROP_JOB, params).rowcount:
             job_conflict(db, job_uuid, 'drop')
+        if state == 'dropped':
+            workflow_hook(db, [job_uuid], now)
     store.waiters.wake(woken)
     return get_job(store, job_uuid)
 
@@ -595,6 +919,7 @@ def kill_job(store, job_uuid, now):
     with store.write() as db:
         if not db.execute(KILL_JOB, {'uuid': job_uuid, 'now': now}).rowcount:
             job_conflict(db, job_uuid, 'kill')
+        workflow_hook(db, [job_uuid], now)
     return get_job(store, job_uuid)
 
 
@@ -652,33 +977,47 @@ def stop_reply(pilot):
     return {'status': 'STOP', 'state': pilot['state']}
 
 
-def request_work(store, pilot_uuid, now):
-    """One brokerage attempt for a pilot: its undelivered job, else the best queued job it may
-    run. Returns (reply, pilot row)."""
+def request_work(store, pilot_uuid, now, report=None):
+    """One brokerage attempt for a pilot, applying first the report it carries (in the same
+    transaction: one commit per short job). Returns (reply, pilot row)."""
+    woken = []
     with store.write() as db:
         pilot = live_pilot(db, pilot_uuid)
-        if pilot['state'] in PILOT_GONE:
-            return stop_reply(pilot), pilot
-        params = {'pilot': pilot_uuid, 'host': pilot['host'], 'site': pilot['site'],
-                  'jobtypes': pilot['jobtypes'], 'now': now}
-        job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
-               or db.execute(CLAIM_JOB, params).fetchone())
-        if job is None:
-            db.execute(PILOT_IDLE, params)
-            return {'status': 'OK', 'state': 'idle'}, pilot
-        db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
-    return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}, pilot
+        note = None
+        if report is not None:
+            note, woken = apply_report(db, pilot, report, now)
+        reply = claim_for(db, pilot, now)
+    store.waiters.wake(woken)
+    if note is not None:
+        reply['report'] = note
+    return reply, pilot
 
 
-def wait_for_work(store, pilot_uuid, wait):
+def claim_for(db, pilot, now):
+    """The pilot's undelivered job, else the best queued job it may run, else idle."""
+    if pilot['state'] in PILOT_GONE:
+        return stop_reply(pilot)
+    params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
+              'jobtypes': pilot['jobtypes'], 'now': now}
+    job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
+           or db.execute(CLAIM_JOB, params).fetchone())
+    if job is None:
+        db.execute(PILOT_IDLE, params)
+        return {'status': 'OK', 'state': 'idle'}
+    db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
+    return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}
+
+
+def wait_for_work(store, pilot_uuid, wait, report=None):
     """Brokerage with a long poll: hold the request up to `wait` seconds until a job arrives.
 
     The waiter is entered before the second attempt, so a job submitted between an empty
     attempt and the wait still wakes it.
     """
-    reply, pilot = request_work(store, pilot_uuid, utcnow())
+    reply, pilot = request_work(store, pilot_uuid, utcnow(), report)
     if reply['state'] != 'idle' or wait <= 0:
         return reply
+    note = reply.get('report')
     waiter = store.waiters.enter(pilot['site'], set(json.loads(pilot['jobtypes'])))
     if waiter is None:
         return dict(reply, waited=False)
@@ -688,7 +1027,7 @@ def wait_for_work(store, pilot_uuid, wait):
             reply, _ = request_work(store, pilot_uuid, utcnow())
             remaining = give_up - time.monotonic()
             if reply['state'] != 'idle' or remaining <= 0:
-                return reply
+                return dict(reply, report=note) if note else reply
             waiter.event.wait(remaining)
             waiter.event.clear()
     finally:
@@ -696,34 +1035,52 @@ def wait_for_work(store, pilot_uuid, wait):
 
 
 def report_job(store, pilot_uuid, rep, now):
+    """A report on its own (a start report, or a final one when the pilot leaves)."""
+    with store.write() as db:
+        note, woken = apply_report(db, live_pilot(db, pilot_uuid), rep, now)
+    store.waiters.wake(woken)
+    if note['status'] == 'REFUSED':
+        fail(409, note['error'])
+    return note
+
+
+def apply_report(db, pilot, rep, now):
     """A pilot's word on the job it holds: started (running) or ended (a terminal state).
+    Returns (answer for the pilot, jobs that became runnable).
 
     Each change names the state it expects, so a repeated or late report changes nothing.
-    A report on a job the pilot does not hold is refused (409).
+    A report on a job the pilot does not hold is refused.
     """
-    params = dict(rep, pilot=pilot_uuid, now=now, job=rep['uuid'])
-    with store.write() as db:
-        pilot = live_pilot(db, pilot_uuid)
-        held = db.execute(GET_JOB_HOLDER, params).fetchone()
-        if held is None or held['pilot'] != pilot_uuid:
-            fail(409, 'job %s is not held by pilot %s' % (rep['uuid'], pilot_uuid))
-        gone = pilot['state'] in PILOT_GONE
-        if rep['state'] == 'running':
-            changed = not gone and db.execute(START_JOB, params).rowcount
-            if changed:
-                db.execute(PILOT_RUNNING, params)
-        else:
-            changed = not gone and db.execute(FINISH_JOB, params).rowcount
-            if changed:
-                db.execute(PILOT_JOB_DONE, params)
-            if not gone and (rep['stdout'] or rep['stderr']):
-                db.execute(SAVE_JOB_LOGS, params)
-        state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
-    if gone:
-        return stop_reply(pilot)
+    elapsed = rep.get('elapsed')
+    if elapsed is None and rep['state'] == 'running':
+        elapsed = 0
+    params = dict(rep, pilot=pilot['uuid'], now=now,
+                  started=None if elapsed is None else seconds_before(now, elapsed),
+                  stopped=seconds_before(now, rep.get('ago') or 0))
+    held = db.execute(GET_JOB_HOLDER, params).fetchone()
+    if held is None or held['pilot'] != pilot['uuid']:
+        return {'status': 'REFUSED',
+                'error': 'job %s is not held by pilot %s' % (rep['uuid'], pilot['uuid'])}, []
+    if pilot['state'] in PILOT_GONE:
+        return stop_reply(pilot), []
+    woken = []
+    if rep['state'] == 'running':
+        changed = db.execute(START_JOB, params).rowcount
+        if changed:
+            db.execute(PILOT_RUNNING, dict(params, job=rep['uuid']))
+    else:
+        changed = db.execute(FINISH_JOB, params).rowcount
+        if changed:
+            db.execute(PILOT_JOB_DONE, params)
+            woken = retry_jobs(db, [rep['uuid']])
+        if rep['stdout'] or rep['stderr']:
+            db.execute(SAVE_JOB_LOGS, params)
+    if changed:
+        woken += workflow_hook(db, [rep['uuid']], now)
+    state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
     if rep['state'] == 'running' and state not in ACTIVE_STATES:
-        return {'status': 'KILL', 'state': state, 'changed': False}
-    return {'status': 'OK', 'state': state, 'changed': bool(changed)}
+        return {'status': 'KILL', 'state': state, 'changed': False}, woken
+    return {'status': 'OK', 'state': state, 'changed': bool(changed)}, woken
 
 
 def heartbeat(store, pilot_uuid, job_uuid, now):
@@ -756,33 +1113,92 @@ def stop_pilot(store, pilot_uuid, state, now):
     return dict(pilot_dict(pilot), released=len(released))
 
 
-def sweep(store, now, pilot_timeout):
-    """Housekeeping: pilots silent for longer than pilot_timeout are lost, with their jobs."""
-    cutoff = datetime.fromisoformat(now).timestamp() - pilot_timeout
-    cutoff = datetime.fromtimestamp(cutoff, timezone.utc).isoformat(timespec='microseconds')
+def seconds_before(now, seconds):
+    """The stored time `seconds` before `now`."""
+    then = datetime.fromisoformat(now).timestamp() - seconds
+    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
+
+
+def retry_jobs(db, job_uuids):
+    """Queue again those of these jobs that ended lost or nonstarter with retries left."""
+    return [tuple(r) for r in db.execute(RETRY_JOBS, {'jobs': json.dumps(job_uuids)})]
+
+
+def sweep(store, now, pilot_timeout, lose_pilots=True):
+    """Housekeeping: pilots silent for longer than pilot_timeout are lost, with their jobs;
+    running jobs far past their timelimit end `timelimit`."""
+    params = {'now': now, 'cutoff': seconds_before(now, pilot_timeout), 'grace': TIMELIMIT_GRACE}
+    lost, retried = [], []
     with store.write() as db:
-        lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, {'cutoff': cutoff, 'now': now})]
+        if lose_pilots:
+            lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, params)]
         if lost:
-            db.execute(LOSE_PILOT_JOBS, {'pilots': json.dumps(lost), 'now': now})
+            jobs = [r['uuid'] for r in db.execute(LOSE_PILOT_JOBS, dict(params, pilots=json.dumps(lost)))]
+            retried = retry_jobs(db, jobs) + workflow_hook(db, jobs, now)
+        overdue = [r['uuid'] for r in db.execute(KILL_OVERDUE_JOBS, params)]
+        retried += workflow_hook(db, overdue, now)
+    store.waiters.wake(retried)
     if lost:
         log.warning('pilots lost after %.0f s of silence: %s', pilot_timeout, ', '.join(lost))
-    return {'lost_pilots': lost}
+    if overdue:
+        log.warning('%d running jobs ended by the server, %d s past their timelimit',
+                    len(overdue), TIMELIMIT_GRACE)
+    return {'lost_pilots': lost, 'woken': len(retried), 'overdue': len(overdue)}
+
+
+def purge(store, now, older, state=None):
+    """Delete terminal jobs and departed pilots older than `older` seconds, in small batches
+    so that brokerage waits for one batch at most."""
+    params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
+    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0}
+    while True:
+        with store.write() as db:
+            old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
+            for workflow in old:
+                for sql in (DELETE_WORKFLOW_JOBS, DELETE_WORKFLOW_DATA, DELETE_WORKFLOW):
+                    db.execute(sql, dict(workflow))
+        removed['workflows'] += len(old)
+        if len(old) < PURGE_WORKFLOW_BATCH:
+            break
+    for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS)):
+        while True:
+            with store.write() as db:
+                n = db.execute(sql, params).rowcount
+            removed[what] += n
+            if n < PURGE_BATCH:
+                break
+    return removed
 
 
 class Housekeeper(threading.Thread):
-    """Runs sweep() every `period` seconds inside the server: no cron needed."""
+    """Runs sweep() (and purge(), with keep_days) inside the server: no cron needed.
 
-    def __init__(self, store, pilot_timeout, period=SWEEP_PERIOD):
+    No pilot is declared lost during the first pilot_timeout after the server starts: while
+    the server was down its pilots could not reach it, and they need the time to come back.
+    """
+
+    def __init__(self, store, pilot_timeout, keep_days=None):
         super().__init__(name='p3s-housekeeper', daemon=True)
-        self.store, self.pilot_timeout, self.period = store, pilot_timeout, period
+        self.store, self.pilot_timeout, self.keep_days = store, pilot_timeout, keep_days
+        self.period = min(SWEEP_PERIOD, pilot_timeout / 4)
+        self.started = time.monotonic()
+        self.next_purge = self.started
         self.stopping = threading.Event()
 
     def run(self):
         while not self.stopping.wait(self.period):
             try:
-                sweep(self.store, utcnow(), self.pilot_timeout)
+                self.step(time.monotonic())
             except Exception:
-                log.exception('housekeeping failed; trying again in %.0f s', self.period)
+                log.exception('housekeeping failed; trying again in %.1f s', self.period)
+
+    def step(self, clock):
+        sweep(self.store, utcnow(), self.pilot_timeout,
+              lose_pilots=clock - self.started >= self.pilot_timeout)
+        if self.keep_days and clock >= self.next_purge:
+            self.next_purge = clock + PURGE_PERIOD
+            removed = purge(self.store, utcnow(), self.keep_days * 86400)
+            log.info('retention of %g days: purged %s', self.keep_days, removed)
 
 
 def counts(store):
@@ -791,6 +1207,397 @@ def counts(store):
         'jobs': {r['state']: r['n'] for r in db.execute(COUNT_JOBS_BY_STATE)},
         'pilots': {r['state']: r['n'] for r in db.execute(COUNT_PILOTS_BY_STATE)},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain: workflows
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def context(where):
+    """Prefix the one-line message of a refusal raised inside with where it happened."""
+    try:
+        yield
+    except HTTPError as e:
+        fail(e.status_code, '%s: %s' % (where, e.body))
+
+
+def parse_graphml(text):
+    """A directed acyclic multigraph from GraphML text, or a 400 that says why not.
+
+    The text is refused before parsing if it declares a DOCTYPE or entities (entity expansion
+    is the classic XML bomb) and read from the string itself (the original wrote a file in /tmp,
+    bug 8)."""
+    if len(text.encode()) > MAX_GRAPHML:
+        fail(413, 'GraphML larger than %d bytes' % MAX_GRAPHML)
+    if XML_DECLARATIONS_RE.search(text):
+        fail(400, 'GraphML with a DOCTYPE or ENTITY declaration is refused')
+    try:
+        graph = networkx.parse_graphml(text, force_multigraph=True)
+    except Exception as e:          # whatever the parser trips on is a fault of the text
+        fail(400, 'invalid GraphML: %s' % (str(e).splitlines() or [type(e).__name__])[0])
+    if not graph.is_directed():
+        fail(400, 'the graph must be directed (edgedefault="directed")')
+    if not 0 < graph.number_of_nodes() <= MAX_DAG_VERTICES:
+        fail(400, 'a DAG has 1 to %d vertices' % MAX_DAG_VERTICES)
+    if graph.number_of_edges() > MAX_DAG_EDGES:
+        fail(400, 'a DAG has at most %d edges' % MAX_DAG_EDGES)
+    if not networkx.is_directed_acyclic_graph(graph):
+        cycle = [u for u, v, *_ in networkx.find_cycle(graph)]
+        fail(400, 'not a DAG: it has the cycle %s' % ' -> '.join(cycle + cycle[:1]))
+    return graph
+
+
+def graphml_int(attrs, key, default, lo, hi):
+    """An integer attribute, declared int or string in the GraphML."""
+    value = attrs.get(key, default)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip() or default)
+        except ValueError:
+            fail(400, '%s must be an integer, not %r' % (key, value[:32]))
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return int_field({key: value}, key, default, lo, hi)
+
+
+def check_vertex(name, attrs, position):
+    with context('vertex %r' % name[:MAX_TEXT]):
+        if ':' in name or len(name) > MAX_TEXT:
+            fail(400, "a vertex name has at most %d characters and no ':'" % MAX_TEXT)
+        env = attrs.get('env') or '{}'
+        try:
+            env = json.loads(env) if isinstance(env, str) else env
+        except ValueError:
+            fail(400, 'env is not valid JSON')
+        texts = {k: str(v) for k, v in attrs.items() if k in ('jobtype', 'payload')}
+        jobtype = text_field(texts, 'jobtype', 'default') or 'default'
+        return {'name': name, 'position': position, 'jobtype': jobtype,
+                'payload': text_field(texts, 'payload', maxlen=MAX_PAYLOAD),
+                'env': json.dumps(env_field({'env': env})),
+                'timelimit': graphml_int(attrs, 'timelimit', 1000, 0 if jobtype == NOOP else 1,
+                                         MAX_TIMELIMIT),
+                'priority': graphml_int(attrs, 'priority', 0, *INT_RANGE)}
+
+
+def check_edge(source, target, attrs):
+    with context('edge %s:%s' % (source, target)):
+        attrs = {k: str(v) for k, v in attrs.items() if k in EDGE_ATTRS}
+        edge = {'source': source, 'target': target,
+                'name': text_field(attrs, 'name', required=True, maxlen=MAX_PATH),
+                'dirpath': text_field(attrs, 'dirpath', maxlen=MAX_PATH),
+                'datatype': text_field(attrs, 'datatype'),
+                'datatag': text_field(attrs, 'datatag'),
+                'comment': text_field(attrs, 'comment', maxlen=MAX_COMMENT)}
+        if edge['datatag'] and not ENV_NAME_RE.match(edge['datatag']):
+            fail(400, 'datatag %r is not a valid environment variable name' % edge['datatag'])
+        return edge
+
+
+def check_dag(raw):
+    """A DAG registration: its fields, vertices (in topological order) and edges."""
+    body = check_object(raw, 'DAG')
+    check_known(body, DAG_FIELDS, 'DAG')
+    graph = parse_graphml(text_field(body, 'graphml', required=True, maxlen=MAX_GRAPHML))
+    order = list(networkx.topological_sort(graph))
+    return {
+        'name': text_field(body, 'name', required=True),
+        'user': text_field(body, 'user'),
+        'description': text_field(body, 'description', maxlen=MAX_COMMENT),
+        'replace': bool(body.get('replace')),
+        'graphml': body['graphml'],
+        'root': order[0],
+        'vertices': [check_vertex(v, graph.nodes[v], i) for i, v in enumerate(order)],
+        'edges': [check_edge(s, t, a) for s, t, a in graph.edges(data=True)],
+    }
+
+
+def add_dag(store, raw, now):
+    """Register a DAG; an existing one of the same name is replaced only when asked to be."""
+    dag = check_dag(raw)
+    params = dict(dag, nvertices=len(dag['vertices']), nedges=len(dag['edges']), now=now)
+    with store.write() as db:
+        if dag['replace']:
+            db.execute(DELETE_DAG, params)
+        elif db.execute(GET_DAG, params).fetchone():
+            fail(409, 'a DAG named %r exists: give replace (--replace) to replace it'
+                 % dag['name'])
+        dag_id = db.execute(INSERT_DAG, params).fetchone()['id']
+        db.executemany(INSERT_VERTEX, [dict(v, dag=dag_id) for v in dag['vertices']])
+        db.executemany(INSERT_EDGE, [dict(e, dag=dag_id) for e in dag['edges']])
+    return get_dag(store, dag['name'])
+
+
+def load_dag(db, name):
+    row = db.execute(GET_DAG, {'name': name}).fetchone()
+    if row is None:
+        fail(404, 'no such DAG: %s' % name[:MAX_TEXT])
+    dag = dict(row)
+    params = {'dag': dag.pop('id')}
+    dag['vertices'] = [dict(r, env=json.loads(r['env']))
+                       for r in db.execute(GET_DAG_VERTICES, params)]
+    dag['edges'] = [dict(r) for r in db.execute(GET_DAG_EDGES, params)]
+    return dag
+
+
+def get_dag(store, name):
+    return load_dag(store.db(), name)
+
+
+def list_dags(store, query):
+    return [dict(r) for r in store.db().execute(LIST_DAGS, {'limit': limit_from(query)})]
+
+
+def delete_dag(store, name):
+    with store.write() as db:
+        if not db.execute(DELETE_DAG, {'name': name}).rowcount:
+            fail(404, 'no such DAG: %s' % name[:MAX_TEXT])
+    return {'deleted': name}
+
+
+def check_fileinfo(fileinfo, edges):
+    """The file naming policy: ('uuid' | 'sticky' | 'inherit:NAME', per-edge overrides)."""
+    if fileinfo in (None, ''):
+        return 'uuid', {}
+    if isinstance(fileinfo, str):
+        if fileinfo == 'sticky' or (fileinfo.startswith('inherit:') and len(fileinfo) > 8):
+            return fileinfo, {}
+        fail(400, "fileinfo is 'sticky', 'inherit:NAME' or a JSON object keyed 'source:target'")
+    keys = {'%s:%s' % (e['source'], e['target']) for e in edges}
+    for key, value in check_object(fileinfo, 'fileinfo').items():
+        with context('fileinfo %r' % key[:MAX_TEXT]):
+            if key not in keys:
+                fail(400, 'no such edge in the DAG')
+            check_known(check_object(value, 'each entry'), {'name', 'dirpath', 'comment'},
+                        'fileinfo')
+            for field in value:
+                text_field(value, field, maxlen=MAX_PATH, required=field == 'name')
+    return 'uuid', fileinfo
+
+
+def check_jobinfo(jobinfo, vertices):
+    names = {v['name'] for v in vertices}
+    for vertex, value in check_object(jobinfo or {}, 'jobinfo').items():
+        with context('jobinfo %r' % vertex[:MAX_TEXT]):
+            if vertex not in names:
+                fail(400, 'no such vertex in the DAG')
+            check_known(check_object(value, 'each entry'),
+                        {'payload', 'env', 'priority', 'timelimit'}, 'jobinfo')
+            text_field(value, 'payload', maxlen=MAX_PAYLOAD)
+            env_field(value)
+            int_field(value, 'priority')
+            int_field(value, 'timelimit', None, 1, MAX_TIMELIMIT)
+    return jobinfo or {}
+
+
+def check_new_workflow(raw):
+    body = check_object(raw, 'workflow')
+    check_known(body, WORKFLOW_FIELDS, 'workflow')
+    state = text_field(body, 'state', 'template')
+    if state not in ('template', 'defined'):
+        fail(400, "a new workflow is 'template' or 'defined', not %r" % state[:32])
+    return {'dag': text_field(body, 'dag', required=True),
+            'name': text_field(body, 'name'),
+            'user': text_field(body, 'user'),
+            'description': text_field(body, 'description', maxlen=MAX_COMMENT),
+            'state': state,
+            'fileinfo': body.get('fileinfo'),
+            'jobinfo': body.get('jobinfo')}
+
+
+def workflow_jobs(wf, dag, jobinfo, now):
+    """A job row per vertex, with the vertex attributes overridden by jobinfo."""
+    jobs = {}
+    for v in dag['vertices']:
+        over = jobinfo.get(v['name'], {})
+        job = dict(v, uuid=str(uuidlib.uuid4()), workflow=wf['uuid'], user=wf['user'], now=now,
+                   env=dict(v['env'], **over.get('env', {})))
+        job.update((k, over[k]) for k in ('payload', 'priority', 'timelimit') if k in over)
+        if job['jobtype'] == NOOP:
+            job['payload'] = job['payload'] or NOOP
+        elif not job['payload']:
+            fail(400, 'vertex %r has no payload: give one in the DAG or in jobinfo' % v['name'])
+        jobs[v['name']] = job
+    return jobs
+
+
+def file_name(policy, edge, data_uuid, ext, dag_name):
+    """The name of an edge's file: `<uuid><ext>`, the DAG's own (sticky) or inherited."""
+    if policy == 'sticky':
+        return edge['name']
+    if policy.startswith('inherit:'):
+        return '%s:%s:%s:%s%s' % (policy[len('inherit:'):], dag_name, edge['source'],
+                                  edge['datatag'], ext)
+    return data_uuid + ext
+
+
+def workflow_data(wf, dag, jobs, policy, overrides, datatypes, now):
+    """A data row per edge; each edge's datatag goes into the env of both its jobs."""
+    rows = []
+    for e in dag['edges']:
+        key = '%s:%s' % (e['source'], e['target'])
+        if e['datatype'] not in datatypes:
+            fail(400, 'edge %s: unknown datatype %r: register it first (p3s_data.py -R); '
+                 'nothing was created' % (key, e['datatype']))
+        data_uuid = str(uuidlib.uuid4())
+        row = dict(e, uuid=data_uuid, workflow=wf['uuid'], now=now,
+                   name=file_name(policy, e, data_uuid, datatypes[e['datatype']], dag['name']),
+                   sourceuuid=jobs[e['source']]['uuid'], targetuuid=jobs[e['target']]['uuid'])
+        row.update(overrides.get(key, {}))
+        if e['datatag']:
+            path = posixpath.join(row['dirpath'], row['name'])
+            jobs[e['source']]['env'][e['datatag']] = jobs[e['target']]['env'][e['datatag']] = path
+        rows.append(row)
+    return rows
+
+
+def add_workflow(store, raw, now):
+    """Instantiate a DAG: a template job per vertex, a data record per edge, in one transaction.
+    Nothing is left behind when any part is refused (the original left half a workflow)."""
+    req = check_new_workflow(raw)
+    wf = dict(req, uuid=str(uuidlib.uuid4()), now=now)
+    with store.write() as db:
+        dag = load_dag(db, req['dag'])
+        policy, overrides = check_fileinfo(req['fileinfo'], dag['edges'])
+        jobs = workflow_jobs(wf, dag, check_jobinfo(req['jobinfo'], dag['vertices']), now)
+        datatypes = {r['name']: r['ext'] for r in db.execute(GET_DATATYPES)}
+        data = workflow_data(wf, dag, jobs, policy, overrides, datatypes, now)
+        wf.update(name=req['name'] or dag['name'], rootuuid=jobs[dag['root']]['uuid'],
+                  nvertices=len(jobs))
+        db.execute(INSERT_WORKFLOW, wf)
+        db.executemany(INSERT_WORKFLOW_JOB, [dict(j, env=json.dumps(j['env']))
+                                             for j in jobs.values()])
+        db.executemany(INSERT_WORKFLOW_DATA, data)
+        woken = define_workflow(db, wf['uuid'], now) if req['state'] == 'defined' else []
+    store.waiters.wake(woken)
+    return get_workflow(store, wf['uuid'])
+
+
+def define_workflow(db, wf_uuid, now):
+    """template -> defined: its data are defined and its source jobs released."""
+    params = {'workflow': wf_uuid, 'now': now}
+    if not db.execute(DEFINE_WORKFLOW, params).rowcount:
+        wf = db.execute(GET_WORKFLOW, params).fetchone()
+        if wf is None:
+            fail(404, 'no such workflow: %s' % wf_uuid)
+        fail(409, 'cannot define workflow %s: it is %s' % (wf_uuid, wf['state']))
+    db.execute(DEFINE_WORKFLOW_DATA, params)
+    sources = db.execute(RELEASE_SOURCES, params).fetchall()
+    woken = [(r['jobtype'], r['site']) for r in sources if r['state'] == 'defined']
+    woken += workflow_hook(db, [r['uuid'] for r in sources if r['state'] == 'finished'], now)
+    workflow_progress(db, wf_uuid, now)
+    return woken
+
+
+def set_workflow_state(store, wf_uuid, raw, now):
+    body = check_object(raw, 'state change')
+    check_known(body, {'state'}, 'state change')
+    if body.get('state') != 'defined':
+        fail(400, "a workflow can be moved to 'defined' only")
+    with store.write() as db:
+        woken = define_workflow(db, check_uuid(wf_uuid, 'workflow'), now)
+    store.waiters.wake(woken)
+    return get_workflow(store, wf_uuid)
+
+
+def workflow_hook(db, job_uuids, now):
+    """The workflow engine, called inside the transaction in which jobs started or reached a
+    terminal state (a pilot's report, a kill, a drop, the lost-pilot sweep).
+
+    A finished job makes its output data available and releases each child whose parents have
+    all finished (AND-join); a released noop finishes at once and releases its own children.
+    Any other terminal state cancels every job downstream and fails the workflow. Jobs outside
+    workflows are ignored. Returns the (jobtype, site) of the jobs made defined, for waking
+    pilots after the commit."""
+    woken, workflows, todo = [], set(), list(job_uuids)
+    while todo:
+        job = db.execute(GET_FLOW_JOB, {'job': todo.pop()}).fetchone()
+        if job is None or job['workflow'] is None:
+            continue
+        workflows.add(job['workflow'])
+        params = {'job': job['uuid'], 'workflow': job['workflow'], 'now': now}
+        if job['state'] == 'finished':
+            db.execute(DATA_AVAILABLE, params)
+            for child in db.execute(RELEASE_CHILDREN, params).fetchall():
+                if child['state'] == 'finished':
+                    todo.append(child['uuid'])
+                else:
+                    woken.append((child['jobtype'], child['site']))
+        elif job['state'] in TERMINAL_STATES:
+            db.execute(CANCEL_DOWNSTREAM, params)
+            db.execute(FAIL_WORKFLOW, dict(params, comment='job %s (%s) ended %s'
+                                           % (job['name'], job['uuid'], job['state'])))
+    for wf_uuid in workflows:
+        workflow_progress(db, wf_uuid, now)
+    return woken
+
+
+def workflow_progress(db, wf_uuid, now):
+    """running from the first job start; finished when every job has finished."""
+    params = {'workflow': wf_uuid, 'now': now}
+    db.execute(WORKFLOW_STARTED, params)
+    db.execute(WORKFLOW_PROGRESS, params)
+    db.execute(WORKFLOW_FINISHED, params)
+
+
+def get_workflow(store, wf_uuid):
+    params = {'workflow': check_uuid(wf_uuid, 'workflow')}
+    db = store.db()
+    row = db.execute(GET_WORKFLOW, params).fetchone()
+    if row is None:
+        fail(404, 'no such workflow: %s' % wf_uuid)
+    return dict(row, jobs=[dict(r) for r in db.execute(GET_WORKFLOW_JOBS, params)],
+                data=[dict(r) for r in db.execute(GET_WORKFLOW_DATA, params)])
+
+
+def list_workflows(store, query):
+    params, where = filters_from(query, WORKFLOW_FILTERS)
+    params['limit'] = limit_from(query)
+    sql = ('SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows'
+           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
+    return [dict(r) for r in store.db().execute(sql, params)]
+
+
+def delete_workflow(store, wf_uuid, force=False):
+    """A workflow with its jobs and data, in one transaction. Jobs that pilots are running are
+    killed by their pilots at the next heartbeat (the job is gone); without force, refused."""
+    params = {'workflow': check_uuid(wf_uuid, 'workflow')}
+    with store.write() as db:
+        if db.execute(GET_WORKFLOW, params).fetchone() is None:
+            fail(404, 'no such workflow: %s' % wf_uuid)
+        active = db.execute(COUNT_ACTIVE_WORKFLOW_JOBS, params).fetchone()[0]
+        if active and not force:
+            fail(409, 'workflow %s has %d job(s) dispatched or running: give force to delete it '
+                 'anyway' % (wf_uuid, active))
+        jobs = db.execute(DELETE_WORKFLOW_JOBS, params).rowcount
+        data = db.execute(DELETE_WORKFLOW_DATA, params).rowcount
+        db.execute(DELETE_WORKFLOW, params)
+    return {'deleted': params['workflow'], 'jobs': jobs, 'data': data}
+
+
+def add_datatype(store, raw, now):
+    """Create or update a datatype (the original's registertype overwrote, too)."""
+    body = check_object(raw, 'datatype')
+    check_known(body, {'name', 'ext', 'comment'}, 'datatype')
+    row = {'name': text_field(body, 'name', required=True),
+           'ext': text_field(body, 'ext', maxlen=MAX_EXT),
+           'comment': text_field(body, 'comment', maxlen=MAX_COMMENT), 'now': now}
+    if '/' in row['ext']:
+        fail(400, "ext must not contain '/'")
+    with store.write() as db:
+        return dict(db.execute(UPSERT_DATATYPE, row).fetchone())
+
+
+def list_datatypes(store):
+    return [dict(r) for r in store.db().execute(GET_DATATYPES)]
+
+
+def delete_datatype(store, name):
+    with store.write() as db:
+        if not db.execute(DELETE_DATATYPE, {'name': name}).rowcount:
+            fail(404, 'no such datatype: %s' % name[:MAX_TEXT])
+    return {'deleted': name}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -877,22 +1684,16 @@ def api_request_work(pilot_uuid):
     pilot_uuid = check_uuid(pilot_uuid, 'pilot')
     body = check_object(json_body(), 'request')
     check_known(body, {'wait', 'report'}, 'request')
-    wait = number_field(body, 'wait', 0, 0, MAX_WAIT)
-    reply = {}
+    # A held pilot sends nothing, so it must be answered well within the pilot timeout.
+    wait = number_field(body, 'wait', 0, 0, min(MAX_WAIT, app.config['p3s.pilot_timeout'] / 3))
+    report, refusal = None, None
     if body.get('report') is not None:
-        reply['report'] = report_or_refusal(pilot_uuid, body['report'])
-    reply.update(wait_for_work(store(), pilot_uuid, wait))
-    return reply
-
-
-def report_or_refusal(pilot_uuid, raw):
-    """A report carried by a work request: its refusal must not cost the pilot its next job."""
-    try:
-        return report_job(store(), pilot_uuid, check_report(raw), utcnow())
-    except HTTPError as e:
-        if e.status_code == 404:
-            raise
-        return {'status': 'REFUSED', 'error': e.body}
+        try:
+            report = check_report(body['report'])
+        except HTTPError as e:          # a bad report must not cost the pilot its next job
+            refusal = {'status': 'REFUSED', 'error': e.body}
+    reply = wait_for_work(store(), pilot_uuid, wait, report)
+    return dict(reply, report=refusal) if refusal else reply
 
 
 @app.post('/api/pilots/<pilot_uuid>/report')
@@ -917,27 +1718,567 @@ def api_stop_pilot(pilot_uuid):
     return stop_pilot(store(), check_uuid(pilot_uuid, 'pilot'), state, utcnow())
 
 
+@app.post('/api/dags')
+def api_add_dag():
+    return add_dag(store(), json_body(), utcnow())
+
+
+@app.get('/api/dags')
+def api_list_dags():
+    return {'dags': list_dags(store(), request.query)}
+
+
+@app.get('/api/dags/<name>')
+def api_get_dag(name):
+    return get_dag(store(), name)
+
+
+@app.delete('/api/dags/<name>')
+def api_delete_dag(name):
+    return delete_dag(store(), name)
+
+
+@app.post('/api/workflows')
+def api_add_workflow():
+    return add_workflow(store(), json_body(), utcnow())
+
+
+@app.get('/api/workflows')
+def api_list_workflows():
+    return {'workflows': list_workflows(store(), request.query)}
+
+
+@app.get('/api/workflows/<wf_uuid>')
+def api_get_workflow(wf_uuid):
+    return get_workflow(store(), wf_uuid)
+
+
+@app.post('/api/workflows/<wf_uuid>/state')
+def api_set_workflow_state(wf_uuid):
+    return set_workflow_state(store(), wf_uuid, json_body(), utcnow())
+
+
+@app.delete('/api/workflows/<wf_uuid>')
+def api_delete_workflow(wf_uuid):
+    return delete_workflow(store(), wf_uuid, force=request.query.get('force') in ('1', 'true'))
+
+
+@app.post('/api/datatypes')
+def api_add_datatype():
+    return add_datatype(store(), json_body(), utcnow())
+
+
+@app.get('/api/datatypes')
+def api_list_datatypes():
+    return {'datatypes': list_datatypes(store())}
+
+
+@app.delete('/api/datatypes/<name>')
+def api_delete_datatype(name):
+    return delete_datatype(store(), name)
+
+
 @app.get('/api/summary')
 def api_summary():
-    return dict(counts(store()), time=utcnow())
+    return summary(store(), utcnow())
 
 
 # ---------------------------------------------------------------------------------------------
 # Monitor routes
 # ---------------------------------------------------------------------------------------------
+# The monitor computes everything in Python and hands the templates plain values: the templates
+# only lay them out and escape them ({{x}} everywhere).
+
+LIVE_PILOT_STATES = ('active', 'idle', 'dispatched', 'running')
+BAD_END_STATES = ('failed', 'timelimit', 'nonstarter', 'lost')
+
+
+def iso_ago(now, seconds):
+    """The stored-time text `seconds` before `now` (same format, so it compares as text)."""
+    then = datetime.fromisoformat(now).timestamp() - seconds
+    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
+
+
+def seconds_between(earlier, later):
+    if not earlier or not later:
+        return None
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+def local_time(iso):
+    """A stored time shown in the server's local time zone (named once in the page header)."""
+    if not iso:
+        return ''
+    return datetime.fromisoformat(iso).astimezone().strftime('%Y-%m-%d %H:%M:%S')
+
+
+def local_zone():
+    """The server's zone by name and offset, e.g. 'CET (UTC+01:00)'."""
+    now = datetime.now().astimezone()
+    offset = now.strftime('%z')
+    if now.tzname() == 'UTC' and offset == '+0000':
+        return 'UTC'
+    return '%s (UTC%s:%s)' % (now.tzname(), offset[:3], offset[3:])
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def window_counts(db, sql, now, **params):
+    return [db.execute(sql, dict(params, since=iso_ago(now, secs))).fetchone()[0]
+            for _, secs in MON_WINDOWS]
+
+
+def timeline(db, now):
+    """Jobs defined, started and ended (by state) in each window: {row: [n per window]}."""
+    rows = {'defined': window_counts(db, MON_COUNT_DEFINED, now),
+            'started': window_counts(db, MON_COUNT_STARTED, now)}
+    for state in ('finished',) + BAD_END_STATES + ('killed', 'stale', 'dropped'):
+        rows[state] = window_counts(db, MON_COUNT_ENDED, now, state=state)
+    return rows
+
+
+def jobtype_counts(db, now):
+    """Per jobtype: queued, dispatched and running now; finished and ended badly in 24 h."""
+    types = {}
+    blank = {'defined': 0, 'dispatched': 0, 'running': 0, 'finished_24h': 0, 'failed_24h': 0}
+    for r in db.execute(MON_TYPES_LIVE):
+        types.setdefault(r['jobtype'], dict(blank))[r['state']] = r['n']
+    since = iso_ago(now, 86400)
+    for (jobtype,) in db.execute(MON_TYPES_ENDED, {'limit': MON_MAX_TYPES}).fetchall():
+        n = types.setdefault(jobtype, dict(blank))
+        for state in ('finished',) + BAD_END_STATES:
+            key = 'finished_24h' if state == 'finished' else 'failed_24h'
+            n[key] += db.execute(MON_COUNT_TYPE_ENDED, {'jobtype': jobtype, 'state': state,
+                                                         'since': since}).fetchone()[0]
+    return dict(sorted(types.items())[:MON_MAX_TYPES])
+
+
+def jobtype_caps(db):
+    """{jobtype: cap} from the jobtypes table of issue 4 (NULL: no cap, 0: paused), or None
+    while the database has no such table: the monitor works before and after it lands."""
+    if not db.execute(MON_TABLE_EXISTS, {'name': 'jobtypes'}).fetchone():
+        return None
+    return {r['name']: r['cap'] for r in db.execute(MON_JOBTYPE_CAPS)}
+
+
+def latency(db, now):
+    """Queue latency (defined -> started) of jobs started in the last hour, in seconds."""
+    waits = sorted(r[0] for r in db.execute(MON_LATENCY, {'since': iso_ago(now, 3600),
+                                                           'cap': MON_LATENCY_CAP}))
+    return {'n': len(waits), 'p50': percentile(waits, 0.50), 'p95': percentile(waits, 0.95)}
+
+
+def throughput(db, now, minutes=60):
+    """Jobs ended per minute over the last hour, oldest first, with empty minutes as zeros."""
+    start = datetime.fromisoformat(iso_ago(now, (minutes - 1) * 60)).replace(second=0,
+                                                                             microsecond=0)
+    found = {r['minute']: r for r in db.execute(MON_THROUGHPUT, {
+        'since': start.isoformat(timespec='microseconds'), 'states': json.dumps(TERMINAL_STATES)})}
+    out = []
+    for i in range(minutes):
+        minute = (start + timedelta(minutes=i)).isoformat()[:16]
+        r = found.get(minute)
+        out.append({'minute': minute, 'finished': r['finished'] if r else 0,
+                    'other': r['other'] if r else 0})
+    return out
+
+
+def checklist(db, now, jobs, pilots, types, caps):
+    """What is wrong, said plainly: a list of {check, status (ok|warn|fail), detail, link}."""
+    live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
+    queued = jobs.get('defined', 0)
+    checks = []
+    if live:
+        checks.append(check('Live pilots', 'ok', '%d live pilots, %d idle'
+                            % (live, pilots.get('idle', 0)), '/monitor/pilots?state=' +
+                            ','.join(LIVE_PILOT_STATES)))
+    else:
+        checks.append(check('Live pilots', 'fail' if queued else 'warn',
+                            'No live pilots: %d queued jobs cannot run' % queued
+                            if queued else 'No live pilots (no job is waiting either)',
+                            '/monitor/pilots'))
+    waiting = db.execute(MON_WAITING, {'cutoff': iso_ago(now, MON_WAIT_ALARM)}).fetchone()
+    if waiting['n']:
+        checks.append(check('Queue', 'fail', '%d jobs have waited longer than %d min (the oldest '
+                            'since %s)' % (waiting['n'], MON_WAIT_ALARM // 60,
+                                           local_time(waiting['oldest'])),
+                            '/monitor/jobs?state=defined&sort=defined_at'))
+    else:
+        checks.append(check('Queue', 'ok', 'no job has waited longer than %d min (%d queued)'
+                            % (MON_WAIT_ALARM // 60, queued), '/monitor/jobs?state=defined'))
+    lost = db.execute(MON_PILOTS_LOST, {'since': iso_ago(now, 3600)}).fetchone()[0]
+    checks.append(check('Lost pilots', 'warn' if lost else 'ok',
+                        '%d pilots lost in the last hour' % lost, '/monitor/pilots?state=lost'))
+    checks.extend(cap_checks(types, caps))
+    return checks
+
+
+def cap_checks(types, caps):
+    """A type is paused by its cap when as many of its jobs run as the cap allows while
+    others of it wait."""
+    if caps is None:
+        return []
+    paused = [(t, c, types[t]) for t, c in sorted(caps.items()) if t in types
+              and types[t]['defined'] and types[t]['dispatched'] + types[t]['running'] >= c]
+    if not paused:
+        return [check('Jobtype caps', 'ok', 'no type is held back by its cap', '')]
+    return [check('Jobtype caps', 'warn', 'type %s paused by its cap: %d running of %d allowed, '
+                  '%d waiting' % (t, n['dispatched'] + n['running'], c, n['defined']),
+                  '/monitor/jobs?state=defined&jobtype=' + urllib.parse.quote(t))
+            for t, c, n in paused]
+
+
+def check(name, status, detail, link):
+    return {'check': name, 'status': status, 'detail': detail, 'link': link}
+
+
+def summary(store, now):
+    """The dashboard's numbers (and GET /api/summary): the original's /?out=json, extended."""
+    db = store.db()
+    base = counts(store)
+    types = jobtype_counts(db, now)
+    caps = jobtype_caps(db)
+    started = app.config.get('p3s.started', now)
+    return dict(base, time=now, timezone=local_zone(), host=socket.gethostname(),
+                uptime=round(seconds_between(started, now) or 0),
+                windows=[w for w, _ in MON_WINDOWS], timeline=timeline(db, now),
+                jobtypes=types, caps=caps, latency=latency(db, now),
+                throughput=throughput(db, now),
+                checks=checklist(db, now, base['jobs'], base['pilots'], types, caps))
+
+
+class Page:
+    """What every monitor page shares: title, refresh period, the links that keep it."""
+
+    NAV = (('Dashboard', '/'), ('Jobs', '/monitor/jobs'), ('Pilots', '/monitor/pilots'))
+
+    def __init__(self, title, query):
+        self.title = title
+        self.query = query
+        refresh = query.get('refresh', '')
+        self.refresh = refresh if refresh in MON_REFRESH else ''
+        self.now = local_time(utcnow())
+        self.zone = local_zone()
+        self.nav = [(label, self.href(path)) for label, path in self.NAV]
+        self.refresh_links = [(r + ' s' if r else 'never', self.here(refresh=r), r == self.refresh)
+                              for r in MON_REFRESH]
+
+    def href(self, path, **params):
+        """A link that keeps the chosen refresh period."""
+        params = {k: v for k, v in params.items() if v not in (None, '')}
+        if self.refresh:
+            params['refresh'] = self.refresh
+        if not params:
+            return path
+        return path + ('&' if '?' in path else '?') + urllib.parse.urlencode(params)
+
+    def here(self, **changes):
+        """This page's own link with some query parameters changed."""
+        items = [(k, v) for k, v in self.query.allitems() if k not in changes and k != 'refresh']
+        items += [(k, v) for k, v in changes.items() if v not in (None, '')]
+        if self.refresh and 'refresh' not in changes:
+            items.append(('refresh', self.refresh))
+        qs = urllib.parse.urlencode(items)
+        return request.path + ('?' + qs if qs else '')
+
+
+def not_found(page, what, ident):
+    page.title = 'Not found'
+    body = bottle.template('notfound', page=page, what=what, ident=ident)
+    raise bottle.HTTPResponse(body, status=404)
+
+
+def cell(text, href='', cls=''):
+    return {'text': '' if text is None else str(text), 'href': href, 'cls': cls}
+
+
+def short(uuid):
+    return (uuid or '')[:8]
+
+
+def duration(seconds):
+    if seconds is None:
+        return ''
+    if seconds < 100:
+        return '%.1f s' % seconds
+    if seconds < 6000:
+        return '%.1f min' % (seconds / 60)
+    return '%.1f h' % (seconds / 3600)
+
+
+# -- the dashboard --
+
+
+def dashboard_view(page, s):
+    """The summary laid out for the dashboard template: every link and label made here."""
+    jobs_link = lambda **q: page.href('/monitor/jobs', **q)
+    return {
+        'checks': [dict(c, href=page.href(c['link']) if c['link'] else '') for c in s['checks']],
+        'jobs': [(st, s['jobs'].get(st, 0), jobs_link(state=st)) for st in JOB_STATES]
+        + [('total', sum(s['jobs'].values()), jobs_link())],
+        'errors_href': jobs_link(state='error'),
+        'pilots': [(st, s['pilots'].get(st, 0), page.href('/monitor/pilots', state=st))
+                   for st in PILOT_STATES]
+        + [('total', sum(s['pilots'].values()), page.href('/monitor/pilots'))],
+        'windows': s['windows'],
+        'timeline': [(row, n, timeline_href(page, row)) for row, n in s['timeline'].items()],
+        'types': [(t, n, (s['caps'] or {}).get(t, ''), jobs_link(jobtype=t))
+                  for t, n in s['jobtypes'].items()],
+        'caps': s['caps'],
+        'latency': {k: duration(v) if k != 'n' else v for k, v in s['latency'].items()},
+        'chart': chart(s['throughput']),
+        'host': s['host'], 'uptime': duration(s['uptime']),
+    }
+
+
+def timeline_href(page, row):
+    """A timeline row links to its jobs, most recent (by the row's own timestamp) first."""
+    if row in ('defined', 'started'):
+        return page.href('/monitor/jobs', sort='-%s_at' % row)
+    return page.href('/monitor/jobs', state=row, sort='-stopped_at')
+
+
+CHART_W, CHART_H = 600, 120
+
+
+def chart(minutes):
+    """Bars of jobs ended per minute (finished, and others stacked on top) as SVG geometry."""
+    top = max([m['finished'] + m['other'] for m in minutes] + [1])
+    step = CHART_W / len(minutes)
+    bars = []
+    for i, m in enumerate(minutes):
+        hf = CHART_H * m['finished'] / top
+        ho = CHART_H * m['other'] / top
+        when = local_time(m['minute'] + ':00+00:00')[11:16]
+        bars.append({'x': round(i * step + 1, 1), 'w': round(step - 2, 1),
+                     'yf': round(CHART_H - hf, 1), 'hf': round(hf, 1),
+                     'yo': round(CHART_H - hf - ho, 1), 'ho': round(ho, 1),
+                     'title': '%s: %d finished, %d other' % (when, m['finished'], m['other'])})
+    first = local_time(minutes[0]['minute'] + ':00+00:00')[11:16]
+    last = local_time(minutes[-1]['minute'] + ':00+00:00')[11:16]
+    return {'w': CHART_W, 'h': CHART_H, 'bars': bars, 'top': top, 'first': first, 'last': last,
+            'total': sum(m['finished'] for m in minutes)}
 
 
 @app.get('/')
 def monitor_dashboard():
-    refresh = request.query.get('refresh', '')
-    return bottle.template('dashboard', counts=counts(store()), now=utcnow(),
-                           refresh=refresh if refresh in ('5', '10', '30', '60') else '',
-                           job_states=JOB_STATES, pilot_states=PILOT_STATES)
+    page = Page('Dashboard', request.query)
+    return bottle.template('dashboard', page=page, d=dashboard_view(page, summary(store(), utcnow())))
+
+
+# -- listings --
+
+
+def page_number(query, key, default, allowed=None):
+    try:
+        value = int(query.get(key, default))
+    except ValueError:
+        value = default
+    if allowed is not None and value not in allowed:
+        return default
+    return max(value, 1)
+
+
+def listing(db, table, columns, query, filters, orders):
+    """One page of a filtered, sorted table: (rows, matches up to MON_COUNT_CAP, paging)."""
+    params, where = filters_from(query, filters)
+    sort = query.get('sort', '-id')
+    sort = sort if sort in orders else '-id'
+    perpage = page_number(query, 'perpage', 50, MON_PERPAGE)
+    number = page_number(query, 'page', 1)
+    where_sql = ' WHERE ' + ' AND '.join(where) if where else ''
+    params.update(limit=perpage, offset=(number - 1) * perpage, cap=MON_COUNT_CAP)
+    rows = db.execute('SELECT ' + columns + ' FROM ' + table + where_sql + orders[sort]
+                      + ' LIMIT :limit OFFSET :offset', params).fetchall()
+    matches = db.execute('SELECT count(*) FROM (SELECT 1 FROM ' + table + where_sql
+                         + ' LIMIT :cap)', params).fetchone()[0]
+    return rows, matches, {'sort': sort, 'perpage': perpage, 'page': number}
+
+
+def sort_headers(page, columns, sort):
+    """Column headers; a sortable one links to its sort, descending first."""
+    heads = []
+    for key, label in columns:
+        if key is None:
+            heads.append({'label': label, 'href': '', 'mark': ''})
+            continue
+        mark = '▼' if sort == '-' + key else '▲' if sort == key else ''
+        heads.append({'label': label, 'mark': mark,
+                      'href': page.here(sort=key if sort == '-' + key else '-' + key, page='')})
+    return heads
+
+
+def pager(page, matches, paging, shown):
+    n, per = paging['page'], paging['perpage']
+    last = (matches + per - 1) // per if matches < MON_COUNT_CAP else None
+    return {'matches': '%d' % matches if matches < MON_COUNT_CAP else 'more than %d' % matches,
+            'page': n, 'last': last or '',
+            'prev': page.here(page=n - 1) if n > 1 else '',
+            'next': page.here(page=n + 1) if shown == per and (last is None or n < last) else ''}
+
+
+def filter_form(page, states, fields, paging):
+    checked = set(s for v in query_all(page.query, 'state') for s in v.split(','))
+    return {'action': request.path, 'clear': page.href(request.path),
+            'states': [(s, s in checked) for s in states],
+            'fields': [(f, page.query.get(f, '')) for f in fields],
+            'perpage': [(n, n == paging['perpage']) for n in MON_PERPAGE],
+            'hidden': [(k, v) for k, v in (('sort', paging['sort']), ('refresh', page.refresh))
+                       if v]}
+
+
+JOB_LIST_HEADS = (('id', 'job'), ('name', 'name'), ('user', 'user'), ('jobtype', 'type'),
+                  ('priority', 'prio'), ('state', 'state'), ('errcode', 'exit'), ('site', 'site'),
+                  (None, 'pilot'), ('defined_at', 'defined'), ('started_at', 'started'),
+                  ('stopped_at', 'stopped'), (None, 'ran'))
+
+
+def job_cells(page, r):
+    return [cell(short(r['uuid']), page.href('/monitor/jobs/' + r['uuid'])),
+            cell(r['name']), cell(r['user']), cell(r['jobtype']), cell(r['priority'], cls='num'),
+            cell(r['state'], cls='state ' + r['state']),
+            cell(r['errcode'], cls='num' + (' bad' if r['errcode'] else '')), cell(r['site']),
+            cell(short(r['pilot']), page.href('/monitor/pilots/' + r['pilot']) if r['pilot'] else ''),
+            cell(local_time(r['defined_at'])), cell(local_time(r['started_at'])),
+            cell(local_time(r['stopped_at'])),
+            cell(duration(seconds_between(r['started_at'], r['stopped_at'])), cls='num')]
+
+
+PILOT_LIST_HEADS = (('id', 'pilot'), ('host', 'host'), ('site', 'site'), ('state', 'state'),
+                    (None, 'job'), ('jobs_done', 'jobs done'), ('registered_at', 'registered'),
+                    ('last_seen', 'last seen'), ('stopped_at', 'stopped'), (None, 'life'))
+
+
+def pilot_cells(page, r):
+    return [cell(short(r['uuid']), page.href('/monitor/pilots/' + r['uuid'])),
+            cell(r['host']), cell(r['site']), cell(r['state'], cls='state ' + r['state']),
+            cell(short(r['job']), page.href('/monitor/jobs/' + r['job']) if r['job'] else ''),
+            cell(r['jobs_done'], cls='num'), cell(local_time(r['registered_at'])),
+            cell(local_time(r['last_seen'])), cell(local_time(r['stopped_at'])),
+            cell(duration(seconds_between(r['registered_at'], r['last_seen'])), cls='num')]
+
+
+def list_page(title, table, columns, filters, orders, heads, cells, states, fields):
+    page = Page(title, request.query)
+    rows, matches, paging = listing(store().db(), table, columns, request.query, filters, orders)
+    return bottle.template('list', page=page, heads=sort_headers(page, heads, paging['sort']),
+                           rows=[cells(page, r) for r in rows],
+                           pager=pager(page, matches, paging, len(rows)),
+                           form=filter_form(page, states, fields, paging))
+
+
+@app.get('/monitor/jobs')
+def monitor_jobs():
+    return list_page('Jobs', 'jobs', MON_JOB_COLUMNS, JOB_FILTERS, MON_JOB_ORDER, JOB_LIST_HEADS,
+                     job_cells, JOB_STATES + ('error',),
+                     ('jobtype', 'user', 'workflow', 'pilot', 'site'))
+
+
+@app.get('/monitor/pilots')
+def monitor_pilots():
+    return list_page('Pilots', 'pilots', PILOT_COLUMNS, PILOT_FILTERS, MON_PILOT_ORDER,
+                     PILOT_LIST_HEADS, pilot_cells, PILOT_STATES, ('site', 'host'))
+
+
+# -- detail pages --
+
+
+def field_rows(page, obj, links):
+    """(name, text, href) for every field; times in local time, JSON pretty-printed."""
+    out = []
+    for key, value in obj.items():
+        if key.endswith('_at') or key == 'last_seen':
+            value = local_time(value)
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value, indent=1, sort_keys=True)
+        href = page.href(links[key] % value) if key in links and value else ''
+        out.append((key, '' if value is None else str(value), href))
+    return out
+
+
+@app.get('/monitor/jobs/<job_uuid>')
+def monitor_job(job_uuid):
+    page = Page('Job', request.query)
+    row = store().db().execute(GET_JOB, {'uuid': job_uuid.lower()}).fetchone()
+    if row is None:
+        not_found(page, 'job', job_uuid)
+    job = job_dict(row)
+    tails = store().db().execute(GET_JOB_LOGS, {'uuid': job['uuid']}).fetchone()
+    page.title = 'Job %s' % (job['name'] or short(job['uuid']))
+    times = [('waited (defined → started)', duration(seconds_between(job['defined_at'],
+                                                                     job['started_at']))),
+             ('ran (started → stopped)', duration(seconds_between(job['started_at'],
+                                                                  job['stopped_at'])))]
+    links = {'pilot': '/monitor/pilots/%s', 'workflow': '/monitor/workflows/%s'}
+    return bottle.template('detail', page=page, fields=field_rows(page, job, links), extra=times,
+                           logs=[('stdout', tails['stdout'] if tails else ''),
+                                 ('stderr', tails['stderr'] if tails else '')],
+                           table=None)
+
+
+@app.get('/monitor/pilots/<pilot_uuid>')
+def monitor_pilot(pilot_uuid):
+    page = Page('Pilot', request.query)
+    db = store().db()
+    row = db.execute(GET_PILOT, {'uuid': pilot_uuid.lower()}).fetchone()
+    if row is None:
+        not_found(page, 'pilot', pilot_uuid)
+    pilot = pilot_dict(row)
+    page.title = 'Pilot %s on %s' % (short(pilot['uuid']), pilot['host'] or '?')
+    jobs = db.execute(MON_PILOT_JOBS, {'pilot': pilot['uuid'], 'limit': 200}).fetchall()
+    table = {'title': 'Its jobs (newest first)',
+             'more': page.href('/monitor/jobs', pilot=pilot['uuid']),
+             'heads': [{'label': label, 'href': '', 'mark': ''} for _, label in JOB_LIST_HEADS],
+             'rows': [job_cells(page, r) for r in jobs]}
+    life = [('life (registered → last seen)',
+             duration(seconds_between(pilot['registered_at'], pilot['last_seen'])))]
+    return bottle.template('detail', page=page, extra=life, logs=[], table=table,
+                           fields=field_rows(page, pilot, {'job': '/monitor/jobs/%s'}))
 
 
 @app.get('/static/<path:path>')
 def monitor_static(path):
     return bottle.static_file(path, root=os.path.join(HERE, 'static'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Authorization
+# ---------------------------------------------------------------------------------------------
+
+# What a pilot token may change: its own registration, work, reports, heartbeats and exit.
+PILOT_PATH = re.compile(r'^/api/pilots(/[^/]+/(work|report|heartbeat|stop))?$')
+
+
+def bearer_token():
+    auth = request.get_header('Authorization', '')
+    return auth[7:].strip() if auth[:7].lower() == 'bearer ' else ''
+
+
+def token_matches(given, expected):
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+@app.hook('before_request')
+def authorize():
+    """With a token set, every state-changing call (and with --private every call) needs
+    `Authorization: Bearer <token>`; the pilot token opens the pilot calls only."""
+    token, pilot_token = app.config.get('p3s.token'), app.config.get('p3s.pilot_token')
+    if not token:
+        return
+    reading = request.method in ('GET', 'HEAD')
+    if reading and not app.config.get('p3s.private'):
+        return
+    given = bearer_token()
+    if token_matches(given, token):
+        return
+    if token_matches(given, pilot_token) and (reading or PILOT_PATH.match(request.path)):
+        return
+    response.set_header('WWW-Authenticate', 'Bearer')
+    fail(401, 'this call needs a valid token: Authorization: Bearer <token>')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -981,17 +2322,34 @@ app.install(on_integrity_error)
 
 
 def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT,
-              max_waiters=DEFAULT_MAX_WAITERS):
-    """Attach a database to the app; returns the Store."""
+              max_waiters=DEFAULT_MAX_WAITERS, token=None, pilot_token=None, private=False):
+    """Attach a database and the access policy to the app; returns the Store."""
     check_sqlite()
     st = Store(db_path, sync, max_waiters)
-    app.config['p3s.store'] = st
-    app.config['p3s.pilot_timeout'] = pilot_timeout
+    app.config.update({'p3s.store': st, 'p3s.pilot_timeout': pilot_timeout, 'p3s.token': token,
+                       'p3s.pilot_token': pilot_token, 'p3s.private': private,
+                       'p3s.started': utcnow()})
     return st
 
 
+def parse_duration(text):
+    """'7d', '12h', '30m', '45s' or a number of days, in seconds."""
+    units = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
+    text = text.strip().lower()
+    unit = units.get(text[-1:], None)
+    try:
+        value = float(text[:-1] if unit else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError('not a duration: %r (use e.g. 7d, 12h, 30m)' % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError('a duration cannot be negative')
+    return value * (unit or 86400)
+
+
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog='p3s_server.py', description='The p3s server.')
+    env = os.environ.get
+    ap = argparse.ArgumentParser(prog='p3s_server.py', description='The p3s server. Other '
+                                 'commands: "check" (integrity and counts), "purge" (old records).')
     ap.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
     ap.add_argument('--port', type=int, default=DEFAULT_PORT,
                     help='port (default %d; 0 picks a free one)' % DEFAULT_PORT)
@@ -1006,19 +2364,38 @@ def parse_args(argv):
                     % DEFAULT_PILOT_TIMEOUT)
     ap.add_argument('--sync', choices=('normal', 'full'), default='full',
                     help='SQLite synchronous setting (default full)')
+    ap.add_argument('--keep-days', type=float,
+                    help='purge terminal jobs and departed pilots older than this, hourly')
+    ap.add_argument('--token', default=env('P3S_TOKEN'),
+                    help='token needed for every state-changing call (P3S_TOKEN)')
+    ap.add_argument('--pilot-token', default=env('P3S_PILOT_TOKEN'),
+                    help='a second token that opens only the pilot calls (P3S_PILOT_TOKEN)')
+    ap.add_argument('--private', action='store_true', help='reads need a token too')
+    ap.add_argument('--insecure', action='store_true',
+                    help='allow listening beyond loopback without a token')
     args = ap.parse_args(argv)
     if not 0 <= args.max_waiters < args.threads:
         ap.error('--max-waiters must be at least 0 and below --threads')
+    if args.pilot_timeout <= 0:
+        ap.error('--pilot-timeout must be positive')
+    if (args.pilot_token or args.private) and not args.token:
+        ap.error('--pilot-token and --private need --token (or P3S_TOKEN)')
+    if args.host not in LOOPBACK and not args.token and not args.insecure:
+        ap.error('listening on %s needs a token (--token or P3S_TOKEN), or --insecure' % args.host)
     return args
 
 
-def main(argv=None):
+LOOPBACK = ('127.0.0.1', 'localhost', '::1')
+
+
+def serve(argv):
     import waitress
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
     logging.getLogger('waitress.queue').setLevel(logging.ERROR)   # per-request queue-depth noise
-    st = configure(args.db, args.sync, args.pilot_timeout, args.max_waiters)
-    keeper = Housekeeper(st, args.pilot_timeout)
+    st = configure(args.db, args.sync, args.pilot_timeout, args.max_waiters, args.token,
+                   args.pilot_token, args.private)
+    keeper = Housekeeper(st, args.pilot_timeout, args.keep_days)
     keeper.start()
     server = waitress.create_server(
         app, host=args.host, port=args.port, threads=args.threads,
@@ -1035,6 +2412,52 @@ def main(argv=None):
         server.close()
         st.close()
     return 0
+
+
+def check_command(argv):
+    """SQLite's integrity check and the counts per state; exit 1 if the check fails."""
+    ap = argparse.ArgumentParser(prog='p3s_server.py check')
+    ap.add_argument('--db', default=DEFAULT_DB)
+    args = ap.parse_args(argv)
+    if not os.path.exists(args.db):
+        ap.exit(1, 'p3s_server: error: no database at %s\n' % args.db)
+    st = configure(args.db)
+    verdict = [r[0] for r in st.db().execute(INTEGRITY_CHECK)]
+    print('integrity: %s' % '; '.join(verdict))
+    for what, by_state in counts(st).items():
+        print('%s: %s' % (what, ', '.join('%s %d' % kv for kv in sorted(by_state.items()))
+                          or 'none'))
+    st.close()
+    return 0 if verdict == ['ok'] else 1
+
+
+def purge_command(argv):
+    ap = argparse.ArgumentParser(prog='p3s_server.py purge',
+                                 description='Delete finished or failed workflows (with their '
+                                 'jobs and data), other terminal jobs and stopped/lost/killed '
+                                 'pilots older than --older, in small batches (safe while '
+                                 'serving).')
+    ap.add_argument('--older', type=parse_duration, required=True, help='e.g. 7d, 12h, 30m')
+    ap.add_argument('--state', help='only records in this state')
+    ap.add_argument('--db', default=DEFAULT_DB)
+    args = ap.parse_args(argv)
+    if args.state and args.state not in TERMINAL_STATES + PILOT_GONE:
+        ap.error('--state must be a terminal job state or stopped/lost/killed')
+    st = configure(args.db)
+    removed = purge(st, utcnow(), args.older, args.state)
+    print('purged %(workflows)d workflows, %(jobs)d other jobs and %(pilots)d pilots' % removed)
+    st.close()
+    return 0
+
+
+COMMANDS = {'check': check_command, 'purge': purge_command}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return serve(argv)
 
 
 if __name__ == '__main__':

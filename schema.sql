@@ -40,6 +40,16 @@ CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, defined_at, id) WH
 CREATE INDEX IF NOT EXISTS jobs_pilot ON jobs (pilot, id) WHERE pilot IS NOT NULL;
 -- Listings by state, newest first.
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+-- The monitor's windows (1 min .. 24 h) count by time, so each timestamp it counts is indexed,
+-- and only once set: each count is one range of an index (a window's rows, never the table).
+CREATE INDEX IF NOT EXISTS jobs_defined ON jobs (defined_at) WHERE defined_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started_at, defined_at) WHERE started_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (state, stopped_at) WHERE stopped_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_type_ended ON jobs (jobtype, state, stopped_at)
+    WHERE stopped_at IS NOT NULL;
+-- Queued and running jobs per type (the dashboard, jobtype caps): only live jobs are indexed.
+CREATE INDEX IF NOT EXISTS jobs_live_types ON jobs (jobtype, state)
+    WHERE state IN ('defined', 'dispatched', 'running');
 
 -- The tails of a job's stdout and stderr, sent by the pilot with its final report.
 CREATE TABLE IF NOT EXISTS joblogs (
@@ -69,5 +79,101 @@ CREATE TABLE IF NOT EXISTS pilots (
 CREATE INDEX IF NOT EXISTS pilots_live ON pilots (last_seen)
     WHERE state IN ('active', 'idle', 'dispatched', 'running');
 CREATE INDEX IF NOT EXISTS pilots_state ON pilots (state, id);
+
+-- Workflows (issue 3): DAG templates, the workflows made from them, datatypes and data files.
+-- A DAG is a template, a workflow a copy: workflows keep the DAG's name as text, so replacing or
+-- deleting a DAG leaves the workflows already made from it intact.
+CREATE TABLE IF NOT EXISTS dags (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    user        TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    nvertices   INTEGER NOT NULL,
+    nedges      INTEGER NOT NULL,
+    root        TEXT NOT NULL,                     -- first vertex in topological order
+    graphml     TEXT NOT NULL,                     -- the text as registered
+    created_at  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS dag_vertices (
+    id        INTEGER PRIMARY KEY,
+    dag       INTEGER NOT NULL REFERENCES dags (id) ON DELETE CASCADE,
+    name      TEXT NOT NULL,
+    position  INTEGER NOT NULL,                    -- in topological order
+    jobtype   TEXT NOT NULL DEFAULT 'default',     -- 'noop' finishes on the server at once
+    payload   TEXT NOT NULL DEFAULT '',
+    env       TEXT NOT NULL DEFAULT '{}',          -- JSON object of strings
+    timelimit INTEGER NOT NULL DEFAULT 1000,
+    priority  INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (dag, name)
+);
+
+-- Parallel edges between the same two vertices are allowed: edges have no natural key.
+CREATE TABLE IF NOT EXISTS dag_edges (
+    id       INTEGER PRIMARY KEY,
+    dag      INTEGER NOT NULL REFERENCES dags (id) ON DELETE CASCADE,
+    source   TEXT NOT NULL,
+    target   TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    dirpath  TEXT NOT NULL DEFAULT '',
+    datatype TEXT NOT NULL DEFAULT '',
+    datatag  TEXT NOT NULL DEFAULT '',             -- env variable holding the full path
+    comment  TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS dag_edges_dag ON dag_edges (dag, id);
+
+CREATE TABLE IF NOT EXISTS workflows (
+    id          INTEGER PRIMARY KEY,
+    uuid        TEXT NOT NULL UNIQUE,
+    name        TEXT NOT NULL DEFAULT '',          -- not unique
+    user        TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    dag         TEXT NOT NULL,                     -- name of the DAG it was made from
+    state       TEXT NOT NULL CHECK (state IN ('template', 'defined', 'running', 'finished',
+                    'failed')),
+    comment     TEXT NOT NULL DEFAULT '',          -- why it failed
+    rootuuid    TEXT,                              -- job made from the DAG's root
+    nvertices   INTEGER NOT NULL,
+    ndone       INTEGER NOT NULL DEFAULT 0,        -- jobs finished
+    created_at  TEXT NOT NULL,
+    defined_at  TEXT,
+    started_at  TEXT,                              -- its first job started
+    stopped_at  TEXT
+);
+CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state, id);
+-- The jobs of a workflow (its engine, its page, its deletion).
+CREATE INDEX IF NOT EXISTS jobs_workflow ON jobs (workflow) WHERE workflow IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS datatypes (
+    name       TEXT PRIMARY KEY,
+    ext        TEXT NOT NULL DEFAULT '',           -- with its dot: '.txt'
+    comment    TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+
+-- A data file. A workflow edge is one (template -> defined -> available when its producing
+-- job finished); files registered from outside use the same table. The state is free text on
+-- purpose: the data clients add their own states.
+CREATE TABLE IF NOT EXISTS data (
+    id         INTEGER PRIMARY KEY,
+    uuid       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,                      -- file name
+    dirpath    TEXT NOT NULL DEFAULT '',
+    datatype   TEXT NOT NULL DEFAULT '',
+    datatag    TEXT NOT NULL DEFAULT '',
+    state      TEXT NOT NULL DEFAULT 'defined',
+    comment    TEXT NOT NULL DEFAULT '',
+    workflow   TEXT,                               -- uuid of the owning workflow
+    source     TEXT NOT NULL DEFAULT '',           -- producing vertex (job name) ...
+    sourceuuid TEXT,                               -- ... and job
+    target     TEXT NOT NULL DEFAULT '',           -- consuming vertex ...
+    targetuuid TEXT,                               -- ... and job
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS data_source ON data (sourceuuid) WHERE sourceuuid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS data_target ON data (targetuuid) WHERE targetuuid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS data_workflow ON data (workflow, id) WHERE workflow IS NOT NULL;
+CREATE INDEX IF NOT EXISTS data_name ON data (name);
 
 PRAGMA user_version = 1;
