@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid as uuidlib
-from datetime import datetime
+from datetime import datetime, timezone
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -352,23 +352,36 @@ VALUES (?, 'bench', 'default', '/bin/true', ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
-def fill_jobs(path, n, state='defined', chunk=100000):
-    """Add n jobs in `state` (defined or finished) with executemany, schema applied first."""
+def fill_jobs(path, n, state='defined', spread=0.0, chunk=100000):
+    """Add n jobs in `state` (defined or finished) with executemany, schema applied first.
+
+    spread: seconds over which the jobs' times are spread back from now (0: all now). A
+    finished job takes 1 s from definition to its end.
+    """
     import p3s_server
     db = p3s_server.connect(path, 'normal')
     p3s_server.apply_schema(db)
     db.execute('PRAGMA synchronous = OFF')
-    now = p3s_server.utcnow()
+    now = datetime.now(timezone.utc).timestamp()
     done = state != 'defined'
-    row = (state, 'bench-pilot' if done else None, now, now,
-           now if done else None, now if done else None, now if done else None,
-           0 if done else None)
-    left = n
-    while left > 0:
-        k = min(chunk, left)
+
+    def row(i):
+        t = now - spread * i / n if spread else now
+        a = iso(t - 1 if done else t)
+        b = iso(t) if done else None
+        return (str(uuidlib.uuid4()), state, 'bench-pilot' if done else None, a, a, b and a,
+                b and a, b, 0 if done else None)
+    i = 0
+    while i < n:
+        k = min(chunk, n - i)
         db.execute('BEGIN IMMEDIATE')
-        db.executemany(FILL_JOB, ((str(uuidlib.uuid4()),) + row for _ in range(k)))
+        db.executemany(FILL_JOB, (row(j) for j in range(i, i + k)))
         db.execute('COMMIT')
-        left -= k
+        i += k
     db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
     db.close()
+
+
+def iso(t):
+    """Seconds since the epoch as the server stores times."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec='microseconds')
