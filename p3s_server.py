@@ -69,7 +69,7 @@ REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'ki
 UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
 
 JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
-              'timelimit', 'site', 'state'}
+              'timelimit', 'deadline', 'site', 'state'}
 PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
 
 log = logging.getLogger('p3s')
@@ -86,9 +86,12 @@ PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done,
 
 INSERT_JOB = """
 INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
-                  infile, state, created_at, defined_at)
+                  infile, state, created_at, defined_at, deadline, deadline_at)
 VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
-        :infile, :state, :now, CASE WHEN :state = 'defined' THEN :now END)
+        :infile, :state, :now, CASE WHEN :state = 'defined' THEN :now END, :deadline,
+        CASE WHEN :state = 'defined' AND :deadline IS NOT NULL
+             THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || :deadline || ' seconds')
+                  || substr(:now, 20) END)
 ON CONFLICT (uuid) DO NOTHING
 """
 GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
@@ -99,12 +102,22 @@ GET_JOB_HOLDER = 'SELECT state, pilot FROM jobs WHERE uuid = :uuid'
 # before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
 # literal, and the queue index is named: with the (state, id) index the planner would read every
 # queued job and sort them (reference/limits.md 1b), and INDEXED BY makes that an error instead.
+# Jobs past their deadline are skipped (the sweep makes them stale). The types at their cap are
+# found once per claim, through the jobs_active index, before the queue is read; counting and
+# taking in one statement is what keeps two pilots from both taking the last slot of a cap.
 CLAIM_JOB = """
 UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
  WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
               WHERE state = 'defined'
                 AND (site = '' OR site = :site)
                 AND (:jobtypes = '[]' OR jobtype IN (SELECT value FROM json_each(:jobtypes)))
+                AND (deadline_at IS NULL OR deadline_at > :now)
+                AND jobtype NOT IN (
+                    SELECT name FROM jobtypes
+                     WHERE cap IS NOT NULL
+                       AND cap <= (SELECT count(*) FROM jobs AS held INDEXED BY jobs_active
+                                    WHERE held.state IN ('dispatched', 'running')
+                                      AND held.jobtype = jobtypes.name))
               ORDER BY priority DESC, defined_at, id
               LIMIT 1)
 RETURNING """ + JOB_COLUMNS
@@ -132,7 +145,11 @@ UPDATE jobs SET priority = :priority
  WHERE uuid = :uuid AND state IN ('template', 'defined', 'dispatched', 'running')
 """
 DEFINE_JOB = """
-UPDATE jobs SET state = 'defined', defined_at = :now WHERE uuid = :uuid AND state = 'template'
+UPDATE jobs SET state = 'defined', defined_at = :now,
+       deadline_at = CASE WHEN deadline IS NOT NULL
+                          THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
+                               || substr(:now, 20) END
+ WHERE uuid = :uuid AND state = 'template'
 RETURNING jobtype, site
 """
 DROP_JOB = """
@@ -197,6 +214,60 @@ PILOT_FILTERS = {
     'site': 'site = :site',
     'host': 'host = :host',
 }
+
+# -- DQM controls --
+
+# Must repeat the condition of the partial index jobs_deadline to use it.
+STALE_JOBS = """
+UPDATE jobs INDEXED BY jobs_deadline SET state = 'stale', stopped_at = :now
+ WHERE state = 'defined' AND deadline_at IS NOT NULL AND deadline_at <= :now
+"""
+DROP_QUEUED_JOBS = """
+UPDATE jobs SET state = 'dropped', stopped_at = :now
+ WHERE state = 'defined' AND jobtype = :jobtype AND defined_at <= :cutoff
+"""
+
+JOBTYPE_ACTIVE = """(SELECT count(*) FROM jobs INDEXED BY jobs_active
+         WHERE state IN ('dispatched', 'running') AND jobtype = jobtypes.name)"""
+SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
+LIST_JOBTYPES = ('SELECT name, cap, updated_at, ' + JOBTYPE_ACTIVE + ' AS active'
+                 ' FROM jobtypes ORDER BY name')
+COUNT_QUEUED_BY_TYPE = """
+SELECT jobtype, count(*) AS n FROM jobs INDEXED BY jobs_queue WHERE state = 'defined' GROUP BY jobtype
+"""
+SET_CAP = """
+INSERT INTO jobtypes (name, cap, updated_at) VALUES (:name, :cap, :now)
+ON CONFLICT (name) DO UPDATE SET cap = excluded.cap, updated_at = excluded.updated_at
+"""
+SET_ALL_CAPS = 'UPDATE jobtypes SET cap = :cap, updated_at = :now'
+# Free slots of the named types, or (names NULL) of every type; NULL when a type has no cap.
+FREE_SLOTS = ('SELECT name, cap - ' + JOBTYPE_ACTIVE + ' AS free FROM jobtypes'
+              ' WHERE :names IS NULL OR name IN (SELECT value FROM json_each(:names))')
+GET_JOBTYPE_OF = 'SELECT jobtype FROM jobs WHERE uuid = :uuid'
+
+SITE_COLUMNS = 'name, period, cycles, beat, wait, pilots, lifetime, env, comment, updated_at'
+UPSERT_SITE = """
+INSERT INTO sites (name, period, cycles, beat, wait, pilots, lifetime, env, comment, updated_at)
+VALUES (:name, :period, :cycles, :beat, :wait, :pilots, :lifetime, :env, :comment, :now)
+ON CONFLICT (name) DO UPDATE SET
+    period = excluded.period, cycles = excluded.cycles, beat = excluded.beat,
+    wait = excluded.wait, pilots = excluded.pilots, lifetime = excluded.lifetime,
+    env = excluded.env, comment = excluded.comment, updated_at = excluded.updated_at
+"""
+GET_SITE = 'SELECT ' + SITE_COLUMNS + ' FROM sites WHERE name = :name'
+LIST_SITES = 'SELECT ' + SITE_COLUMNS + ' FROM sites ORDER BY name'
+DELETE_SITE = 'DELETE FROM sites WHERE name = :name'
+
+INSERT_SERVICE = """
+INSERT INTO services (name, message, created_at) VALUES (:name, :message, :now)
+RETURNING id, name, message, created_at
+"""
+LIST_SERVICES = """
+SELECT id, name, message, created_at FROM services ORDER BY id DESC LIMIT :limit
+"""
+LIST_SERVICES_NAMED = """
+SELECT id, name, message, created_at FROM services WHERE name = :name ORDER BY id DESC LIMIT :limit
+"""
 
 # ---------------------------------------------------------------------------------------------
 # Database helpers
@@ -435,6 +506,7 @@ def check_job(raw, now):
         'env': json.dumps(env),
         'priority': int_field(job, 'priority', 0),
         'timelimit': int_field(job, 'timelimit', 1000, 1, MAX_TIMELIMIT),
+        'deadline': int_field(job, 'deadline', None, 1, MAX_TIMELIMIT),
         'site': text_field(job, 'site'),
         'infile': env.get('P3S_INPUT_FILE', ''),
         'state': state,
@@ -531,6 +603,7 @@ def submit_jobs(store, raw_jobs, now):
     rows = [check_job(raw, now) for raw in raw_jobs]
     with store.write() as db:
         db.executemany(INSERT_JOB, rows)
+        db.executemany(SEEN_JOBTYPE, [{'jobtype': t} for t in {r['jobtype'] for r in rows}])
     store.waiters.wake([(r['jobtype'], r['site']) for r in rows if r['state'] == 'defined'])
     return [r['uuid'] for r in rows]
 
@@ -595,6 +668,7 @@ def kill_job(store, job_uuid, now):
     with store.write() as db:
         if not db.execute(KILL_JOB, {'uuid': job_uuid, 'now': now}).rowcount:
             job_conflict(db, job_uuid, 'kill')
+    wake_capped(store, job_uuid=job_uuid)
     return get_job(store, job_uuid)
 
 
@@ -719,6 +793,8 @@ def report_job(store, pilot_uuid, rep, now):
             if not gone and (rep['stdout'] or rep['stderr']):
                 db.execute(SAVE_JOB_LOGS, params)
         state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
+    if changed and rep['state'] != 'running':
+        wake_capped(store, job_uuid=rep['uuid'])
     if gone:
         return stop_reply(pilot)
     if rep['state'] == 'running' and state not in ACTIVE_STATES:
@@ -764,9 +840,13 @@ def sweep(store, now, pilot_timeout):
         lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, {'cutoff': cutoff, 'now': now})]
         if lost:
             db.execute(LOSE_PILOT_JOBS, {'pilots': json.dumps(lost), 'now': now})
+        stale = db.execute(STALE_JOBS, {'now': now}).rowcount
     if lost:
         log.warning('pilots lost after %.0f s of silence: %s', pilot_timeout, ', '.join(lost))
-    return {'lost_pilots': lost}
+        wake_capped(store)
+    if stale:
+        log.info('%d queued jobs passed their deadline: stale', stale)
+    return {'lost_pilots': lost, 'stale_jobs': stale}
 
 
 class Housekeeper(threading.Thread):
@@ -791,6 +871,134 @@ def counts(store):
         'jobs': {r['state']: r['n'] for r in db.execute(COUNT_JOBS_BY_STATE)},
         'pilots': {r['state']: r['n'] for r in db.execute(COUNT_PILOTS_BY_STATE)},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain: DQM controls (deadlines, drop, jobtype caps, sites, service messages)
+# ---------------------------------------------------------------------------------------------
+
+MAX_CAP = 10 ** 6
+MAX_MESSAGE = 64 * 1024
+SITE_FIELDS = {'name', 'period', 'cycles', 'beat', 'wait', 'pilots', 'lifetime', 'env', 'comment'}
+# field: (integer?, lowest, highest) -- the pilot's own limits for the same settings
+SITE_NUMBERS = {'period': (False, 0, 86400), 'cycles': (True, 0, 10 ** 9),
+                'beat': (False, 0.1, 86400), 'wait': (False, 0, MAX_WAIT),
+                'pilots': (True, 0, 10 ** 6), 'lifetime': (True, 0, 10 ** 9)}
+
+
+def seconds_before(now, seconds):
+    """The stored time `seconds` before `now`."""
+    then = datetime.fromisoformat(now).timestamp() - seconds
+    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
+
+
+def drop_jobs(store, body, now):
+    """An operator drops the queued jobs of a type, all of them or those older than `older` s."""
+    check_object(body, 'drop')
+    check_known(body, {'jobtype', 'older'}, 'drop')
+    jobtype = text_field(body, 'jobtype', required=True)
+    older = number_field(body, 'older', 0, 0, 10 ** 9)
+    params = {'jobtype': jobtype, 'cutoff': seconds_before(now, older), 'now': now}
+    with store.write() as db:
+        dropped = db.execute(DROP_QUEUED_JOBS, params).rowcount
+    return {'jobtype': jobtype, 'dropped': dropped}
+
+
+def list_jobtypes(store):
+    db = store.db()
+    queued = {r['jobtype']: r['n'] for r in db.execute(COUNT_QUEUED_BY_TYPE)}
+    return [dict(r, queued=queued.get(r['name'], 0)) for r in db.execute(LIST_JOBTYPES)]
+
+
+def set_cap(store, body, now):
+    """Set the cap of one type (`name`) or of every known type; `cap` null removes it.
+    Raising a cap wakes waiting pilots for the new slots."""
+    check_object(body, 'cap')
+    check_known(body, {'name', 'cap'}, 'cap')
+    if 'cap' not in body:
+        fail(400, 'cap is required (null removes the cap)')
+    params = {'name': text_field(body, 'name'), 'cap': int_field(body, 'cap', None, 0, MAX_CAP),
+              'now': now}
+    with store.write() as db:
+        db.execute(SET_CAP if params['name'] else SET_ALL_CAPS, params)
+    wake_capped(store, names=[params['name']] if params['name'] else None, uncapped=True)
+    return {'jobtypes': list_jobtypes(store)}
+
+
+def wake_capped(store, job_uuid=None, names=None, uncapped=False):
+    """Wake a waiting pilot for each free slot of a capped type: the type of one job that just
+    ended, the named types, or every type. A job of an uncapped type woke a pilot when it was
+    queued, so uncapped types are woken only when asked (a cap was just removed)."""
+    db = store.db()
+    if job_uuid is not None:
+        row = db.execute(GET_JOBTYPE_OF, {'uuid': job_uuid}).fetchone()
+        if row is None:
+            return
+        names = [row['jobtype']]
+    slots = []
+    for row in db.execute(FREE_SLOTS, {'names': None if names is None else json.dumps(names)}):
+        if row['free'] is not None or uncapped:
+            free = store.waiters.limit if row['free'] is None else max(row['free'], 0)
+            slots += [(row['name'], '')] * min(free, store.waiters.limit)
+    store.waiters.wake(slots)
+
+
+def site_dict(row):
+    site = dict(row)
+    site['env'] = json.loads(site['env'])
+    return site
+
+
+def site_number(d, key):
+    integer, lo, hi = SITE_NUMBERS[key]
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        fail(400, '%s must be %s' % (key, 'an integer' if integer else 'a number'))
+    if not lo <= value <= hi:
+        fail(400, '%s must be between %s and %s' % (key, lo, hi))
+    return value
+
+
+def define_site(store, raw, now):
+    """Create or replace a site: the defaults its pilots take (their own flags win)."""
+    site = check_object(raw, 'site')
+    check_known(site, SITE_FIELDS, 'site')
+    row = {key: site_number(site, key) for key in SITE_NUMBERS}
+    row.update(name=text_field(site, 'name', required=True), env=json.dumps(env_field(site)),
+               comment=text_field(site, 'comment', maxlen=4096), now=now)
+    with store.write() as db:
+        db.execute(UPSERT_SITE, row)
+        return site_dict(db.execute(GET_SITE, row).fetchone())
+
+
+def list_sites(store, name=None):
+    if name:
+        return [site_dict(r) for r in store.db().execute(GET_SITE, {'name': name})]
+    return [site_dict(r) for r in store.db().execute(LIST_SITES)]
+
+
+def delete_site(store, name):
+    with store.write() as db:
+        if not db.execute(DELETE_SITE, {'name': name}).rowcount:
+            fail(404, 'no such site: %s' % name[:MAX_TEXT])
+    return {'deleted': name}
+
+
+def add_service_message(store, raw, now):
+    body = check_object(raw, 'service message')
+    check_known(body, {'name', 'message'}, 'service message')
+    row = {'name': text_field(body, 'name', required=True),
+           'message': text_field(body, 'message', maxlen=MAX_MESSAGE), 'now': now}
+    with store.write() as db:
+        return dict(db.execute(INSERT_SERVICE, row).fetchone())
+
+
+def list_service_messages(store, query):
+    params = {'name': query.get('name') or None, 'limit': limit_from(query)}
+    sql = LIST_SERVICES_NAMED if params['name'] else LIST_SERVICES
+    return [dict(r) for r in store.db().execute(sql, params)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -915,6 +1123,49 @@ def api_stop_pilot(pilot_uuid):
     if state not in ('stopped', 'killed'):
         fail(400, "a pilot stops as 'stopped' or 'killed'")
     return stop_pilot(store(), check_uuid(pilot_uuid, 'pilot'), state, utcnow())
+
+
+# -- DQM controls --
+
+
+@app.post('/api/jobs/drop')
+def api_drop_jobs():
+    return drop_jobs(store(), json_body(), utcnow())
+
+
+@app.get('/api/jobtypes')
+def api_list_jobtypes():
+    return {'jobtypes': list_jobtypes(store())}
+
+
+@app.post('/api/jobtypes')
+def api_set_cap():
+    return set_cap(store(), json_body(), utcnow())
+
+
+@app.get('/api/sites')
+def api_list_sites():
+    return {'sites': list_sites(store(), request.query.get('name'))}
+
+
+@app.post('/api/sites')
+def api_define_site():
+    return {'site': define_site(store(), json_body(), utcnow())}
+
+
+@app.delete('/api/sites/<name>')
+def api_delete_site(name):
+    return delete_site(store(), name)
+
+
+@app.get('/api/services')
+def api_list_service_messages():
+    return {'services': list_service_messages(store(), request.query)}
+
+
+@app.post('/api/services')
+def api_add_service_message():
+    return {'service': add_service_message(store(), json_body(), utcnow())}
 
 
 @app.get('/api/summary')
