@@ -248,7 +248,19 @@ class Pilot:
         reply = self.call('POST', '/api/pilots', body)
         log.info('registered as %s with %s (site %r, jobtypes %s)', self.uuid, self.server,
                  self.args.site, ','.join(self.args.jobtypes) or 'any')
+        self.fit_timeout(reply.get('pilot_timeout'))
         return reply
+
+    def fit_timeout(self, pilot_timeout):
+        """Talk to the server often enough that it never takes this pilot for lost."""
+        if not pilot_timeout:
+            return
+        most = pilot_timeout / 3.0
+        for name in ('beat', 'period', 'wait'):
+            if getattr(self.args, name) > most:
+                log.info('--%s lowered to %.1f s: the server loses pilots silent for %.0f s',
+                         name, most, pilot_timeout)
+                setattr(self.args, name, most)
 
     def request_work(self):
         body = {'wait': self.args.wait}
@@ -294,14 +306,20 @@ class Pilot:
     def run_job(self, job):
         """Run a job's payload to its end; returns its final report."""
         job_uuid = job['uuid']
-        os.makedirs(self.args.joblog, exist_ok=True)
         out_path = os.path.join(self.args.joblog, job_uuid + '.out')
         err_path = os.path.join(self.args.joblog, job_uuid + '.err')
         env = self.job_environment(job)
         sandbox = None
         log.info('job %s (%s): %s', job_uuid, job['jobtype'], job['payload'])
         try:
-            with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
+            os.makedirs(self.args.joblog, exist_ok=True)
+            out, err = open(out_path, 'wb'), open(err_path, 'wb')
+        except OSError as e:
+            log.error('job %s: cannot write its logs in %s: %s', job_uuid, self.args.joblog, e)
+            return {'job': job_uuid, 'state': 'nonstarter', 'errcode': None, 'pid': None,
+                    'stdout': '', 'stderr': 'nonstarter: cannot write the job logs: %s' % e}
+        try:
+            with out, err:
                 try:
                     command, shell, sandbox = command_for(job, env)
                     proc = subprocess.Popen(command, shell=shell, env=env, stdout=out, stderr=err,

@@ -3,11 +3,15 @@
 
     python p3s_server.py [--host 127.0.0.1] [--port 8080] [--db ./p3s.db] [--threads N]
                          [--max-waiters N] [--pilot-timeout S] [--sync normal|full]
+                         [--keep-days N] [--token T] [--pilot-token T] [--private] [--insecure]
+    python p3s_server.py check [--db ./p3s.db]
+    python p3s_server.py purge --older 7d [--state S] [--db ./p3s.db]
 
 A Bottle app served by waitress on a WAL-mode SQLite database. Every write is one short
 `BEGIN IMMEDIATE` transaction; brokerage is a single `UPDATE ... RETURNING` statement.
 """
 import argparse
+import hmac
 import json
 import logging
 import os
@@ -43,7 +47,11 @@ CONNECTION_SLACK = 4             # waitress counts its listening socket and trig
 CHANNEL_TIMEOUT = 60             # must outlast the longest long poll
 MAX_WAIT = 30.0                  # seconds a pilot may wait for work in one request
 DEFAULT_PILOT_TIMEOUT = 120.0    # silence after which a pilot is lost
-SWEEP_PERIOD = 5.0               # seconds between housekeeping passes
+SWEEP_PERIOD = 5.0               # seconds between housekeeping passes (at most)
+TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is killed by the server
+PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
+PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
+MAX_RETRIES = 100
 BUSY_TIMEOUT_MS = 10000
 
 MAX_BODY = 64 * 1024 * 1024      # bytes in one request body (10,000 jobs are about 5 MB)
@@ -69,7 +77,7 @@ REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'ki
 UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
 
 JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
-              'timelimit', 'deadline', 'site', 'state'}
+              'timelimit', 'deadline', 'site', 'state', 'retries'}
 PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
 
 log = logging.getLogger('p3s')
@@ -86,9 +94,9 @@ PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done,
 
 INSERT_JOB = """
 INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
-                  infile, state, created_at, defined_at, deadline, deadline_at)
+                  infile, retries, state, created_at, defined_at, deadline, deadline_at)
 VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
-        :infile, :state, :now, CASE WHEN :state = 'defined' THEN :now END, :deadline,
+        :infile, :retries, :state, :now, CASE WHEN :state = 'defined' THEN :now END, :deadline,
         CASE WHEN :state = 'defined' AND :deadline IS NOT NULL
              THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || :deadline || ' seconds')
                   || substr(:now, 20) END)
@@ -166,6 +174,37 @@ RETURNING jobtype, site
 LOSE_PILOT_JOBS = """
 UPDATE jobs SET state = 'lost', stopped_at = :now
  WHERE pilot IN (SELECT value FROM json_each(:pilots)) AND state IN ('dispatched', 'running')
+RETURNING uuid
+"""
+# Opt-in retries ("retries": N): a job that was lost or could not start, never one that ran to
+# an exit code, goes back to the queue in its old place.
+RETRY_JOBS = """
+UPDATE jobs SET state = 'defined', retries = retries - 1, pilot = NULL, host = NULL, pid = NULL,
+                errcode = NULL, dispatched_at = NULL, started_at = NULL, stopped_at = NULL
+ WHERE uuid IN (SELECT value FROM json_each(:jobs)) AND state IN ('lost', 'nonstarter')
+   AND retries > 0
+RETURNING jobtype, site
+"""
+# A pilot should have killed these itself; it did not (or cannot), so the server ends them and
+# the pilot's next heartbeat is answered KILL.
+KILL_OVERDUE_JOBS = """
+UPDATE jobs SET state = 'timelimit', stopped_at = :now
+ WHERE state = 'running' AND (julianday(:now) - julianday(started_at)) * 86400 > timelimit + :grace
+"""
+PURGE_JOBS = """
+DELETE FROM jobs WHERE id IN (
+  SELECT id FROM jobs
+   WHERE state IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed', 'stale',
+                   'dropped', 'cancelled')
+     AND (:state IS NULL OR state = :state) AND coalesce(stopped_at, created_at) < :cutoff
+   LIMIT :batch)
+"""
+PURGE_PILOTS = """
+DELETE FROM pilots WHERE id IN (
+  SELECT id FROM pilots
+   WHERE state IN ('stopped', 'lost', 'killed') AND (:state IS NULL OR state = :state)
+     AND stopped_at < :cutoff
+   LIMIT :batch)
 """
 
 INSERT_PILOT = """
@@ -197,6 +236,7 @@ RETURNING uuid
 """
 
 COUNT_JOBS_BY_STATE = 'SELECT state, count(*) AS n FROM jobs GROUP BY state'
+INTEGRITY_CHECK = 'PRAGMA integrity_check'
 COUNT_PILOTS_BY_STATE = 'SELECT state, count(*) AS n FROM pilots GROUP BY state'
 
 # Listing filters: fixed fragments, chosen by which filters are given; values are bound.
@@ -508,6 +548,7 @@ def check_job(raw, now):
         'timelimit': int_field(job, 'timelimit', 1000, 1, MAX_TIMELIMIT),
         'deadline': int_field(job, 'deadline', None, 1, MAX_TIMELIMIT),
         'site': text_field(job, 'site'),
+        'retries': int_field(job, 'retries', 0, 0, MAX_RETRIES),
         'infile': env.get('P3S_INPUT_FILE', ''),
         'state': state,
         'now': now,
@@ -530,9 +571,17 @@ def check_report(raw):
         'state': state,
         'pid': int_field(rep, 'pid', None, 0, 2 ** 31),
         'errcode': errcode,
-        'stdout': text_field(rep, 'stdout', maxlen=4 * MAX_LOG_TAIL)[-MAX_LOG_TAIL:],
-        'stderr': text_field(rep, 'stderr', maxlen=4 * MAX_LOG_TAIL)[-MAX_LOG_TAIL:],
+        'stdout': log_tail(rep, 'stdout'),
+        'stderr': log_tail(rep, 'stderr'),
     }
+
+
+def log_tail(rep, key):
+    """A payload's output is data, not a name: keep it, whatever bytes it printed."""
+    text = rep.get(key) or ''
+    if not isinstance(text, str):
+        fail(400, '%s must be a string' % key)
+    return text[-MAX_LOG_TAIL:].replace('\x00', '\ufffd')
 
 
 def check_pilot(raw, now):
@@ -776,6 +825,7 @@ def report_job(store, pilot_uuid, rep, now):
     A report on a job the pilot does not hold is refused (409).
     """
     params = dict(rep, pilot=pilot_uuid, now=now, job=rep['uuid'])
+    retried = []
     with store.write() as db:
         pilot = live_pilot(db, pilot_uuid)
         held = db.execute(GET_JOB_HOLDER, params).fetchone()
@@ -790,9 +840,11 @@ def report_job(store, pilot_uuid, rep, now):
             changed = not gone and db.execute(FINISH_JOB, params).rowcount
             if changed:
                 db.execute(PILOT_JOB_DONE, params)
+                retried = retry_jobs(db, [rep['uuid']])
             if not gone and (rep['stdout'] or rep['stderr']):
                 db.execute(SAVE_JOB_LOGS, params)
         state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
+    store.waiters.wake(retried)
     if changed and rep['state'] != 'running':
         wake_capped(store, job_uuid=rep['uuid'])
     if gone:
@@ -832,37 +884,87 @@ def stop_pilot(store, pilot_uuid, state, now):
     return dict(pilot_dict(pilot), released=len(released))
 
 
-def sweep(store, now, pilot_timeout):
-    """Housekeeping: pilots silent for longer than pilot_timeout are lost, with their jobs."""
-    cutoff = datetime.fromisoformat(now).timestamp() - pilot_timeout
-    cutoff = datetime.fromtimestamp(cutoff, timezone.utc).isoformat(timespec='microseconds')
+def seconds_before(now, seconds):
+    """The stored time `seconds` before `now`."""
+    then = datetime.fromisoformat(now).timestamp() - seconds
+    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
+
+
+def retry_jobs(db, job_uuids):
+    """Queue again those of these jobs that ended lost or nonstarter with retries left."""
+    return [tuple(r) for r in db.execute(RETRY_JOBS, {'jobs': json.dumps(job_uuids)})]
+
+
+def sweep(store, now, pilot_timeout, lose_pilots=True):
+    """Housekeeping: pilots silent for longer than pilot_timeout are lost, with their jobs;
+    running jobs far past their timelimit end `timelimit`."""
+    params = {'now': now, 'cutoff': seconds_before(now, pilot_timeout), 'grace': TIMELIMIT_GRACE}
+    lost, retried = [], []
     with store.write() as db:
-        lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, {'cutoff': cutoff, 'now': now})]
+        if lose_pilots:
+            lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, params)]
         if lost:
-            db.execute(LOSE_PILOT_JOBS, {'pilots': json.dumps(lost), 'now': now})
-        stale = db.execute(STALE_JOBS, {'now': now}).rowcount
+            jobs = [r['uuid'] for r in db.execute(LOSE_PILOT_JOBS, dict(params, pilots=json.dumps(lost)))]
+            retried = retry_jobs(db, jobs)
+        overdue = db.execute(KILL_OVERDUE_JOBS, params).rowcount
+        stale = db.execute(STALE_JOBS, params).rowcount
+    store.waiters.wake(retried)
+    if lost or overdue:
+        wake_capped(store)
     if lost:
         log.warning('pilots lost after %.0f s of silence: %s', pilot_timeout, ', '.join(lost))
-        wake_capped(store)
+    if overdue:
+        log.warning('%d running jobs ended by the server, %d s past their timelimit', overdue,
+                    TIMELIMIT_GRACE)
     if stale:
         log.info('%d queued jobs passed their deadline: stale', stale)
-    return {'lost_pilots': lost, 'stale_jobs': stale}
+    return {'lost_pilots': lost, 'retried': len(retried), 'overdue': overdue, 'stale_jobs': stale}
+
+
+def purge(store, now, older, state=None):
+    """Delete terminal jobs and departed pilots older than `older` seconds, in small batches
+    so that brokerage waits for one batch at most."""
+    params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
+    removed = {'jobs': 0, 'pilots': 0}
+    for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS)):
+        while True:
+            with store.write() as db:
+                n = db.execute(sql, params).rowcount
+            removed[what] += n
+            if n < PURGE_BATCH:
+                break
+    return removed
 
 
 class Housekeeper(threading.Thread):
-    """Runs sweep() every `period` seconds inside the server: no cron needed."""
+    """Runs sweep() (and purge(), with keep_days) inside the server: no cron needed.
 
-    def __init__(self, store, pilot_timeout, period=SWEEP_PERIOD):
+    No pilot is declared lost during the first pilot_timeout after the server starts: while
+    the server was down its pilots could not reach it, and they need the time to come back.
+    """
+
+    def __init__(self, store, pilot_timeout, keep_days=None):
         super().__init__(name='p3s-housekeeper', daemon=True)
-        self.store, self.pilot_timeout, self.period = store, pilot_timeout, period
+        self.store, self.pilot_timeout, self.keep_days = store, pilot_timeout, keep_days
+        self.period = min(SWEEP_PERIOD, pilot_timeout / 4)
+        self.started = time.monotonic()
+        self.next_purge = self.started
         self.stopping = threading.Event()
 
     def run(self):
         while not self.stopping.wait(self.period):
             try:
-                sweep(self.store, utcnow(), self.pilot_timeout)
+                self.step(time.monotonic())
             except Exception:
-                log.exception('housekeeping failed; trying again in %.0f s', self.period)
+                log.exception('housekeeping failed; trying again in %.1f s', self.period)
+
+    def step(self, clock):
+        sweep(self.store, utcnow(), self.pilot_timeout,
+              lose_pilots=clock - self.started >= self.pilot_timeout)
+        if self.keep_days and clock >= self.next_purge:
+            self.next_purge = clock + PURGE_PERIOD
+            removed = purge(self.store, utcnow(), self.keep_days * 86400)
+            log.info('retention of %g days: purged %s', self.keep_days, removed)
 
 
 def counts(store):
@@ -884,12 +986,6 @@ SITE_FIELDS = {'name', 'period', 'cycles', 'beat', 'wait', 'pilots', 'lifetime',
 SITE_NUMBERS = {'period': (False, 0, 86400), 'cycles': (True, 0, 10 ** 9),
                 'beat': (False, 0.1, 86400), 'wait': (False, 0, MAX_WAIT),
                 'pilots': (True, 0, 10 ** 6), 'lifetime': (True, 0, 10 ** 9)}
-
-
-def seconds_before(now, seconds):
-    """The stored time `seconds` before `now`."""
-    then = datetime.fromisoformat(now).timestamp() - seconds
-    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
 
 
 def drop_jobs(store, body, now):
@@ -1085,7 +1181,8 @@ def api_request_work(pilot_uuid):
     pilot_uuid = check_uuid(pilot_uuid, 'pilot')
     body = check_object(json_body(), 'request')
     check_known(body, {'wait', 'report'}, 'request')
-    wait = number_field(body, 'wait', 0, 0, MAX_WAIT)
+    # A held pilot sends nothing, so it must be answered well within the pilot timeout.
+    wait = number_field(body, 'wait', 0, 0, min(MAX_WAIT, app.config['p3s.pilot_timeout'] / 3))
     reply = {}
     if body.get('report') is not None:
         reply['report'] = report_or_refusal(pilot_uuid, body['report'])
@@ -1192,6 +1289,42 @@ def monitor_static(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Authorization
+# ---------------------------------------------------------------------------------------------
+
+# What a pilot token may change: its own registration, work, reports, heartbeats and exit.
+PILOT_PATH = re.compile(r'^/api/pilots(/[^/]+/(work|report|heartbeat|stop))?$')
+
+
+def bearer_token():
+    auth = request.get_header('Authorization', '')
+    return auth[7:].strip() if auth[:7].lower() == 'bearer ' else ''
+
+
+def token_matches(given, expected):
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+@app.hook('before_request')
+def authorize():
+    """With a token set, every state-changing call (and with --private every call) needs
+    `Authorization: Bearer <token>`; the pilot token opens the pilot calls only."""
+    token, pilot_token = app.config.get('p3s.token'), app.config.get('p3s.pilot_token')
+    if not token:
+        return
+    reading = request.method in ('GET', 'HEAD')
+    if reading and not app.config.get('p3s.private'):
+        return
+    given = bearer_token()
+    if token_matches(given, token):
+        return
+    if token_matches(given, pilot_token) and (reading or PILOT_PATH.match(request.path)):
+        return
+    response.set_header('WWW-Authenticate', 'Bearer')
+    fail(401, 'this call needs a valid token: Authorization: Bearer <token>')
+
+
+# ---------------------------------------------------------------------------------------------
 # Error handlers
 # ---------------------------------------------------------------------------------------------
 
@@ -1232,17 +1365,33 @@ app.install(on_integrity_error)
 
 
 def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT,
-              max_waiters=DEFAULT_MAX_WAITERS):
-    """Attach a database to the app; returns the Store."""
+              max_waiters=DEFAULT_MAX_WAITERS, token=None, pilot_token=None, private=False):
+    """Attach a database and the access policy to the app; returns the Store."""
     check_sqlite()
     st = Store(db_path, sync, max_waiters)
-    app.config['p3s.store'] = st
-    app.config['p3s.pilot_timeout'] = pilot_timeout
+    app.config.update({'p3s.store': st, 'p3s.pilot_timeout': pilot_timeout, 'p3s.token': token,
+                       'p3s.pilot_token': pilot_token, 'p3s.private': private})
     return st
 
 
+def parse_duration(text):
+    """'7d', '12h', '30m', '45s' or a number of days, in seconds."""
+    units = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
+    text = text.strip().lower()
+    unit = units.get(text[-1:], None)
+    try:
+        value = float(text[:-1] if unit else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError('not a duration: %r (use e.g. 7d, 12h, 30m)' % text)
+    if value < 0:
+        raise argparse.ArgumentTypeError('a duration cannot be negative')
+    return value * (unit or 86400)
+
+
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog='p3s_server.py', description='The p3s server.')
+    env = os.environ.get
+    ap = argparse.ArgumentParser(prog='p3s_server.py', description='The p3s server. Other '
+                                 'commands: "check" (integrity and counts), "purge" (old records).')
     ap.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
     ap.add_argument('--port', type=int, default=DEFAULT_PORT,
                     help='port (default %d; 0 picks a free one)' % DEFAULT_PORT)
@@ -1257,19 +1406,38 @@ def parse_args(argv):
                     % DEFAULT_PILOT_TIMEOUT)
     ap.add_argument('--sync', choices=('normal', 'full'), default='full',
                     help='SQLite synchronous setting (default full)')
+    ap.add_argument('--keep-days', type=float,
+                    help='purge terminal jobs and departed pilots older than this, hourly')
+    ap.add_argument('--token', default=env('P3S_TOKEN'),
+                    help='token needed for every state-changing call (P3S_TOKEN)')
+    ap.add_argument('--pilot-token', default=env('P3S_PILOT_TOKEN'),
+                    help='a second token that opens only the pilot calls (P3S_PILOT_TOKEN)')
+    ap.add_argument('--private', action='store_true', help='reads need a token too')
+    ap.add_argument('--insecure', action='store_true',
+                    help='allow listening beyond loopback without a token')
     args = ap.parse_args(argv)
     if not 0 <= args.max_waiters < args.threads:
         ap.error('--max-waiters must be at least 0 and below --threads')
+    if args.pilot_timeout <= 0:
+        ap.error('--pilot-timeout must be positive')
+    if (args.pilot_token or args.private) and not args.token:
+        ap.error('--pilot-token and --private need --token (or P3S_TOKEN)')
+    if args.host not in LOOPBACK and not args.token and not args.insecure:
+        ap.error('listening on %s needs a token (--token or P3S_TOKEN), or --insecure' % args.host)
     return args
 
 
-def main(argv=None):
+LOOPBACK = ('127.0.0.1', 'localhost', '::1')
+
+
+def serve(argv):
     import waitress
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
     logging.getLogger('waitress.queue').setLevel(logging.ERROR)   # per-request queue-depth noise
-    st = configure(args.db, args.sync, args.pilot_timeout, args.max_waiters)
-    keeper = Housekeeper(st, args.pilot_timeout)
+    st = configure(args.db, args.sync, args.pilot_timeout, args.max_waiters, args.token,
+                   args.pilot_token, args.private)
+    keeper = Housekeeper(st, args.pilot_timeout, args.keep_days)
     keeper.start()
     server = waitress.create_server(
         app, host=args.host, port=args.port, threads=args.threads,
@@ -1286,6 +1454,50 @@ def main(argv=None):
         server.close()
         st.close()
     return 0
+
+
+def check_command(argv):
+    """SQLite's integrity check and the counts per state; exit 1 if the check fails."""
+    ap = argparse.ArgumentParser(prog='p3s_server.py check')
+    ap.add_argument('--db', default=DEFAULT_DB)
+    args = ap.parse_args(argv)
+    if not os.path.exists(args.db):
+        ap.exit(1, 'p3s_server: error: no database at %s\n' % args.db)
+    st = configure(args.db)
+    verdict = [r[0] for r in st.db().execute(INTEGRITY_CHECK)]
+    print('integrity: %s' % '; '.join(verdict))
+    for what, by_state in counts(st).items():
+        print('%s: %s' % (what, ', '.join('%s %d' % kv for kv in sorted(by_state.items()))
+                          or 'none'))
+    st.close()
+    return 0 if verdict == ['ok'] else 1
+
+
+def purge_command(argv):
+    ap = argparse.ArgumentParser(prog='p3s_server.py purge',
+                                 description='Delete terminal jobs and stopped/lost/killed pilots '
+                                 'older than --older, in small batches (safe while serving).')
+    ap.add_argument('--older', type=parse_duration, required=True, help='e.g. 7d, 12h, 30m')
+    ap.add_argument('--state', help='only records in this state')
+    ap.add_argument('--db', default=DEFAULT_DB)
+    args = ap.parse_args(argv)
+    if args.state and args.state not in TERMINAL_STATES + PILOT_GONE:
+        ap.error('--state must be a terminal job state or stopped/lost/killed')
+    st = configure(args.db)
+    removed = purge(st, utcnow(), args.older, args.state)
+    print('purged %(jobs)d jobs and %(pilots)d pilots' % removed)
+    st.close()
+    return 0
+
+
+COMMANDS = {'check': check_command, 'purge': purge_command}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return serve(argv)
 
 
 if __name__ == '__main__':

@@ -359,3 +359,18 @@ def test_client_runs_when_copied_alone(tmp_path, name):
     proc = subprocess.run([sys.executable, '-S', '-I', 'p3s_%s.py' % name, '-h'], cwd=alone,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and 'Exit codes' in proc.stdout, proc.stderr
+
+
+def test_odd_output_and_unwritable_logs_still_end_the_job(clients, server, tmp_path):
+    noisy = write_script(tmp_path / 'noisy.sh', "printf 'a\\0b\\377c'\nprintf '<&>\\0' >&2\n")
+    [job_uuid] = clients.submit([make_job(noisy)])
+    clients.run_pilot()
+    job = server.api('GET', '/api/jobs/%s?logs=1' % job_uuid)[1]
+    assert job['state'] == 'finished'
+    assert job['stdout'] == 'a\ufffdb\ufffdc' and job['stderr'] == '<&>\ufffd'
+    blocked = tmp_path / 'not-a-dir'
+    blocked.write_text('')
+    [job_uuid] = clients.submit([make_job('/bin/true')])
+    clients.run_pilot(env={'P3S_JOBLOG': str(blocked / 'jobs')})
+    job = server.api('GET', '/api/jobs/%s?logs=1' % job_uuid)[1]
+    assert job['state'] == 'nonstarter' and 'cannot write the job logs' in job['stderr']

@@ -1,0 +1,234 @@
+"""Nothing lost, nothing run twice, no one in who does not belong: crashes of the server and
+of pilots with real processes, housekeeping, retention, retries and tokens."""
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import p3s_server as srv
+from conftest import ROOT, Clients, Server, api, free_port, make_job, pid_alive, wait_for
+from test_store import later, pilot, store, submit  # noqa: F401  (the store fixture)
+
+
+def finished_count(server):
+    return sum(j['state'] == 'finished' for j in server.jobs(state='finished'))
+
+
+def test_server_killed_mid_run_then_restarted_loses_and_repeats_nothing(tmp_path):
+    """kill -9 of the server during a run of 300 jobs with 4 pilots; a restart on the same port
+    and database: every accepted job finishes exactly once, and the pilots carry on."""
+    runs = tmp_path / 'runs.log'
+    port = free_port()
+    server = Server(tmp_path, port=port).start()
+    clients = Clients(tmp_path, server)
+    try:
+        job = make_job('/bin/sh -c "echo $P3S_JOB_UUID >> %s; sleep 0.01"' % runs)
+        uuids = clients.submit([job] * 300)
+        pilots = [clients.pilot('--cycles', '0', '--wait', '2', '--beat', '1') for _ in range(4)]
+        wait_for(lambda: finished_count(server) >= 60, 60, what='60 jobs finished')
+        late = clients.submit([job] * 20)             # accepted with a 2xx answer just before...
+        server.proc.send_signal(signal.SIGKILL)         # ...the server dies
+        server.proc.wait()
+        server.stop()
+        time.sleep(2)                                   # the pilots meet a dead server
+        server = Server(tmp_path, port=port).start()
+        clients.server = server
+        wait_for(lambda: finished_count(server) == 320, 120, what='all 320 jobs finished')
+        for p in pilots:
+            p.send_signal(signal.SIGTERM)
+        for p in pilots:
+            p.communicate(timeout=60)
+            assert p.returncode == 0
+        jobs = server.jobs()
+        assert {j['uuid'] for j in jobs} == set(uuids + late)
+        assert {j['state'] for j in jobs} == {'finished'}
+        ran = collections.Counter(runs.read_text().split())
+        assert set(ran) == set(uuids + late)
+        assert max(ran.values()) == 1, [u for u, n in ran.items() if n > 1]
+        assert 'retrying' in clients.pilot_logs()
+    finally:
+        clients.cleanup()
+        server.stop()
+
+
+@pytest.fixture
+def quick_server(tmp_path):
+    srv_ = Server(tmp_path, extra_args=['--pilot-timeout', '2']).start()
+    yield srv_
+    srv_.stop()
+
+
+def test_killed_pilot_leaves_its_job_lost(tmp_path, quick_server):
+    clients = Clients(tmp_path, quick_server)
+    try:
+        [job_uuid] = clients.submit([make_job('sleep 60')])
+        pilot = clients.pilot('--beat', '0.5')
+        wait_for(lambda: quick_server.job(job_uuid)['state'] == 'running', what='running')
+        pilot.send_signal(signal.SIGKILL)
+        pilot.communicate()
+        wait_for(lambda: quick_server.job(job_uuid)['state'] == 'lost', 30, what='job lost')
+        [p] = quick_server.api('GET', '/api/pilots')[1]['pilots']
+        assert p['state'] == 'lost'
+        os.killpg(quick_server.job(job_uuid)['pid'], signal.SIGKILL)   # the orphaned payload
+    finally:
+        clients.cleanup()
+
+
+def test_pilot_back_from_the_dead_is_told_to_stop(tmp_path, quick_server):
+    """A pilot frozen past the timeout is declared lost; when it wakes it kills its payload and
+    leaves, and its late reports change nothing."""
+    clients = Clients(tmp_path, quick_server)
+    try:
+        [job_uuid] = clients.submit([make_job('sleep 60')])
+        pilot = clients.pilot('--beat', '0.3')
+        wait_for(lambda: quick_server.job(job_uuid)['state'] == 'running', what='running')
+        payload = quick_server.job(job_uuid)['pid']
+        pilot.send_signal(signal.SIGSTOP)
+        wait_for(lambda: quick_server.job(job_uuid)['state'] == 'lost', 30, what='job lost')
+        pilot.send_signal(signal.SIGCONT)
+        pilot.communicate(timeout=30)
+        assert pilot.returncode == 0
+        wait_for(lambda: not pid_alive(payload), 10, what='payload killed')
+        job = quick_server.job(job_uuid)
+        assert job['state'] == 'lost'
+        assert 'server says stop' in clients.pilot_logs() or 'STOP' in clients.pilot_logs()
+    finally:
+        clients.cleanup()
+
+
+def test_retries_requeue_a_nonstarter_but_never_a_failure(clients, server):
+    missing, failing = clients.submit([make_job('/no/such/program', retries=1, priority='1'),
+                                       make_job('/bin/false', retries=3)])
+    clients.run_pilot('--cycles', '3', '--wait', '0', '--period', '0')
+    first = server.job(missing)
+    assert (first['state'], first['retries']) == ('nonstarter', 0)      # ran twice, then no more
+    last = server.job(failing)
+    assert (last['state'], last['errcode'], last['retries']) == ('failed', 1, 3)
+
+
+def test_lost_job_with_retries_goes_back_to_the_queue(store):
+    me = pilot(store)
+    [job] = submit(store, retries=1)
+    srv.request_work(store, me, srv.utcnow())
+    now = later(srv.utcnow(), 500)
+    assert srv.sweep(store, now, 120)['retried'] == 1
+    again = srv.get_job(store, job)
+    assert (again['state'], again['retries'], again['pilot']) == ('defined', 0, None)
+    other = pilot(store)
+    assert srv.request_work(store, other, later(now, 1))[0]['job']['uuid'] == job
+    srv.sweep(store, later(now, 1000), 120)
+    assert srv.get_job(store, job)['state'] == 'lost'
+
+
+def test_a_job_far_past_its_timelimit_is_ended_and_its_pilot_told_to_kill(store):
+    me = pilot(store)
+    [job] = submit(store, timelimit=10)
+    srv.request_work(store, me, srv.utcnow())
+    started = srv.utcnow()
+    srv.report_job(store, me, {'uuid': job, 'state': 'running', 'pid': 5, 'errcode': None,
+                               'stdout': '', 'stderr': ''}, started)
+    assert srv.sweep(store, later(started, 10 + srv.TIMELIMIT_GRACE - 1), 1e9)['overdue'] == 0
+    assert srv.sweep(store, later(started, 10 + srv.TIMELIMIT_GRACE + 1), 1e9)['overdue'] == 1
+    assert srv.get_job(store, job)['state'] == 'timelimit'
+    assert srv.heartbeat(store, me, job, srv.utcnow())['status'] == 'KILL'
+
+
+def test_purge_removes_old_terminal_records_in_batches(store, monkeypatch):
+    monkeypatch.setattr(srv, 'PURGE_BATCH', 7)
+    me = pilot(store)
+    submit(store, 30)
+    for _ in range(25):
+        job = srv.request_work(store, me, srv.utcnow())[0]['job']['uuid']
+        srv.report_job(store, me, {'uuid': job, 'state': 'finished', 'errcode': 0, 'pid': 1,
+                                   'stdout': 'x', 'stderr': ''}, srv.utcnow())
+    srv.request_work(store, me, srv.utcnow())              # one stays dispatched
+    srv.stop_pilot(store, pilot(store), 'stopped', srv.utcnow())
+    now = srv.utcnow()
+    assert srv.purge(store, now, 3600) == {'jobs': 0, 'pilots': 0}
+    assert srv.purge(store, later(now, 7200), 3600) == {'jobs': 25, 'pilots': 1}
+    left = store.db().execute('SELECT state, count(*) FROM jobs GROUP BY state').fetchall()
+    assert dict(map(tuple, left)) == {'defined': 4, 'dispatched': 1}
+    assert store.db().execute('SELECT count(*) FROM joblogs').fetchone()[0] == 0
+
+
+def run_server_command(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'p3s_server.py')] + list(args),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_and_purge_commands(tmp_path, clients, server):
+    clients.submit([make_job('/bin/true')] * 3)
+    clients.run_pilot('--cycles', '3')
+    check = run_server_command('check', '--db', server.db)
+    assert check.returncode == 0, check.stderr
+    assert 'integrity: ok' in check.stdout and 'finished 3' in check.stdout
+    purged = run_server_command('purge', '--older', '0s', '--db', server.db)
+    assert purged.returncode == 0 and 'purged 3 jobs and 1 pilots' in purged.stdout, purged.stderr
+    assert server.jobs() == []
+    bad = run_server_command('purge', '--older', 'soon', '--db', server.db)
+    assert bad.returncode == 2 and 'not a duration' in bad.stderr
+    missing = run_server_command('check', '--db', str(tmp_path / 'nothing.db'))
+    assert missing.returncode == 1 and 'no database' in missing.stderr
+
+
+# -- security ----------------------------------------------------------------------------------
+
+def call_with(server, token, method, path, body=None):
+    import urllib.request
+    import urllib.error
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(server.url.rstrip('/') + path, data=data, method=method,
+                                 headers={'Content-Type': 'application/json',
+                                          'Authorization': 'Bearer ' + token})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        assert json.loads(e.read())['error']
+        return e.code
+
+
+def test_tokens_guard_every_state_change(tmp_path):
+    server = Server(tmp_path, extra_args=['--token', 'admin-secret',
+                                          '--pilot-token', 'pilot-secret']).start()
+    clients = Clients(tmp_path, server)
+    try:
+        job = [{'payload': '/bin/true'}]
+        assert server.api('POST', '/api/jobs', job)[0] == 401
+        assert call_with(server, 'wrong', 'POST', '/api/jobs', job) == 401
+        assert call_with(server, 'pilot-secret', 'POST', '/api/jobs', job) == 401   # no submitting
+        assert call_with(server, 'admin-secret', 'POST', '/api/jobs', job) == 200
+        assert server.api('GET', '/api/jobs')[0] == 200                            # reads are open
+        assert server.api('POST', '/api/pilots', {})[0] == 401
+        path = tmp_path / 'job.json'
+        path.write_text(json.dumps([make_job('/bin/true')]))
+        denied = clients.run('job', '-j', str(path))
+        assert denied.returncode == 1 and 'token' in denied.stderr
+        [uuid] = clients.run('job', '-j', str(path), env={'P3S_TOKEN': 'admin-secret'}, check=0).stdout.split()
+        assert clients.run('job', '--kill', uuid, env={'P3S_PILOT_TOKEN': 'admin-secret'}).returncode == 1
+        clients.run_pilot('--cycles', '2', '--wait', '0', '--period', '0',
+                          env={'P3S_PILOT_TOKEN': 'pilot-secret'})
+        assert {j['state'] for j in server.jobs()} == {'finished'}
+        assert clients.run('pilot', env={'P3S_PILOT_TOKEN': 'wrong'}).returncode == 1
+    finally:
+        clients.cleanup()
+        server.stop()
+
+
+def test_private_server_hides_reads_too(tmp_path):
+    server = Server(tmp_path, extra_args=['--token', 't0k3n', '--private']).start()
+    try:
+        assert server.api('GET', '/api/jobs')[0] == 401
+        assert call_with(server, 't0k3n', 'GET', '/api/jobs') == 200
+    finally:
+        server.stop()
+
+
+def test_listening_beyond_loopback_needs_a_token():
+    proc = run_server_command('--host', '0.0.0.0', '--port', '0', '--db', ':memory:')
+    assert proc.returncode == 2 and 'needs a token' in proc.stderr

@@ -1,0 +1,253 @@
+"""In-process tests of the SQL, brokerage and housekeeping, on a temporary database."""
+import io
+import json
+import os
+import sqlite3
+import threading
+import wsgiref.util
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import p3s_server as srv
+from conftest import ROOT
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = srv.configure(str(tmp_path / 'p3s.db'), sync='normal', max_waiters=2)
+    yield st
+    st.close()
+
+
+def later(now, seconds):
+    return (datetime.fromisoformat(now) + timedelta(seconds=seconds)).isoformat(timespec='microseconds')
+
+
+def pilot(store, **fields):
+    return srv.register_pilot(store, dict({'host': 'h'}, **fields), srv.utcnow())['uuid']
+
+
+def submit(store, n=1, **fields):
+    return srv.submit_jobs(store, [dict({'payload': '/bin/true'}, **fields)] * n, srv.utcnow())
+
+
+def wsgi(method, path, body=None, raw=None):
+    """Call the Bottle app directly: (status, JSON body)."""
+    data = raw if raw is not None else (b'' if body is None else json.dumps(body).encode())
+    environ = {'REQUEST_METHOD': method, 'PATH_INFO': path.split('?')[0],
+               'QUERY_STRING': path.partition('?')[2], 'CONTENT_LENGTH': str(len(data)),
+               'CONTENT_TYPE': 'application/json', 'wsgi.input': io.BytesIO(data)}
+    wsgiref.util.setup_testing_defaults(environ)
+    status = []
+    chunks = srv.app(environ, lambda s, h, e=None: status.append((s, dict(h))))
+    text = b''.join(chunks)
+    code = int(status[0][0].split()[0])
+    assert status[0][1]['Content-Type'].startswith('application/json'), (path, text[:200])
+    return code, json.loads(text)
+
+
+# -- brokerage ---------------------------------------------------------------------------------
+
+def plan(store, sql, params):
+    return [row[3] for row in store.db().execute('EXPLAIN QUERY PLAN ' + sql, params)]
+
+
+def test_claim_walks_the_queue_index_without_sorting(store):
+    db = store.db()
+    now = srv.utcnow()
+    rows = [{'uuid': 'u%d' % i, 'payload': 'x', 'state': 'finished' if i % 10 else 'defined',
+             'now': now} for i in range(20000)]
+    db.executemany("INSERT INTO jobs (uuid, payload, state, created_at, defined_at) "
+                   "VALUES (:uuid, :payload, :state, :now, :now)", rows)
+    db.execute('ANALYZE')
+    steps = plan(store, srv.CLAIM_JOB, {'pilot': 'p', 'host': 'h', 'site': '', 'jobtypes': '[]',
+                                        'now': now})
+    assert 'SCAN jobs USING INDEX jobs_queue' in steps
+    assert not any('TEMP B-TREE' in s for s in steps), steps
+    assert not any(s == 'SCAN jobs' for s in steps), steps
+
+
+def test_sixteen_threads_claim_500_jobs_exactly_once(store):
+    submitted = set(submit(store, 500))
+    pilots = [pilot(store) for _ in range(16)]
+    claimed, errors = [], []
+
+    def work(me):
+        try:
+            while True:
+                reply, _ = srv.request_work(store, me, srv.utcnow())
+                if reply['state'] != 'dispatched':
+                    return
+                job = reply['job']['uuid']
+                claimed.append((job, me))
+                srv.report_job(store, me, {'uuid': job, 'state': 'finished', 'errcode': 0,
+                                           'pid': None, 'stdout': '', 'stderr': ''}, srv.utcnow())
+        except Exception as e:                                   # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in pilots]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(claimed) == 500 and {j for j, _ in claimed} == submitted
+    rows = store.db().execute('SELECT uuid, state, pilot FROM jobs').fetchall()
+    assert {r['state'] for r in rows} == {'finished'}
+    assert {(r['uuid'], r['pilot']) for r in rows} == set(claimed)
+    done = sum(r['jobs_done'] for r in store.db().execute('SELECT jobs_done FROM pilots'))
+    assert done == 500
+
+
+def test_submission_is_all_or_nothing_and_idempotent(store):
+    good = {'payload': '/bin/true', 'uuid': '0f0c2f2e-0000-4000-8000-000000000001'}
+    with pytest.raises(srv.HTTPError):
+        srv.submit_jobs(store, [good, {'payload': ''}], srv.utcnow())
+    assert store.db().execute('SELECT count(*) FROM jobs').fetchone()[0] == 0
+    assert srv.submit_jobs(store, [good], srv.utcnow()) == [good['uuid']]
+    assert srv.submit_jobs(store, [good], srv.utcnow()) == [good['uuid']]     # a retry
+    assert store.db().execute('SELECT count(*) FROM jobs').fetchone()[0] == 1
+
+
+# -- housekeeping ------------------------------------------------------------------------------
+
+def test_silent_pilot_is_lost_with_its_job_and_late_reports_change_nothing(store):
+    quiet, alive = pilot(store), pilot(store)
+    submit(store, 2)
+    job = srv.request_work(store, quiet, srv.utcnow())[0]['job']['uuid']
+    srv.report_job(store, quiet, {'uuid': job, 'state': 'running', 'pid': 7, 'errcode': None,
+                                  'stdout': '', 'stderr': ''}, srv.utcnow())
+    srv.request_work(store, alive, srv.utcnow())
+    now = srv.utcnow()
+    store.db().execute('UPDATE pilots SET last_seen = :t WHERE uuid = :p',
+                       {'t': later(now, -200), 'p': quiet})
+    assert srv.sweep(store, now, pilot_timeout=120)['lost_pilots'] == [quiet]
+    assert srv.get_pilot(store, quiet)['state'] == 'lost'
+    assert srv.get_pilot(store, alive)['state'] == 'dispatched'
+    assert srv.get_job(store, job)['state'] == 'lost'
+    late = srv.report_job(store, quiet, {'uuid': job, 'state': 'finished', 'errcode': 0, 'pid': 7,
+                                         'stdout': 'late', 'stderr': ''}, srv.utcnow())
+    assert late['status'] == 'STOP'
+    assert srv.get_job(store, job, logs=True)['state'] == 'lost'
+    assert srv.get_job(store, job, logs=True)['stdout'] == ''
+    assert srv.request_work(store, quiet, srv.utcnow())[0] == {'status': 'STOP', 'state': 'lost'}
+    assert srv.heartbeat(store, quiet, job, srv.utcnow())['status'] == 'STOP'
+    assert srv.sweep(store, now, pilot_timeout=120)['lost_pilots'] == []
+
+
+def test_heartbeat_orders_a_kill_when_the_job_was_killed(store):
+    me = pilot(store)
+    submit(store)
+    job = srv.request_work(store, me, srv.utcnow())[0]['job']['uuid']
+    assert srv.heartbeat(store, me, job, srv.utcnow())['status'] == 'OK'
+    srv.kill_job(store, job, srv.utcnow())
+    assert srv.heartbeat(store, me, job, srv.utcnow()) == {'status': 'KILL', 'state': 'killed'}
+
+
+# -- long polls --------------------------------------------------------------------------------
+
+def test_waiters_are_bounded_and_woken_by_matching_jobs(store):
+    a, b, c = pilot(store, jobtypes=['x']), pilot(store), pilot(store)
+    results = {}
+
+    def wait(me):
+        results[me] = srv.wait_for_work(store, me, 10)
+
+    threads = [threading.Thread(target=wait, args=(p,)) for p in (a, b)]
+    for t in threads:
+        t.start()
+    while len(store.waiters) < 2:
+        threading.Event().wait(0.01)
+    # both slots are taken: a third pilot is answered at once
+    assert srv.wait_for_work(store, c, 10) == {'status': 'OK', 'state': 'idle', 'waited': False}
+    submit(store, jobtype='y')           # only b may run it
+    threads[1].join(5)
+    assert results[b]['job']['jobtype'] == 'y' and threads[0].is_alive()
+    submit(store, jobtype='x')
+    threads[0].join(5)
+    assert results[a]['job']['jobtype'] == 'x'
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = str(tmp_path / 'new.db')
+    db = sqlite3.connect(path)
+    db.execute('PRAGMA user_version = 99')
+    db.close()
+    with pytest.raises(SystemExit, match='newer'):
+        srv.configure(path)
+
+
+def test_schema_is_idempotent_and_wal(store, tmp_path):
+    srv.apply_schema(store.db())
+    assert store.db().execute('PRAGMA journal_mode').fetchone()[0] == 'wal'
+    assert store.db().execute('PRAGMA user_version').fetchone()[0] == srv.SCHEMA_VERSION
+
+
+# -- bad input through the WSGI app ------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ('POST', '/api/jobs', {'payload': '/bin/true'}, 400, 'list'),
+    ('POST', '/api/jobs', [], 400, 'list'),
+    ('POST', '/api/jobs', [{'name': 'x'}], 400, 'payload is required'),
+    ('POST', '/api/jobs', [{'payload': 'x', 'state': 'finished'}], 400, 'state'),
+    ('POST', '/api/jobs', [{'payload': 'x', 'env': {'A': 1}}], 400, 'must be a string'),
+    ('POST', '/api/jobs', [{'payload': 'x', 'env': []}], 400, 'env'),
+    ('POST', '/api/jobs', [{'payload': 'x', 'priority': '1'}], 400, 'integer'),
+    ('POST', '/api/jobs', [{'payload': 'x', 'timelimit': 0}], 400, 'timelimit'),
+    ('POST', '/api/jobs', [{'payload': 'x', 'colour': 'red'}], 400, 'unknown job field'),
+    ('POST', '/api/jobs', [{'payload': 'x', 'uuid': 'not-a-uuid'}], 400, 'uuid'),
+    ('POST', '/api/jobs', [{'payload': 'x' * 10000}], 400, 'longer'),
+    ('POST', '/api/jobs', b'{"oops', 400, 'not valid JSON'),
+    ('GET', '/api/jobs?limit=0', None, 400, 'limit'),
+    ('GET', '/api/jobs?limit=many', None, 400, 'limit'),
+    ('GET', '/api/jobs/0f0c2f2e-0000-4000-8000-000000000009', None, 404, 'no such job'),
+    ('GET', '/api/jobs/<script>', None, 404, 'no such job'),
+    ('POST', '/api/jobs/0f0c2f2e-0000-4000-8000-000000000009/adjust', {'state': 'finished'}, 400, 'adjusted'),
+    ('POST', '/api/jobs/0f0c2f2e-0000-4000-8000-000000000009/adjust', {'priority': 1}, 404, 'no such job'),
+    ('POST', '/api/jobs/0f0c2f2e-0000-4000-8000-000000000009/kill', None, 404, 'no such job'),
+    ('DELETE', '/api/jobs/0f0c2f2e-0000-4000-8000-000000000009', None, 404, 'no such job'),
+    ('POST', '/api/pilots', {'jobtypes': 'a,b'}, 400, 'jobtypes'),
+    ('POST', '/api/pilots', {'pid': -1}, 400, 'pid'),
+    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/work', {}, 404, 'no such pilot'),
+    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/work', {'wait': 'long'}, 400, 'number'),
+    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/report', {'job': 'x', 'state': 'finished'}, 400, 'uuid'),
+    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/report',
+     {'job': '0f0c2f2e-0000-4000-8000-000000000009', 'state': 'dispatched'}, 400, 'reports one of'),
+    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/report',
+     {'job': '0f0c2f2e-0000-4000-8000-000000000009', 'state': 'failed', 'errcode': 0}, 400, 'non-zero'),
+    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/stop', {'state': 'finished'}, 400, 'stops as'),
+    ('GET', '/api/nowhere', None, 404, 'Not found'),
+    ('PUT', '/api/jobs', None, 405, 'Method not allowed'),
+]
+
+
+@pytest.mark.parametrize('method,path,body,status,message', BAD_REQUESTS)
+def test_bad_input_is_a_4xx_json_error_and_stores_nothing(store, method, path, body, status, message):
+    code, reply = wsgi(method, path, raw=body) if isinstance(body, bytes) else wsgi(method, path, body)
+    assert code == status and message in reply['error'], reply
+    assert '\n' not in reply['error']
+    assert store.db().execute('SELECT count(*) FROM jobs').fetchone()[0] == 0
+
+
+def test_oversized_body_is_413(store):
+    code, reply = wsgi('POST', '/api/jobs', raw=b' ' * (srv.MAX_BODY + 1))
+    assert code == 413 and 'larger' in reply['error']
+
+
+# -- the docs tell the truth -------------------------------------------------------------------
+
+def test_readme_documents_make_commands_and_every_api_route():
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    assert readme.lstrip().startswith('# p3s') and 'make run' in readme and 'make test' in readme
+    docs = os.path.join(ROOT, 'docs')          # the user documents of each part count too
+    for name in sorted(os.listdir(docs)) if os.path.isdir(docs) else []:
+        if name.endswith('.md'):
+            readme += open(os.path.join(docs, name)).read()
+    for route in srv.app.routes:
+        if route.rule.startswith('/api/') and route.rule != '/api/ping':
+            documented = route.rule.replace('<job_uuid>', '<uuid>').replace('<pilot_uuid>', '<uuid>')
+            assert '%s %s' % (route.method, documented) in readme or \
+                   '`%s %s' % (route.method, documented) in readme, route.rule
