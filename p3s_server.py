@@ -981,6 +981,7 @@ def counts(store):
 
 MAX_CAP = 10 ** 6
 MAX_MESSAGE = 64 * 1024
+DASHBOARD_SERVICES = 10          # latest service messages on the dashboard
 SITE_FIELDS = {'name', 'period', 'cycles', 'beat', 'wait', 'pilots', 'lifetime', 'env', 'comment'}
 # field: (integer?, lowest, highest) -- the pilot's own limits for the same settings
 SITE_NUMBERS = {'period': (False, 0, 86400), 'cycles': (True, 0, 10 ** 9),
@@ -1280,7 +1281,9 @@ def monitor_dashboard():
     refresh = request.query.get('refresh', '')
     return bottle.template('dashboard', counts=counts(store()), now=utcnow(),
                            refresh=refresh if refresh in ('5', '10', '30', '60') else '',
-                           job_states=JOB_STATES, pilot_states=PILOT_STATES)
+                           job_states=JOB_STATES, pilot_states=PILOT_STATES,
+                           jobtypes=list_jobtypes(store()),
+                           services=list_service_messages(store(), {'limit': DASHBOARD_SERVICES}))
 
 
 @app.get('/static/<path:path>')

@@ -6,6 +6,7 @@ import json
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -284,3 +285,10 @@ def test_service_messages(server):
     assert [s['message'] for s in reply['services']] == ['none', 'deleted 3 pilots']
     assert len(server.api('GET', '/api/services')[1]['services']) == 3
     assert server.api('POST', '/api/services', {'message': 'x'})[0] == 400
+
+
+def test_dashboard_shows_caps_and_service_messages(server):
+    server.api('POST', '/api/jobtypes', {'name': 'evdisp', 'cap': 2})
+    server.api('POST', '/api/services', {'name': 'inputsize', 'message': '<7G>'})
+    page = urllib.request.urlopen(server.url, timeout=30).read().decode()
+    assert 'evdisp' in page and 'inputsize' in page and '&lt;7G&gt;' in page
