@@ -66,6 +66,7 @@ DEFAULTS = {'cycles': 1, 'period': 5.0, 'beat': 5.0, 'wait': 20.0}
 # Keys of the original site files, as the server names them ('server' is ignored, as it was).
 SITE_KEYS = {'pilotperiod': 'period', 'pilotcycles': 'cycles', 'pilotbeat': 'beat',
              'pilotwait': 'wait', 'pilotlife': 'lifetime', 'pilots': 'pilots'}
+START_REPORT_DELAY = 0.2     # a payload that ends sooner is reported once, at its end
 
 log = logging.getLogger('p3s_pilot')
 
@@ -209,11 +210,13 @@ class Pilot:
 
     def call(self, method, path, body=None, timeout=HTTP_TIMEOUT, patience=None):
         """A request retried with back-off while the server is unreachable (for ever, or for
-        `patience` seconds). A refusal is raised at once."""
+        `patience` seconds). A refusal is raised at once. `body` may be a function, called
+        for each attempt."""
         give_up = None if patience is None else time.monotonic() + patience
         for attempt in range(10 ** 9):
             try:
-                return call(self.server, method, path, body, timeout)
+                return call(self.server, method, path, body() if callable(body) else body,
+                            timeout)
             except P3SError as e:
                 if e.code != EXIT_UNREACHABLE or (give_up and time.monotonic() > give_up):
                     raise
@@ -263,9 +266,8 @@ class Pilot:
                 setattr(self.args, name, most)
 
     def request_work(self):
-        body = {'wait': self.args.wait}
-        if self.pending:
-            body['report'] = self.pending
+        def body():
+            return {'wait': self.args.wait, 'report': self.final_report()}
         with self.interruptible():
             reply = self.call('POST', '/api/pilots/%s/work' % self.uuid, body,
                               timeout=self.args.wait + HTTP_TIMEOUT)
@@ -276,6 +278,18 @@ class Pilot:
                             note.get('error'))
             self.pending = None
         return reply
+
+    def final_report(self):
+        """The pending final report as sent now: its times are durations up to this moment."""
+        if not self.pending:
+            return None
+        report = dict(self.pending)
+        now = time.monotonic()
+        started, ended = report.pop('started'), report.pop('ended')
+        if started is not None:
+            report['elapsed'] = now - started
+        report['ago'] = now - ended
+        return report
 
     def report(self, job_uuid, state, **fields):
         """The start report: one attempt, as the final report will do in its place."""
@@ -317,7 +331,8 @@ class Pilot:
         except OSError as e:
             log.error('job %s: cannot write its logs in %s: %s', job_uuid, self.args.joblog, e)
             return {'job': job_uuid, 'state': 'nonstarter', 'errcode': None, 'pid': None,
-                    'stdout': '', 'stderr': 'nonstarter: cannot write the job logs: %s' % e}
+                    'stdout': '', 'stderr': 'nonstarter: cannot write the job logs: %s' % e,
+                    'started': None, 'ended': time.monotonic()}
         try:
             with out, err:
                 try:
@@ -327,48 +342,55 @@ class Pilot:
                 except (OSError, ValueError, IndexError) as e:
                     err.write(('nonstarter: %s\n' % e).encode())
                     log.warning('job %s could not start: %s', job_uuid, e)
-                    state, errcode, pid = 'nonstarter', None, None
+                    state, errcode, pid, started = 'nonstarter', None, None, None
                 else:
-                    state, errcode = self.supervise(proc, job)
+                    started = time.monotonic()
+                    state, errcode = self.supervise(proc, job, started)
                     pid = proc.pid
         finally:
             if sandbox:
                 shutil.rmtree(sandbox, ignore_errors=True)
         log.info('job %s %s (errcode %s)', job_uuid, state, errcode)
         return {'job': job_uuid, 'state': state, 'errcode': errcode, 'pid': pid,
-                'stdout': read_tail(out_path), 'stderr': read_tail(err_path)}
+                'stdout': read_tail(out_path), 'stderr': read_tail(err_path),
+                'started': started, 'ended': time.monotonic()}
 
-    def supervise(self, proc, job):
+    def supervise(self, proc, job, started):
         """Wait for the payload, heartbeating every beat, killing it at its timelimit, on a kill
-        order or on a signal. Returns (final state, errcode)."""
-        if self.report(job['uuid'], 'running', pid=proc.pid).get('status') in ('KILL', 'STOP'):
-            kill_group(proc)
-            return 'killed', proc.returncode
-        limit_at = time.monotonic() + job['timelimit']
-        next_beat = time.monotonic() + self.args.beat
+        order or on a signal. Returns (final state, errcode).
+
+        The start report goes out only if the payload is still running after
+        START_REPORT_DELAY: a short job costs the server one request, its final report."""
+        limit_at = started + job['timelimit']
+        next_beat = started + self.args.beat
+        start_report_at = started + START_REPORT_DELAY
         while True:
-            timeout = min(limit_at, next_beat) - time.monotonic()
+            timeout = min(limit_at, next_beat, start_report_at) - time.monotonic()
             try:
                 code = proc.wait(max(0.0, min(timeout, 1.0)))
                 return ('finished' if code == 0 else 'failed'), code
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
+            order = None
             if self.signalled:
-                kill_group(proc)
-                return 'killed', proc.returncode
-            if now >= limit_at:
+                order = 'signal'
+            elif now >= limit_at:
                 log.warning('job %s reached its timelimit of %d s', job['uuid'], job['timelimit'])
                 kill_group(proc)
                 return 'timelimit', proc.returncode
-            if now >= next_beat:
+            elif now >= start_report_at:
+                start_report_at = float('inf')
+                order = self.report(job['uuid'], 'running', pid=proc.pid,
+                                    elapsed=now - started).get('status')
+            elif now >= next_beat:
                 next_beat = now + self.args.beat
                 order = self.heartbeat(job['uuid']).get('status')
-                if order in ('KILL', 'STOP'):
-                    log.warning('server ordered %s for job %s', order, job['uuid'])
-                    self.gone = self.gone or order == 'STOP'
-                    kill_group(proc)
-                    return 'killed', proc.returncode
+            if order in ('KILL', 'STOP', 'signal'):
+                log.warning('job %s killed: %s', job['uuid'], order)
+                self.gone = self.gone or order == 'STOP'
+                kill_group(proc)
+                return 'killed', proc.returncode
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -400,7 +422,7 @@ class Pilot:
         patience = SHUTDOWN_PATIENCE if self.signalled else None
         try:
             if self.pending:
-                self.call('POST', '/api/pilots/%s/report' % self.uuid, self.pending,
+                self.call('POST', '/api/pilots/%s/report' % self.uuid, self.final_report,
                           patience=patience)
                 self.pending = None
             if not self.gone:

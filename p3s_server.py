@@ -132,12 +132,15 @@ RETURNING """ + JOB_COLUMNS
 # A pilot asking for work while its job is still dispatched never got the reply that carried it.
 REDELIVER_JOB = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
                  " WHERE uuid = :job AND pilot = :pilot AND state = 'dispatched'")
+# :started and :stopped are server times: the report's arrival less the seconds the pilot says
+# have passed since the payload started or ended (a duration, so the clocks need not agree).
 START_JOB = """
-UPDATE jobs SET state = 'running', started_at = :now, pid = :pid
+UPDATE jobs SET state = 'running', started_at = :started, pid = :pid
  WHERE uuid = :uuid AND pilot = :pilot AND state = 'dispatched'
 """
 FINISH_JOB = """
-UPDATE jobs SET state = :state, errcode = :errcode, pid = coalesce(:pid, pid), stopped_at = :now
+UPDATE jobs SET state = :state, errcode = :errcode, pid = coalesce(:pid, pid),
+                started_at = coalesce(started_at, :started), stopped_at = :stopped
  WHERE uuid = :uuid AND pilot = :pilot AND state IN ('dispatched', 'running')
 """
 SAVE_JOB_LOGS = """
@@ -492,6 +495,8 @@ def int_field(d, key, default=None, lo=INT_RANGE[0], hi=INT_RANGE[1]):
 
 def number_field(d, key, default, lo, hi):
     value = d.get(key, default)
+    if value is None:
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         fail(400, '%s must be a number' % key)
     return min(max(float(value), lo), hi)
@@ -557,7 +562,8 @@ def check_job(raw, now):
 
 def check_report(raw):
     rep = check_object(raw, 'report')
-    check_known(rep, {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr'}, 'report')
+    check_known(rep, {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago'},
+                'report')
     state = text_field(rep, 'state', required=True)
     if state not in REPORT_STATES:
         fail(400, 'a pilot reports one of %s, not %r' % (', '.join(REPORT_STATES), state[:32]))
@@ -573,6 +579,8 @@ def check_report(raw):
         'errcode': errcode,
         'stdout': log_tail(rep, 'stdout'),
         'stderr': log_tail(rep, 'stderr'),
+        'elapsed': number_field(rep, 'elapsed', None, 0, MAX_TIMELIMIT),  # since the start
+        'ago': number_field(rep, 'ago', 0, 0, MAX_TIMELIMIT),             # since the end
     }
 
 
@@ -775,33 +783,48 @@ def stop_reply(pilot):
     return {'status': 'STOP', 'state': pilot['state']}
 
 
-def request_work(store, pilot_uuid, now):
-    """One brokerage attempt for a pilot: its undelivered job, else the best queued job it may
-    run. Returns (reply, pilot row)."""
+def request_work(store, pilot_uuid, now, report=None):
+    """One brokerage attempt for a pilot, applying first the report it carries (in the same
+    transaction: one commit per short job). Returns (reply, pilot row)."""
+    woken = []
     with store.write() as db:
         pilot = live_pilot(db, pilot_uuid)
-        if pilot['state'] in PILOT_GONE:
-            return stop_reply(pilot), pilot
-        params = {'pilot': pilot_uuid, 'host': pilot['host'], 'site': pilot['site'],
-                  'jobtypes': pilot['jobtypes'], 'now': now}
-        job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
-               or db.execute(CLAIM_JOB, params).fetchone())
-        if job is None:
-            db.execute(PILOT_IDLE, params)
-            return {'status': 'OK', 'state': 'idle'}, pilot
-        db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
-    return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}, pilot
+        note = None
+        if report is not None:
+            note, woken = apply_report(db, pilot, report, now)
+        reply = claim_for(db, pilot, now)
+    store.waiters.wake(woken)
+    if note is not None:
+        wake_after_report(store, report, note)
+        reply['report'] = note
+    return reply, pilot
 
 
-def wait_for_work(store, pilot_uuid, wait):
+def claim_for(db, pilot, now):
+    """The pilot's undelivered job, else the best queued job it may run, else idle."""
+    if pilot['state'] in PILOT_GONE:
+        return stop_reply(pilot)
+    params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
+              'jobtypes': pilot['jobtypes'], 'now': now}
+    job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
+           or db.execute(CLAIM_JOB, params).fetchone())
+    if job is None:
+        db.execute(PILOT_IDLE, params)
+        return {'status': 'OK', 'state': 'idle'}
+    db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
+    return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}
+
+
+def wait_for_work(store, pilot_uuid, wait, report=None):
     """Brokerage with a long poll: hold the request up to `wait` seconds until a job arrives.
 
     The waiter is entered before the second attempt, so a job submitted between an empty
     attempt and the wait still wakes it.
     """
-    reply, pilot = request_work(store, pilot_uuid, utcnow())
+    reply, pilot = request_work(store, pilot_uuid, utcnow(), report)
     if reply['state'] != 'idle' or wait <= 0:
         return reply
+    note = reply.get('report')
     waiter = store.waiters.enter(pilot['site'], set(json.loads(pilot['jobtypes'])))
     if waiter is None:
         return dict(reply, waited=False)
@@ -811,7 +834,7 @@ def wait_for_work(store, pilot_uuid, wait):
             reply, _ = request_work(store, pilot_uuid, utcnow())
             remaining = give_up - time.monotonic()
             if reply['state'] != 'idle' or remaining <= 0:
-                return reply
+                return dict(reply, report=note) if note else reply
             waiter.event.wait(remaining)
             waiter.event.clear()
     finally:
@@ -819,39 +842,51 @@ def wait_for_work(store, pilot_uuid, wait):
 
 
 def report_job(store, pilot_uuid, rep, now):
+    """A report on its own (a start report, or a final one when the pilot leaves)."""
+    with store.write() as db:
+        note, woken = apply_report(db, live_pilot(db, pilot_uuid), rep, now)
+    store.waiters.wake(woken)
+    wake_after_report(store, rep, note)
+    if note['status'] == 'REFUSED':
+        fail(409, note['error'])
+    return note
+
+
+def apply_report(db, pilot, rep, now):
     """A pilot's word on the job it holds: started (running) or ended (a terminal state).
+    Returns (answer for the pilot, jobs that became runnable).
 
     Each change names the state it expects, so a repeated or late report changes nothing.
-    A report on a job the pilot does not hold is refused (409).
+    A report on a job the pilot does not hold is refused.
     """
-    params = dict(rep, pilot=pilot_uuid, now=now, job=rep['uuid'])
-    retried = []
-    with store.write() as db:
-        pilot = live_pilot(db, pilot_uuid)
-        held = db.execute(GET_JOB_HOLDER, params).fetchone()
-        if held is None or held['pilot'] != pilot_uuid:
-            fail(409, 'job %s is not held by pilot %s' % (rep['uuid'], pilot_uuid))
-        gone = pilot['state'] in PILOT_GONE
-        if rep['state'] == 'running':
-            changed = not gone and db.execute(START_JOB, params).rowcount
-            if changed:
-                db.execute(PILOT_RUNNING, params)
-        else:
-            changed = not gone and db.execute(FINISH_JOB, params).rowcount
-            if changed:
-                db.execute(PILOT_JOB_DONE, params)
-                retried = retry_jobs(db, [rep['uuid']])
-            if not gone and (rep['stdout'] or rep['stderr']):
-                db.execute(SAVE_JOB_LOGS, params)
-        state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
-    store.waiters.wake(retried)
-    if changed and rep['state'] != 'running':
-        wake_capped(store, job_uuid=rep['uuid'])
-    if gone:
-        return stop_reply(pilot)
+    elapsed = rep.get('elapsed')
+    if elapsed is None and rep['state'] == 'running':
+        elapsed = 0
+    params = dict(rep, pilot=pilot['uuid'], now=now,
+                  started=None if elapsed is None else seconds_before(now, elapsed),
+                  stopped=seconds_before(now, rep.get('ago') or 0))
+    held = db.execute(GET_JOB_HOLDER, params).fetchone()
+    if held is None or held['pilot'] != pilot['uuid']:
+        return {'status': 'REFUSED',
+                'error': 'job %s is not held by pilot %s' % (rep['uuid'], pilot['uuid'])}, []
+    if pilot['state'] in PILOT_GONE:
+        return stop_reply(pilot), []
+    woken = []
+    if rep['state'] == 'running':
+        changed = db.execute(START_JOB, params).rowcount
+        if changed:
+            db.execute(PILOT_RUNNING, dict(params, job=rep['uuid']))
+    else:
+        changed = db.execute(FINISH_JOB, params).rowcount
+        if changed:
+            db.execute(PILOT_JOB_DONE, params)
+            woken = retry_jobs(db, [rep['uuid']])
+        if rep['stdout'] or rep['stderr']:
+            db.execute(SAVE_JOB_LOGS, params)
+    state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
     if rep['state'] == 'running' and state not in ACTIVE_STATES:
-        return {'status': 'KILL', 'state': state, 'changed': False}
-    return {'status': 'OK', 'state': state, 'changed': bool(changed)}
+        return {'status': 'KILL', 'state': state, 'changed': False}, woken
+    return {'status': 'OK', 'state': state, 'changed': bool(changed)}, woken
 
 
 def heartbeat(store, pilot_uuid, job_uuid, now):
@@ -1040,6 +1075,12 @@ def wake_capped(store, job_uuid=None, names=None, uncapped=False):
     store.waiters.wake(slots)
 
 
+def wake_after_report(store, rep, note):
+    """A job that just ended freed a slot of its type's cap (if any) for a waiting pilot."""
+    if note.get('changed') and rep['state'] != 'running':
+        wake_capped(store, job_uuid=rep['uuid'])
+
+
 def site_dict(row):
     site = dict(row)
     site['env'] = json.loads(site['env'])
@@ -1184,21 +1225,14 @@ def api_request_work(pilot_uuid):
     check_known(body, {'wait', 'report'}, 'request')
     # A held pilot sends nothing, so it must be answered well within the pilot timeout.
     wait = number_field(body, 'wait', 0, 0, min(MAX_WAIT, app.config['p3s.pilot_timeout'] / 3))
-    reply = {}
+    report, refusal = None, None
     if body.get('report') is not None:
-        reply['report'] = report_or_refusal(pilot_uuid, body['report'])
-    reply.update(wait_for_work(store(), pilot_uuid, wait))
-    return reply
-
-
-def report_or_refusal(pilot_uuid, raw):
-    """A report carried by a work request: its refusal must not cost the pilot its next job."""
-    try:
-        return report_job(store(), pilot_uuid, check_report(raw), utcnow())
-    except HTTPError as e:
-        if e.status_code == 404:
-            raise
-        return {'status': 'REFUSED', 'error': e.body}
+        try:
+            report = check_report(body['report'])
+        except HTTPError as e:          # a bad report must not cost the pilot its next job
+            refusal = {'status': 'REFUSED', 'error': e.body}
+    reply = wait_for_work(store(), pilot_uuid, wait, report)
+    return dict(reply, report=refusal) if refusal else reply
 
 
 @app.post('/api/pilots/<pilot_uuid>/report')
