@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import posixpath
 import re
 import sqlite3
 import sys
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import bottle
+import networkx
 from bottle import Bottle, HTTPError, request, response
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +81,20 @@ UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
               'timelimit', 'deadline', 'site', 'state', 'retries'}
 PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
+
+# Workflows (issue 3)
+NOOP = 'noop'                    # a vertex of this jobtype finishes on the server at once
+MAX_GRAPHML = 1024 * 1024        # characters of GraphML in one DAG
+MAX_DAG_VERTICES = 10000
+MAX_DAG_EDGES = 100000
+MAX_PATH = 4096                  # file names and directories of data
+MAX_COMMENT = 4096
+MAX_EXT = 16
+DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
+WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo'}
+EDGE_ATTRS = ('name', 'dirpath', 'datatype', 'datatag', 'comment')
+XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
+ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 
 log = logging.getLogger('p3s')
 
@@ -193,6 +209,7 @@ RETURNING jobtype, site
 KILL_OVERDUE_JOBS = """
 UPDATE jobs SET state = 'timelimit', stopped_at = :now
  WHERE state = 'running' AND (julianday(:now) - julianday(started_at)) * 86400 > timelimit + :grace
+RETURNING uuid
 """
 PURGE_JOBS = """
 DELETE FROM jobs WHERE id IN (
@@ -258,16 +275,156 @@ PILOT_FILTERS = {
     'host': 'host = :host',
 }
 
+# -- workflows and data --
+
+DAG_COLUMNS = 'name, user, description, nvertices, nedges, root, created_at'
+VERTEX_COLUMNS = 'name, jobtype, payload, env, timelimit, priority'
+EDGE_COLUMNS = 'source, target, name, dirpath, datatype, datatag, comment'
+WORKFLOW_COLUMNS = ('uuid, name, user, description, dag, state, comment, rootuuid, nvertices, '
+                    'ndone, created_at, defined_at, started_at, stopped_at')
+DATA_COLUMNS = ('uuid, name, dirpath, datatype, datatag, state, comment, workflow, source, '
+                'sourceuuid, target, targetuuid, created_at, updated_at')
+DATATYPE_COLUMNS = 'name, ext, comment, created_at'
+
+INSERT_DAG = """
+INSERT INTO dags (name, user, description, nvertices, nedges, root, graphml, created_at)
+VALUES (:name, :user, :description, :nvertices, :nedges, :root, :graphml, :now)
+RETURNING id
+"""
+INSERT_VERTEX = """
+INSERT INTO dag_vertices (dag, name, position, jobtype, payload, env, timelimit, priority)
+VALUES (:dag, :name, :position, :jobtype, :payload, :env, :timelimit, :priority)
+"""
+INSERT_EDGE = """
+INSERT INTO dag_edges (dag, source, target, name, dirpath, datatype, datatag, comment)
+VALUES (:dag, :source, :target, :name, :dirpath, :datatype, :datatag, :comment)
+"""
+GET_DAG = 'SELECT id, graphml, ' + DAG_COLUMNS + ' FROM dags WHERE name = :name'
+LIST_DAGS = 'SELECT ' + DAG_COLUMNS + ' FROM dags ORDER BY name LIMIT :limit'
+GET_DAG_VERTICES = ('SELECT ' + VERTEX_COLUMNS + ' FROM dag_vertices WHERE dag = :dag'
+                    ' ORDER BY position')
+GET_DAG_EDGES = 'SELECT ' + EDGE_COLUMNS + ' FROM dag_edges WHERE dag = :dag ORDER BY id'
+DELETE_DAG = 'DELETE FROM dags WHERE name = :name'        # vertices and edges cascade
+
+INSERT_WORKFLOW = """
+INSERT INTO workflows (uuid, name, user, description, dag, state, rootuuid, nvertices, created_at)
+VALUES (:uuid, :name, :user, :description, :dag, 'template', :rootuuid, :nvertices, :now)
+"""
+INSERT_WORKFLOW_JOB = """
+INSERT INTO jobs (uuid, name, user, jobtype, payload, env, priority, timelimit, workflow, state,
+                  created_at)
+VALUES (:uuid, :name, :user, :jobtype, :payload, :env, :priority, :timelimit, :workflow,
+        'template', :now)
+"""
+INSERT_WORKFLOW_DATA = """
+INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
+                  sourceuuid, target, targetuuid, created_at, updated_at)
+VALUES (:uuid, :name, :dirpath, :datatype, :datatag, 'template', :comment, :workflow, :source,
+        :sourceuuid, :target, :targetuuid, :now, :now)
+"""
+GET_WORKFLOW = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows WHERE uuid = :workflow'
+GET_WORKFLOW_JOBS = """
+SELECT uuid, name, state, jobtype, priority, errcode, pilot, defined_at, started_at, stopped_at
+  FROM jobs WHERE workflow = :workflow ORDER BY id
+"""
+GET_WORKFLOW_DATA = ('SELECT ' + DATA_COLUMNS + ' FROM data WHERE workflow = :workflow'
+                     ' ORDER BY id')
+GET_DATATYPES = 'SELECT ' + DATATYPE_COLUMNS + ' FROM datatypes ORDER BY name'
+COUNT_ACTIVE_WORKFLOW_JOBS = """
+SELECT count(*) FROM jobs WHERE workflow = :workflow AND state IN ('dispatched', 'running')
+"""
+DELETE_WORKFLOW_JOBS = 'DELETE FROM jobs WHERE workflow = :workflow'
+DELETE_WORKFLOW_DATA = 'DELETE FROM data WHERE workflow = :workflow'
+DELETE_WORKFLOW = 'DELETE FROM workflows WHERE uuid = :workflow'
+WORKFLOW_FILTERS = {
+    'state': 'state = :state',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+    'user': 'user = :user',
+}
+
+# The engine. Dependencies are the data edges: a job's parents are the producers of its inputs.
+# A released job becomes defined, or finished at once if it is a 'noop'.
+DEFINE_WORKFLOW = """
+UPDATE workflows SET state = 'defined', defined_at = :now
+ WHERE uuid = :workflow AND state = 'template'
+"""
+DEFINE_WORKFLOW_DATA = """
+UPDATE data SET state = 'defined', updated_at = :now
+ WHERE workflow = :workflow AND state = 'template'
+"""
+RELEASE_SET = """
+UPDATE jobs SET state = CASE jobtype WHEN 'noop' THEN 'finished' ELSE 'defined' END,
+       defined_at = :now,
+       dispatched_at = CASE jobtype WHEN 'noop' THEN :now END,
+       started_at = CASE jobtype WHEN 'noop' THEN :now END,
+       stopped_at = CASE jobtype WHEN 'noop' THEN :now END,
+       errcode = CASE jobtype WHEN 'noop' THEN 0 END
+"""
+RELEASE_SOURCES = RELEASE_SET + """
+ WHERE workflow = :workflow AND state = 'template'
+   AND NOT EXISTS (SELECT 1 FROM data WHERE targetuuid = jobs.uuid AND sourceuuid IS NOT NULL)
+RETURNING uuid, state, jobtype, site
+"""
+# AND-join: a child is released when the last of its parents has finished.
+RELEASE_CHILDREN = RELEASE_SET + """
+ WHERE state = 'template'
+   AND uuid IN (SELECT targetuuid FROM data WHERE sourceuuid = :job)
+   AND NOT EXISTS (SELECT 1 FROM data AS d JOIN jobs AS parent ON parent.uuid = d.sourceuuid
+                    WHERE d.targetuuid = jobs.uuid AND parent.state <> 'finished')
+RETURNING uuid, state, jobtype, site
+"""
+GET_FLOW_JOB = 'SELECT uuid, name, state, workflow FROM jobs WHERE uuid = :job'
+DATA_AVAILABLE = """
+UPDATE data SET state = 'available', updated_at = :now WHERE sourceuuid = :job AND state = 'defined'
+"""
+CANCEL_DOWNSTREAM = """
+WITH RECURSIVE downstream (uuid) AS (
+    SELECT targetuuid FROM data WHERE sourceuuid = :job AND targetuuid IS NOT NULL
+    UNION
+    SELECT d.targetuuid FROM data AS d JOIN downstream ON d.sourceuuid = downstream.uuid
+     WHERE d.targetuuid IS NOT NULL)
+UPDATE jobs SET state = 'cancelled', stopped_at = :now
+ WHERE uuid IN (SELECT uuid FROM downstream) AND state IN ('template', 'defined')
+"""
+FAIL_WORKFLOW = """
+UPDATE workflows SET state = 'failed', comment = :comment, stopped_at = :now
+ WHERE uuid = :workflow AND state IN ('template', 'defined', 'running')
+"""
+WORKFLOW_STARTED = """
+UPDATE workflows SET state = 'running', started_at = :now
+ WHERE uuid = :workflow AND state = 'defined'
+   AND EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND jobtype <> 'noop'
+                                    AND started_at IS NOT NULL)
+"""
+WORKFLOW_PROGRESS = """
+UPDATE workflows SET ndone = (SELECT count(*) FROM jobs WHERE workflow = :workflow
+                                                      AND state = 'finished')
+ WHERE uuid = :workflow
+"""
+WORKFLOW_FINISHED = """
+UPDATE workflows SET state = 'finished', stopped_at = :now
+ WHERE uuid = :workflow AND state IN ('defined', 'running')
+   AND NOT EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND state <> 'finished')
+"""
+
+UPSERT_DATATYPE = """
+INSERT INTO datatypes (name, ext, comment, created_at) VALUES (:name, :ext, :comment, :now)
+ON CONFLICT (name) DO UPDATE SET ext = excluded.ext, comment = excluded.comment
+RETURNING """ + DATATYPE_COLUMNS
+DELETE_DATATYPE = 'DELETE FROM datatypes WHERE name = :name'
+
 # -- DQM controls --
 
 # Must repeat the condition of the partial index jobs_deadline to use it.
 STALE_JOBS = """
 UPDATE jobs INDEXED BY jobs_deadline SET state = 'stale', stopped_at = :now
  WHERE state = 'defined' AND deadline_at IS NOT NULL AND deadline_at <= :now
+RETURNING uuid
 """
 DROP_QUEUED_JOBS = """
 UPDATE jobs SET state = 'dropped', stopped_at = :now
  WHERE state = 'defined' AND jobtype = :jobtype AND defined_at <= :cutoff
+RETURNING uuid
 """
 
 JOBTYPE_ACTIVE = """(SELECT count(*) FROM jobs INDEXED BY jobs_active
@@ -715,6 +872,8 @@ def adjust_job(store, job_uuid, changes, now):
                 job_conflict(db, job_uuid, 'define')
         if state == 'dropped' and not db.execute(DROP_JOB, params).rowcount:
             job_conflict(db, job_uuid, 'drop')
+        if state == 'dropped':
+            workflow_hook(db, [job_uuid], now)
     store.waiters.wake(woken)
     return get_job(store, job_uuid)
 
@@ -725,6 +884,7 @@ def kill_job(store, job_uuid, now):
     with store.write() as db:
         if not db.execute(KILL_JOB, {'uuid': job_uuid, 'now': now}).rowcount:
             job_conflict(db, job_uuid, 'kill')
+        workflow_hook(db, [job_uuid], now)
     wake_capped(store, job_uuid=job_uuid)
     return get_job(store, job_uuid)
 
@@ -883,6 +1043,8 @@ def apply_report(db, pilot, rep, now):
             woken = retry_jobs(db, [rep['uuid']])
         if rep['stdout'] or rep['stderr']:
             db.execute(SAVE_JOB_LOGS, params)
+    if changed:
+        woken += workflow_hook(db, [rep['uuid']], now)
     state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
     if rep['state'] == 'running' and state not in ACTIVE_STATES:
         return {'status': 'KILL', 'state': state, 'changed': False}, woken
@@ -940,20 +1102,23 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
             lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, params)]
         if lost:
             jobs = [r['uuid'] for r in db.execute(LOSE_PILOT_JOBS, dict(params, pilots=json.dumps(lost)))]
-            retried = retry_jobs(db, jobs)
-        overdue = db.execute(KILL_OVERDUE_JOBS, params).rowcount
-        stale = db.execute(STALE_JOBS, params).rowcount
+            retried = retry_jobs(db, jobs) + workflow_hook(db, jobs, now)
+        overdue = [r['uuid'] for r in db.execute(KILL_OVERDUE_JOBS, params)]
+        retried += workflow_hook(db, overdue, now)
+        stale = [r['uuid'] for r in db.execute(STALE_JOBS, params)]
+        retried += workflow_hook(db, stale, now)
     store.waiters.wake(retried)
     if lost or overdue:
         wake_capped(store)
     if lost:
         log.warning('pilots lost after %.0f s of silence: %s', pilot_timeout, ', '.join(lost))
     if overdue:
-        log.warning('%d running jobs ended by the server, %d s past their timelimit', overdue,
-                    TIMELIMIT_GRACE)
+        log.warning('%d running jobs ended by the server, %d s past their timelimit',
+                    len(overdue), TIMELIMIT_GRACE)
     if stale:
-        log.info('%d queued jobs passed their deadline: stale', stale)
-    return {'lost_pilots': lost, 'retried': len(retried), 'overdue': overdue, 'stale_jobs': stale}
+        log.info('%d queued jobs passed their deadline: stale', len(stale))
+    return {'lost_pilots': lost, 'woken': len(retried), 'overdue': len(overdue),
+            'stale_jobs': len(stale)}
 
 
 def purge(store, now, older, state=None):
@@ -1011,6 +1176,396 @@ def counts(store):
 
 
 # ---------------------------------------------------------------------------------------------
+# Domain: workflows
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def context(where):
+    """Prefix the one-line message of a refusal raised inside with where it happened."""
+    try:
+        yield
+    except HTTPError as e:
+        fail(e.status_code, '%s: %s' % (where, e.body))
+
+
+def parse_graphml(text):
+    """A directed acyclic multigraph from GraphML text, or a 400 that says why not.
+
+    The text is refused before parsing if it declares a DOCTYPE or entities (entity expansion
+    is the classic XML bomb) and read from the string itself (the original wrote a file in /tmp,
+    bug 8)."""
+    if len(text.encode()) > MAX_GRAPHML:
+        fail(413, 'GraphML larger than %d bytes' % MAX_GRAPHML)
+    if XML_DECLARATIONS_RE.search(text):
+        fail(400, 'GraphML with a DOCTYPE or ENTITY declaration is refused')
+    try:
+        graph = networkx.parse_graphml(text, force_multigraph=True)
+    except Exception as e:          # whatever the parser trips on is a fault of the text
+        fail(400, 'invalid GraphML: %s' % (str(e).splitlines() or [type(e).__name__])[0])
+    if not graph.is_directed():
+        fail(400, 'the graph must be directed (edgedefault="directed")')
+    if not 0 < graph.number_of_nodes() <= MAX_DAG_VERTICES:
+        fail(400, 'a DAG has 1 to %d vertices' % MAX_DAG_VERTICES)
+    if graph.number_of_edges() > MAX_DAG_EDGES:
+        fail(400, 'a DAG has at most %d edges' % MAX_DAG_EDGES)
+    if not networkx.is_directed_acyclic_graph(graph):
+        cycle = [u for u, v, *_ in networkx.find_cycle(graph)]
+        fail(400, 'not a DAG: it has the cycle %s' % ' -> '.join(cycle + cycle[:1]))
+    return graph
+
+
+def graphml_int(attrs, key, default, lo, hi):
+    """An integer attribute, declared int or string in the GraphML."""
+    value = attrs.get(key, default)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip() or default)
+        except ValueError:
+            fail(400, '%s must be an integer, not %r' % (key, value[:32]))
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return int_field({key: value}, key, default, lo, hi)
+
+
+def check_vertex(name, attrs, position):
+    with context('vertex %r' % name[:MAX_TEXT]):
+        if ':' in name or len(name) > MAX_TEXT:
+            fail(400, "a vertex name has at most %d characters and no ':'" % MAX_TEXT)
+        env = attrs.get('env') or '{}'
+        try:
+            env = json.loads(env) if isinstance(env, str) else env
+        except ValueError:
+            fail(400, 'env is not valid JSON')
+        texts = {k: str(v) for k, v in attrs.items() if k in ('jobtype', 'payload')}
+        jobtype = text_field(texts, 'jobtype', 'default') or 'default'
+        return {'name': name, 'position': position, 'jobtype': jobtype,
+                'payload': text_field(texts, 'payload', maxlen=MAX_PAYLOAD),
+                'env': json.dumps(env_field({'env': env})),
+                'timelimit': graphml_int(attrs, 'timelimit', 1000, 0 if jobtype == NOOP else 1,
+                                         MAX_TIMELIMIT),
+                'priority': graphml_int(attrs, 'priority', 0, *INT_RANGE)}
+
+
+def check_edge(source, target, attrs):
+    with context('edge %s:%s' % (source, target)):
+        attrs = {k: str(v) for k, v in attrs.items() if k in EDGE_ATTRS}
+        edge = {'source': source, 'target': target,
+                'name': text_field(attrs, 'name', required=True, maxlen=MAX_PATH),
+                'dirpath': text_field(attrs, 'dirpath', maxlen=MAX_PATH),
+                'datatype': text_field(attrs, 'datatype'),
+                'datatag': text_field(attrs, 'datatag'),
+                'comment': text_field(attrs, 'comment', maxlen=MAX_COMMENT)}
+        if edge['datatag'] and not ENV_NAME_RE.match(edge['datatag']):
+            fail(400, 'datatag %r is not a valid environment variable name' % edge['datatag'])
+        return edge
+
+
+def check_dag(raw):
+    """A DAG registration: its fields, vertices (in topological order) and edges."""
+    body = check_object(raw, 'DAG')
+    check_known(body, DAG_FIELDS, 'DAG')
+    graph = parse_graphml(text_field(body, 'graphml', required=True, maxlen=MAX_GRAPHML))
+    order = list(networkx.topological_sort(graph))
+    return {
+        'name': text_field(body, 'name', required=True),
+        'user': text_field(body, 'user'),
+        'description': text_field(body, 'description', maxlen=MAX_COMMENT),
+        'replace': bool(body.get('replace')),
+        'graphml': body['graphml'],
+        'root': order[0],
+        'vertices': [check_vertex(v, graph.nodes[v], i) for i, v in enumerate(order)],
+        'edges': [check_edge(s, t, a) for s, t, a in graph.edges(data=True)],
+    }
+
+
+def add_dag(store, raw, now):
+    """Register a DAG; an existing one of the same name is replaced only when asked to be."""
+    dag = check_dag(raw)
+    params = dict(dag, nvertices=len(dag['vertices']), nedges=len(dag['edges']), now=now)
+    with store.write() as db:
+        if dag['replace']:
+            db.execute(DELETE_DAG, params)
+        elif db.execute(GET_DAG, params).fetchone():
+            fail(409, 'a DAG named %r exists: give replace (--replace) to replace it'
+                 % dag['name'])
+        dag_id = db.execute(INSERT_DAG, params).fetchone()['id']
+        db.executemany(INSERT_VERTEX, [dict(v, dag=dag_id) for v in dag['vertices']])
+        db.executemany(INSERT_EDGE, [dict(e, dag=dag_id) for e in dag['edges']])
+    return get_dag(store, dag['name'])
+
+
+def load_dag(db, name):
+    row = db.execute(GET_DAG, {'name': name}).fetchone()
+    if row is None:
+        fail(404, 'no such DAG: %s' % name[:MAX_TEXT])
+    dag = dict(row)
+    params = {'dag': dag.pop('id')}
+    dag['vertices'] = [dict(r, env=json.loads(r['env']))
+                       for r in db.execute(GET_DAG_VERTICES, params)]
+    dag['edges'] = [dict(r) for r in db.execute(GET_DAG_EDGES, params)]
+    return dag
+
+
+def get_dag(store, name):
+    return load_dag(store.db(), name)
+
+
+def list_dags(store, query):
+    return [dict(r) for r in store.db().execute(LIST_DAGS, {'limit': limit_from(query)})]
+
+
+def delete_dag(store, name):
+    with store.write() as db:
+        if not db.execute(DELETE_DAG, {'name': name}).rowcount:
+            fail(404, 'no such DAG: %s' % name[:MAX_TEXT])
+    return {'deleted': name}
+
+
+def check_fileinfo(fileinfo, edges):
+    """The file naming policy: ('uuid' | 'sticky' | 'inherit:NAME', per-edge overrides)."""
+    if fileinfo in (None, ''):
+        return 'uuid', {}
+    if isinstance(fileinfo, str):
+        if fileinfo == 'sticky' or (fileinfo.startswith('inherit:') and len(fileinfo) > 8):
+            return fileinfo, {}
+        fail(400, "fileinfo is 'sticky', 'inherit:NAME' or a JSON object keyed 'source:target'")
+    keys = {'%s:%s' % (e['source'], e['target']) for e in edges}
+    for key, value in check_object(fileinfo, 'fileinfo').items():
+        with context('fileinfo %r' % key[:MAX_TEXT]):
+            if key not in keys:
+                fail(400, 'no such edge in the DAG')
+            check_known(check_object(value, 'each entry'), {'name', 'dirpath', 'comment'},
+                        'fileinfo')
+            for field in value:
+                text_field(value, field, maxlen=MAX_PATH, required=field == 'name')
+    return 'uuid', fileinfo
+
+
+def check_jobinfo(jobinfo, vertices):
+    names = {v['name'] for v in vertices}
+    for vertex, value in check_object(jobinfo or {}, 'jobinfo').items():
+        with context('jobinfo %r' % vertex[:MAX_TEXT]):
+            if vertex not in names:
+                fail(400, 'no such vertex in the DAG')
+            check_known(check_object(value, 'each entry'),
+                        {'payload', 'env', 'priority', 'timelimit'}, 'jobinfo')
+            text_field(value, 'payload', maxlen=MAX_PAYLOAD)
+            env_field(value)
+            int_field(value, 'priority')
+            int_field(value, 'timelimit', None, 1, MAX_TIMELIMIT)
+    return jobinfo or {}
+
+
+def check_new_workflow(raw):
+    body = check_object(raw, 'workflow')
+    check_known(body, WORKFLOW_FIELDS, 'workflow')
+    state = text_field(body, 'state', 'template')
+    if state not in ('template', 'defined'):
+        fail(400, "a new workflow is 'template' or 'defined', not %r" % state[:32])
+    return {'dag': text_field(body, 'dag', required=True),
+            'name': text_field(body, 'name'),
+            'user': text_field(body, 'user'),
+            'description': text_field(body, 'description', maxlen=MAX_COMMENT),
+            'state': state,
+            'fileinfo': body.get('fileinfo'),
+            'jobinfo': body.get('jobinfo')}
+
+
+def workflow_jobs(wf, dag, jobinfo, now):
+    """A job row per vertex, with the vertex attributes overridden by jobinfo."""
+    jobs = {}
+    for v in dag['vertices']:
+        over = jobinfo.get(v['name'], {})
+        job = dict(v, uuid=str(uuidlib.uuid4()), workflow=wf['uuid'], user=wf['user'], now=now,
+                   env=dict(v['env'], **over.get('env', {})))
+        job.update((k, over[k]) for k in ('payload', 'priority', 'timelimit') if k in over)
+        if job['jobtype'] == NOOP:
+            job['payload'] = job['payload'] or NOOP
+        elif not job['payload']:
+            fail(400, 'vertex %r has no payload: give one in the DAG or in jobinfo' % v['name'])
+        jobs[v['name']] = job
+    return jobs
+
+
+def file_name(policy, edge, data_uuid, ext, dag_name):
+    """The name of an edge's file: `<uuid><ext>`, the DAG's own (sticky) or inherited."""
+    if policy == 'sticky':
+        return edge['name']
+    if policy.startswith('inherit:'):
+        return '%s:%s:%s:%s%s' % (policy[len('inherit:'):], dag_name, edge['source'],
+                                  edge['datatag'], ext)
+    return data_uuid + ext
+
+
+def workflow_data(wf, dag, jobs, policy, overrides, datatypes, now):
+    """A data row per edge; each edge's datatag goes into the env of both its jobs."""
+    rows = []
+    for e in dag['edges']:
+        key = '%s:%s' % (e['source'], e['target'])
+        if e['datatype'] not in datatypes:
+            fail(400, 'edge %s: unknown datatype %r: register it first (p3s_data.py -R); '
+                 'nothing was created' % (key, e['datatype']))
+        data_uuid = str(uuidlib.uuid4())
+        row = dict(e, uuid=data_uuid, workflow=wf['uuid'], now=now,
+                   name=file_name(policy, e, data_uuid, datatypes[e['datatype']], dag['name']),
+                   sourceuuid=jobs[e['source']]['uuid'], targetuuid=jobs[e['target']]['uuid'])
+        row.update(overrides.get(key, {}))
+        if e['datatag']:
+            path = posixpath.join(row['dirpath'], row['name'])
+            jobs[e['source']]['env'][e['datatag']] = jobs[e['target']]['env'][e['datatag']] = path
+        rows.append(row)
+    return rows
+
+
+def add_workflow(store, raw, now):
+    """Instantiate a DAG: a template job per vertex, a data record per edge, in one transaction.
+    Nothing is left behind when any part is refused (the original left half a workflow)."""
+    req = check_new_workflow(raw)
+    wf = dict(req, uuid=str(uuidlib.uuid4()), now=now)
+    with store.write() as db:
+        dag = load_dag(db, req['dag'])
+        policy, overrides = check_fileinfo(req['fileinfo'], dag['edges'])
+        jobs = workflow_jobs(wf, dag, check_jobinfo(req['jobinfo'], dag['vertices']), now)
+        datatypes = {r['name']: r['ext'] for r in db.execute(GET_DATATYPES)}
+        data = workflow_data(wf, dag, jobs, policy, overrides, datatypes, now)
+        wf.update(name=req['name'] or dag['name'], rootuuid=jobs[dag['root']]['uuid'],
+                  nvertices=len(jobs))
+        db.execute(INSERT_WORKFLOW, wf)
+        db.executemany(INSERT_WORKFLOW_JOB, [dict(j, env=json.dumps(j['env']))
+                                             for j in jobs.values()])
+        db.executemany(INSERT_WORKFLOW_DATA, data)
+        woken = define_workflow(db, wf['uuid'], now) if req['state'] == 'defined' else []
+    store.waiters.wake(woken)
+    return get_workflow(store, wf['uuid'])
+
+
+def define_workflow(db, wf_uuid, now):
+    """template -> defined: its data are defined and its source jobs released."""
+    params = {'workflow': wf_uuid, 'now': now}
+    if not db.execute(DEFINE_WORKFLOW, params).rowcount:
+        wf = db.execute(GET_WORKFLOW, params).fetchone()
+        if wf is None:
+            fail(404, 'no such workflow: %s' % wf_uuid)
+        fail(409, 'cannot define workflow %s: it is %s' % (wf_uuid, wf['state']))
+    db.execute(DEFINE_WORKFLOW_DATA, params)
+    sources = db.execute(RELEASE_SOURCES, params).fetchall()
+    woken = [(r['jobtype'], r['site']) for r in sources if r['state'] == 'defined']
+    woken += workflow_hook(db, [r['uuid'] for r in sources if r['state'] == 'finished'], now)
+    workflow_progress(db, wf_uuid, now)
+    return woken
+
+
+def set_workflow_state(store, wf_uuid, raw, now):
+    body = check_object(raw, 'state change')
+    check_known(body, {'state'}, 'state change')
+    if body.get('state') != 'defined':
+        fail(400, "a workflow can be moved to 'defined' only")
+    with store.write() as db:
+        woken = define_workflow(db, check_uuid(wf_uuid, 'workflow'), now)
+    store.waiters.wake(woken)
+    return get_workflow(store, wf_uuid)
+
+
+def workflow_hook(db, job_uuids, now):
+    """The workflow engine, called inside the transaction in which jobs started or reached a
+    terminal state (a pilot's report, a kill, a drop, the lost-pilot sweep).
+
+    A finished job makes its output data available and releases each child whose parents have
+    all finished (AND-join); a released noop finishes at once and releases its own children.
+    Any other terminal state cancels every job downstream and fails the workflow. Jobs outside
+    workflows are ignored. Returns the (jobtype, site) of the jobs made defined, for waking
+    pilots after the commit."""
+    woken, workflows, todo = [], set(), list(job_uuids)
+    while todo:
+        job = db.execute(GET_FLOW_JOB, {'job': todo.pop()}).fetchone()
+        if job is None or job['workflow'] is None:
+            continue
+        workflows.add(job['workflow'])
+        params = {'job': job['uuid'], 'workflow': job['workflow'], 'now': now}
+        if job['state'] == 'finished':
+            db.execute(DATA_AVAILABLE, params)
+            for child in db.execute(RELEASE_CHILDREN, params).fetchall():
+                if child['state'] == 'finished':
+                    todo.append(child['uuid'])
+                else:
+                    woken.append((child['jobtype'], child['site']))
+        elif job['state'] in TERMINAL_STATES:
+            db.execute(CANCEL_DOWNSTREAM, params)
+            db.execute(FAIL_WORKFLOW, dict(params, comment='job %s (%s) ended %s'
+                                           % (job['name'], job['uuid'], job['state'])))
+    for wf_uuid in workflows:
+        workflow_progress(db, wf_uuid, now)
+    return woken
+
+
+def workflow_progress(db, wf_uuid, now):
+    """running from the first job start; finished when every job has finished."""
+    params = {'workflow': wf_uuid, 'now': now}
+    db.execute(WORKFLOW_STARTED, params)
+    db.execute(WORKFLOW_PROGRESS, params)
+    db.execute(WORKFLOW_FINISHED, params)
+
+
+def get_workflow(store, wf_uuid):
+    params = {'workflow': check_uuid(wf_uuid, 'workflow')}
+    db = store.db()
+    row = db.execute(GET_WORKFLOW, params).fetchone()
+    if row is None:
+        fail(404, 'no such workflow: %s' % wf_uuid)
+    return dict(row, jobs=[dict(r) for r in db.execute(GET_WORKFLOW_JOBS, params)],
+                data=[dict(r) for r in db.execute(GET_WORKFLOW_DATA, params)])
+
+
+def list_workflows(store, query):
+    params, where = filters_from(query, WORKFLOW_FILTERS)
+    params['limit'] = limit_from(query)
+    sql = ('SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows'
+           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
+    return [dict(r) for r in store.db().execute(sql, params)]
+
+
+def delete_workflow(store, wf_uuid, force=False):
+    """A workflow with its jobs and data, in one transaction. Jobs that pilots are running are
+    killed by their pilots at the next heartbeat (the job is gone); without force, refused."""
+    params = {'workflow': check_uuid(wf_uuid, 'workflow')}
+    with store.write() as db:
+        if db.execute(GET_WORKFLOW, params).fetchone() is None:
+            fail(404, 'no such workflow: %s' % wf_uuid)
+        active = db.execute(COUNT_ACTIVE_WORKFLOW_JOBS, params).fetchone()[0]
+        if active and not force:
+            fail(409, 'workflow %s has %d job(s) dispatched or running: give force to delete it '
+                 'anyway' % (wf_uuid, active))
+        jobs = db.execute(DELETE_WORKFLOW_JOBS, params).rowcount
+        data = db.execute(DELETE_WORKFLOW_DATA, params).rowcount
+        db.execute(DELETE_WORKFLOW, params)
+    return {'deleted': params['workflow'], 'jobs': jobs, 'data': data}
+
+
+def add_datatype(store, raw, now):
+    """Create or update a datatype (the original's registertype overwrote, too)."""
+    body = check_object(raw, 'datatype')
+    check_known(body, {'name', 'ext', 'comment'}, 'datatype')
+    row = {'name': text_field(body, 'name', required=True),
+           'ext': text_field(body, 'ext', maxlen=MAX_EXT),
+           'comment': text_field(body, 'comment', maxlen=MAX_COMMENT), 'now': now}
+    if '/' in row['ext']:
+        fail(400, "ext must not contain '/'")
+    with store.write() as db:
+        return dict(db.execute(UPSERT_DATATYPE, row).fetchone())
+
+
+def list_datatypes(store):
+    return [dict(r) for r in store.db().execute(GET_DATATYPES)]
+
+
+def delete_datatype(store, name):
+    with store.write() as db:
+        if not db.execute(DELETE_DATATYPE, {'name': name}).rowcount:
+            fail(404, 'no such datatype: %s' % name[:MAX_TEXT])
+    return {'deleted': name}
+
+
 # Domain: DQM controls (deadlines, drop, jobtype caps, sites, service messages)
 # ---------------------------------------------------------------------------------------------
 
@@ -1032,8 +1587,10 @@ def drop_jobs(store, body, now):
     older = number_field(body, 'older', 0, 0, 10 ** 9)
     params = {'jobtype': jobtype, 'cutoff': seconds_before(now, older), 'now': now}
     with store.write() as db:
-        dropped = db.execute(DROP_QUEUED_JOBS, params).rowcount
-    return {'jobtype': jobtype, 'dropped': dropped}
+        dropped = [r['uuid'] for r in db.execute(DROP_QUEUED_JOBS, params)]
+        woken = workflow_hook(db, dropped, now)         # their workflows fail
+    store.waiters.wake(woken)
+    return {'jobtype': jobtype, 'dropped': len(dropped)}
 
 
 def list_jobtypes(store):
@@ -1256,6 +1813,65 @@ def api_stop_pilot(pilot_uuid):
         fail(400, "a pilot stops as 'stopped' or 'killed'")
     return stop_pilot(store(), check_uuid(pilot_uuid, 'pilot'), state, utcnow())
 
+
+@app.post('/api/dags')
+def api_add_dag():
+    return add_dag(store(), json_body(), utcnow())
+
+
+@app.get('/api/dags')
+def api_list_dags():
+    return {'dags': list_dags(store(), request.query)}
+
+
+@app.get('/api/dags/<name>')
+def api_get_dag(name):
+    return get_dag(store(), name)
+
+
+@app.delete('/api/dags/<name>')
+def api_delete_dag(name):
+    return delete_dag(store(), name)
+
+
+@app.post('/api/workflows')
+def api_add_workflow():
+    return add_workflow(store(), json_body(), utcnow())
+
+
+@app.get('/api/workflows')
+def api_list_workflows():
+    return {'workflows': list_workflows(store(), request.query)}
+
+
+@app.get('/api/workflows/<wf_uuid>')
+def api_get_workflow(wf_uuid):
+    return get_workflow(store(), wf_uuid)
+
+
+@app.post('/api/workflows/<wf_uuid>/state')
+def api_set_workflow_state(wf_uuid):
+    return set_workflow_state(store(), wf_uuid, json_body(), utcnow())
+
+
+@app.delete('/api/workflows/<wf_uuid>')
+def api_delete_workflow(wf_uuid):
+    return delete_workflow(store(), wf_uuid, force=request.query.get('force') in ('1', 'true'))
+
+
+@app.post('/api/datatypes')
+def api_add_datatype():
+    return add_datatype(store(), json_body(), utcnow())
+
+
+@app.get('/api/datatypes')
+def api_list_datatypes():
+    return {'datatypes': list_datatypes(store())}
+
+
+@app.delete('/api/datatypes/<name>')
+def api_delete_datatype(name):
+    return delete_datatype(store(), name)
 
 # -- DQM controls --
 

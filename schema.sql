@@ -70,6 +70,102 @@ CREATE INDEX IF NOT EXISTS pilots_live ON pilots (last_seen)
     WHERE state IN ('active', 'idle', 'dispatched', 'running');
 CREATE INDEX IF NOT EXISTS pilots_state ON pilots (state, id);
 
+-- Workflows (issue 3): DAG templates, the workflows made from them, datatypes and data files.
+-- A DAG is a template, a workflow a copy: workflows keep the DAG's name as text, so replacing or
+-- deleting a DAG leaves the workflows already made from it intact.
+CREATE TABLE IF NOT EXISTS dags (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    user        TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    nvertices   INTEGER NOT NULL,
+    nedges      INTEGER NOT NULL,
+    root        TEXT NOT NULL,                     -- first vertex in topological order
+    graphml     TEXT NOT NULL,                     -- the text as registered
+    created_at  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS dag_vertices (
+    id        INTEGER PRIMARY KEY,
+    dag       INTEGER NOT NULL REFERENCES dags (id) ON DELETE CASCADE,
+    name      TEXT NOT NULL,
+    position  INTEGER NOT NULL,                    -- in topological order
+    jobtype   TEXT NOT NULL DEFAULT 'default',     -- 'noop' finishes on the server at once
+    payload   TEXT NOT NULL DEFAULT '',
+    env       TEXT NOT NULL DEFAULT '{}',          -- JSON object of strings
+    timelimit INTEGER NOT NULL DEFAULT 1000,
+    priority  INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (dag, name)
+);
+
+-- Parallel edges between the same two vertices are allowed: edges have no natural key.
+CREATE TABLE IF NOT EXISTS dag_edges (
+    id       INTEGER PRIMARY KEY,
+    dag      INTEGER NOT NULL REFERENCES dags (id) ON DELETE CASCADE,
+    source   TEXT NOT NULL,
+    target   TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    dirpath  TEXT NOT NULL DEFAULT '',
+    datatype TEXT NOT NULL DEFAULT '',
+    datatag  TEXT NOT NULL DEFAULT '',             -- env variable holding the full path
+    comment  TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS dag_edges_dag ON dag_edges (dag, id);
+
+CREATE TABLE IF NOT EXISTS workflows (
+    id          INTEGER PRIMARY KEY,
+    uuid        TEXT NOT NULL UNIQUE,
+    name        TEXT NOT NULL DEFAULT '',          -- not unique
+    user        TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    dag         TEXT NOT NULL,                     -- name of the DAG it was made from
+    state       TEXT NOT NULL CHECK (state IN ('template', 'defined', 'running', 'finished',
+                    'failed')),
+    comment     TEXT NOT NULL DEFAULT '',          -- why it failed
+    rootuuid    TEXT,                              -- job made from the DAG's root
+    nvertices   INTEGER NOT NULL,
+    ndone       INTEGER NOT NULL DEFAULT 0,        -- jobs finished
+    created_at  TEXT NOT NULL,
+    defined_at  TEXT,
+    started_at  TEXT,                              -- its first job started
+    stopped_at  TEXT
+);
+CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state, id);
+-- The jobs of a workflow (its engine, its page, its deletion).
+CREATE INDEX IF NOT EXISTS jobs_workflow ON jobs (workflow) WHERE workflow IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS datatypes (
+    name       TEXT PRIMARY KEY,
+    ext        TEXT NOT NULL DEFAULT '',           -- with its dot: '.txt'
+    comment    TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+
+-- A data file. A workflow edge is one (template -> defined -> available when its producing
+-- job finished); files registered from outside use the same table. The state is free text on
+-- purpose: the data clients add their own states.
+CREATE TABLE IF NOT EXISTS data (
+    id         INTEGER PRIMARY KEY,
+    uuid       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,                      -- file name
+    dirpath    TEXT NOT NULL DEFAULT '',
+    datatype   TEXT NOT NULL DEFAULT '',
+    datatag    TEXT NOT NULL DEFAULT '',
+    state      TEXT NOT NULL DEFAULT 'defined',
+    comment    TEXT NOT NULL DEFAULT '',
+    workflow   TEXT,                               -- uuid of the owning workflow
+    source     TEXT NOT NULL DEFAULT '',           -- producing vertex (job name) ...
+    sourceuuid TEXT,                               -- ... and job
+    target     TEXT NOT NULL DEFAULT '',           -- consuming vertex ...
+    targetuuid TEXT,                               -- ... and job
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS data_source ON data (sourceuuid) WHERE sourceuuid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS data_target ON data (targetuuid) WHERE targetuuid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS data_workflow ON data (workflow, id) WHERE workflow IS NOT NULL;
+CREATE INDEX IF NOT EXISTS data_name ON data (name);
+
 -- -- DQM controls --------------------------------------------------------------------------------
 
 -- Deadlines: the sweep finds queued jobs whose deadline passed without reading the whole queue.

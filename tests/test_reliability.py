@@ -116,7 +116,7 @@ def test_lost_job_with_retries_goes_back_to_the_queue(store):
     [job] = submit(store, retries=1)
     srv.request_work(store, me, srv.utcnow())
     now = later(srv.utcnow(), 500)
-    assert srv.sweep(store, now, 120)['retried'] == 1
+    assert srv.sweep(store, now, 120)['woken'] == 1
     again = srv.get_job(store, job)
     assert (again['state'], again['retries'], again['pilot']) == ('defined', 0, None)
     other = pilot(store)

@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""p3s workflow client: DAG templates (GraphML) and the workflows made from them.
+
+usage:
+  python p3s_workflow.py -g DAG.graphml [-n NAME] [-D TEXT] [--replace]   register a DAG
+  python p3s_workflow.py -a DAG [-n NAME] [-s template|defined] [-f FILEINFO] [-j JOBINFO]
+                         [-D TEXT]                                 make a workflow (prints uuid)
+  python p3s_workflow.py -m -u UUID -s defined                     start a template workflow
+  python p3s_workflow.py --list [-w workflow|dag] [-s STATE[,STATE]] [--limit N]
+  python p3s_workflow.py --show UUID                               a workflow, its jobs and data
+  python p3s_workflow.py -G DAG                                    print a DAG's GraphML
+  python p3s_workflow.py -d -w dag -n NAME[,NAME...]
+  python p3s_workflow.py -d -w workflow -u UUID[,UUID...] [--force]
+Add --json for machine-readable output. The server is --server or P3S_SERVER
+(default http://127.0.0.1:8080/); P3S_TOKEN is sent as a bearer token when set.
+
+A DAG is named after its file unless -n is given; an existing name is refused without
+--replace. A new workflow is named after its DAG unless -n is given, and is a `template` until
+defined (-s defined, now or later with -m). -f names the files of the workflow's edges:
+`sticky` (the DAG's names), `inherit:NAME`, or JSON {"source:target": {"name", "dirpath",
+"comment"}} inline or in a .json file; by default each file is <uuid><ext>. -j overrides
+vertices: JSON {"vertex": {"payload", "env", "priority", "timelimit"}} inline or in a .json
+file (env is merged into the vertex's env). See docs/workflows.md.
+
+Exit codes (shared by every p3s client):
+  0  success                        2  bad command line
+  1  the server refused a request   3  the server could not be reached or answered nonsense
+                                    4  a local file is missing or invalid
+This file uses the Python standard library only: copy it alone onto any node.
+"""
+import argparse
+import getpass
+import http.client
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+DEFAULT_SERVER = 'http://127.0.0.1:8080/'
+HTTP_TIMEOUT = 60.0
+WORKFLOW_COLUMNS = ('uuid', 'state', 'name', 'dag', 'ndone', 'nvertices', 'created_at')
+DAG_COLUMNS = ('name', 'nvertices', 'nedges', 'root', 'user', 'created_at')
+JOB_COLUMNS = ('uuid', 'name', 'state', 'jobtype', 'errcode')
+DATA_COLUMNS = ('state', 'source', 'target', 'datatag', 'dirpath', 'name')
+
+
+class P3SError(Exception):
+    """A failure with a one-line message; `code` is the exit code it leads to."""
+
+    def __init__(self, message, code=EXIT_REFUSED):
+        super().__init__(message)
+        self.code = code
+
+
+def call(server, method, path, body=None, timeout=HTTP_TIMEOUT):
+    """One JSON request to the server. The only code that touches urllib."""
+    url = server.rstrip('/') + path
+    headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
+    if os.environ.get('P3S_TOKEN'):
+        headers['Authorization'] = 'Bearer ' + os.environ['P3S_TOKEN']
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as reply:
+            return json.loads(reply.read().decode() or '{}')
+    except urllib.error.HTTPError as e:
+        code = EXIT_UNREACHABLE if e.code >= 500 else EXIT_REFUSED
+        raise P3SError('server: %s (HTTP %d)' % (error_text(e), e.code), code) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        reason = getattr(e, 'reason', None) or e
+        raise P3SError('cannot reach the server at %s: %s' % (server, reason),
+                       EXIT_UNREACHABLE) from None
+
+
+def error_text(http_error):
+    try:
+        return json.loads(http_error.read().decode())['error']
+    except Exception:
+        return http_error.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise P3SError('cannot read %s: %s' % (path, getattr(e, 'strerror', None) or e),
+                       EXIT_INPUT) from None
+
+
+def json_option(value, option, words=()):
+    """-f/-j as the original took them: a value containing `.json` is a file; JSON text is
+    parsed; one of `words` (sticky, inherit:NAME) is passed on as it is."""
+    if value is None:
+        return None
+    if value in words or any(value.startswith(w) for w in words if w.endswith(':')):
+        return value
+    if '.json' not in value:
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise P3SError('%s takes %sJSON or a .json file: %s' % (
+                option, 'sticky, inherit:NAME, ' if words else '', e), EXIT_USAGE) from None
+    try:
+        return json.loads(read_text(value))
+    except ValueError as e:
+        raise P3SError('%s is not valid JSON: %s' % (value, e), EXIT_INPUT) from None
+
+
+def quote(text):
+    return urllib.parse.quote(text, safe='')
+
+
+def user_name():
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ''
+
+
+def print_table(rows, columns):
+    cells = [[str('' if r.get(c) is None else r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    for row in [list(columns)] + cells:
+        print('  '.join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def add_dag(args):
+    """-g: the GraphML goes to the server as it is (the server parses it)."""
+    name = args.name or os.path.splitext(os.path.basename(args.graphml))[0]
+    body = {'name': name, 'graphml': read_text(args.graphml), 'user': user_name(),
+            'description': args.description or '', 'replace': args.replace}
+    dag = call(args.server, 'POST', '/api/dags', body)
+    if args.json:
+        print(json.dumps(dag, indent=1))
+    else:
+        print('%s: %d vertices, %d edges' % (dag['name'], dag['nvertices'], dag['nedges']))
+    return EXIT_OK
+
+
+def add_workflow(args):
+    body = {'dag': args.add, 'name': args.name or '', 'user': user_name(),
+            'description': args.description or '', 'state': args.state or 'template',
+            'fileinfo': json_option(args.fileinfo, '-f', ('sticky', 'inherit:')),
+            'jobinfo': json_option(args.jobinfo, '-j')}
+    wf = call(args.server, 'POST', '/api/workflows', body)
+    print(json.dumps(wf, indent=1) if args.json else wf['uuid'])
+    return EXIT_OK
+
+
+def define_workflow(args):
+    if args.state != 'defined':
+        raise P3SError('-m needs -s defined (a workflow moves from template to defined)',
+                       EXIT_USAGE)
+    for wf_uuid in split(args.uuids):
+        wf = call(args.server, 'POST', '/api/workflows/%s/state' % quote(wf_uuid),
+                  {'state': 'defined'})
+        print(json.dumps(wf, indent=1) if args.json else '%s %s' % (wf['uuid'], wf['state']))
+    return EXIT_OK
+
+
+def list_things(args):
+    query = {k: v for k, v in (('state', args.state), ('limit', args.limit)) if v}
+    key, columns = ('dags', DAG_COLUMNS) if args.what == 'dag' else ('workflows', WORKFLOW_COLUMNS)
+    rows = call(args.server, 'GET', '/api/%s?%s' % (key, urllib.parse.urlencode(query)))[key]
+    if args.json:
+        print(json.dumps({key: rows}, indent=1))
+    else:
+        print_table(rows, columns)
+    return EXIT_OK
+
+
+def show_workflow(args):
+    wf = call(args.server, 'GET', '/api/workflows/%s' % quote(args.show))
+    if args.json:
+        print(json.dumps(wf, indent=1))
+        return EXIT_OK
+    for key, value in wf.items():
+        if key not in ('jobs', 'data'):
+            print('%-12s %s' % (key + ':', '' if value is None else value))
+    print('\njobs:')
+    print_table(wf['jobs'], JOB_COLUMNS)
+    print('\ndata:')
+    print_table(wf['data'], DATA_COLUMNS)
+    return EXIT_OK
+
+
+def get_dag(args):
+    dag = call(args.server, 'GET', '/api/dags/%s' % quote(args.getdag))
+    if args.json:
+        print(json.dumps(dag, indent=1))
+    else:
+        sys.stdout.write(dag['graphml'] if dag['graphml'].endswith('\n') else dag['graphml'] + '\n')
+    return EXIT_OK
+
+
+def split(csv):
+    return [x for x in (csv or '').split(',') if x]
+
+
+def delete(args):
+    """-d: each DAG (-n) or workflow (-u); reports each; fails if any failed."""
+    if args.what == 'dag':
+        targets, path = split(args.name), '/api/dags/%s'
+    else:
+        targets, path = split(args.uuids), '/api/workflows/%s' + ('?force=1' if args.force else '')
+    if not targets:
+        raise P3SError('-d -w dag needs -n NAME; -d -w workflow needs -u UUID', EXIT_USAGE)
+    code, results = EXIT_OK, []
+    for target in targets:
+        try:
+            results.append(call(args.server, 'DELETE', path % quote(target)))
+            if not args.json:
+                print('%s deleted' % target)
+        except P3SError as e:
+            print('p3s_workflow: error: %s: %s' % (target, e), file=sys.stderr)
+            code = max(code, e.code)
+    if args.json:
+        print(json.dumps({'deleted': results}, indent=1))
+    return code
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog='p3s_workflow.py',
+                                 description='Register DAGs and run workflows made from them.',
+                                 epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
+                                 'command line, 3 server unreachable, 4 bad local file.')
+    do = ap.add_mutually_exclusive_group(required=True)
+    do.add_argument('-g', '--graphml', metavar='FILE', help='register the DAG in a GraphML file')
+    do.add_argument('-a', '--add', metavar='DAG', help='make a workflow from a DAG')
+    do.add_argument('-m', '--modify', action='store_true', help='define the workflows of -u')
+    do.add_argument('--list', action='store_true', help='list workflows (or DAGs with -w dag)')
+    do.add_argument('--show', metavar='UUID', help='show a workflow with its jobs and data')
+    do.add_argument('-G', '--getdag', metavar='DAG', help="print a DAG's GraphML")
+    do.add_argument('-d', '--delete', action='store_true',
+                    help='delete DAGs (-n) or workflows (-u)')
+    ap.add_argument('-n', '--name', help='name of the new DAG or workflow; DAGs to delete')
+    ap.add_argument('-D', '--description', help='description of the new DAG or workflow')
+    ap.add_argument('-s', '--state', help='template or defined (-a, -m); state filter (--list)')
+    ap.add_argument('-f', '--fileinfo', metavar='POLICY',
+                    help='file names: sticky, inherit:NAME, or JSON (inline or a .json file)')
+    ap.add_argument('-j', '--jobinfo', metavar='JSON',
+                    help='vertex overrides: JSON (inline or a .json file)')
+    ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]', help='workflows (-m, -d)')
+    ap.add_argument('-w', '--what', choices=('workflow', 'dag'), default='workflow',
+                    help='what -d deletes and --list lists (default workflow)')
+    ap.add_argument('--replace', action='store_true', help='-g: replace a DAG of the same name')
+    ap.add_argument('--force', action='store_true', help='-d: delete workflows with running jobs')
+    ap.add_argument('--limit', type=int, help='at most this many workflows (--list)')
+    ap.add_argument('--json', action='store_true', help='machine-readable output')
+    ap.add_argument('-S', '--server', default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
+                    help='server URL (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+    args = ap.parse_args(argv)
+    if args.modify and not args.uuids:
+        ap.error('-m needs -u UUID and -s defined')
+    if args.state and args.add and args.state not in ('template', 'defined'):
+        ap.error('-a -s takes template or defined')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.graphml:
+            return add_dag(args)
+        if args.add:
+            return add_workflow(args)
+        if args.modify:
+            return define_workflow(args)
+        if args.list:
+            return list_things(args)
+        if args.show:
+            return show_workflow(args)
+        if args.getdag:
+            return get_dag(args)
+        return delete(args)
+    except P3SError as e:
+        print('p3s_workflow: error: %s' % e, file=sys.stderr)
+        return e.code
+
+
+if __name__ == '__main__':
+    sys.exit(main())
