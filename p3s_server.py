@@ -91,7 +91,8 @@ MAX_PATH = 4096                  # file names and directories of data
 MAX_COMMENT = 4096
 MAX_EXT = 16
 DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
-WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo'}
+WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo',
+                   'deadline'}
 EDGE_ATTRS = ('name', 'dirpath', 'datatype', 'datatag', 'comment')
 XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
@@ -267,6 +268,7 @@ JOB_FILTERS = {
     'user': 'user = :user',
     'site': 'site = :site',
     'pilot': 'pilot = :pilot',
+    'workflow': 'workflow = :workflow',
 }
 PILOT_FILTERS = {
     'state': 'state = :state',
@@ -312,9 +314,9 @@ VALUES (:uuid, :name, :user, :description, :dag, 'template', :rootuuid, :nvertic
 """
 INSERT_WORKFLOW_JOB = """
 INSERT INTO jobs (uuid, name, user, jobtype, payload, env, priority, timelimit, workflow, state,
-                  created_at)
+                  created_at, deadline)
 VALUES (:uuid, :name, :user, :jobtype, :payload, :env, :priority, :timelimit, :workflow,
-        'template', :now)
+        'template', :now, :deadline)
 """
 INSERT_WORKFLOW_DATA = """
 INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
@@ -467,6 +469,44 @@ SELECT id, name, message, created_at FROM services ORDER BY id DESC LIMIT :limit
 """
 LIST_SERVICES_NAMED = """
 SELECT id, name, message, created_at FROM services WHERE name = :name ORDER BY id DESC LIMIT :limit
+"""
+
+# -- data and injection (issue 4) --
+
+INSERT_DATA = """
+INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
+                  sourceuuid, target, targetuuid, created_at, updated_at)
+VALUES (:uuid, :name, :dirpath, :datatype, :datatag, :state, :comment, :workflow, :source,
+        :sourceuuid, :target, :targetuuid, :now, :now)
+"""
+GET_DATA = 'SELECT ' + DATA_COLUMNS + ' FROM data WHERE uuid = :uuid'
+DATA_NAMED = 'SELECT 1 FROM data WHERE name = :name LIMIT 1'
+ADJUST_DATA = """
+UPDATE data SET name = coalesce(:name, name), dirpath = coalesce(:dirpath, dirpath),
+       datatype = coalesce(:datatype, datatype), state = coalesce(:state, state),
+       comment = coalesce(:comment, comment), targetuuid = coalesce(:targetuuid, targetuuid),
+       updated_at = :now
+ WHERE uuid = :uuid
+"""
+DELETE_DATA = 'DELETE FROM data WHERE uuid = :uuid'
+DATA_FILTERS = {
+    'name': 'name = :name',
+    'state': 'state = :state',
+    'datatype': 'datatype = :datatype',
+    'workflow': 'workflow = :workflow',
+    'dirpath': 'dirpath = :dirpath',
+}
+# The injector's exactly-once: the first claim of a file's path wins, in the transaction that
+# also submits its jobs; every later claim, by any injector, finds the row.
+CLAIM_PATH = """
+INSERT INTO injections (path, state, data, created_at) VALUES (:path, :state, :data, :now)
+ON CONFLICT (path) DO NOTHING
+"""
+# A workflow's deadline counts from its definition, for every job of it, whenever released.
+SET_WORKFLOW_DEADLINE = """
+UPDATE jobs SET deadline_at = strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
+                              || substr(:now, 20)
+ WHERE workflow = :workflow AND deadline IS NOT NULL
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -769,7 +809,7 @@ def check_pilot(raw, now):
 def filters_from(query, allowed):
     """Listing filters from a query string: ({name: value}, [SQL fragments])."""
     params, where = {}, []
-    for key in ('jobtype', 'user', 'site', 'pilot', 'host'):
+    for key in ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow'):
         if key in allowed and query.get(key):
             params[key] = query.get(key)
             where.append(allowed[key])
@@ -816,10 +856,15 @@ def submit_jobs(store, raw_jobs, now):
         fail(413, 'at most %d jobs in one submission' % MAX_JOBS_PER_SUBMIT)
     rows = [check_job(raw, now) for raw in raw_jobs]
     with store.write() as db:
-        db.executemany(INSERT_JOB, rows)
-        db.executemany(SEEN_JOBTYPE, [{'jobtype': t} for t in {r['jobtype'] for r in rows}])
+        insert_jobs(db, rows)
     store.waiters.wake([(r['jobtype'], r['site']) for r in rows if r['state'] == 'defined'])
     return [r['uuid'] for r in rows]
+
+
+def insert_jobs(db, rows):
+    """Checked job rows into the jobs table, their types into the jobtypes table."""
+    db.executemany(INSERT_JOB, rows)
+    db.executemany(SEEN_JOBTYPE, [{'jobtype': t} for t in {r['jobtype'] for r in rows}])
 
 
 def get_job(store, job_uuid, logs=False):
@@ -1369,7 +1414,8 @@ def check_new_workflow(raw):
             'description': text_field(body, 'description', maxlen=MAX_COMMENT),
             'state': state,
             'fileinfo': body.get('fileinfo'),
-            'jobinfo': body.get('jobinfo')}
+            'jobinfo': body.get('jobinfo'),
+            'deadline': int_field(body, 'deadline', None, 1, MAX_TIMELIMIT)}
 
 
 def workflow_jobs(wf, dag, jobinfo, now):
@@ -1378,7 +1424,7 @@ def workflow_jobs(wf, dag, jobinfo, now):
     for v in dag['vertices']:
         over = jobinfo.get(v['name'], {})
         job = dict(v, uuid=str(uuidlib.uuid4()), workflow=wf['uuid'], user=wf['user'], now=now,
-                   env=dict(v['env'], **over.get('env', {})))
+                   env=dict(v['env'], **over.get('env', {})), deadline=wf.get('deadline'))
         job.update((k, over[k]) for k in ('payload', 'priority', 'timelimit') if k in over)
         if job['jobtype'] == NOOP:
             job['payload'] = job['payload'] or NOOP
@@ -1422,22 +1468,29 @@ def add_workflow(store, raw, now):
     """Instantiate a DAG: a template job per vertex, a data record per edge, in one transaction.
     Nothing is left behind when any part is refused (the original left half a workflow)."""
     req = check_new_workflow(raw)
-    wf = dict(req, uuid=str(uuidlib.uuid4()), now=now)
     with store.write() as db:
-        dag = load_dag(db, req['dag'])
-        policy, overrides = check_fileinfo(req['fileinfo'], dag['edges'])
-        jobs = workflow_jobs(wf, dag, check_jobinfo(req['jobinfo'], dag['vertices']), now)
-        datatypes = {r['name']: r['ext'] for r in db.execute(GET_DATATYPES)}
-        data = workflow_data(wf, dag, jobs, policy, overrides, datatypes, now)
-        wf.update(name=req['name'] or dag['name'], rootuuid=jobs[dag['root']]['uuid'],
-                  nvertices=len(jobs))
-        db.execute(INSERT_WORKFLOW, wf)
-        db.executemany(INSERT_WORKFLOW_JOB, [dict(j, env=json.dumps(j['env']))
-                                             for j in jobs.values()])
-        db.executemany(INSERT_WORKFLOW_DATA, data)
-        woken = define_workflow(db, wf['uuid'], now) if req['state'] == 'defined' else []
+        wf_uuid, woken = create_workflow(db, req, now)
     store.waiters.wake(woken)
-    return get_workflow(store, wf['uuid'])
+    return get_workflow(store, wf_uuid)
+
+
+def create_workflow(db, req, now, dag=None):
+    """add_workflow inside the caller's transaction (the injector's too): (uuid, woken)."""
+    wf = dict(req, uuid=str(uuidlib.uuid4()), now=now)
+    dag = dag or load_dag(db, req['dag'])
+    policy, overrides = check_fileinfo(req['fileinfo'], dag['edges'])
+    jobs = workflow_jobs(wf, dag, check_jobinfo(req['jobinfo'], dag['vertices']), now)
+    datatypes = {r['name']: r['ext'] for r in db.execute(GET_DATATYPES)}
+    data = workflow_data(wf, dag, jobs, policy, overrides, datatypes, now)
+    wf.update(name=req['name'] or dag['name'], rootuuid=jobs[dag['root']]['uuid'],
+              nvertices=len(jobs))
+    db.execute(INSERT_WORKFLOW, wf)
+    db.executemany(INSERT_WORKFLOW_JOB, [dict(j, env=json.dumps(j['env']))
+                                         for j in jobs.values()])
+    db.executemany(SEEN_JOBTYPE, [{'jobtype': t} for t in {j['jobtype'] for j in jobs.values()}])
+    db.executemany(INSERT_WORKFLOW_DATA, data)
+    woken = define_workflow(db, wf['uuid'], now) if req['state'] == 'defined' else []
+    return wf['uuid'], woken
 
 
 def define_workflow(db, wf_uuid, now):
@@ -1448,6 +1501,7 @@ def define_workflow(db, wf_uuid, now):
         if wf is None:
             fail(404, 'no such workflow: %s' % wf_uuid)
         fail(409, 'cannot define workflow %s: it is %s' % (wf_uuid, wf['state']))
+    db.execute(SET_WORKFLOW_DEADLINE, params)
     db.execute(DEFINE_WORKFLOW_DATA, params)
     sources = db.execute(RELEASE_SOURCES, params).fetchall()
     woken = [(r['jobtype'], r['site']) for r in sources if r['state'] == 'defined']
@@ -1697,6 +1751,171 @@ def list_service_messages(store, query):
 
 
 # ---------------------------------------------------------------------------------------------
+# Domain: data files and the injector (issue 4)
+# ---------------------------------------------------------------------------------------------
+
+DATA_FIELDS = {'uuid', 'name', 'dirpath', 'datatype', 'datatag', 'state', 'comment', 'workflow',
+               'source', 'sourceuuid', 'target', 'targetuuid'}
+DATA_ADJUSTABLE = {'name', 'dirpath', 'datatype', 'state', 'comment', 'targetuuid'}
+INJECT_FIELDS = {'files', 'jobs', 'dag', 'jobinfo', 'deadline', 'datatype', 'comment', 'dedup',
+                 'max_files', 'user', 'name'}
+MAX_INJECT_FILES = 100000
+DEDUP = ('path', 'name', 'none')
+
+
+def check_data(raw, now):
+    d = check_object(raw, 'data')
+    check_known(d, DATA_FIELDS, 'data')
+    row = {key: text_field(d, key, maxlen=MAX_PATH) for key in
+           ('name', 'dirpath', 'datatype', 'datatag', 'state', 'comment', 'source', 'target')}
+    text_field(d, 'name', required=True)
+    row.update(uuid=uuid_field(d, 'uuid') or str(uuidlib.uuid4()), state=row['state'] or 'defined',
+               workflow=uuid_field(d, 'workflow'), sourceuuid=uuid_field(d, 'sourceuuid'),
+               targetuuid=uuid_field(d, 'targetuuid'), now=now)
+    return row
+
+
+def register_data(store, raw, now):
+    """Register a data file (from a client or a payload); the record as stored."""
+    row = check_data(raw, now)
+    with store.write() as db:
+        db.execute(INSERT_DATA, row)
+    return get_data(store, row['uuid'])
+
+
+def get_data(store, data_uuid):
+    row = store.db().execute(GET_DATA, {'uuid': check_uuid(data_uuid, 'data')}).fetchone()
+    if row is None:
+        fail(404, 'no such data: %s' % data_uuid)
+    return dict(row)
+
+
+def list_data(store, query):
+    params = {k: query.get(k) for k in DATA_FILTERS if query.get(k)}
+    where = [DATA_FILTERS[k] for k in params]
+    params['limit'] = limit_from(query)
+    sql = ('SELECT ' + DATA_COLUMNS + ' FROM data'
+           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
+    return [dict(r) for r in store.db().execute(sql, params)]
+
+
+def adjust_data(store, data_uuid, raw, now):
+    changes = check_object(raw, 'adjustment')
+    check_known(changes, DATA_ADJUSTABLE, 'data adjustment')
+    if not changes:
+        fail(400, 'nothing to adjust: give one of %s' % ', '.join(sorted(DATA_ADJUSTABLE)))
+    params = {key: text_field(changes, key, maxlen=MAX_PATH) if key in changes else None
+              for key in DATA_ADJUSTABLE if key != 'targetuuid'}
+    params.update(targetuuid=uuid_field(changes, 'targetuuid'),
+                  uuid=check_uuid(data_uuid, 'data'), now=now)
+    with store.write() as db:
+        if not db.execute(ADJUST_DATA, params).rowcount:
+            fail(404, 'no such data: %s' % data_uuid)
+    return get_data(store, data_uuid)
+
+
+def delete_data(store, data_uuid):
+    with store.write() as db:
+        if not db.execute(DELETE_DATA, {'uuid': check_uuid(data_uuid, 'data')}).rowcount:
+            fail(404, 'no such data: %s' % data_uuid)
+    return {'deleted': data_uuid}
+
+
+def check_injection(raw):
+    body = check_object(raw, 'injection')
+    check_known(body, INJECT_FIELDS, 'injection')
+    files = body.get('files')
+    if not isinstance(files, list) or not files or len(files) > MAX_INJECT_FILES:
+        fail(400, 'files must be a list of 1 to %d files' % MAX_INJECT_FILES)
+    for f in files:
+        check_known(check_object(f, 'each file'), {'path', 'skip'}, 'file')
+        text_field(f, 'path', maxlen=MAX_PATH, required=True)
+        if not isinstance(f.get('skip', False), bool):
+            fail(400, 'skip must be true or false')
+    if (body.get('jobs') is None) == (body.get('dag') is None):
+        fail(400, 'give jobs (a list of job templates) or dag (a DAG name), not both')
+    if body.get('jobs') is not None and (not isinstance(body['jobs'], list) or not body['jobs']):
+        fail(400, 'jobs must be a non-empty list of job templates')
+    dedup = text_field(body, 'dedup', 'path')
+    if dedup not in DEDUP:
+        fail(400, 'dedup is one of %s' % ', '.join(DEDUP))
+    return dict(body, dedup=dedup, datatype=text_field(body, 'datatype'),
+                comment=text_field(body, 'comment', 'injected', maxlen=MAX_COMMENT),
+                max_files=int_field(body, 'max_files', MAX_INJECT_FILES, 0, MAX_INJECT_FILES))
+
+
+def inject(store, raw, now):
+    """Files that arrived: for each one not seen before, register it and submit its jobs (or
+    a workflow of a DAG), all in one transaction, so the server alone decides what is new.
+
+    dedup 'path' (the injector): a path is taken once, ever, whoever asks. 'name' (-g): a
+    file whose name is registered already is skipped. 'none' (-g -A): always submitted.
+    Files sampled out (skip) are recorded as skipped. At most max_files are submitted; the
+    rest are answered 'deferred' and left for the next scan."""
+    req = check_injection(raw)
+    results, woken, taken = [], [], 0
+    with store.write() as db:
+        for f in req['files']:
+            if not f.get('skip') and taken >= req['max_files']:
+                results.append({'path': f['path'], 'status': 'deferred'})
+                continue
+            result, jobs_woken = inject_file(db, req, f['path'], f.get('skip', False), now)
+            results.append(result)
+            woken += jobs_woken
+            taken += result['status'] == 'submitted'
+    store.waiters.wake(woken)
+    return {'files': results}
+
+
+def inject_file(db, req, path, skip, now):
+    name, dirpath = posixpath.basename(path), posixpath.dirname(path)
+    if req['dedup'] == 'name' and db.execute(DATA_NAMED, {'name': name}).fetchone():
+        return {'path': path, 'status': 'seen'}, []
+    data = {'uuid': str(uuidlib.uuid4()), 'name': name, 'dirpath': dirpath,
+            'datatype': req['datatype'], 'datatag': '', 'comment': req['comment'],
+            'state': 'skipped' if skip else 'defined', 'workflow': None, 'source': '',
+            'sourceuuid': None, 'target': '', 'targetuuid': None, 'now': now}
+    claim = {'path': path, 'state': 'skipped' if skip else 'submitted', 'data': data['uuid'],
+             'now': now}
+    if not db.execute(CLAIM_PATH, claim).rowcount and req['dedup'] != 'none':
+        return {'path': path, 'status': 'seen'}, []
+    result = {'path': path, 'status': claim['state'], 'data': data['uuid']}
+    woken = []
+    if not skip and req.get('jobs') is not None:
+        rows = [check_job(dict(t, uuid=str(uuidlib.uuid4()),
+                               env=dict(check_object(t, 'each job').get('env') or {},
+                                        P3S_INPUT_FILE=path)), now)
+                for t in req['jobs']]
+        insert_jobs(db, rows)
+        data['targetuuid'] = rows[-1]['uuid']
+        result['jobs'] = [r['uuid'] for r in rows]
+        woken = [(r['jobtype'], r['site']) for r in rows if r['state'] == 'defined']
+    elif not skip:
+        wf_uuid, woken = inject_workflow(db, req, path, now)
+        data['workflow'] = result['workflow'] = wf_uuid
+    db.execute(INSERT_DATA, data)
+    return result, woken
+
+
+def inject_workflow(db, req, path, now):
+    """A defined workflow of the DAG with the file on its source edges (the edges out of the
+    vertices that have no parents)."""
+    if 'loaded_dag' not in req:
+        req['loaded_dag'] = load_dag(db, req['dag'])
+    dag = req['loaded_dag']
+    targets = {e['target'] for e in dag['edges']}
+    fileinfo = {'%s:%s' % (e['source'], e['target']):
+                {'name': posixpath.basename(path), 'dirpath': posixpath.dirname(path)}
+                for e in dag['edges'] if e['source'] not in targets}
+    wf = check_new_workflow({'dag': req['dag'], 'name': req.get('name') or '',
+                             'user': req.get('user') or '', 'state': 'defined',
+                             'fileinfo': fileinfo, 'jobinfo': req.get('jobinfo'),
+                             'deadline': req.get('deadline'),
+                             'description': 'injected: %s' % path[-MAX_COMMENT // 2:]})
+    return create_workflow(db, wf, now, dag)
+
+
+# ---------------------------------------------------------------------------------------------
 # JSON API routes
 # ---------------------------------------------------------------------------------------------
 
@@ -1914,6 +2133,39 @@ def api_list_service_messages():
 @app.post('/api/services')
 def api_add_service_message():
     return {'service': add_service_message(store(), json_body(), utcnow())}
+
+
+# -- data and injection --
+
+
+@app.post('/api/data')
+def api_register_data():
+    return register_data(store(), json_body(), utcnow())
+
+
+@app.get('/api/data')
+def api_list_data():
+    return {'data': list_data(store(), request.query)}
+
+
+@app.post('/api/data/inject')
+def api_inject():
+    return inject(store(), json_body(), utcnow())
+
+
+@app.get('/api/data/<data_uuid>')
+def api_get_data(data_uuid):
+    return get_data(store(), data_uuid)
+
+
+@app.post('/api/data/<data_uuid>/adjust')
+def api_adjust_data(data_uuid):
+    return adjust_data(store(), data_uuid, json_body(), utcnow())
+
+
+@app.delete('/api/data/<data_uuid>')
+def api_delete_data(data_uuid):
+    return delete_data(store(), data_uuid)
 
 
 @app.get('/api/summary')

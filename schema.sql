@@ -205,4 +205,15 @@ CREATE TABLE IF NOT EXISTS services (
 );
 CREATE INDEX IF NOT EXISTS services_name ON services (name, id);
 
+-- -- data and injection (issue 4) -------------------------------------------------------------
+
+-- Files the injector (or p3s_data.py -g) took, by full path: the primary key is what makes a
+-- file's jobs submitted exactly once, across scans, restarts and concurrent injectors.
+CREATE TABLE IF NOT EXISTS injections (
+    path       TEXT PRIMARY KEY,
+    state      TEXT NOT NULL CHECK (state IN ('submitted', 'skipped')),
+    data       TEXT,                                -- uuid of its data record
+    created_at TEXT NOT NULL
+);
+
 PRAGMA user_version = 1;
