@@ -11,6 +11,7 @@ usage:
   python p3s_job.py --drop -T TYPE [--older S]      drop the queued jobs of a type
   python p3s_job.py -l [-T TYPE]                    list job types and their caps
   python p3s_job.py -l -L N|none [-T TYPE]          set a cap (no -T: every known type)
+  python p3s_job.py --summary                                       the dashboard's numbers
 Add --json for machine-readable output. The server is --server or P3S_SERVER
 (default http://127.0.0.1:8080/); P3S_TOKEN is sent as a bearer token when set.
 
@@ -210,6 +211,41 @@ def show_job(args):
     return EXIT_OK
 
 
+def summary(args):
+    """The monitor's dashboard as text: counts, the timeline, per-type counts, the checklist."""
+    s = call(args.server, 'GET', '/api/summary')
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return EXIT_OK
+    print('p3s at %s (%s, up %s s), %s' % (args.server, s['host'], s['uptime'], s['time']))
+    for what in ('pilots', 'jobs'):
+        counts = ', '.join('%s %d' % kv for kv in sorted(s[what].items())) or 'none'
+        print('%-7s %s' % (what + ':', counts))
+    lat = s['latency']
+    print('latency: p50 %s s, p95 %s s (defined -> started, %d jobs started in the last hour)'
+          % (seconds(lat['p50']), seconds(lat['p95']), lat['n']))
+    print('ended per minute, last 10 min: %s'
+          % ' '.join(str(m['finished'] + m['other']) for m in s['throughput'][-10:]))
+    print()
+    print_table([dict(t, state=row) for row, t in
+                 ((row, dict(zip(s['windows'], n))) for row, n in s['timeline'].items())],
+                ['state'] + s['windows'])
+    if s['jobtypes']:
+        print()
+        caps = s.get('caps') or {}
+        print_table([dict(n, jobtype=t, cap=caps.get(t, '')) for t, n in s['jobtypes'].items()],
+                    ['jobtype', 'defined', 'dispatched', 'running', 'finished_24h', 'failed_24h']
+                    + (['cap'] if s.get('caps') is not None else []))
+    print()
+    for c in s['checks']:
+        print('%-5s %-13s %s' % (c['status'].upper(), c['check'], c['detail']))
+    return EXIT_OK
+
+
+def seconds(value):
+    return '-' if value is None else '%.2f' % value
+
+
 def quote(text):
     return urllib.parse.quote(text, safe='')
 
@@ -293,6 +329,7 @@ def parse_args(argv):
     do.add_argument('--drop', action='store_true', help='drop the queued jobs of -T TYPE')
     do.add_argument('-l', '--jobtypes', action='store_true',
                     help='list job types and their caps; with -L set a cap')
+    do.add_argument('--summary', action='store_true', help="the monitor dashboard's numbers")
     ap.add_argument('-f', '--files', metavar='FILE[,FILE]', help='input files: one job each')
     ap.add_argument('-N', '--replicas', type=int, default=1, help='copies of each job')
     ap.add_argument('-t', '--dry-run', action='store_true', help='print the jobs, submit nothing')
@@ -334,6 +371,8 @@ def main(argv=None):
             return list_jobs(args)
         if args.show:
             return show_job(args)
+        if args.summary:
+            return summary(args)
         if args.adjust:
             return adjust(args)
         if args.delete:

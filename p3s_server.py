@@ -17,13 +17,15 @@ import logging
 import os
 import posixpath
 import re
+import socket
 import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 import uuid as uuidlib
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import bottle
 import networkx
@@ -52,6 +54,7 @@ DEFAULT_PILOT_TIMEOUT = 120.0    # silence after which a pilot is lost
 SWEEP_PERIOD = 5.0               # seconds between housekeeping passes (at most)
 TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is killed by the server
 PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
+PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per transaction
 PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
 MAX_RETRIES = 100
 BUSY_TIMEOUT_MS = 10000
@@ -121,7 +124,7 @@ ON CONFLICT (uuid) DO NOTHING
 """
 GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
 GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
-GET_JOB_HOLDER = 'SELECT state, pilot FROM jobs WHERE uuid = :uuid'
+GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
 
 # Brokerage: one statement takes the best queued job the pilot may run. It takes the write lock
 # before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
@@ -172,19 +175,22 @@ SET_JOB_PRIORITY = """
 UPDATE jobs SET priority = :priority
  WHERE uuid = :uuid AND state IN ('template', 'defined', 'dispatched', 'running')
 """
+# A workflow's jobs are released by the workflow engine and deleted with their workflow.
 DEFINE_JOB = """
 UPDATE jobs SET state = 'defined', defined_at = :now,
        deadline_at = CASE WHEN deadline IS NOT NULL
                           THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
                                || substr(:now, 20) END
- WHERE uuid = :uuid AND state = 'template'
+ WHERE uuid = :uuid AND state = 'template' AND workflow IS NULL
 RETURNING jobtype, site
 """
 DROP_JOB = """
 UPDATE jobs SET state = 'dropped', stopped_at = :now
  WHERE uuid = :uuid AND state IN ('template', 'defined')
 """
-DELETE_JOB = "DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN ('dispatched', 'running')"
+DELETE_JOB = """
+DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN ('dispatched', 'running') AND workflow IS NULL
+"""
 # A pilot that stops positively never started the jobs still dispatched to it: queue them again.
 RELEASE_PILOT_JOBS = """
 UPDATE jobs SET state = 'defined', pilot = NULL, host = NULL, dispatched_at = NULL
@@ -218,7 +224,14 @@ DELETE FROM jobs WHERE id IN (
    WHERE state IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed', 'stale',
                    'dropped', 'cancelled')
      AND (:state IS NULL OR state = :state) AND coalesce(stopped_at, created_at) < :cutoff
+     AND workflow IS NULL
    LIMIT :batch)
+"""
+# Old workflows go whole, with their jobs and data (DELETE_WORKFLOW_*).
+OLD_WORKFLOWS = """
+SELECT uuid AS workflow FROM workflows
+ WHERE state IN ('finished', 'failed') AND (:state IS NULL OR state = :state) AND stopped_at < :cutoff
+ LIMIT :batch
 """
 PURGE_PILOTS = """
 DELETE FROM pilots WHERE id IN (
@@ -264,6 +277,9 @@ COUNT_PILOTS_BY_STATE = 'SELECT state, count(*) AS n FROM pilots GROUP BY state'
 JOB_FILTERS = {
     'state': 'state = :state',
     'states': 'state IN (SELECT value FROM json_each(:states))',
+    'error': 'errcode <> 0',                       # state=error: a non-zero exit code
+    'states_or_error': '(state IN (SELECT value FROM json_each(:states)) OR errcode <> 0)',
+    'workflow': 'workflow = :workflow',
     'jobtype': 'jobtype = :jobtype',
     'user': 'user = :user',
     'site': 'site = :site',
@@ -508,6 +524,81 @@ UPDATE jobs SET deadline_at = strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadlin
                               || substr(:now, 20)
  WHERE workflow = :workflow AND deadline IS NOT NULL
 """
+
+# -- monitor --
+# Every count the dashboard makes is bounded by a time window or by the live jobs, and reads an
+# index shaped for it (schema.sql); tests/test_monitor.py checks the plans.
+MON_WINDOWS = (('1 min', 60), ('10 min', 600), ('1 h', 3600), ('2 h', 7200), ('24 h', 86400))
+# One count per window and row: a range of one index each, far cheaper than one scan that
+# evaluates every window per row (10x at 100k jobs).
+MON_COUNT_DEFINED = 'SELECT count(*) FROM jobs WHERE defined_at >= :since'
+MON_COUNT_STARTED = 'SELECT count(*) FROM jobs WHERE started_at >= :since'
+MON_COUNT_ENDED = 'SELECT count(*) FROM jobs WHERE state = :state AND stopped_at >= :since'
+MON_COUNT_TYPE_ENDED = """
+SELECT count(*) FROM jobs INDEXED BY jobs_type_ended
+ WHERE jobtype = :jobtype AND state = :state AND stopped_at >= :since
+"""
+MON_TYPES_LIVE = """
+SELECT jobtype, state, count(*) AS n FROM jobs INDEXED BY jobs_live_types
+ WHERE state IN ('defined', 'dispatched', 'running') GROUP BY jobtype, state
+"""
+# The types that ever ended, by skipping through the index: one seek per type, not a scan.
+MON_TYPES_ENDED = """
+WITH RECURSIVE t (jobtype) AS (
+    SELECT min(jobtype) FROM jobs WHERE stopped_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_ended
+             WHERE stopped_at IS NOT NULL AND jobtype > t.jobtype)
+      FROM t WHERE t.jobtype IS NOT NULL LIMIT :limit)
+SELECT jobtype FROM t WHERE jobtype IS NOT NULL
+"""
+# Queue latency: the newest starts of the window, at most :cap of them.
+MON_LATENCY = """
+SELECT (julianday(started_at) - julianday(defined_at)) * 86400.0 AS wait FROM jobs
+ WHERE started_at >= :since AND defined_at IS NOT NULL ORDER BY started_at DESC LIMIT :cap
+"""
+MON_THROUGHPUT = """
+SELECT substr(stopped_at, 1, 16) AS minute, sum(state = 'finished') AS finished,
+       sum(state <> 'finished') AS other
+  FROM jobs INDEXED BY jobs_ended
+ WHERE state IN (SELECT value FROM json_each(:states)) AND stopped_at >= :since GROUP BY minute
+"""
+MON_WAITING = """
+SELECT count(*) AS n, min(defined_at) AS oldest FROM jobs INDEXED BY jobs_queue
+ WHERE state = 'defined' AND defined_at < :cutoff
+"""
+MON_PILOTS_LOST = "SELECT count(*) FROM pilots WHERE state = 'lost' AND stopped_at >= :since"
+MON_TABLE_EXISTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name"
+MON_JOBTYPE_CAPS = 'SELECT name, cap FROM jobtypes WHERE cap IS NOT NULL ORDER BY name'
+MON_JOB_COLUMNS = ('uuid, name, user, jobtype, priority, state, site, pilot, host, errcode, '
+                   'workflow, defined_at, started_at, stopped_at')
+MON_PILOT_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE pilot = :pilot'
+                  ' ORDER BY id DESC LIMIT :limit')
+# Listing sorts: ?sort=KEY or ?sort=-KEY picks one of these fixed ORDER BY fragments.
+MON_JOB_SORTS = ('id', 'name', 'user', 'jobtype', 'priority', 'state', 'site', 'errcode',
+                 'defined_at', 'started_at', 'stopped_at')
+MON_PILOT_SORTS = ('id', 'host', 'site', 'state', 'jobs_done', 'registered_at', 'last_seen',
+                   'stopped_at')
+
+
+def order_fragments(columns):
+    """{'col': 'ORDER BY col, id', '-col': 'ORDER BY col DESC, id DESC'} for whitelisted columns."""
+    frags = {}
+    for col in columns:
+        tie = '' if col == 'id' else ', id'
+        frags[col] = ' ORDER BY %s%s' % (col, tie)
+        frags['-' + col] = ' ORDER BY %s DESC%s' % (col, tie and tie + ' DESC')
+    return frags
+
+
+MON_JOB_ORDER = order_fragments(MON_JOB_SORTS)
+MON_PILOT_ORDER = order_fragments(MON_PILOT_SORTS)
+MON_COUNT_CAP = 10000            # a listing counts its matches up to this many
+MON_PERPAGE = (25, 50, 100, 200, 400)
+MON_LATENCY_CAP = 20000          # starts used for the latency percentiles
+MON_WAIT_ALARM = 600             # seconds a queued job may wait before the checklist fails
+MON_REFRESH = ('', '5', '10', '30', '60')
+MON_MAX_TYPES = 100             # job types on the dashboard
 
 # ---------------------------------------------------------------------------------------------
 # Database helpers
@@ -807,20 +898,35 @@ def check_pilot(raw, now):
 
 
 def filters_from(query, allowed):
-    """Listing filters from a query string: ({name: value}, [SQL fragments])."""
+    """Listing filters from a query string: ({name: value}, [SQL fragments]).
+
+    `state` may be repeated or comma-separated; `state=error` (jobs) means a non-zero exit code.
+    """
     params, where = {}, []
     for key in ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow'):
         if key in allowed and query.get(key):
             params[key] = query.get(key)
             where.append(allowed[key])
-    states = [s for s in query.get('state', '').split(',') if s]
-    if len(states) == 1:
+    states = [s for v in query_all(query, 'state') for s in v.split(',') if s]
+    error = 'error' in states and 'error' in allowed
+    states = [s for s in states if not (error and s == 'error')]
+    if error and states:
+        params['states'] = json.dumps(states)
+        where.append(allowed['states_or_error'])
+    elif error:
+        where.append(allowed['error'])
+    elif len(states) == 1:
         params['state'] = states[0]
         where.append(allowed['state'])
     elif states:
         params['states'] = json.dumps(states)
         where.append(allowed['states'])
     return params, where
+
+
+def query_all(query, key):
+    """Every value of a repeated query parameter (a Bottle FormsDict, or a plain dict)."""
+    return query.getall(key) if hasattr(query, 'getall') else [query.get(key) or '']
 
 
 def limit_from(query):
@@ -887,11 +993,14 @@ def list_jobs(store, query):
 
 
 def job_conflict(db, job_uuid, action):
-    """Why a conditional update of a job touched no row: it is missing (404) or in a state that
-    does not allow the action (409)."""
+    """Why a conditional update of a job touched no row: it is missing (404), in a state that
+    does not allow the action, or part of a workflow that manages it (409)."""
     row = db.execute(GET_JOB_HOLDER, {'uuid': job_uuid}).fetchone()
     if row is None:
         fail(404, 'no such job: %s' % job_uuid)
+    if row['workflow'] and action in ('define', 'delete') and row['state'] not in ACTIVE_STATES:
+        fail(409, 'cannot %s job %s: it belongs to workflow %s, which manages it'
+             % (action, job_uuid, row['workflow']))
     fail(409, 'cannot %s job %s: it is %s' % (action, job_uuid, row['state']))
 
 
@@ -1170,7 +1279,16 @@ def purge(store, now, older, state=None):
     """Delete terminal jobs and departed pilots older than `older` seconds, in small batches
     so that brokerage waits for one batch at most."""
     params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
-    removed = {'jobs': 0, 'pilots': 0}
+    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0}
+    while True:
+        with store.write() as db:
+            old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
+            for workflow in old:
+                for sql in (DELETE_WORKFLOW_JOBS, DELETE_WORKFLOW_DATA, DELETE_WORKFLOW):
+                    db.execute(sql, dict(workflow))
+        removed['workflows'] += len(old)
+        if len(old) < PURGE_WORKFLOW_BATCH:
+            break
     for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS)):
         while True:
             with store.write() as db:
@@ -2170,22 +2288,466 @@ def api_delete_data(data_uuid):
 
 @app.get('/api/summary')
 def api_summary():
-    return dict(counts(store()), time=utcnow())
+    return summary(store(), utcnow())
 
 
 # ---------------------------------------------------------------------------------------------
 # Monitor routes
 # ---------------------------------------------------------------------------------------------
+# The monitor computes everything in Python and hands the templates plain values: the templates
+# only lay them out and escape them ({{x}} everywhere).
+
+LIVE_PILOT_STATES = ('active', 'idle', 'dispatched', 'running')
+BAD_END_STATES = ('failed', 'timelimit', 'nonstarter', 'lost')
+
+
+def iso_ago(now, seconds):
+    """The stored-time text `seconds` before `now` (same format, so it compares as text)."""
+    then = datetime.fromisoformat(now).timestamp() - seconds
+    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
+
+
+def seconds_between(earlier, later):
+    if not earlier or not later:
+        return None
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+def local_time(iso):
+    """A stored time shown in the server's local time zone (named once in the page header)."""
+    if not iso:
+        return ''
+    return datetime.fromisoformat(iso).astimezone().strftime('%Y-%m-%d %H:%M:%S')
+
+
+def local_zone():
+    """The server's zone by name and offset, e.g. 'CET (UTC+01:00)'."""
+    now = datetime.now().astimezone()
+    offset = now.strftime('%z')
+    if now.tzname() == 'UTC' and offset == '+0000':
+        return 'UTC'
+    return '%s (UTC%s:%s)' % (now.tzname(), offset[:3], offset[3:])
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def window_counts(db, sql, now, **params):
+    return [db.execute(sql, dict(params, since=iso_ago(now, secs))).fetchone()[0]
+            for _, secs in MON_WINDOWS]
+
+
+def timeline(db, now):
+    """Jobs defined, started and ended (by state) in each window: {row: [n per window]}."""
+    rows = {'defined': window_counts(db, MON_COUNT_DEFINED, now),
+            'started': window_counts(db, MON_COUNT_STARTED, now)}
+    for state in ('finished',) + BAD_END_STATES + ('killed', 'stale', 'dropped'):
+        rows[state] = window_counts(db, MON_COUNT_ENDED, now, state=state)
+    return rows
+
+
+def jobtype_counts(db, now):
+    """Per jobtype: queued, dispatched and running now; finished and ended badly in 24 h."""
+    types = {}
+    blank = {'defined': 0, 'dispatched': 0, 'running': 0, 'finished_24h': 0, 'failed_24h': 0}
+    for r in db.execute(MON_TYPES_LIVE):
+        types.setdefault(r['jobtype'], dict(blank))[r['state']] = r['n']
+    since = iso_ago(now, 86400)
+    for (jobtype,) in db.execute(MON_TYPES_ENDED, {'limit': MON_MAX_TYPES}).fetchall():
+        n = types.setdefault(jobtype, dict(blank))
+        for state in ('finished',) + BAD_END_STATES:
+            key = 'finished_24h' if state == 'finished' else 'failed_24h'
+            n[key] += db.execute(MON_COUNT_TYPE_ENDED, {'jobtype': jobtype, 'state': state,
+                                                         'since': since}).fetchone()[0]
+    return dict(sorted(types.items())[:MON_MAX_TYPES])
+
+
+def jobtype_caps(db):
+    """{jobtype: cap} from the jobtypes table of issue 4 (NULL: no cap, 0: paused), or None
+    while the database has no such table: the monitor works before and after it lands."""
+    if not db.execute(MON_TABLE_EXISTS, {'name': 'jobtypes'}).fetchone():
+        return None
+    return {r['name']: r['cap'] for r in db.execute(MON_JOBTYPE_CAPS)}
+
+
+def latency(db, now):
+    """Queue latency (defined -> started) of jobs started in the last hour, in seconds."""
+    waits = sorted(r[0] for r in db.execute(MON_LATENCY, {'since': iso_ago(now, 3600),
+                                                           'cap': MON_LATENCY_CAP}))
+    return {'n': len(waits), 'p50': percentile(waits, 0.50), 'p95': percentile(waits, 0.95)}
+
+
+def throughput(db, now, minutes=60):
+    """Jobs ended per minute over the last hour, oldest first, with empty minutes as zeros."""
+    start = datetime.fromisoformat(iso_ago(now, (minutes - 1) * 60)).replace(second=0,
+                                                                             microsecond=0)
+    found = {r['minute']: r for r in db.execute(MON_THROUGHPUT, {
+        'since': start.isoformat(timespec='microseconds'), 'states': json.dumps(TERMINAL_STATES)})}
+    out = []
+    for i in range(minutes):
+        minute = (start + timedelta(minutes=i)).isoformat()[:16]
+        r = found.get(minute)
+        out.append({'minute': minute, 'finished': r['finished'] if r else 0,
+                    'other': r['other'] if r else 0})
+    return out
+
+
+def checklist(db, now, jobs, pilots, types, caps):
+    """What is wrong, said plainly: a list of {check, status (ok|warn|fail), detail, link}."""
+    live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
+    queued = jobs.get('defined', 0)
+    checks = []
+    if live:
+        checks.append(check('Live pilots', 'ok', '%d live pilots, %d idle'
+                            % (live, pilots.get('idle', 0)), '/monitor/pilots?state=' +
+                            ','.join(LIVE_PILOT_STATES)))
+    else:
+        checks.append(check('Live pilots', 'fail' if queued else 'warn',
+                            'No live pilots: %d queued jobs cannot run' % queued
+                            if queued else 'No live pilots (no job is waiting either)',
+                            '/monitor/pilots'))
+    waiting = db.execute(MON_WAITING, {'cutoff': iso_ago(now, MON_WAIT_ALARM)}).fetchone()
+    if waiting['n']:
+        checks.append(check('Queue', 'fail', '%d jobs have waited longer than %d min (the oldest '
+                            'since %s)' % (waiting['n'], MON_WAIT_ALARM // 60,
+                                           local_time(waiting['oldest'])),
+                            '/monitor/jobs?state=defined&sort=defined_at'))
+    else:
+        checks.append(check('Queue', 'ok', 'no job has waited longer than %d min (%d queued)'
+                            % (MON_WAIT_ALARM // 60, queued), '/monitor/jobs?state=defined'))
+    lost = db.execute(MON_PILOTS_LOST, {'since': iso_ago(now, 3600)}).fetchone()[0]
+    checks.append(check('Lost pilots', 'warn' if lost else 'ok',
+                        '%d pilots lost in the last hour' % lost, '/monitor/pilots?state=lost'))
+    checks.extend(cap_checks(types, caps))
+    return checks
+
+
+def cap_checks(types, caps):
+    """A type is paused by its cap when as many of its jobs run as the cap allows while
+    others of it wait."""
+    if caps is None:
+        return []
+    paused = [(t, c, types[t]) for t, c in sorted(caps.items()) if t in types
+              and types[t]['defined'] and types[t]['dispatched'] + types[t]['running'] >= c]
+    if not paused:
+        return [check('Jobtype caps', 'ok', 'no type is held back by its cap', '')]
+    return [check('Jobtype caps', 'warn', 'type %s paused by its cap: %d running of %d allowed, '
+                  '%d waiting' % (t, n['dispatched'] + n['running'], c, n['defined']),
+                  '/monitor/jobs?state=defined&jobtype=' + urllib.parse.quote(t))
+            for t, c, n in paused]
+
+
+def check(name, status, detail, link):
+    return {'check': name, 'status': status, 'detail': detail, 'link': link}
+
+
+def summary(store, now):
+    """The dashboard's numbers (and GET /api/summary): the original's /?out=json, extended."""
+    db = store.db()
+    base = counts(store)
+    types = jobtype_counts(db, now)
+    caps = jobtype_caps(db)
+    started = app.config.get('p3s.started', now)
+    return dict(base, time=now, timezone=local_zone(), host=socket.gethostname(),
+                uptime=round(seconds_between(started, now) or 0),
+                windows=[w for w, _ in MON_WINDOWS], timeline=timeline(db, now),
+                jobtypes=types, caps=caps, latency=latency(db, now),
+                throughput=throughput(db, now),
+                checks=checklist(db, now, base['jobs'], base['pilots'], types, caps))
+
+
+class Page:
+    """What every monitor page shares: title, refresh period, the links that keep it."""
+
+    NAV = (('Dashboard', '/'), ('Jobs', '/monitor/jobs'), ('Pilots', '/monitor/pilots'))
+
+    def __init__(self, title, query):
+        self.title = title
+        self.query = query
+        refresh = query.get('refresh', '')
+        self.refresh = refresh if refresh in MON_REFRESH else ''
+        self.now = local_time(utcnow())
+        self.zone = local_zone()
+        self.nav = [(label, self.href(path)) for label, path in self.NAV]
+        self.refresh_links = [(r + ' s' if r else 'never', self.here(refresh=r), r == self.refresh)
+                              for r in MON_REFRESH]
+
+    def href(self, path, **params):
+        """A link that keeps the chosen refresh period."""
+        params = {k: v for k, v in params.items() if v not in (None, '')}
+        if self.refresh:
+            params['refresh'] = self.refresh
+        if not params:
+            return path
+        return path + ('&' if '?' in path else '?') + urllib.parse.urlencode(params)
+
+    def here(self, **changes):
+        """This page's own link with some query parameters changed."""
+        items = [(k, v) for k, v in self.query.allitems() if k not in changes and k != 'refresh']
+        items += [(k, v) for k, v in changes.items() if v not in (None, '')]
+        if self.refresh and 'refresh' not in changes:
+            items.append(('refresh', self.refresh))
+        qs = urllib.parse.urlencode(items)
+        return request.path + ('?' + qs if qs else '')
+
+
+def not_found(page, what, ident):
+    page.title = 'Not found'
+    body = bottle.template('notfound', page=page, what=what, ident=ident)
+    raise bottle.HTTPResponse(body, status=404)
+
+
+def cell(text, href='', cls=''):
+    return {'text': '' if text is None else str(text), 'href': href, 'cls': cls}
+
+
+def short(uuid):
+    return (uuid or '')[:8]
+
+
+def duration(seconds):
+    if seconds is None:
+        return ''
+    if seconds < 100:
+        return '%.1f s' % seconds
+    if seconds < 6000:
+        return '%.1f min' % (seconds / 60)
+    return '%.1f h' % (seconds / 3600)
+
+
+# -- the dashboard --
+
+
+def dashboard_view(page, s):
+    """The summary laid out for the dashboard template: every link and label made here."""
+    jobs_link = lambda **q: page.href('/monitor/jobs', **q)
+    return {
+        'checks': [dict(c, href=page.href(c['link']) if c['link'] else '') for c in s['checks']],
+        'jobs': [(st, s['jobs'].get(st, 0), jobs_link(state=st)) for st in JOB_STATES]
+        + [('total', sum(s['jobs'].values()), jobs_link())],
+        'errors_href': jobs_link(state='error'),
+        'pilots': [(st, s['pilots'].get(st, 0), page.href('/monitor/pilots', state=st))
+                   for st in PILOT_STATES]
+        + [('total', sum(s['pilots'].values()), page.href('/monitor/pilots'))],
+        'windows': s['windows'],
+        'timeline': [(row, n, timeline_href(page, row)) for row, n in s['timeline'].items()],
+        'types': [(t, n, (s['caps'] or {}).get(t, ''), jobs_link(jobtype=t))
+                  for t, n in s['jobtypes'].items()],
+        'caps': s['caps'],
+        'latency': {k: duration(v) if k != 'n' else v for k, v in s['latency'].items()},
+        'chart': chart(s['throughput']),
+        'host': s['host'], 'uptime': duration(s['uptime']),
+    }
+
+
+def timeline_href(page, row):
+    """A timeline row links to its jobs, most recent (by the row's own timestamp) first."""
+    if row in ('defined', 'started'):
+        return page.href('/monitor/jobs', sort='-%s_at' % row)
+    return page.href('/monitor/jobs', state=row, sort='-stopped_at')
+
+
+CHART_W, CHART_H = 600, 120
+
+
+def chart(minutes):
+    """Bars of jobs ended per minute (finished, and others stacked on top) as SVG geometry."""
+    top = max([m['finished'] + m['other'] for m in minutes] + [1])
+    step = CHART_W / len(minutes)
+    bars = []
+    for i, m in enumerate(minutes):
+        hf = CHART_H * m['finished'] / top
+        ho = CHART_H * m['other'] / top
+        when = local_time(m['minute'] + ':00+00:00')[11:16]
+        bars.append({'x': round(i * step + 1, 1), 'w': round(step - 2, 1),
+                     'yf': round(CHART_H - hf, 1), 'hf': round(hf, 1),
+                     'yo': round(CHART_H - hf - ho, 1), 'ho': round(ho, 1),
+                     'title': '%s: %d finished, %d other' % (when, m['finished'], m['other'])})
+    first = local_time(minutes[0]['minute'] + ':00+00:00')[11:16]
+    last = local_time(minutes[-1]['minute'] + ':00+00:00')[11:16]
+    return {'w': CHART_W, 'h': CHART_H, 'bars': bars, 'top': top, 'first': first, 'last': last,
+            'total': sum(m['finished'] for m in minutes)}
 
 
 @app.get('/')
 def monitor_dashboard():
-    refresh = request.query.get('refresh', '')
-    return bottle.template('dashboard', counts=counts(store()), now=utcnow(),
-                           refresh=refresh if refresh in ('5', '10', '30', '60') else '',
-                           job_states=JOB_STATES, pilot_states=PILOT_STATES,
-                           jobtypes=list_jobtypes(store()),
-                           services=list_service_messages(store(), {'limit': DASHBOARD_SERVICES}))
+    page = Page('Dashboard', request.query)
+    d = dashboard_view(page, summary(store(), utcnow()))
+    d['services'] = list_service_messages(store(), {'limit': DASHBOARD_SERVICES})
+    return bottle.template('dashboard', page=page, d=d)
+
+
+# -- listings --
+
+
+def page_number(query, key, default, allowed=None):
+    try:
+        value = int(query.get(key, default))
+    except ValueError:
+        value = default
+    if allowed is not None and value not in allowed:
+        return default
+    return max(value, 1)
+
+
+def listing(db, table, columns, query, filters, orders):
+    """One page of a filtered, sorted table: (rows, matches up to MON_COUNT_CAP, paging)."""
+    params, where = filters_from(query, filters)
+    sort = query.get('sort', '-id')
+    sort = sort if sort in orders else '-id'
+    perpage = page_number(query, 'perpage', 50, MON_PERPAGE)
+    number = page_number(query, 'page', 1)
+    where_sql = ' WHERE ' + ' AND '.join(where) if where else ''
+    params.update(limit=perpage, offset=(number - 1) * perpage, cap=MON_COUNT_CAP)
+    rows = db.execute('SELECT ' + columns + ' FROM ' + table + where_sql + orders[sort]
+                      + ' LIMIT :limit OFFSET :offset', params).fetchall()
+    matches = db.execute('SELECT count(*) FROM (SELECT 1 FROM ' + table + where_sql
+                         + ' LIMIT :cap)', params).fetchone()[0]
+    return rows, matches, {'sort': sort, 'perpage': perpage, 'page': number}
+
+
+def sort_headers(page, columns, sort):
+    """Column headers; a sortable one links to its sort, descending first."""
+    heads = []
+    for key, label in columns:
+        if key is None:
+            heads.append({'label': label, 'href': '', 'mark': ''})
+            continue
+        mark = '▼' if sort == '-' + key else '▲' if sort == key else ''
+        heads.append({'label': label, 'mark': mark,
+                      'href': page.here(sort=key if sort == '-' + key else '-' + key, page='')})
+    return heads
+
+
+def pager(page, matches, paging, shown):
+    n, per = paging['page'], paging['perpage']
+    last = (matches + per - 1) // per if matches < MON_COUNT_CAP else None
+    return {'matches': '%d' % matches if matches < MON_COUNT_CAP else 'more than %d' % matches,
+            'page': n, 'last': last or '',
+            'prev': page.here(page=n - 1) if n > 1 else '',
+            'next': page.here(page=n + 1) if shown == per and (last is None or n < last) else ''}
+
+
+def filter_form(page, states, fields, paging):
+    checked = set(s for v in query_all(page.query, 'state') for s in v.split(','))
+    return {'action': request.path, 'clear': page.href(request.path),
+            'states': [(s, s in checked) for s in states],
+            'fields': [(f, page.query.get(f, '')) for f in fields],
+            'perpage': [(n, n == paging['perpage']) for n in MON_PERPAGE],
+            'hidden': [(k, v) for k, v in (('sort', paging['sort']), ('refresh', page.refresh))
+                       if v]}
+
+
+JOB_LIST_HEADS = (('id', 'job'), ('name', 'name'), ('user', 'user'), ('jobtype', 'type'),
+                  ('priority', 'prio'), ('state', 'state'), ('errcode', 'exit'), ('site', 'site'),
+                  (None, 'pilot'), ('defined_at', 'defined'), ('started_at', 'started'),
+                  ('stopped_at', 'stopped'), (None, 'ran'))
+
+
+def job_cells(page, r):
+    return [cell(short(r['uuid']), page.href('/monitor/jobs/' + r['uuid'])),
+            cell(r['name']), cell(r['user']), cell(r['jobtype']), cell(r['priority'], cls='num'),
+            cell(r['state'], cls='state ' + r['state']),
+            cell(r['errcode'], cls='num' + (' bad' if r['errcode'] else '')), cell(r['site']),
+            cell(short(r['pilot']), page.href('/monitor/pilots/' + r['pilot']) if r['pilot'] else ''),
+            cell(local_time(r['defined_at'])), cell(local_time(r['started_at'])),
+            cell(local_time(r['stopped_at'])),
+            cell(duration(seconds_between(r['started_at'], r['stopped_at'])), cls='num')]
+
+
+PILOT_LIST_HEADS = (('id', 'pilot'), ('host', 'host'), ('site', 'site'), ('state', 'state'),
+                    (None, 'job'), ('jobs_done', 'jobs done'), ('registered_at', 'registered'),
+                    ('last_seen', 'last seen'), ('stopped_at', 'stopped'), (None, 'life'))
+
+
+def pilot_cells(page, r):
+    return [cell(short(r['uuid']), page.href('/monitor/pilots/' + r['uuid'])),
+            cell(r['host']), cell(r['site']), cell(r['state'], cls='state ' + r['state']),
+            cell(short(r['job']), page.href('/monitor/jobs/' + r['job']) if r['job'] else ''),
+            cell(r['jobs_done'], cls='num'), cell(local_time(r['registered_at'])),
+            cell(local_time(r['last_seen'])), cell(local_time(r['stopped_at'])),
+            cell(duration(seconds_between(r['registered_at'], r['last_seen'])), cls='num')]
+
+
+def list_page(title, table, columns, filters, orders, heads, cells, states, fields):
+    page = Page(title, request.query)
+    rows, matches, paging = listing(store().db(), table, columns, request.query, filters, orders)
+    return bottle.template('list', page=page, heads=sort_headers(page, heads, paging['sort']),
+                           rows=[cells(page, r) for r in rows],
+                           pager=pager(page, matches, paging, len(rows)),
+                           form=filter_form(page, states, fields, paging))
+
+
+@app.get('/monitor/jobs')
+def monitor_jobs():
+    return list_page('Jobs', 'jobs', MON_JOB_COLUMNS, JOB_FILTERS, MON_JOB_ORDER, JOB_LIST_HEADS,
+                     job_cells, JOB_STATES + ('error',),
+                     ('jobtype', 'user', 'workflow', 'pilot', 'site'))
+
+
+@app.get('/monitor/pilots')
+def monitor_pilots():
+    return list_page('Pilots', 'pilots', PILOT_COLUMNS, PILOT_FILTERS, MON_PILOT_ORDER,
+                     PILOT_LIST_HEADS, pilot_cells, PILOT_STATES, ('site', 'host'))
+
+
+# -- detail pages --
+
+
+def field_rows(page, obj, links):
+    """(name, text, href) for every field; times in local time, JSON pretty-printed."""
+    out = []
+    for key, value in obj.items():
+        if key.endswith('_at') or key == 'last_seen':
+            value = local_time(value)
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value, indent=1, sort_keys=True)
+        href = page.href(links[key] % value) if key in links and value else ''
+        out.append((key, '' if value is None else str(value), href))
+    return out
+
+
+@app.get('/monitor/jobs/<job_uuid>')
+def monitor_job(job_uuid):
+    page = Page('Job', request.query)
+    row = store().db().execute(GET_JOB, {'uuid': job_uuid.lower()}).fetchone()
+    if row is None:
+        not_found(page, 'job', job_uuid)
+    job = job_dict(row)
+    tails = store().db().execute(GET_JOB_LOGS, {'uuid': job['uuid']}).fetchone()
+    page.title = 'Job %s' % (job['name'] or short(job['uuid']))
+    times = [('waited (defined → started)', duration(seconds_between(job['defined_at'],
+                                                                     job['started_at']))),
+             ('ran (started → stopped)', duration(seconds_between(job['started_at'],
+                                                                  job['stopped_at'])))]
+    links = {'pilot': '/monitor/pilots/%s', 'workflow': '/monitor/workflows/%s'}
+    return bottle.template('detail', page=page, fields=field_rows(page, job, links), extra=times,
+                           logs=[('stdout', tails['stdout'] if tails else ''),
+                                 ('stderr', tails['stderr'] if tails else '')],
+                           table=None)
+
+
+@app.get('/monitor/pilots/<pilot_uuid>')
+def monitor_pilot(pilot_uuid):
+    page = Page('Pilot', request.query)
+    db = store().db()
+    row = db.execute(GET_PILOT, {'uuid': pilot_uuid.lower()}).fetchone()
+    if row is None:
+        not_found(page, 'pilot', pilot_uuid)
+    pilot = pilot_dict(row)
+    page.title = 'Pilot %s on %s' % (short(pilot['uuid']), pilot['host'] or '?')
+    jobs = db.execute(MON_PILOT_JOBS, {'pilot': pilot['uuid'], 'limit': 200}).fetchall()
+    table = {'title': 'Its jobs (newest first)',
+             'more': page.href('/monitor/jobs', pilot=pilot['uuid']),
+             'heads': [{'label': label, 'href': '', 'mark': ''} for _, label in JOB_LIST_HEADS],
+             'rows': [job_cells(page, r) for r in jobs]}
+    life = [('life (registered → last seen)',
+             duration(seconds_between(pilot['registered_at'], pilot['last_seen'])))]
+    return bottle.template('detail', page=page, extra=life, logs=[], table=table,
+                           fields=field_rows(page, pilot, {'job': '/monitor/jobs/%s'}))
 
 
 @app.get('/static/<path:path>')
@@ -2275,7 +2837,8 @@ def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT,
     check_sqlite()
     st = Store(db_path, sync, max_waiters)
     app.config.update({'p3s.store': st, 'p3s.pilot_timeout': pilot_timeout, 'p3s.token': token,
-                       'p3s.pilot_token': pilot_token, 'p3s.private': private})
+                       'p3s.pilot_token': pilot_token, 'p3s.private': private,
+                       'p3s.started': utcnow()})
     return st
 
 
@@ -2380,8 +2943,10 @@ def check_command(argv):
 
 def purge_command(argv):
     ap = argparse.ArgumentParser(prog='p3s_server.py purge',
-                                 description='Delete terminal jobs and stopped/lost/killed pilots '
-                                 'older than --older, in small batches (safe while serving).')
+                                 description='Delete finished or failed workflows (with their '
+                                 'jobs and data), other terminal jobs and stopped/lost/killed '
+                                 'pilots older than --older, in small batches (safe while '
+                                 'serving).')
     ap.add_argument('--older', type=parse_duration, required=True, help='e.g. 7d, 12h, 30m')
     ap.add_argument('--state', help='only records in this state')
     ap.add_argument('--db', default=DEFAULT_DB)
@@ -2390,7 +2955,7 @@ def purge_command(argv):
         ap.error('--state must be a terminal job state or stopped/lost/killed')
     st = configure(args.db)
     removed = purge(st, utcnow(), args.older, args.state)
-    print('purged %(jobs)d jobs and %(pilots)d pilots' % removed)
+    print('purged %(workflows)d workflows, %(jobs)d other jobs and %(pilots)d pilots' % removed)
     st.close()
     return 0
 

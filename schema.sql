@@ -40,6 +40,16 @@ CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, defined_at, id) WH
 CREATE INDEX IF NOT EXISTS jobs_pilot ON jobs (pilot, id) WHERE pilot IS NOT NULL;
 -- Listings by state, newest first.
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+-- The monitor's windows (1 min .. 24 h) count by time, so each timestamp it counts is indexed,
+-- and only once set: each count is one range of an index (a window's rows, never the table).
+CREATE INDEX IF NOT EXISTS jobs_defined ON jobs (defined_at) WHERE defined_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started_at, defined_at) WHERE started_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (state, stopped_at) WHERE stopped_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_type_ended ON jobs (jobtype, state, stopped_at)
+    WHERE stopped_at IS NOT NULL;
+-- Queued and running jobs per type (the dashboard, jobtype caps): only live jobs are indexed.
+CREATE INDEX IF NOT EXISTS jobs_live_types ON jobs (jobtype, state)
+    WHERE state IN ('defined', 'dispatched', 'running');
 
 -- The tails of a job's stdout and stderr, sent by the pilot with its final report.
 CREATE TABLE IF NOT EXISTS joblogs (

@@ -1,36 +1,110 @@
-% rebase('base', title='Dashboard', refresh=refresh, now=now)
+% rebase('base', page=page)
+<section class="panel checklist">
+<h2>Checklist</h2>
+<table>
+% for c in d['checks']:
+<tr class="{{c['status']}}"><td class="status">{{c['status'].upper()}}</td><th>{{c['check']}}</th>
+% if c['href']:
+<td><a href="{{c['href']}}">{{c['detail']}}</a></td>
+% else:
+<td>{{c['detail']}}</td>
+% end
+</tr>
+% end
+</table>
+</section>
 <section class="panel">
 <h2>Jobs</h2>
-<table>
-% for state in job_states:
-<tr><th>{{state}}</th><td>{{counts['jobs'].get(state, 0)}}</td></tr>
+<table class="counts">
+% for state, n, href in d['jobs']:
+<tr class="state {{state}}"><th>{{state}}</th><td><a href="{{href}}" data-state="{{state}}">{{n}}</a></td></tr>
 % end
+<tr><th>exit ≠ 0</th><td><a href="{{d['errors_href']}}">see list</a></td></tr>
 </table>
 </section>
 <section class="panel">
 <h2>Pilots</h2>
-<table>
-% for state in pilot_states:
-<tr><th>{{state}}</th><td>{{counts['pilots'].get(state, 0)}}</td></tr>
+<table class="counts">
+% for state, n, href in d['pilots']:
+<tr class="state {{state}}"><th>{{state}}</th><td><a href="{{href}}">{{n}}</a></td></tr>
 % end
 </table>
 </section>
-% if get('jobtypes'):
+<section class="panel">
+<h2>Timeline of job states</h2>
+<table class="counts timeline">
+<tr><th></th>
+% for w in d['windows']:
+<th class="num">{{w}}</th>
+% end
+</tr>
+% for row, counts, href in d['timeline']:
+<tr class="state {{row}}"><th><a href="{{href}}">{{row}}</a></th>
+% for n in counts:
+<td class="{{'' if n else 'zero'}}">{{n}}</td>
+% end
+</tr>
+% end
+</table>
+</section>
+<section class="panel">
+<h2>Throughput <small>jobs ended per minute, last hour</small></h2>
+<svg class="chart" width="{{d['chart']['w']}}" height="{{d['chart']['h'] + 18}}" viewBox="0 0 {{d['chart']['w']}} {{d['chart']['h'] + 18}}" role="img" aria-label="jobs ended per minute">
+<line x1="0" y1="{{d['chart']['h']}}" x2="{{d['chart']['w']}}" y2="{{d['chart']['h']}}" class="axis"/>
+% for b in d['chart']['bars']:
+<g><title>{{b['title']}}</title>
+<rect class="finished" x="{{b['x']}}" y="{{b['yf']}}" width="{{b['w']}}" height="{{b['hf']}}"/>
+<rect class="other" x="{{b['x']}}" y="{{b['yo']}}" width="{{b['w']}}" height="{{b['ho']}}"/></g>
+% end
+<text x="0" y="{{d['chart']['h'] + 14}}">{{d['chart']['first']}}</text>
+<text x="{{d['chart']['w']}}" y="{{d['chart']['h'] + 14}}" text-anchor="end">{{d['chart']['last']}}</text>
+<text x="4" y="12">max {{d['chart']['top']}}/min</text>
+</svg>
+<p>{{d['chart']['total']}} finished in the last hour (green); other endings in red.</p>
+<h2>Queue latency <small>defined → started, last hour</small></h2>
+<table class="counts">
+<tr><th>p50</th><td>{{d['latency']['p50'] or '–'}}</td></tr>
+<tr><th>p95</th><td>{{d['latency']['p95'] or '–'}}</td></tr>
+<tr><th>jobs started</th><td>{{d['latency']['n']}}</td></tr>
+</table>
+</section>
 <section class="panel">
 <h2>Job types</h2>
-<table>
-<tr><th>type</th><th>cap</th><th>active</th><th>queued</th></tr>
-% for t in jobtypes:
-<tr><td>{{t['name']}}</td><td>{{'none' if t['cap'] is None else t['cap']}}</td><td>{{t['active']}}</td><td>{{t['queued']}}</td></tr>
+<table class="counts types">
+<tr><th>type</th><th class="num">defined</th><th class="num">dispatched</th><th class="num">running</th><th class="num">finished 24 h</th><th class="num">failed 24 h</th>
+% if d['caps'] is not None:
+<th class="num">cap</th>
+% end
+</tr>
+% for t, n, cap, href in d['types']:
+<tr><th><a href="{{href}}">{{t}}</a></th><td>{{n['defined']}}</td><td>{{n['dispatched']}}</td><td>{{n['running']}}</td><td>{{n['finished_24h']}}</td><td>{{n["failed_24h"]}}</td>
+% if d['caps'] is not None:
+<td>{{cap}}</td>
+% end
+</tr>
+% end
+% if not d['types']:
+<tr><td colspan="6" class="empty">no jobs in the last 24 h</td></tr>
 % end
 </table>
-</section>
+% if d['caps'] is not None:
+<h2>Jobtype caps</h2>
+<table class="counts">
+% for t, cap in d['caps'].items():
+<tr><th>{{t}}</th><td>{{cap}}</td></tr>
 % end
-% if get('services'):
+% if not d['caps']:
+<tr><td class="empty">no caps set</td></tr>
+% end
+</table>
+% end
+<p class="host">server {{d['host']}}, up {{d['uptime']}}</p>
+</section>
+% if d.get('services'):
 <section class="panel">
-<h2>Service messages</h2>
-<table>
-% for m in services:
+<h2>Service messages <small>latest notes of payloads and cron scripts</small></h2>
+<table class="counts">
+% for m in d['services']:
 <tr><td>{{m['created_at'][:19]}}</td><th>{{m['name']}}</th><td>{{m['message']}}</td></tr>
 % end
 </table>

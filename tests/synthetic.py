@@ -1,0 +1,146 @@
+"""Synthetic load for the monitor: fill a p3s database with many jobs and pilots directly by
+SQL, and time the monitor pages in-process.
+
+    python tests/synthetic.py --jobs 1000000 --db /tmp/p3s-big.db      # fill, then time pages
+
+Also imported by the tests: fill() for a busy database, wsgi_get() to call the app in-process.
+"""
+import argparse
+import json
+import os
+import random
+import sqlite3
+import statistics
+import sys
+import time
+import uuid as uuidlib
+import wsgiref.util
+from datetime import datetime, timedelta, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import p3s_server  # noqa: E402
+
+# state -> share of the jobs (the rest of the table is history: mostly finished)
+MIX = (('finished', 0.86), ('failed', 0.04), ('timelimit', 0.01), ('lost', 0.01),
+       ('killed', 0.005), ('dropped', 0.005), ('defined', 0.05), ('dispatched', 0.005),
+       ('running', 0.01), ('template', 0.01))
+JOBTYPES = ('reco', 'purity', 'evdisp', 'monitor', 'femb')
+PILOT_STATES = ('running', 'idle', 'stopped', 'lost', 'active')
+PAGES = ('/', '/api/summary', '/monitor/jobs', '/monitor/jobs?state=failed',
+         '/monitor/jobs?state=error&sort=-stopped_at', '/monitor/jobs?jobtype=reco&page=20',
+         '/monitor/jobs?state=defined&sort=defined_at', '/monitor/pilots')
+
+INSERT = """
+INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
+                  infile, state, pilot, host, pid, errcode, created_at, defined_at,
+                  dispatched_at, started_at, stopped_at)
+VALUES (?, ?, 'shifter', 'np04', ?, '/bin/true', '{}', ?, 1000, '', '', ?, ?, ?, ?, ?, ?, ?, ?,
+        ?, ?)
+"""
+INSERT_PILOT = """
+INSERT INTO pilots (uuid, host, site, pid, state, jobs_done, registered_at, last_seen, stopped_at)
+VALUES (?, ?, 'np04', 1, ?, 0, ?, ?, ?)
+"""
+
+
+def iso(t):
+    return t.isoformat(timespec='microseconds')
+
+
+def job_row(rnd, now, span, pilots, states, weights):
+    state = rnd.choices(states, weights)[0]
+    defined = now - timedelta(seconds=rnd.random() * span)
+    started = defined + timedelta(seconds=rnd.expovariate(1 / 5.0))
+    stopped = started + timedelta(seconds=rnd.expovariate(1 / 30.0))
+    ended = state not in ('template', 'defined', 'dispatched', 'running')
+    if stopped > now:
+        stopped = now
+    pilot = rnd.choice(pilots) if state not in ('template', 'defined', 'dropped') else None
+    ran = ended and state not in ('dropped', 'killed')
+    return (str(uuidlib.uuid4()), 'job%d' % rnd.randrange(1000), rnd.choice(JOBTYPES),
+            rnd.randrange(5), state, pilot, 'node1' if pilot else None, 1 if pilot else None,
+            {'failed': 1, 'finished': 0}.get(state), iso(defined),
+            None if state == 'template' else iso(defined),
+            iso(started) if pilot else None,
+            iso(started) if ran or state == 'running' else None,
+            iso(stopped) if ended else None)
+
+
+def fill(path, jobs, pilots=200, span=86400, seed=1, now=None):
+    """Add `jobs` jobs defined over the last `span` seconds and `pilots` pilots. Returns now."""
+    now = now or datetime.now(timezone.utc)
+    p3s_server.apply_schema(p3s_server.connect(path))
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute('PRAGMA synchronous = OFF')
+    rnd = random.Random(seed)
+    pilot_rows = []
+    for i in range(pilots):
+        state = PILOT_STATES[i % len(PILOT_STATES)]
+        reg = now - timedelta(seconds=rnd.random() * span)
+        gone = state in ('stopped', 'lost')
+        pilot_rows.append((str(uuidlib.uuid4()), 'node%d' % i, state, iso(reg),
+                           iso(now if not gone else reg + timedelta(seconds=600)),
+                           iso(reg + timedelta(seconds=600)) if gone else None))
+    db.execute('BEGIN')
+    db.executemany(INSERT_PILOT, pilot_rows)
+    db.execute('COMMIT')
+    uuids = [p[0] for p in pilot_rows]
+    states, weights = zip(*MIX)
+    for start in range(0, jobs, 50000):
+        rows = [job_row(rnd, now, span, uuids, states, weights)
+                for _ in range(min(50000, jobs - start))]
+        db.execute('BEGIN')
+        db.executemany(INSERT, rows)
+        db.execute('COMMIT')
+    db.execute('ANALYZE')
+    db.close()
+    return now
+
+
+def wsgi_get(app, path):
+    """GET path from the WSGI app in-process: (status code, headers, body text)."""
+    env = {}
+    wsgiref.util.setup_testing_defaults(env)
+    env['PATH_INFO'], _, env['QUERY_STRING'] = path.partition('?')
+    got = {}
+
+    def start_response(status, headers, exc_info=None):
+        got['status'], got['headers'] = int(status.split()[0]), dict(headers)
+
+    body = b''.join(app(env, start_response))
+    return got['status'], got['headers'], body.decode()
+
+
+def time_pages(path, repeat=3):
+    """Median and worst seconds per page, in-process (no HTTP), on the database at path."""
+    p3s_server.configure(path)
+    out = {}
+    for page in PAGES:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            status, _, _ = wsgi_get(p3s_server.app, page)
+            times.append(time.perf_counter() - t0)
+            assert status == 200, (page, status)
+        out[page] = (statistics.median(times), max(times))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--db', required=True)
+    ap.add_argument('--jobs', type=int, default=100000)
+    ap.add_argument('--pilots', type=int, default=200)
+    ap.add_argument('--no-fill', action='store_true', help='only time the pages')
+    args = ap.parse_args(argv)
+    if not args.no_fill:
+        t0 = time.perf_counter()
+        fill(args.db, args.jobs, args.pilots)
+        print('filled %d jobs in %.1f s' % (args.jobs, time.perf_counter() - t0))
+    for page, (median, worst) in time_pages(args.db).items():
+        print('%-45s median %7.1f ms   max %7.1f ms' % (page, median * 1000, worst * 1000))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

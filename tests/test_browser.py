@@ -1,0 +1,105 @@
+"""The monitor in a real browser: Debian's chromium, driven by Playwright's Python package.
+
+Skipped when /usr/bin/chromium or playwright is missing; .ci/run installs chromium. Screenshots
+go to a temporary directory, or to $P3S_SCREENSHOTS (e.g. docs/screenshots) when it is set.
+"""
+import os
+import re
+
+import pytest
+
+from conftest import Server, make_job
+from synthetic import fill
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+sync_api = pytest.importorskip('playwright.sync_api')
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason='no ' + CHROMIUM)
+
+
+@pytest.fixture(scope='module')
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={'width': 1400, 'height': 900})
+    pg = context.new_page()
+    pg.set_default_timeout(20000)
+    yield pg
+    context.close()
+
+
+@pytest.fixture
+def busy_server(tmp_path):
+    """A server on a database with a day of synthetic history (the real jobs of a test get a
+    higher priority than the synthetic queue)."""
+    srv = Server(tmp_path)
+    fill(srv.db, 5000, pilots=12)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def shots_dir(tmp_path):
+    path = os.environ.get('P3S_SCREENSHOTS') or str(tmp_path / 'screenshots')
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def test_from_a_failed_count_to_the_stderr_of_the_job(busy_server, clients, page, tmp_path):
+    payload = tmp_path / 'crash.sh'
+    payload.write_text('#!/bin/sh\necho "reading run 42"\necho "ERROR: <calibration> missing" >&2\n'
+                       'exit 3\n')
+    payload.chmod(0o755)
+    [job] = clients.submit([make_job(str(payload), name='reco-run42', jobtype='reco', priority='99')])
+    clients.run_pilot()
+    page.goto(busy_server.url)
+    assert page.title() == 'Dashboard · p3s'
+    assert page.locator('.checklist tr').count() >= 3
+    assert page.locator('svg.chart rect.finished').count() == 60
+    page.click('a[data-state="failed"]')
+    assert re.search(r'/monitor/jobs\?state=failed$', page.url)
+    page.click('a[href="/monitor/jobs/%s"]' % job)
+    assert page.inner_text('#stderr').strip() == 'ERROR: <calibration> missing'
+    assert 'reading run 42' in page.inner_text('#stdout')
+    assert page.locator('text=reco-run42').count() >= 1
+
+
+def test_auto_refresh_reloads_and_is_kept_while_navigating(busy_server, page):
+    page.goto(busy_server.url)
+    page.click('header .refresh a:text-is("5 s")')
+    assert page.url.endswith('/?refresh=5')
+    with page.expect_navigation(timeout=20000):        # the meta refresh reloads the page
+        pass
+    assert page.url.endswith('/?refresh=5')
+    page.click('header nav a:text-is("Jobs")')
+    assert page.url.endswith('/monitor/jobs?refresh=5')
+    assert page.locator('meta[http-equiv="refresh"]').get_attribute('content') == '5'
+    page.click('header .refresh a:text-is("never")')
+    assert page.locator('meta[http-equiv="refresh"]').count() == 0
+
+
+def test_screenshots_on_a_laptop_and_a_wall_display(busy_server, clients, browser, tmp_path):
+    clients.submit([make_job('/bin/true', jobtype='reco', priority='99') for _ in range(3)])
+    clients.run_pilot('--cycles', '3')
+    out = shots_dir(tmp_path)
+    for name, size in (('dashboard', (1400, 900)), ('dashboard-wall', (2560, 1440))):
+        context = browser.new_context(viewport={'width': size[0], 'height': size[1]})
+        pg = context.new_page()
+        pg.goto(busy_server.url)
+        # Nothing overflows the window sideways: readable without scrolling.
+        assert pg.evaluate('document.documentElement.scrollWidth') <= size[0]
+        pg.screenshot(path=os.path.join(out, name + '.png'), full_page=True)
+        if name == 'dashboard':
+            pg.goto(busy_server.url + '/monitor/jobs?state=failed,finished&perpage=25')
+            pg.screenshot(path=os.path.join(out, 'jobs.png'), full_page=True)
+            pg.click('table.list tbody tr:first-child td:first-child a')
+            pg.screenshot(path=os.path.join(out, 'job.png'), full_page=True)
+        context.close()
+    assert os.path.getsize(os.path.join(out, 'dashboard.png')) > 10000

@@ -1,0 +1,329 @@
+"""The monitor in-process: every page on an empty and a busy database, filters, sorting,
+paging, 404s, escaping, the checklist, the refresh period, and the query plans."""
+import json
+import os
+import re
+import sqlite3
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import p3s_server as srv
+from synthetic import fill, wsgi_get
+
+PAGES = ('/', '/api/summary', '/monitor/jobs', '/monitor/pilots',
+         '/monitor/jobs?state=defined,failed&sort=-priority&perpage=25',
+         '/monitor/jobs?state=error', '/monitor/jobs?jobtype=reco&user=shifter&page=3',
+         '/monitor/pilots?state=lost&sort=-last_seen')
+EVIL = '<script>alert("x")</script>'
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = srv.configure(str(tmp_path / 'p3s.db'))
+    yield st
+    st.close()
+
+
+def get(path, status=200):
+    code, headers, body = wsgi_get(srv.app, path)
+    assert code == status, (path, code, body[:2000])
+    return body
+
+
+def get_json(path):
+    return json.loads(get(path))
+
+
+def ago(seconds):
+    return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat(
+        timespec='microseconds')
+
+
+def submit(store, *jobs, now=None):
+    return srv.submit_jobs(store, [dict({'payload': '/bin/true'}, **j) for j in jobs],
+                           now or srv.utcnow())
+
+
+def run_job(store, job_uuid, state='finished', errcode=0, stdout='', stderr='', host='node1'):
+    """Register a pilot, give it the job (only it is queued) and report the job's end."""
+    pilot = srv.register_pilot(store, {'host': host}, srv.utcnow())['uuid']
+    reply, _ = srv.request_work(store, pilot, srv.utcnow())
+    assert reply['job']['uuid'] == job_uuid
+    srv.report_job(store, pilot, {'uuid': job_uuid, 'state': 'running', 'pid': 1,
+                                  'errcode': None, 'stdout': '', 'stderr': ''}, srv.utcnow())
+    srv.report_job(store, pilot, {'uuid': job_uuid, 'state': state, 'pid': 1, 'errcode': errcode,
+                                  'stdout': stdout, 'stderr': stderr}, srv.utcnow())
+    return pilot
+
+
+def job_uuids(body):
+    return re.findall(r'href="/monitor/jobs/([0-9a-f-]{36})', body)
+
+
+# -- every page, empty and busy --
+
+
+def test_every_page_renders_on_an_empty_database(store):
+    for path in PAGES:
+        get(path)
+    s = get_json('/api/summary')
+    assert s['jobs'] == {} and s['pilots'] == {}
+    assert s['windows'] == ['1 min', '10 min', '1 h', '2 h', '24 h']
+    assert s['timeline']['defined'] == [0] * 5
+    assert s['latency'] == {'n': 0, 'p50': None, 'p95': None}
+    assert len(s['throughput']) == 60 and s['caps'] == {}     # the jobtypes table of issue 4
+    assert [c['status'] for c in s['checks'] if c['check'] == 'Live pilots'] == ['warn']
+    assert 'nothing to show' in get('/monitor/jobs')
+
+
+def test_every_page_renders_on_a_busy_database(store, tmp_path):
+    fill(store.path, 3000, pilots=20)
+    for path in PAGES:
+        get(path)
+    s = get_json('/api/summary')
+    db = sqlite3.connect(store.path)
+    assert sum(s['jobs'].values()) == 3000
+    day = ago(86400)
+    assert s['timeline']['defined'][4] == db.execute(
+        'SELECT count(*) FROM jobs WHERE defined_at >= ?', (day,)).fetchone()[0]
+    assert s['timeline']['failed'][4] == db.execute(
+        "SELECT count(*) FROM jobs WHERE state = 'failed' AND stopped_at >= ?", (day,)).fetchone()[0]
+    queued = db.execute("SELECT jobtype, count(*) FROM jobs WHERE state = 'defined' GROUP BY 1")
+    assert {t: n['defined'] for t, n in s['jobtypes'].items()} == dict(queued.fetchall())
+    assert s['latency']['n'] > 0 and 0 <= s['latency']['p50'] <= s['latency']['p95']
+    assert sum(m['finished'] for m in s['throughput']) > 0
+    body = get('/')
+    assert body.count('<rect class="finished"') == 60
+    some_job = job_uuids(get('/monitor/jobs'))[0]
+    get('/monitor/jobs/' + some_job)
+    some_pilot = re.findall(r'href="/monitor/pilots/([0-9a-f-]{36})', get('/monitor/pilots'))[0]
+    assert job_uuids(get('/monitor/pilots/' + some_pilot))
+
+
+def test_dashboard_queries_read_indexes_only(store):
+    """No statement of the dashboard or listings scans the jobs table (limits.md 1b)."""
+    fill(store.path, 500, pilots=5)
+    db = store.db()
+    params = {'since': ago(60), 'state': 'failed', 'jobtype': 'reco', 'cap': 10, 'limit': 10,
+              'cutoff': ago(600), 'states': '["failed"]', 'pilot': 'x', 'name': 'jobtypes'}
+    names = [n for n in dir(srv) if n.startswith('MON_') and isinstance(getattr(srv, n), str)
+             and 'SELECT' in getattr(srv, n) and n != 'MON_JOBTYPE_CAPS']
+    assert len(names) >= 10
+    for name in names:
+        plan = [r[3] for r in db.execute('EXPLAIN QUERY PLAN ' + getattr(srv, name), params)]
+        for step in plan:
+            if re.search(r'\b(SCAN|SEARCH) jobs\b', step):
+                assert 'INDEX' in step, (name, plan)
+        assert not any('TEMP B-TREE FOR ORDER BY' in step for step in plan), (name, plan)
+    for sort in ('-id', 'state', '-defined_at', '-stopped_at'):
+        sql = 'SELECT id FROM jobs WHERE state = :state' + srv.MON_JOB_ORDER[sort]
+        plan = ' | '.join(r[3] for r in db.execute('EXPLAIN QUERY PLAN ' + sql, params))
+        assert 'SCAN jobs' not in plan or 'INDEX' in plan, (sort, plan)
+
+
+# -- listings: filters, sorting, paging --
+
+
+def test_job_filters(store):
+    a = submit(store, {'name': 'a', 'jobtype': 'reco', 'user': 'ann', 'site': 'np04'})[0]
+    b = submit(store, {'name': 'b', 'jobtype': 'purity', 'user': 'bob'})[0]
+    c = submit(store, {'name': 'c', 'jobtype': 'purity', 'user': 'bob'})[0]
+    db = store.db()
+    db.execute("UPDATE jobs SET workflow = 'wf-1' WHERE uuid = ?", (b,))
+    assert set(job_uuids(get('/monitor/jobs'))) == {a, b, c}
+    assert job_uuids(get('/monitor/jobs'))[0] == c                     # newest first
+    assert set(job_uuids(get('/monitor/jobs?jobtype=purity'))) == {b, c}
+    assert set(job_uuids(get('/monitor/jobs?user=ann'))) == {a}
+    assert set(job_uuids(get('/monitor/jobs?site=np04'))) == {a}
+    assert set(job_uuids(get('/monitor/jobs?workflow=wf-1'))) == {b}
+    assert set(job_uuids(get('/monitor/jobs?jobtype=purity&user=ann'))) == set()
+    srv.adjust_job(store, c, {'state': 'dropped'}, srv.utcnow())
+    assert set(job_uuids(get('/monitor/jobs?state=dropped'))) == {c}
+    assert set(job_uuids(get('/monitor/jobs?state=defined,dropped'))) == {a, b, c}
+    assert set(job_uuids(get('/monitor/jobs?state=defined&state=dropped'))) == {a, b, c}
+
+
+def test_state_error_means_a_non_zero_exit_code(store):
+    ok, bad, killed = submit(store, {'name': 'ok'}, {'name': 'bad'}, {'name': 'killed'})
+    srv.kill_job(store, killed, srv.utcnow())
+    pilot_ok = run_job(store, ok)
+    pilot_bad = run_job(store, bad, 'failed', 7)
+    assert set(job_uuids(get('/monitor/jobs?state=error'))) == {bad}
+    assert set(job_uuids(get('/monitor/jobs?state=error,killed'))) == {bad, killed}
+    assert set(job_uuids(get('/monitor/jobs?pilot=' + pilot_ok))) == {ok}
+    body = get('/monitor/pilots?state=active')
+    assert pilot_ok in body and pilot_bad in body
+
+
+def test_sorting_is_whitelisted_and_paging_walks_everything(store):
+    uuids = submit(store, *[{'name': 'j%02d' % i, 'priority': i % 7} for i in range(60)])
+    first = job_uuids(get('/monitor/jobs?perpage=25'))
+    assert first == uuids[::-1][:25]
+    by_prio = job_uuids(get('/monitor/jobs?sort=-priority&perpage=100'))
+    prios = {u: i % 7 for i, u in enumerate(uuids)}
+    assert [prios[u] for u in by_prio] == sorted(prios.values(), reverse=True)
+    assert job_uuids(get('/monitor/jobs?sort=name;DROP TABLE jobs&perpage=25')) == first
+    assert job_uuids(get('/monitor/jobs?perpage=7&page=x')) == job_uuids(get('/monitor/jobs'))[:50]
+    seen = []
+    for page in (1, 2, 3):
+        body = get('/monitor/jobs?perpage=25&page=%d' % page)
+        seen += job_uuids(body)
+    assert seen == uuids[::-1]
+    assert 'rel="next"' not in body and 'rel="prev"' in body
+    assert '60 matching' in body
+
+
+# -- detail pages and 404s --
+
+
+def test_job_page_shows_every_field_its_pilot_workflow_and_logs(store):
+    [job] = submit(store, {'name': 'reco-1', 'env': {'RUN': '42'}})
+    pilot = run_job(store, job, 'failed', 2, stdout='all good so far', stderr='Segmentation fault')
+    store.db().execute("UPDATE jobs SET workflow = '11111111-2222-3333-4444-555555555555'")
+    body = get('/monitor/jobs/' + job)
+    for field in srv.JOB_COLUMNS.split(', '):
+        assert '<th>%s</th>' % field in body
+    assert 'href="/monitor/pilots/%s"' % pilot in body
+    assert 'href="/monitor/workflows/11111111-2222-3333-4444-555555555555"' in body
+    assert 'Segmentation fault' in body and 'all good so far' in body
+    assert '&quot;RUN&quot;: &quot;42&quot;' in body
+    assert job in get('/monitor/pilots/' + pilot)
+
+
+def test_unknown_ids_answer_404(store):
+    for path in ('/monitor/jobs/00000000-0000-0000-0000-000000000000', '/monitor/jobs/nope',
+                 '/monitor/pilots/00000000-0000-0000-0000-000000000000', '/monitor/pilots/x'):
+        body = get(path, 404)
+        assert 'There is no' in body and '<html' in body
+    code, headers, body = wsgi_get(srv.app, '/api/jobs/00000000-0000-0000-0000-000000000000')
+    assert code == 404 and headers['Content-Type'] == 'application/json'
+
+
+# -- escaping --
+
+
+def test_every_value_is_escaped(store):
+    [job] = submit(store, {'name': EVIL, 'jobtype': EVIL, 'user': '"><img src=x>',
+                           'site': '', 'env': {'X': EVIL, EVIL: 'y'}})
+    pilot = run_job(store, job, 'failed', 1, stdout='</pre>' + EVIL, stderr=EVIL,
+                    host='<b>host</b>')
+    pages = ['/', '/api/summary', '/monitor/jobs', '/monitor/jobs/' + job, '/monitor/pilots',
+             '/monitor/pilots/' + pilot, '/monitor/jobs?jobtype=' + EVIL,
+             '/monitor/jobs?user=%22%3E%3Cscript%3E', '/monitor/jobs/%3Cscript%3E',
+             '/?refresh=%3Cscript%3E', '/monitor/jobs?sort=%3Cscript%3E']
+    for path in pages:
+        body = get(path, 404 if '%3Cscript' in path and '/jobs/' in path else 200)
+        if path == '/api/summary':
+            continue
+        assert '<script' not in body.lower(), path
+        assert '<img' not in body and '<b>host' not in body, path
+    assert '&lt;script&gt;' in get('/monitor/jobs/' + job)
+    assert '&lt;/pre&gt;' in get('/monitor/jobs/' + job)
+    assert '&lt;b&gt;host&lt;/b&gt;' in get('/monitor/pilots/' + pilot)
+
+
+# -- refresh, time zone --
+
+
+def test_refresh_period_is_kept_in_every_link(store):
+    [job] = submit(store, {'name': 'x'})
+    pilot = run_job(store, job)
+    for path in ('/', '/monitor/jobs', '/monitor/jobs/' + job, '/monitor/jobs?state=finished',
+                 '/monitor/pilots', '/monitor/pilots/' + pilot):
+        body = get(path + ('&' if '?' in path else '?') + 'refresh=10')
+        assert '<meta http-equiv="refresh" content="10">' in body
+        chooser = re.search(r'<span class="refresh">.*?</span>', body, re.S).group(0)
+        assert re.findall(r'href="[^"]*?refresh=(\d+)"', chooser) == ['5', '10', '30', '60']
+        links = [h for h in re.findall(r'href="([^"]*)"', body.replace(chooser, ''))
+                 if h.startswith('/') and not h.startswith('/static/')]
+        assert len(links) > 4 and all(re.search(r'[?&;]refresh=10(&|$)', h) for h in links), \
+            (path, [h for h in links if 'refresh=10' not in h])
+        assert ('action="%s"' % path.split('?')[0]) not in body or \
+            '<input type="hidden" name="refresh" value="10">' in body
+    assert 'http-equiv="refresh"' not in get('/?refresh=7')
+    assert 'http-equiv="refresh"' not in get('/')
+
+
+def test_times_are_shown_in_the_local_zone_with_its_name(store, monkeypatch):
+    monkeypatch.setenv('TZ', 'Asia/Kolkata')      # UTC+05:30, no daylight saving
+    time.tzset()
+    try:
+        [job] = submit(store, {'name': 'x'}, now='2026-01-02T03:04:05.000000+00:00')
+        body = get('/monitor/jobs/' + job)
+        assert 'IST (UTC+05:30)' in body
+        assert '2026-01-02 08:34:05' in body
+    finally:
+        monkeypatch.delenv('TZ')
+        time.tzset()
+
+
+# -- the checklist --
+
+
+def checks(name):
+    return [c for c in get_json('/api/summary')['checks'] if c['check'] == name]
+
+
+def test_checklist_says_what_is_wrong(store):
+    submit(store, {'name': 'old'}, now=ago(1200))
+    [live] = checks('Live pilots')
+    assert live['status'] == 'fail' and 'No live pilots: 1 queued' in live['detail']
+    [queue] = checks('Queue')
+    assert queue['status'] == 'fail' and '1 jobs have waited longer than 10 min' in queue['detail']
+    pilot = srv.register_pilot(store, {'host': 'h'}, ago(3000))['uuid']
+    assert checks('Live pilots')[0]['status'] == 'ok'
+    srv.sweep(store, srv.utcnow(), 600)
+    [lost] = checks('Lost pilots')
+    assert lost['status'] == 'warn' and lost['detail'].startswith('1 pilots lost')
+    assert pilot
+    body = get('/')
+    assert 'FAIL' in body and 'No live pilots' in body
+
+
+def test_caps_are_shown_and_a_capped_type_is_paused(store):
+    has_table = store.db().execute(srv.MON_TABLE_EXISTS, {'name': 'jobtypes'}).fetchone()
+    assert ('Jobtype caps' in get('/')) == bool(has_table)
+    [running] = submit(store, {'jobtype': 'reco'})
+    run_pilot = srv.register_pilot(store, {'host': 'h'}, srv.utcnow())['uuid']
+    srv.request_work(store, run_pilot, srv.utcnow())
+    submit(store, {'jobtype': 'reco'}, {'jobtype': 'purity'})
+    store.db().execute('CREATE TABLE IF NOT EXISTS jobtypes (name TEXT PRIMARY KEY, cap INTEGER)')
+    store.db().execute("INSERT OR REPLACE INTO jobtypes (name, cap) VALUES ('reco', 1), "
+                       "('purity', 5), ('femb', NULL)")
+    s = get_json('/api/summary')
+    assert s['caps'] == {'reco': 1, 'purity': 5}
+    [cap] = checks('Jobtype caps')
+    assert cap['status'] == 'warn' and 'type reco paused by its cap' in cap['detail']
+    body = get('/')
+    assert 'Jobtype caps' in body and 'type reco paused' in body
+    assert running
+
+
+# -- p3s_job.py --summary, against the real server --
+
+
+def test_summary_client_prints_the_dashboard(clients, server):
+    from conftest import make_job
+    clients.submit([make_job('/bin/true', jobtype='reco'), make_job('/bin/false', jobtype='reco')])
+    clients.run_pilot('--cycles', '2')
+    text = clients.run('job', '--summary', check=0).stdout
+    assert 'jobs:   failed 1, finished 1' in text
+    assert re.search(r'^reco\s+0\s+0\s+0\s+1\s+1$', text, re.M), text
+    assert re.search(r'^WARN\s+Live pilots\s+No live pilots', text, re.M), text
+    s = json.loads(clients.run('job', '--summary', '--json', check=0).stdout)
+    assert s['jobs'] == {'failed': 1, 'finished': 1} and s['timeline']['finished'][4] == 1
+    assert sum(m['finished'] for m in s['throughput']) == 1
+    assert sum(m['other'] for m in s['throughput']) == 1
+    assert s['latency']['n'] == 2
+
+
+def test_docs_describe_every_monitor_page():
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'docs', 'monitor.md')).read()
+    for route in srv.app.routes:
+        if route.rule == '/' or route.rule.startswith('/monitor/'):
+            documented = re.sub(r'<\w+_uuid>', '<uuid>', route.rule)
+            assert '`%s`' % documented in doc or '`%s ' % documented in doc, route.rule
+    for key in srv.MON_JOB_SORTS + srv.MON_PILOT_SORTS:
+        assert '`%s`' % key in doc, key

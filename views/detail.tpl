@@ -1,0 +1,35 @@
+% rebase('base', page=page)
+<section class="panel">
+<table class="fields">
+% for name, text, href in fields:
+<tr><th>{{name}}</th>
+% if href:
+<td><a href="{{href}}">{{text}}</a></td>
+% elif '\n' in text:
+<td><pre>{{text}}</pre></td>
+% else:
+<td>{{text}}</td>
+% end
+</tr>
+% end
+% for name, text in extra:
+<tr><th>{{name}}</th><td>{{text}}</td></tr>
+% end
+</table>
+</section>
+% for name, text in logs:
+<section class="panel wide log">
+<h2>{{name}} <small>(last 64 KiB)</small></h2>
+% if text:
+<pre id="{{name}}">{{text}}</pre>
+% else:
+<p class="empty" id="{{name}}">empty (or not reported yet)</p>
+% end
+</section>
+% end
+% if table:
+<section class="panel wide">
+<h2>{{table['title']}} <small><a href="{{table['more']}}">all of them, with filters</a></small></h2>
+% include('table', heads=table['heads'], rows=table['rows'])
+</section>
+% end
