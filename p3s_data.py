@@ -309,8 +309,9 @@ def complete_files(args, done):
     """New matching files that did not change between two looks --settle seconds apart,
     oldest first."""
     pattern = os.path.join(glob.escape(os.path.abspath(args.watch)), args.pattern)
-    first = {p: v for p, v in look(sorted(glob.glob(pattern))).items()
-             if p not in done and v[0] >= args.min_size}
+    listed = sorted(glob.glob(pattern))
+    done.intersection_update(listed)          # forget files that left the directory
+    first = {p: v for p, v in look(listed).items() if p not in done and v[0] >= args.min_size}
     if not first:
         return []
     time.sleep(args.settle)

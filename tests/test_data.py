@@ -199,6 +199,9 @@ def test_injector_makes_a_workflow_per_file(clients, server, inbox, tmp_path):
     assert server.api('GET', '/api/jobs?workflow=' + result['workflow'])[1]['jobs']
     watch(clients, inbox, '--dag', '1filter')             # the file is taken once
     assert len(server.api('GET', '/api/workflows')[1]['workflows']) == 1
+    wf_uuid = clients.run('workflow', '-a', '1filter', '-s', 'defined', '--deadline', '300',
+                          check=0).stdout.strip()
+    assert {j['deadline'] for j in server.jobs(workflow=wf_uuid)} == {300}
 
 
 def test_injector_refusals_and_unreachable_server(clients, inbox, tmp_path):
