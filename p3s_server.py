@@ -451,7 +451,8 @@ SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name)
 LIST_JOBTYPES = ('SELECT name, cap, updated_at, ' + JOBTYPE_ACTIVE + ' AS active'
                  ' FROM jobtypes ORDER BY name')
 COUNT_QUEUED_BY_TYPE = """
-SELECT jobtype, count(*) AS n FROM jobs INDEXED BY jobs_queue WHERE state = 'defined' GROUP BY jobtype
+SELECT jobtype, count(*) AS n FROM jobs INDEXED BY jobs_queue WHERE state = 'defined'
+ GROUP BY jobtype
 """
 SET_CAP = """
 INSERT INTO jobtypes (name, cap, updated_at) VALUES (:name, :cap, :now)

@@ -108,7 +108,8 @@ def test_injector_exactly_once_across_scans_and_restarts(clients, server, inbox,
 
 
 def test_two_injectors_at_once_submit_each_file_once(clients, server, inbox, tmp_path):
-    tpl = template(tmp_path, [make_job('/bin/true', jobtype='a'), make_job('/bin/true', jobtype='b')])
+    tpl = template(tmp_path, [make_job('/bin/true', jobtype='a'),
+                              make_job('/bin/true', jobtype='b')])
     files = arrive(inbox, ['np04_%03d.root' % i for i in range(60)])
     cmd = [sys.executable, '-S', script('p3s_data.py'), '--watch', str(inbox), '--pattern',
            'np04_*.root', '--job', tpl, '--settle', '0', '--cycles', '3', '--period', '0']

@@ -197,7 +197,8 @@ def test_stale_job_never_runs(clients, server, tmp_path):
 
 def test_drop_from_the_command_line(clients, server):
     a1, a2, b = clients.submit([make_job('/bin/true', jobtype='a'),
-                                make_job('/bin/true', jobtype='a'), make_job('/bin/true', jobtype='b')])
+                                make_job('/bin/true', jobtype='a'),
+                                make_job('/bin/true', jobtype='b')])
     kept = clients.run('job', '--drop', '-T', 'a', '--older', '3600', check=0)
     assert 'dropped 0 queued a jobs' in kept.stdout
     out = clients.run('job', '--drop', '-T', 'a', '--json', check=0)
