@@ -352,7 +352,7 @@ def watch(args):
     if args.job:
         body['jobs'] = read_template(args.job)
     else:
-        body.update(dag=args.dag, deadline=args.deadline)
+        body.update(dag=args.dag, deadline=args.deadline, user=current_user())
     done, cycle = set(), 0
     while True:
         cycle += 1
