@@ -2,9 +2,11 @@
 """Benchmark 3, brokerage capacity: simulated pilots speaking exactly the pilot's protocol.
 
 Each simulated pilot registers (POST /api/pilots), then loops: POST /api/pilots/<uuid>/work
-{wait, report: the previous job's final report}, then POST /api/pilots/<uuid>/report
-{state: running, pid} at once (the payload takes no time), and keeps the final report for
-the next work request, as p3s_pilot.py does. One new connection per request with
+{wait, report: the previous job's final report, with its durations `elapsed` and `ago`}, as
+p3s_pilot.py does. The real pilot sends a start report (POST .../report {state: running, pid,
+elapsed}) only when the payload still runs after 0.2 s; a payload-less cycle never does, so
+the main table has one request per job, and a second table (`--start-report`) adds the start
+report to every cycle, as for jobs of 0.2 s or more. One new connection per request with
 `Connection: close`, as urllib does. A Python client saturates at about 3k requests/s per
 process (reference/limits.md 3), so the pilots are spread over several processes, each
 with threads. The queue is filled beforehand, so no request ever waits.
@@ -53,8 +55,9 @@ def post(port, path, body):
 
 
 class SimPilot:
-    def __init__(self, port):
+    def __init__(self, port, start_report=False):
         self.port = port
+        self.start_report = start_report
         self.uuid = str(uuidlib.uuid4())
         self.pending = None
         self.cycles = 0
@@ -85,10 +88,11 @@ class SimPilot:
         if reply.get('state') != 'dispatched':
             return
         job = reply['job']['uuid']
-        self.timed('/api/pilots/%s/report' % self.uuid,
-                   {'job': job, 'state': 'running', 'pid': 4242})
+        if self.start_report:
+            self.timed('/api/pilots/%s/report' % self.uuid,
+                       {'job': job, 'state': 'running', 'pid': 4242, 'elapsed': 0.0})
         self.pending = {'job': job, 'state': 'finished', 'errcode': 0, 'pid': 4242,
-                        'stdout': '', 'stderr': ''}
+                        'stdout': '', 'stderr': '', 'elapsed': 0.0, 'ago': 0.0}
 
     def loop(self, start_at, end_at):
         """Cycles started before end_at; then the last final report goes alone, as the
@@ -103,10 +107,10 @@ class SimPilot:
         self.finished_at = time.time()
 
 
-def worker(port, n, ready, go, results):
+def worker(port, n, start_report, ready, go, results):
     """One load process: n simulated pilots as threads."""
     threading.stack_size(256 * 1024)
-    pilots = [SimPilot(port) for _ in range(n)]
+    pilots = [SimPilot(port, start_report) for _ in range(n)]
     for p in pilots:
         p.register()
     ready.put(n)
@@ -120,14 +124,14 @@ def worker(port, n, ready, go, results):
                  [x for p in pilots for x in p.latencies], max(p.finished_at for p in pilots)))
 
 
-def run_once(server, pilots, duration):
+def run_once(server, pilots, duration, start_report=False):
     nproc = min(MAX_PROCESSES, max(1, pilots // 8))
     share = [pilots // nproc + (1 if i < pilots % nproc else 0) for i in range(nproc)]
     ctx = multiprocessing.get_context('fork')
     ready, results = ctx.Queue(), ctx.Queue()
     gos = [ctx.Queue() for _ in share]
-    procs = [ctx.Process(target=worker, args=(server.port, n, ready, go, results), daemon=True)
-             for n, go in zip(share, gos)]
+    procs = [ctx.Process(target=worker, args=(server.port, n, start_report, ready, go, results),
+                         daemon=True) for n, go in zip(share, gos)]
     for p in procs:
         p.start()
     for _ in procs:
@@ -152,32 +156,38 @@ def run_once(server, pilots, duration):
             'cpu_per_cycle': cpu / cycles * 1000 if cycles else None}
 
 
-def measure(pilots, runs, duration, sync, queued):
+def measure(pilots, runs, duration, sync, queued, start_report=False):
     server = common.Server(args=['--sync', sync])
     common.fill_jobs(server.db, queued)
     with server:
-        return [run_once(server, pilots, duration) for _ in range(runs)]
+        return [run_once(server, pilots, duration, start_report) for _ in range(runs)]
 
 
-def run(quick=False, counts=PILOT_COUNTS, sync='full'):
+def run(quick=False, counts=PILOT_COUNTS, sync='full', variants=(False, True)):
+    """Tables for each variant: without start reports (the targets), and with them."""
     runs, duration, queued = (2, 2.0, 20000) if quick else (RUNS, DURATION, QUEUED)
-    rows, figures = [], {}
-    for n in counts:
-        res = measure(n, runs, duration, sync, queued)
-        col = lambda k: [r[k] for r in res]  # noqa: E731
-        rows.append([n, cell(col('rate')), cell(col('req')), cell(col('p50')), cell(col('p99')),
-                     cell(col('cpu_per_cycle')), sum(col('errors'))])
-        figures['cycles_%d' % n] = common.summary(col('rate'))[0]
-        figures['p99_%d' % n] = common.summary(col('p99'))[0]
-    text = common.table(
-        'Brokerage capacity: simulated pilots, no payload (`--sync %s`)' % sync,
-        ['pilots', 'job cycles/s', 'requests/s', 'request p50 ms', 'request p99 ms',
-         'server CPU ms per cycle', 'failed requests'], rows,
-        note='%d runs of %.0f s per pilot count, median [min–max]; a cycle = work request '
-             '(carrying the previous final report) + start report; %d jobs queued '
-             'beforehand; up to %d load processes with threads, on the same 2 cores as the '
-             'server.' % (runs, duration, queued, MAX_PROCESSES))
-    return {'tables': [text], 'figures': figures}
+    tables, figures = [], {}
+    for start_report in variants:
+        rows = []
+        for n in counts:
+            res = measure(n, runs, duration, sync, queued, start_report)
+            col = lambda k: [r[k] for r in res]  # noqa: E731
+            rows.append([n, cell(col('rate')), cell(col('req')), cell(col('p50')),
+                         cell(col('p99')), cell(col('cpu_per_cycle')), sum(col('errors'))])
+            if not start_report:
+                figures['cycles_%d' % n] = common.summary(col('rate'))[0]
+                figures['p99_%d' % n] = common.summary(col('p99'))[0]
+        what = ('work request + start report per cycle (jobs of 0.2 s or more)' if start_report
+                else 'one work request per cycle (short jobs)')
+        tables.append(common.table(
+            'Brokerage capacity: simulated pilots, no payload, %s (`--sync %s`)' % (what, sync),
+            ['pilots', 'job cycles/s', 'requests/s', 'request p50 ms', 'request p99 ms',
+             'server CPU ms per cycle', 'failed requests'], rows,
+            note='%d runs of %.0f s per pilot count, median [min–max]; each work request '
+                 'carries the previous final report; %d jobs queued beforehand; up to %d load '
+                 'processes with threads, on the same 2 cores as the server.'
+                 % (runs, duration, queued, MAX_PROCESSES)))
+    return {'tables': tables, 'figures': figures}
 
 
 def main():
@@ -186,10 +196,14 @@ def main():
     ap.add_argument('--pilots', default=','.join(map(str, PILOT_COUNTS)),
                     help='comma-separated pilot counts')
     ap.add_argument('--sync', choices=('normal', 'full'), default='full')
+    ap.add_argument('--start-report', choices=('no', 'yes', 'both'), default='both',
+                    help='send a start report in every cycle (default: both variants)')
     args = ap.parse_args()
     print(common.machine_line())
     counts = [int(x) for x in args.pilots.split(',')]
-    print(run(args.quick, counts, args.sync)['tables'][0])
+    variants = {'no': (False,), 'yes': (True,), 'both': (False, True)}[args.start_report]
+    for table in run(args.quick, counts, args.sync, variants)['tables']:
+        print(table)
 
 
 if __name__ == '__main__':

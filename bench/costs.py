@@ -3,7 +3,8 @@
 
 1. Server CPU per request, by kind, for one sequential client (no concurrency): a ping (the
    bare bottle + waitress + TCP cost), an idle work request, a heartbeat, and a complete job
-   cycle (work request with the previous final report + start report).
+   cycle: a work request carrying the previous final report (a short job), and the same plus
+   a start report (a job of 0.2 s or more).
 2. CPU per job of a real 8-pilot run, split between the server, the pilot processes and the
    payloads (`/proc/<pid>/stat`: utime+stime, and cutime+cstime for the reaped payloads).
 
@@ -29,24 +30,27 @@ def per_request(sync):
         post(port, '/api/pilots', {'uuid': me, 'host': 'bench'})
         pending = []
 
-        def cycle():
+        def cycle(start_report=False):
             body = {'wait': 0}
             if pending:
                 body['report'] = pending.pop()
             job = post(port, '/api/pilots/%s/work' % me, body)['job']['uuid']
-            post(port, '/api/pilots/%s/report' % me, {'job': job, 'state': 'running', 'pid': 1})
+            if start_report:
+                post(port, '/api/pilots/%s/report' % me,
+                     {'job': job, 'state': 'running', 'pid': 1, 'elapsed': 0.0})
             pending.append({'job': job, 'state': 'finished', 'errcode': 0, 'pid': 1,
-                            'stdout': '', 'stderr': ''})
+                            'stdout': '', 'stderr': '', 'elapsed': 0.0, 'ago': 0.0})
 
         kinds = [
             ('GET /api/ping', lambda: common.request(port, 'GET', '/api/ping')),
             ('POST …/work {wait: 0}, empty queue',
              lambda: post(port, '/api/pilots/%s/work' % me, {'wait': 0})),
             ('POST …/heartbeat', lambda: post(port, '/api/pilots/%s/heartbeat' % me, {})),
-            ('job cycle: work + report (2 requests)', cycle),
+            ('job cycle, short job: work request with the final report', cycle),
+            ('job cycle with a start report (2 requests)', lambda: cycle(True)),
         ]
         for name, fn in kinds:
-            if fn is cycle:
+            if name.startswith('job cycle'):
                 server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': str(i)}
                                                  for i in range(N + 1)])
             c0, t0 = common.cpu_seconds(server.pid), time.perf_counter()
