@@ -31,6 +31,14 @@
 </table>
 </section>
 <section class="panel">
+<h2>Workflows</h2>
+<table class="counts">
+% for state, n, href in d['workflows']:
+<tr class="state {{state}}"><th>{{state}}</th><td><a href="{{href}}" data-workflows="{{state}}">{{n}}</a></td></tr>
+% end
+</table>
+</section>
+<section class="panel">
 <h2>Timeline of job states</h2>
 <table class="counts timeline">
 <tr><th></th>
