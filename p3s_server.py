@@ -2426,7 +2426,8 @@ def edge_cells(page, e):
 GRAPH_NODE_W, GRAPH_NODE_H = 150, 34
 GRAPH_GAP, GRAPH_LAYER, GRAPH_MARGIN = 30, 100, 24
 GRAPH_LABEL = 20                 # characters of a name shown in its node; all of it on hover
-GRAPH_PARALLEL = 44              # pixels between the middles of parallel edges
+GRAPH_PARALLEL = 50              # pixels between the middles of parallel edges
+GRAPH_VIRTUAL_W = 20             # width of the lane an edge takes through a layer it skips
 GRAPH_EDGE_STATES = ('template', 'defined', 'available')
 
 
@@ -2463,10 +2464,25 @@ def dag_graph(dag):
 
 
 def graph_layers(graph):
-    """Vertices in layers, top-down: each vertex one layer below its lowest parent
-    (networkx's topological generations). Within a layer, vertices are ordered by the mean
-    position of their parents, then of their children, which uncrosses most edges."""
-    layers = [list(layer) for layer in networkx.topological_generations(graph)]
+    """Vertices in layers, top-down: each vertex one layer below its lowest parent (networkx's
+    topological generations). An edge that skips layers passes through a virtual vertex in each
+    layer between, so it is routed around the real ones. Within a layer, vertices are ordered
+    by the mean position of their parents, then of their children, which uncrosses most edges.
+    Returns (layers, {(source, target): [virtual vertices]})."""
+    depth = {v: d for d, layer in enumerate(networkx.topological_generations(graph))
+             for v in layer}
+    flat = networkx.DiGraph()
+    flat.add_nodes_from(graph)
+    chains = {}
+    for source, target in dict.fromkeys(graph.edges()):
+        hops = [source] + [('', source, target, d) for d in range(depth[source] + 1,
+                                                                   depth[target])] + [target]
+        chains[source, target] = hops[1:-1]
+        depth.update((v, depth[source] + i) for i, v in enumerate(hops))
+        networkx.add_path(flat, hops)
+    layers = [[] for _ in range(max(depth.values()) + 1)]
+    for v in flat:
+        layers[depth[v]].append(v)
     rank = {}
 
     def place(layer):
@@ -2478,12 +2494,16 @@ def graph_layers(graph):
 
     for layer in layers:
         place(layer)
-    for sweep, neighbours in ((layers[1:], graph.predecessors),
-                              (layers[-2::-1], graph.successors)):
+    for sweep, neighbours in ((layers[1:], flat.predecessors), (layers[-2::-1], flat.successors)):
         for layer in sweep:
             layer.sort(key=lambda v: mean_rank(v, neighbours))
             place(layer)
-    return layers
+    return layers, chains
+
+
+def slot(v):
+    """Room taken in its layer: a vertex, or a virtual one that only lets edges pass."""
+    return (GRAPH_VIRTUAL_W if isinstance(v, tuple) else GRAPH_NODE_W) + GRAPH_GAP
 
 
 def graph_view(nodes, edges, legend):
@@ -2498,51 +2518,65 @@ def graph_view(nodes, edges, legend):
     graph.add_nodes_from(nodes)
     edges = [e for e in edges if e[0] in nodes and e[1] in nodes]
     graph.add_edges_from((e[0], e[1]) for e in edges)
-    layers = graph_layers(graph)
-    step = GRAPH_NODE_W + GRAPH_GAP
-    width = max(len(layer) for layer in layers) * step - GRAPH_GAP + 2 * GRAPH_MARGIN
+    layers, chains = graph_layers(graph)
+    width = max(sum(slot(v) for v in layer) for layer in layers) - GRAPH_GAP + 2 * GRAPH_MARGIN
     height = (len(layers) - 1) * GRAPH_LAYER + GRAPH_NODE_H + 2 * GRAPH_MARGIN
-    at = {}
+    middle = {}                                   # x of the middle of each (virtual) vertex
     for depth, layer in enumerate(layers):
-        left = (width - len(layer) * step + GRAPH_GAP) / 2
-        for i, v in enumerate(layer):
-            at[v] = (left + i * step, GRAPH_MARGIN + depth * GRAPH_LAYER)
-    out_nodes = [dict(nodes[v], x=round(x, 1), y=y, w=GRAPH_NODE_W, h=GRAPH_NODE_H,
-                      tx=round(x + GRAPH_NODE_W / 2, 1), ty=y + GRAPH_NODE_H / 2 + 4,
-                      label=clip(v, GRAPH_LABEL)) for v, (x, y) in at.items()]
-    curves = edge_curves(edges, at, width / 2)
-    # Edges bent around the outside may reach past the nodes: the view box takes them in.
+        x = (width - sum(slot(v) for v in layer) + GRAPH_GAP) / 2
+        for v in layer:
+            middle[v] = (x + (slot(v) - GRAPH_GAP) / 2, GRAPH_MARGIN + depth * GRAPH_LAYER)
+            x += slot(v)
+    out_nodes = [dict(nodes[v], x=round(x - GRAPH_NODE_W / 2, 1), y=y, w=GRAPH_NODE_W,
+                      h=GRAPH_NODE_H, tx=round(x, 1), ty=y + GRAPH_NODE_H / 2 + 4,
+                      label=clip(v, GRAPH_LABEL)) for v, (x, y) in middle.items() if v in nodes]
+    curves = edge_curves(edges, middle, chains)
+    # Parallel edges bend outwards and may reach past the vertices: the view box takes them in.
     left = min([0] + [e['lx'] - 4 * len(e['label']) - 8 for e in curves])
     right = max([width] + [e['lx'] + 4 * len(e['label']) + 8 for e in curves])
     return {'too_big': 0, 'x0': round(left), 'w': round(right - left), 'h': height,
             'nodes': out_nodes, 'edges': curves, 'legend': legend}
 
 
-def edge_curves(edges, at, middle):
-    """Each edge a quadratic curve from the bottom of its source to the top of its target;
-    the k-th of n parallel edges bends aside by (k - (n-1)/2) * GRAPH_PARALLEL, and an edge
-    that skips layers bends around the vertices between, away from the middle."""
+def edge_curves(edges, middle, chains):
+    """Each edge a path from the bottom of its source through its virtual vertices to the top
+    of its target, curved between layers; the k-th of n parallel edges is moved aside by
+    (k - (n-1)/2) * GRAPH_PARALLEL. The label sits in the middle gap between layers, those of
+    parallel edges at different heights so that they do not overlap."""
     pairs = {}
     for e in edges:
         pairs.setdefault((e[0], e[1]), []).append(e)
     out = []
     for (source, target), group in pairs.items():
-        x1, y1 = at[source][0] + GRAPH_NODE_W / 2, at[source][1] + GRAPH_NODE_H
-        x2, y2 = at[target][0] + GRAPH_NODE_W / 2, at[target][1]
-        length = max(((x2 - x1) ** 2 + (y2 - y1) ** 2) ** 0.5, 1)
-        px, py = -(y2 - y1) / length, (x2 - x1) / length          # unit normal
-        skip = 0
-        if y2 - y1 > GRAPH_LAYER:
-            outward = 1 if px * ((x1 + x2) / 2 - middle) >= 0 else -1
-            skip = outward * (GRAPH_NODE_W + GRAPH_GAP) / 2 / max(abs(px), 0.5)
         for k, (_, _, label, cls, title) in enumerate(group):
-            bend = skip + (k - (len(group) - 1) / 2) * GRAPH_PARALLEL
-            mx, my = (x1 + x2) / 2 + px * bend, (y1 + y2) / 2 + py * bend   # the curve's middle
-            cx, cy = 2 * mx - (x1 + x2) / 2, 2 * my - (y1 + y2) / 2       # its control point
-            out.append({'d': 'M %.1f %.1f Q %.1f %.1f %.1f %.1f' % (x1, y1, cx, cy, x2, y2),
-                        'lx': round(mx, 1), 'ly': round(my + 4, 1), 'label': clip(label, 16),
-                        'cls': cls, 'title': title})
+            aside = k - (len(group) - 1) / 2
+            bend, t = aside * GRAPH_PARALLEL, min(max(0.5 + aside * 0.2, 0.15), 0.85)
+            (x1, y1), (x2, y2) = middle[source], middle[target]
+            points = [(x1, y1 + GRAPH_NODE_H, bend)]
+            for v in chains[source, target]:
+                x, y = middle[v]
+                points += [(x + bend, y, 0), (x + bend, y + GRAPH_NODE_H, 0)]
+            points.append((x2, y2, bend))
+            d = ['M %.1f %.1f' % points[0][:2]]
+            gaps = []
+            for i in range(len(points) - 1):
+                (ax, ay, ab), (bx, by, bb) = points[i], points[i + 1]
+                if i % 2:                         # straight down through a virtual vertex
+                    d.append('L %.1f %.1f' % (bx, by))
+                    continue
+                ym = (ay + by) / 2
+                d.append('C %.1f %.1f %.1f %.1f %.1f %.1f' % (ax + ab, ym, bx + bb, ym, bx, by))
+                gaps.append(((ax, ay), (ax + ab, ym), (bx + bb, ym), (bx, by)))
+            lx, ly = bezier(gaps[len(gaps) // 2], t)
+            out.append({'d': ' '.join(d), 'lx': round(lx, 1), 'ly': round(ly + 4, 1),
+                        'label': clip(label, 16), 'cls': cls, 'title': title})
     return out
+
+
+def bezier(points, t):
+    """The point at t of a cubic Bézier curve."""
+    weights = ((1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3)
+    return tuple(sum(w * p[i] for w, p in zip(weights, points)) for i in (0, 1))
 
 
 def clip(text, n):
