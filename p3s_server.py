@@ -54,6 +54,7 @@ DEFAULT_PILOT_TIMEOUT = 120.0    # silence after which a pilot is lost
 SWEEP_PERIOD = 5.0               # seconds between housekeeping passes (at most)
 TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is killed by the server
 PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
+PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per transaction
 PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
 MAX_RETRIES = 100
 BUSY_TIMEOUT_MS = 10000
@@ -119,7 +120,7 @@ ON CONFLICT (uuid) DO NOTHING
 """
 GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
 GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
-GET_JOB_HOLDER = 'SELECT state, pilot FROM jobs WHERE uuid = :uuid'
+GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
 
 # Brokerage: one statement takes the best queued job the pilot may run. It takes the write lock
 # before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
@@ -160,15 +161,19 @@ SET_JOB_PRIORITY = """
 UPDATE jobs SET priority = :priority
  WHERE uuid = :uuid AND state IN ('template', 'defined', 'dispatched', 'running')
 """
+# A workflow's jobs are released by the workflow engine and deleted with their workflow.
 DEFINE_JOB = """
-UPDATE jobs SET state = 'defined', defined_at = :now WHERE uuid = :uuid AND state = 'template'
+UPDATE jobs SET state = 'defined', defined_at = :now
+ WHERE uuid = :uuid AND state = 'template' AND workflow IS NULL
 RETURNING jobtype, site
 """
 DROP_JOB = """
 UPDATE jobs SET state = 'dropped', stopped_at = :now
  WHERE uuid = :uuid AND state IN ('template', 'defined')
 """
-DELETE_JOB = "DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN ('dispatched', 'running')"
+DELETE_JOB = """
+DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN ('dispatched', 'running') AND workflow IS NULL
+"""
 # A pilot that stops positively never started the jobs still dispatched to it: queue them again.
 RELEASE_PILOT_JOBS = """
 UPDATE jobs SET state = 'defined', pilot = NULL, host = NULL, dispatched_at = NULL
@@ -202,7 +207,14 @@ DELETE FROM jobs WHERE id IN (
    WHERE state IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed', 'stale',
                    'dropped', 'cancelled')
      AND (:state IS NULL OR state = :state) AND coalesce(stopped_at, created_at) < :cutoff
+     AND workflow IS NULL
    LIMIT :batch)
+"""
+# Old workflows go whole, with their jobs and data (DELETE_WORKFLOW_*).
+OLD_WORKFLOWS = """
+SELECT uuid AS workflow FROM workflows
+ WHERE state IN ('finished', 'failed') AND (:state IS NULL OR state = :state) AND stopped_at < :cutoff
+ LIMIT :batch
 """
 PURGE_PILOTS = """
 DELETE FROM pilots WHERE id IN (
@@ -902,11 +914,14 @@ def list_jobs(store, query):
 
 
 def job_conflict(db, job_uuid, action):
-    """Why a conditional update of a job touched no row: it is missing (404) or in a state that
-    does not allow the action (409)."""
+    """Why a conditional update of a job touched no row: it is missing (404), in a state that
+    does not allow the action, or part of a workflow that manages it (409)."""
     row = db.execute(GET_JOB_HOLDER, {'uuid': job_uuid}).fetchone()
     if row is None:
         fail(404, 'no such job: %s' % job_uuid)
+    if row['workflow'] and action in ('define', 'delete') and row['state'] not in ACTIVE_STATES:
+        fail(409, 'cannot %s job %s: it belongs to workflow %s, which manages it'
+             % (action, job_uuid, row['workflow']))
     fail(409, 'cannot %s job %s: it is %s' % (action, job_uuid, row['state']))
 
 
@@ -1175,7 +1190,16 @@ def purge(store, now, older, state=None):
     """Delete terminal jobs and departed pilots older than `older` seconds, in small batches
     so that brokerage waits for one batch at most."""
     params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
-    removed = {'jobs': 0, 'pilots': 0}
+    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0}
+    while True:
+        with store.write() as db:
+            old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
+            for workflow in old:
+                for sql in (DELETE_WORKFLOW_JOBS, DELETE_WORKFLOW_DATA, DELETE_WORKFLOW):
+                    db.execute(sql, dict(workflow))
+        removed['workflows'] += len(old)
+        if len(old) < PURGE_WORKFLOW_BATCH:
+            break
     for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS)):
         while True:
             with store.write() as db:
@@ -2776,8 +2800,10 @@ def check_command(argv):
 
 def purge_command(argv):
     ap = argparse.ArgumentParser(prog='p3s_server.py purge',
-                                 description='Delete terminal jobs and stopped/lost/killed pilots '
-                                 'older than --older, in small batches (safe while serving).')
+                                 description='Delete finished or failed workflows (with their '
+                                 'jobs and data), other terminal jobs and stopped/lost/killed '
+                                 'pilots older than --older, in small batches (safe while '
+                                 'serving).')
     ap.add_argument('--older', type=parse_duration, required=True, help='e.g. 7d, 12h, 30m')
     ap.add_argument('--state', help='only records in this state')
     ap.add_argument('--db', default=DEFAULT_DB)
@@ -2786,7 +2812,7 @@ def purge_command(argv):
         ap.error('--state must be a terminal job state or stopped/lost/killed')
     st = configure(args.db)
     removed = purge(st, utcnow(), args.older, args.state)
-    print('purged %(jobs)d jobs and %(pilots)d pilots' % removed)
+    print('purged %(workflows)d workflows, %(jobs)d other jobs and %(pilots)d pilots' % removed)
     st.close()
     return 0
 

@@ -149,8 +149,8 @@ def test_purge_removes_old_terminal_records_in_batches(store, monkeypatch):
     srv.request_work(store, me, srv.utcnow())              # one stays dispatched
     srv.stop_pilot(store, pilot(store), 'stopped', srv.utcnow())
     now = srv.utcnow()
-    assert srv.purge(store, now, 3600) == {'jobs': 0, 'pilots': 0}
-    assert srv.purge(store, later(now, 7200), 3600) == {'jobs': 25, 'pilots': 1}
+    assert srv.purge(store, now, 3600) == {'jobs': 0, 'pilots': 0, 'workflows': 0}
+    assert srv.purge(store, later(now, 7200), 3600) == {'jobs': 25, 'pilots': 1, 'workflows': 0}
     left = store.db().execute('SELECT state, count(*) FROM jobs GROUP BY state').fetchall()
     assert dict(map(tuple, left)) == {'defined': 4, 'dispatched': 1}
     assert store.db().execute('SELECT count(*) FROM joblogs').fetchone()[0] == 0
@@ -168,7 +168,8 @@ def test_check_and_purge_commands(tmp_path, clients, server):
     assert check.returncode == 0, check.stderr
     assert 'integrity: ok' in check.stdout and 'finished 3' in check.stdout
     purged = run_server_command('purge', '--older', '0s', '--db', server.db)
-    assert purged.returncode == 0 and 'purged 3 jobs and 1 pilots' in purged.stdout, purged.stderr
+    assert purged.returncode == 0, purged.stderr
+    assert 'purged 0 workflows, 3 other jobs and 1 pilots' in purged.stdout
     assert server.jobs() == []
     bad = run_server_command('purge', '--older', 'soon', '--db', server.db)
     assert bad.returncode == 2 and 'not a duration' in bad.stderr

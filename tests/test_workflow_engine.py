@@ -143,3 +143,24 @@ def test_graphml_is_parsed_safely(store):
             S.parse_graphml(text)
         assert e.value.status_code == status
     assert json.loads(json.dumps(S.list_dags(store, {}))) == []
+
+
+def test_workflow_jobs_are_managed_by_their_workflow_and_purged_with_it(store):
+    wf = make(store, *CHAIN)
+    pilot = S.register_pilot(store, {'host': 'h'}, T0)['uuid']
+    waiting = uuid_of(wf, 'b')
+    for action in (lambda: S.delete_job(store, waiting),
+                   lambda: S.adjust_job(store, waiting, {'state': 'defined'}, T0)):
+        with pytest.raises(HTTPError) as refused:
+            action()
+        assert refused.value.status_code == 409 and 'belongs to workflow' in refused.value.body
+    run_job(store, pilot)
+    run_job(store, pilot)
+    assert S.get_workflow(store, wf['uuid'])['state'] == 'finished'
+    [standalone] = S.submit_jobs(store, [{'payload': '/bin/true', 'state': 'template'}], T0)
+    S.adjust_job(store, standalone, {'state': 'dropped'}, T0)
+    removed = S.purge(store, '2026-01-03T00:00:00.000000+00:00', 86400)
+    assert removed == {'workflows': 1, 'jobs': 1, 'pilots': 0}
+    db = store.db()
+    assert [db.execute('SELECT count(*) FROM %s' % t).fetchone()[0]
+            for t in ('jobs', 'data', 'workflows')] == [0, 0, 0]
