@@ -227,6 +227,10 @@ DELETE FROM jobs WHERE id IN (
      AND workflow IS NULL
    LIMIT :batch)
 """
+PURGE_SERVICES = """
+DELETE FROM services WHERE id IN (
+  SELECT id FROM services WHERE :state IS NULL AND created_at < :cutoff LIMIT :batch)
+"""
 # Old workflows go whole, with their jobs and data (DELETE_WORKFLOW_*).
 OLD_WORKFLOWS = """
 SELECT uuid AS workflow FROM workflows
@@ -1280,7 +1284,7 @@ def purge(store, now, older, state=None):
     """Delete terminal jobs and departed pilots older than `older` seconds, in small batches
     so that brokerage waits for one batch at most."""
     params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
-    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0}
+    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0}
     while True:
         with store.write() as db:
             old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
@@ -1290,7 +1294,8 @@ def purge(store, now, older, state=None):
         removed['workflows'] += len(old)
         if len(old) < PURGE_WORKFLOW_BATCH:
             break
-    for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS)):
+    for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS),
+                      ('services', PURGE_SERVICES)):
         while True:
             with store.write() as db:
                 n = db.execute(sql, params).rowcount
@@ -2956,7 +2961,8 @@ def purge_command(argv):
         ap.error('--state must be a terminal job state or stopped/lost/killed')
     st = configure(args.db)
     removed = purge(st, utcnow(), args.older, args.state)
-    print('purged %(workflows)d workflows, %(jobs)d other jobs and %(pilots)d pilots' % removed)
+    print('purged %(workflows)d workflows, %(jobs)d other jobs, %(pilots)d pilots and '
+          '%(services)d service messages' % removed)
     st.close()
     return 0
 
