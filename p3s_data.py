@@ -1,17 +1,42 @@
 #!/usr/bin/env python3
-"""p3s data client: datatypes (the types of the files on workflow edges).
+"""p3s data client: datatypes, data files, the injector and service messages.
 
 usage:
   python p3s_data.py -R -j '{"name":"TXT","ext":".txt","comment":"text"}'   register a datatype
   python p3s_data.py -R -j txtDataType.json                                (or from a file)
   python p3s_data.py -D NAME                                               delete a datatype
-  python p3s_data.py --list                                                list the datatypes
+  python p3s_data.py -r -j '{"name":"f.root","datatype":"ROOT"}'          register a data file
+  python p3s_data.py -G -f NAME           print the files of that name as JSON ([] when none)
+  python p3s_data.py -a UUID -j '{"state":"done"}'                        adjust a data file
+  python p3s_data.py -d -u UUID[,UUID...]                                  delete data files
+  python p3s_data.py -g -J template.json -f FILE [-i DIR] [-T DATATYPE] [-A]
+                          submit the template's jobs for one input file, and register it
+  python p3s_data.py --list [-f NAME] [-s STATE] [--limit N]    the datatypes and data files
+  python p3s_data.py --watch DIR --pattern 'np04_*.root' (--job TEMPLATE.json | --dag NAME)
+                     [--fraction F] [--min-size BYTES] [--max-files N] [--cycles N]
+                     [--period S] [--settle S] [-T DATATYPE] [--deadline S]    the injector
+  python p3s_data.py --service NAME [-m MESSAGE]   leave a service message (or list them)
 Add --json for machine-readable output. The server is --server or P3S_SERVER
 (default http://127.0.0.1:8080/); P3S_TOKEN is sent as a bearer token when set.
 
 A datatype has a name and an extension with its dot (`.txt`): workflow files are named
 <uuid><ext> by default. Registering an existing name updates its extension and comment.
 Every datatype named on a DAG's edges must exist before a workflow is made from the DAG.
+
+-r takes the data file's directory from P3S_DIRPATH unless the JSON gives "dirpath".
+-g sets env.P3S_INPUT_FILE of every job of the template (the original job format) to the
+file's full path (-i DIR, else the directory in FILE, else P3S_DIRPATH), submits them and
+registers the file, in one request; a file whose name is registered already is skipped
+unless -A is given.
+
+The injector scans DIR every --period seconds (--cycles scans; 0 = for ever). A matching file
+is taken once it is complete (its size and modification time did not change over --settle
+seconds) and has at least --min-size bytes; at most --max-files are submitted per scan, oldest
+first. Each one is registered and gets the template's jobs with P3S_INPUT_FILE set to its full
+path, or a defined workflow of the DAG with the file on its source edges. --fraction F
+processes a stable portion of the files (a hash of the file name decides, so a file always
+gets the same answer); the others are registered as skipped. The server decides what is new:
+a file is submitted once, across scans, restarts and injectors watching the same directory.
 
 Exit codes (shared by every p3s client):
   0  success                        2  bad command line
@@ -20,10 +45,15 @@ Exit codes (shared by every p3s client):
 This file uses the Python standard library only: copy it alone onto any node.
 """
 import argparse
+import getpass
+import glob
+import hashlib
 import http.client
 import json
 import os
+import socket
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +62,9 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
 DEFAULT_SERVER = 'http://127.0.0.1:8080/'
 HTTP_TIMEOUT = 60.0
 DATATYPE_COLUMNS = ('name', 'ext', 'comment', 'created_at')
+DATA_COLUMNS = ('uuid', 'name', 'dirpath', 'datatype', 'state', 'workflow', 'updated_at')
+INJECT_BATCH = 5000          # files offered to the server in one request
+DEFAULT_SETTLE = 1.0         # seconds between the two looks at a file, which must agree
 
 
 class P3SError(Exception):
@@ -92,6 +125,13 @@ def json_option(value):
         raise P3SError('%s is not valid JSON: %s' % (where, e), EXIT_INPUT) from None
 
 
+def quote(text):
+    return urllib.parse.quote(text, safe='')
+
+
+# -- datatypes --------------------------------------------------------------------------------
+
+
 def register_datatype(args):
     datatype = call(args.server, 'POST', '/api/datatypes', json_option(args.json_text))
     if args.json:
@@ -102,56 +142,345 @@ def register_datatype(args):
 
 
 def delete_datatype(args):
-    reply = call(args.server, 'DELETE', '/api/datatypes/%s' % urllib.parse.quote(args.delete,
-                                                                                 safe=''))
-    print(json.dumps(reply) if args.json else 'datatype %s deleted' % args.delete)
+    reply = call(args.server, 'DELETE', '/api/datatypes/%s' % quote(args.delete_type))
+    print(json.dumps(reply) if args.json else 'datatype %s deleted' % args.delete_type)
     return EXIT_OK
 
 
-def list_datatypes(args):
+def list_all(args):
+    """--list: the datatypes, then the data files (newest first; -f NAME, -s STATE filter)."""
     datatypes = call(args.server, 'GET', '/api/datatypes')['datatypes']
+    query = {k: v for k, v in (('name', args.file), ('state', args.state),
+                               ('limit', args.limit)) if v}
+    data = call(args.server, 'GET', '/api/data?' + urllib.parse.urlencode(query))['data']
     if args.json:
-        print(json.dumps({'datatypes': datatypes}, indent=1))
+        print(json.dumps({'datatypes': datatypes, 'data': data}, indent=1))
         return EXIT_OK
-    cells = [[str(d.get(c) or '') for c in DATATYPE_COLUMNS] for d in datatypes]
-    widths = [max([len(c)] + [len(row[i]) for row in cells])
-              for i, c in enumerate(DATATYPE_COLUMNS)]
-    for row in [list(DATATYPE_COLUMNS)] + cells:
-        print('  '.join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    print_table(datatypes, DATATYPE_COLUMNS)
+    print()
+    print_table(data, DATA_COLUMNS)
     return EXIT_OK
+
+
+def print_table(rows, columns):
+    cells = [[str('' if r.get(c) is None else r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    for row in [list(columns)] + cells:
+        print('  '.join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+# -- data files -------------------------------------------------------------------------------
+
+
+def register_data(args):
+    data = json_option(args.json_text)
+    if not isinstance(data, dict):
+        raise P3SError('-j must be a JSON object', EXIT_INPUT)
+    if 'dirpath' not in data and os.environ.get('P3S_DIRPATH'):
+        data['dirpath'] = os.environ['P3S_DIRPATH']
+    record = call(args.server, 'POST', '/api/data', data)
+    print(json.dumps(record, indent=1) if args.json else record['uuid'])
+    return EXIT_OK
+
+
+def get_data(args):
+    """-G: the records of that name as a JSON list; payload scripts compare it with `[]`."""
+    query = urllib.parse.urlencode({'name': args.file, 'limit': args.limit or 1000})
+    print(json.dumps(call(args.server, 'GET', '/api/data?' + query)['data']))
+    return EXIT_OK
+
+
+def adjust_data(args):
+    record = call(args.server, 'POST', '/api/data/%s/adjust' % quote(args.adjust),
+                  json_option(args.json_text))
+    print(json.dumps(record, indent=1) if args.json else '%s adjusted' % record['uuid'])
+    return EXIT_OK
+
+
+def delete_data(args):
+    code = EXIT_OK
+    for data_uuid in [u for u in args.uuids.split(',') if u]:
+        try:
+            call(args.server, 'DELETE', '/api/data/%s' % quote(data_uuid))
+            print('%s deleted' % data_uuid)
+        except P3SError as e:
+            print('p3s_data: error: %s: %s' % (data_uuid, e), file=sys.stderr)
+            code = max(code, e.code)
+    return code
+
+
+# -- job templates (the original job format) -------------------------------------------------
+
+
+def read_template(path):
+    """The jobs of a job file as the API takes them: timeout -> timelimit, numbers from
+    strings, env values as strings; user and submit host filled in."""
+    try:
+        with open(path) as f:
+            jobs = json.load(f)
+    except OSError as e:
+        raise P3SError('cannot read %s: %s' % (path, e.strerror), EXIT_INPUT) from None
+    except ValueError as e:
+        raise P3SError('%s is not valid JSON: %s' % (path, e), EXIT_INPUT) from None
+    jobs = [jobs] if isinstance(jobs, dict) else jobs
+    if not isinstance(jobs, list) or not jobs:
+        raise P3SError('%s must hold a JSON list of jobs' % path, EXIT_INPUT)
+    return [normalize(job, '%s: job %d' % (path, n)) for n, job in enumerate(jobs, 1)]
+
+
+def normalize(raw, where):
+    if not isinstance(raw, dict):
+        raise P3SError('%s is not a JSON object' % where, EXIT_INPUT)
+    job = dict(raw)
+    if 'timeout' in job:
+        if 'timelimit' in job:
+            raise P3SError('%s: give timeout or timelimit, not both' % where, EXIT_INPUT)
+        job['timelimit'] = job.pop('timeout')
+    for key in ('timelimit', 'priority', 'deadline'):
+        if isinstance(job.get(key), str):
+            try:
+                job[key] = int(job[key].strip())
+            except ValueError:
+                raise P3SError('%s: %s must be a whole number' % (where, key), EXIT_INPUT) from None
+    env = job.get('env') or {}
+    if isinstance(env, str):
+        try:
+            env = json.loads(env)
+        except ValueError:
+            raise P3SError('%s: env is not a JSON object' % where, EXIT_INPUT) from None
+    if not isinstance(env, dict):
+        raise P3SError('%s: env must be a JSON object' % where, EXIT_INPUT)
+    job['env'] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in env.items()}
+    job.setdefault('user', current_user())
+    job.setdefault('subhost', socket.gethostname())
+    return job
+
+
+def current_user():
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ''
+
+
+def generate(args):
+    """-g: one input file, the template's jobs for it, and its registration, in one request."""
+    directory = args.indir or os.path.dirname(args.file) or os.environ.get('P3S_DIRPATH', '')
+    path = os.path.join(directory, os.path.basename(args.file)) if directory else args.file
+    body = {'files': [{'path': path}], 'jobs': read_template(args.template),
+            'datatype': args.datatype or '', 'dedup': 'none' if args.again else 'name',
+            'comment': ''}
+    [result] = call(args.server, 'POST', '/api/data/inject', body)['files']
+    if args.json:
+        print(json.dumps(result, indent=1))
+    elif result['status'] == 'seen':
+        print('%s is registered already: nothing submitted (-A submits it again)' % path)
+    else:
+        print('\n'.join(result['jobs']))
+    return EXIT_OK
+
+
+# -- the injector -----------------------------------------------------------------------------
+
+
+def sampled(name, fraction):
+    """Whether a file is processed: the same name always gets the same answer, and over many
+    names a portion `fraction` of them is."""
+    if fraction >= 1:
+        return True
+    digest = hashlib.sha256(name.encode('utf-8', 'surrogateescape')).digest()
+    return int.from_bytes(digest[:8], 'big') < fraction * 2 ** 64
+
+
+def look(paths):
+    """(size, mtime in ns) of each path that is a regular file now."""
+    seen = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if os.path.isfile(path):
+            seen[path] = (st.st_size, st.st_mtime_ns)
+    return seen
+
+
+def complete_files(args, done):
+    """New matching files that did not change between two looks --settle seconds apart,
+    oldest first."""
+    pattern = os.path.join(glob.escape(os.path.abspath(args.watch)), args.pattern)
+    listed = sorted(glob.glob(pattern))
+    done.intersection_update(listed)          # forget files that left the directory
+    first = {p: v for p, v in look(listed).items() if p not in done and v[0] >= args.min_size}
+    if not first:
+        return []
+    time.sleep(args.settle)
+    second = look(first)
+    return sorted((p for p in first if second.get(p) == first[p]), key=lambda p: (first[p][1], p))
+
+
+def scan(args, body, done):
+    """One scan: offer the complete new files to the server, which takes each one once."""
+    files = [{'path': p, 'skip': not sampled(os.path.basename(p), args.fraction)}
+             for p in complete_files(args, done)]
+    left = args.max_files
+    for start in range(0, len(files), INJECT_BATCH):
+        batch = dict(body, files=files[start:start + INJECT_BATCH])
+        if left is not None:
+            batch['max_files'] = max(left, 0)
+        for result in call(args.server, 'POST', '/api/data/inject', batch)['files']:
+            if result['status'] != 'deferred':
+                done.add(result['path'])
+            if left is not None:
+                left -= result['status'] == 'submitted'
+            report(args, result)
+
+
+def report(args, result):
+    if args.json:
+        print(json.dumps(result), flush=True)
+    elif result['status'] == 'submitted':
+        what = ('workflow ' + result['workflow']) if result.get('workflow') else \
+            '%d jobs' % len(result.get('jobs', []))
+        print('submitted %s: %s' % (result['path'], what), flush=True)
+    elif result['status'] == 'skipped':
+        print('skipped %s (not in the sampled fraction)' % result['path'], flush=True)
+
+
+def watch(args):
+    body = {'datatype': args.datatype or '', 'dedup': 'path', 'comment': 'injected'}
+    if args.job:
+        body['jobs'] = read_template(args.job)
+    else:
+        body.update(dag=args.dag, deadline=args.deadline, user=current_user())
+    done, cycle = set(), 0
+    while True:
+        cycle += 1
+        last = args.cycles and cycle >= args.cycles
+        try:
+            scan(args, body, done)
+        except P3SError as e:
+            if e.code != EXIT_UNREACHABLE or last:
+                raise
+            print('p3s_data: warning: %s; scanning again in %g s' % (e, args.period),
+                  file=sys.stderr)
+        if last:
+            return EXIT_OK
+        time.sleep(args.period)
+
+
+# -- service messages -------------------------------------------------------------------------
+
+
+def service(args):
+    """--service NAME -m MESSAGE leaves a note; without -m, the latest notes of that name."""
+    if args.message is not None:
+        note = call(args.server, 'POST', '/api/services',
+                    {'name': args.service, 'message': args.message})['service']
+        print(json.dumps(note) if args.json else note['id'])
+        return EXIT_OK
+    query = urllib.parse.urlencode({'name': args.service, 'limit': args.limit or 20})
+    notes = call(args.server, 'GET', '/api/services?' + query)['services']
+    if args.json:
+        print(json.dumps({'services': notes}, indent=1))
+    else:
+        print_table(notes, ('created_at', 'name', 'message'))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog='p3s_data.py', description='Manage p3s datatypes.',
+    ap = argparse.ArgumentParser(prog='p3s_data.py',
+                                 description='p3s datatypes, data files, injector, service notes.',
                                  epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
                                  'command line, 3 server unreachable, 4 bad local file.')
     do = ap.add_mutually_exclusive_group(required=True)
     do.add_argument('-R', '--register-type', action='store_true',
                     help='register (or update) the datatype of -j')
-    do.add_argument('-D', '--delete-type', dest='delete', metavar='NAME', help='delete a datatype')
-    do.add_argument('--list', action='store_true', help='list the datatypes')
+    do.add_argument('-D', '--delete-type', metavar='NAME', help='delete a datatype')
+    do.add_argument('-r', '--register', action='store_true', help='register the data file of -j')
+    do.add_argument('-G', '--get', action='store_true', help='print the files named -f as JSON')
+    do.add_argument('-a', '--adjust', metavar='UUID', help='adjust a data file with -j')
+    do.add_argument('-d', '--delete', action='store_true', help='delete the data files of -u')
+    do.add_argument('-g', '--generate', action='store_true',
+                    help='submit the jobs of -J for the input file -f and register it')
+    do.add_argument('--list', action='store_true', help='list the datatypes and data files')
+    do.add_argument('--watch', metavar='DIR', help='the injector: watch DIR for new files')
+    do.add_argument('--service', metavar='NAME', help='leave a service message (-m)')
     ap.add_argument('-j', dest='json_text', metavar='JSON',
-                    help='the datatype: JSON text or a .json file')
+                    help='a datatype or data file, or an adjustment: JSON text or a .json file')
+    ap.add_argument('-f', '--file', help='file name (-G, -g, --list filter)')
+    ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]', help='data files for -d')
+    ap.add_argument('-J', '--template', metavar='JOBS.json', help='job template file for -g')
+    ap.add_argument('-i', '--indir', metavar='DIR', help="the input file's directory (-g)")
+    ap.add_argument('-T', '--datatype', help='datatype of the input files (-g, --watch)')
+    ap.add_argument('-A', '--again', action='store_true',
+                    help='-g: submit even if the file is registered already')
+    ap.add_argument('-s', '--state', help='state filter (--list)')
+    ap.add_argument('-m', '--message', help='the message (--service)')
+    ap.add_argument('--limit', type=int, help='at most this many records (--list, -G)')
+    watch = ap.add_argument_group('the injector (--watch)')
+    watch.add_argument('--pattern', default='*', help="file name pattern, e.g. 'np04_*.root'")
+    watch.add_argument('--job', metavar='TEMPLATE.json', help='submit these jobs per file')
+    watch.add_argument('--dag', metavar='NAME', help='or make a workflow of this DAG per file')
+    watch.add_argument('--deadline', type=int, metavar='S',
+                       help="with --dag: the workflow's jobs must be dispatched within S s")
+    watch.add_argument('--fraction', type=float, default=1.0,
+                       help='portion of the files to process, 0..1 (default 1)')
+    watch.add_argument('--min-size', type=int, default=0, metavar='BYTES',
+                       help='ignore files smaller than this for now (default 0)')
+    watch.add_argument('--max-files', type=int, metavar='N',
+                       help='submit at most N files per scan, oldest first (default: all)')
+    watch.add_argument('--cycles', type=int, default=1, help='scans; 0 = for ever (default 1)')
+    watch.add_argument('--period', type=float, default=60.0,
+                       help='seconds between scans (default 60)')
+    watch.add_argument('--settle', type=float, default=DEFAULT_SETTLE,
+                       help='seconds a file must stay unchanged to count as complete '
+                       '(default %g)' % DEFAULT_SETTLE)
     ap.add_argument('--json', action='store_true', help='machine-readable output')
     ap.add_argument('-S', '--server', default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
                     help='server URL (P3S_SERVER; default %s)' % DEFAULT_SERVER)
     args = ap.parse_args(argv)
-    if args.register_type and not args.json_text:
-        ap.error('-R needs -j JSON')
+    check_args(ap, args)
     return args
+
+
+def check_args(ap, args):
+    if (args.register_type or args.register or args.adjust) and not args.json_text:
+        ap.error('-R, -r and -a need -j JSON')
+    if (args.get or args.generate) and not args.file:
+        ap.error('-G and -g need -f FILE')
+    if args.generate and not args.template:
+        ap.error('-g needs -J TEMPLATE.json')
+    if args.delete and not args.uuids:
+        ap.error('-d needs -u UUID[,UUID...]')
+    if args.watch is not None:
+        if bool(args.job) == bool(args.dag):
+            ap.error('--watch needs --job TEMPLATE.json or --dag NAME (one of them)')
+        if not 0 <= args.fraction <= 1 or args.cycles < 0 or args.period < 0 \
+                or args.settle < 0 or (args.max_files or 0) < 0 or args.min_size < 0:
+            ap.error('--fraction is 0..1; --cycles, --period, --settle, --max-files and '
+                     '--min-size are >= 0')
 
 
 def main(argv=None):
     args = parse_args(argv)
+    commands = ((args.register_type, register_datatype), (args.delete_type, delete_datatype),
+                (args.register, register_data), (args.get, get_data), (args.adjust, adjust_data),
+                (args.delete, delete_data), (args.generate, generate), (args.list, list_all),
+                (args.watch, watch), (args.service, service))
+    command = next(run for given, run in commands if given)
     try:
-        if args.register_type:
-            return register_datatype(args)
-        if args.delete:
-            return delete_datatype(args)
-        return list_datatypes(args)
+        return command(args)
     except P3SError as e:
         print('p3s_data: error: %s' % e, file=sys.stderr)
         return e.code
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 if __name__ == '__main__':

@@ -8,12 +8,16 @@ usage:
   python p3s_job.py -a -u UUID[,UUID...] [-s defined|dropped] [-P PRIORITY]
   python p3s_job.py --kill UUID[,UUID...]
   python p3s_job.py -d -u UUID[,UUID...]
+  python p3s_job.py --drop -T TYPE [--older S]      drop the queued jobs of a type
+  python p3s_job.py -l [-T TYPE]                    list job types and their caps
+  python p3s_job.py -l -L N|none [-T TYPE]          set a cap (no -T: every known type)
   python p3s_job.py --summary                                       the dashboard's numbers
 Add --json for machine-readable output. The server is --server or P3S_SERVER
 (default http://127.0.0.1:8080/); P3S_TOKEN is sent as a bearer token when set.
 
 The job file is the original p3s format: a JSON list of objects with name, jobtype, payload,
-env (an object), priority, timeout (the timelimit in seconds) and state (defined, the default,
+env (an object), priority, timeout (the timelimit in seconds), deadline (seconds after
+definition by which it must be dispatched, else it goes stale) and state (defined, the default,
 or template); numbers may be strings. -f makes one job per input file for each job of the
 list, with env.P3S_INPUT_FILE set to it; -N makes n replicas of each.
 
@@ -41,6 +45,7 @@ DEFAULT_SERVER = 'http://127.0.0.1:8080/'
 HTTP_TIMEOUT = 60.0
 SUBMIT_ATTEMPTS = 5          # a submission is idempotent (uuids are made here), so retry it
 LIST_COLUMNS = ('uuid', 'state', 'jobtype', 'priority', 'name', 'defined_at')
+JOBTYPE_COLUMNS = ('name', 'cap', 'active', 'queued', 'updated_at')
 
 
 class P3SError(Exception):
@@ -114,7 +119,7 @@ def normalize(raw, where):
         if 'timelimit' in job:
             raise P3SError('%s: give timeout or timelimit, not both' % where, EXIT_INPUT)
         job['timelimit'] = job.pop('timeout')
-    for key in ('timelimit', 'priority'):
+    for key in ('timelimit', 'priority', 'deadline'):
         if key in job:
             job[key] = as_int(job, key, where)
     env = job.get('env') or {}
@@ -272,6 +277,44 @@ def adjust(args):
     return for_each_uuid(args, 'adjusted', 'POST', '/api/jobs/%s/adjust', body)
 
 
+def drop(args):
+    body = {'jobtype': args.jobtype}
+    if args.older is not None:
+        body['older'] = args.older
+    reply = call(args.server, 'POST', '/api/jobs/drop', body)
+    print(json.dumps(reply) if args.json else
+          'dropped %d queued %s jobs' % (reply['dropped'], reply['jobtype']))
+    return EXIT_OK
+
+
+def jobtypes(args):
+    """-l: list the job types and their caps, or with -L set a cap first."""
+    if args.cap is not None:
+        cap = None if args.cap.lower() in ('none', '-1') else parse_cap(args.cap)
+        body = {'cap': cap, 'name': args.jobtype} if args.jobtype else {'cap': cap}
+        types = call(args.server, 'POST', '/api/jobtypes', body)['jobtypes']
+    else:
+        types = call(args.server, 'GET', '/api/jobtypes')['jobtypes']
+    if args.jobtype:
+        types = [t for t in types if t['name'] == args.jobtype]
+    if args.json:
+        print(json.dumps({'jobtypes': types}, indent=1))
+    else:
+        print_table([dict(t, cap='none' if t['cap'] is None else t['cap']) for t in types],
+                    JOBTYPE_COLUMNS)
+    return EXIT_OK
+
+
+def parse_cap(text):
+    try:
+        cap = int(text)
+    except ValueError:
+        cap = -1
+    if cap < 0:
+        raise P3SError('-L takes a number >= 0, or none to remove the cap', EXIT_USAGE)
+    return cap
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog='p3s_job.py', description='Submit and manage p3s jobs.',
                                  epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
@@ -283,6 +326,9 @@ def parse_args(argv):
     do.add_argument('-a', '--adjust', action='store_true', help='adjust the jobs of -u')
     do.add_argument('-d', '--delete', action='store_true', help='delete the jobs of -u')
     do.add_argument('--kill', metavar='UUID[,UUID]', help='kill jobs (queued or running)')
+    do.add_argument('--drop', action='store_true', help='drop the queued jobs of -T TYPE')
+    do.add_argument('-l', '--jobtypes', action='store_true',
+                    help='list job types and their caps; with -L set a cap')
     do.add_argument('--summary', action='store_true', help="the monitor dashboard's numbers")
     ap.add_argument('-f', '--files', metavar='FILE[,FILE]', help='input files: one job each')
     ap.add_argument('-N', '--replicas', type=int, default=1, help='copies of each job')
@@ -290,7 +336,11 @@ def parse_args(argv):
     ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]', help='jobs for -a, -d')
     ap.add_argument('-s', '--state', help='state filter (--list) or new state (-a)')
     ap.add_argument('-P', '--priority', type=int, help='new priority (-a)')
-    ap.add_argument('-T', '--jobtype', help='job type filter (--list)')
+    ap.add_argument('-T', '--jobtype', help='job type (--list filter, --drop, -l)')
+    ap.add_argument('-L', '--cap', metavar='N', help='with -l: most jobs of the type dispatched '
+                    'or running at once; 0 pauses the type, none removes the cap')
+    ap.add_argument('--older', type=float, metavar='S',
+                    help='with --drop: only jobs queued for more than S seconds')
     ap.add_argument('--user', help='user filter (--list)')
     ap.add_argument('--limit', type=int, help='at most this many jobs (--list; default 1000)')
     ap.add_argument('--json', action='store_true', help='machine-readable output')
@@ -303,6 +353,12 @@ def parse_args(argv):
         ap.error('-a and -d need -u UUID[,UUID...]')
     if args.kill:
         args.uuids = args.kill
+    if args.drop and not args.jobtype:
+        ap.error('--drop needs -T TYPE')
+    if args.cap is not None and not args.jobtypes:
+        ap.error('-L goes with -l')
+    if args.older is not None and (not args.drop or args.older < 0):
+        ap.error('--older S (S >= 0) goes with --drop')
     return args
 
 
@@ -321,6 +377,10 @@ def main(argv=None):
             return adjust(args)
         if args.delete:
             return for_each_uuid(args, 'deleted', 'DELETE', '/api/jobs/%s')
+        if args.drop:
+            return drop(args)
+        if args.jobtypes:
+            return jobtypes(args)
         return for_each_uuid(args, 'killed', 'POST', '/api/jobs/%s/kill')
     except P3SError as e:
         print('p3s_job: error: %s' % e, file=sys.stderr)

@@ -4,10 +4,16 @@
 usage: python p3s_pilot.py [--server URL] [--site NAME] [--joblog DIR] [--pilotlog DIR]
                            [--cycles N] [--period S] [--beat S] [--wait S]
                            [--jobtypes a,b] [--extra TEXT]
+       python p3s_pilot.py --define-site site.json      define or replace a site, then exit
 
 Defaults come from the environment: P3S_SERVER (http://127.0.0.1:8080/), P3S_SITE,
 P3S_JOBLOG (/tmp/$USER/p3s/jobs), P3S_PILOTLOG (/tmp/$USER/p3s/pilots); P3S_PILOT_TOKEN or
 P3S_TOKEN is sent as a bearer token when set.
+
+A pilot of a site defined on the server (--define-site, the original's inputs/sites/*.json:
+name, env, pilotperiod, pilotcycles, pilotbeat, pilots, ...) takes the site's period, cycles,
+beat and wait unless given on its own command line, and adds the site's env to every payload's
+environment (the job's env wins). Without a site record the built-in defaults apply.
 
 A cycle is one job run or one request that found nothing; --cycles 0 runs for ever. A request
 waits on the server up to --wait seconds for a job, so a job submitted to an idle pilot starts
@@ -42,6 +48,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid as uuidlib
 from contextlib import contextmanager
@@ -54,6 +61,11 @@ KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL of a payload'
 LOG_TAIL = 64 * 1024         # bytes of stdout/stderr sent with the final report
 BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
 SHUTDOWN_PATIENCE = 30.0     # seconds a signalled pilot keeps trying to deliver its report
+# Settings a site may give; the pilot's own flags win, then the site's, then these.
+DEFAULTS = {'cycles': 1, 'period': 5.0, 'beat': 5.0, 'wait': 20.0}
+# Keys of the original site files, as the server names them ('server' is ignored, as it was).
+SITE_KEYS = {'pilotperiod': 'period', 'pilotcycles': 'cycles', 'pilotbeat': 'beat',
+             'pilotwait': 'wait', 'pilotlife': 'lifetime', 'pilots': 'pilots'}
 START_REPORT_DELAY = 0.2     # a payload that ends sooner is reported once, at its end
 
 log = logging.getLogger('p3s_pilot')
@@ -67,11 +79,12 @@ class P3SError(Exception):
         self.code = code
 
 
-def call(server, method, path, body=None, timeout=HTTP_TIMEOUT):
-    """One JSON request to the server. The only code that touches urllib."""
+def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
+    """One JSON request to the server. The only code that touches urllib. The pilot token is
+    preferred unless another is given (defining a site is an operator's act)."""
     url = server.rstrip('/') + path
     headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-    token = os.environ.get('P3S_PILOT_TOKEN') or os.environ.get('P3S_TOKEN')
+    token = token or os.environ.get('P3S_PILOT_TOKEN') or os.environ.get('P3S_TOKEN')
     if token:
         headers['Authorization'] = 'Bearer ' + token
     data = None if body is None else json.dumps(body).encode()
@@ -164,7 +177,8 @@ class Pilot:
         self.args = args
         self.server = args.server
         self.uuid = str(uuidlib.uuid4())
-        self.cycles_left = args.cycles if args.cycles > 0 else None
+        self.site_env = {}
+        self.cycles_left = None
         self.pending = None           # the last job's final report, until the server has it
         self.signalled = None
         self.gone = False             # the server told us to stop
@@ -213,6 +227,24 @@ class Pilot:
                     self.sleep(delay)
                 else:
                     time.sleep(delay)
+
+    def take_site_defaults(self):
+        """Settings not given on the command line come from the site record, if there is one."""
+        site = {}
+        if self.args.site:
+            sites = self.call('GET', '/api/sites?name=%s' % urllib.parse.quote(self.args.site))
+            site = (sites.get('sites') or [{}])[0]
+            if not site:
+                log.warning('site %r is not defined on the server: built-in defaults apply',
+                            self.args.site)
+        for key, default in DEFAULTS.items():
+            if getattr(self.args, key) is None:
+                setattr(self.args, key, default if site.get(key) is None else site[key])
+        self.site_env = site.get('env') or {}
+        self.cycles_left = self.args.cycles if self.args.cycles > 0 else None
+        log.info('settings: cycles %s, period %g s, beat %g s, wait %g s, site env %s',
+                 self.args.cycles, self.args.period, self.args.beat, self.args.wait,
+                 ','.join(sorted(self.site_env)) or 'none')
 
     def register(self):
         body = {'uuid': self.uuid, 'host': socket.gethostname(), 'site': self.args.site,
@@ -281,6 +313,7 @@ class Pilot:
 
     def job_environment(self, job):
         env = dict(os.environ)
+        env.update(self.site_env)
         env.update(job['env'])
         env.update(P3S_JOB_UUID=job['uuid'], P3S_PILOT_UUID=self.uuid, P3S_SERVER=self.server)
         return env
@@ -405,6 +438,7 @@ class Pilot:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         try:
+            self.take_site_defaults()
             self.register()
             while self.step():
                 pass
@@ -427,6 +461,62 @@ def default_dir(kind):
     return os.path.join(tempfile.gettempdir(), user, 'p3s', kind)
 
 
+def read_site(path):
+    """A site file of the original format (numbers may be strings, env may be a JSON string or
+    the original's Python repr) as the API takes it."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise P3SError('cannot read %s: %s' % (path, e.strerror), EXIT_INPUT) from None
+    except ValueError as e:
+        raise P3SError('%s is not valid JSON: %s' % (path, e), EXIT_INPUT) from None
+    if not isinstance(raw, dict):
+        raise P3SError('%s must hold a JSON object' % path, EXIT_INPUT)
+    site = {}
+    for key, value in raw.items():
+        key = SITE_KEYS.get(key, key)
+        if key == 'server':
+            continue
+        if key in ('period', 'beat', 'wait', 'cycles', 'pilots', 'lifetime'):
+            value = as_number(value, key, path)
+        site[key] = value
+    site['env'] = env_object(site.get('env'), path)
+    return site
+
+
+def as_number(value, key, path):
+    if not isinstance(value, str):
+        return value
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise P3SError('%s: %s must be a number, not %r' % (path, key, value), EXIT_INPUT) from None
+    return int(number) if number.is_integer() else number
+
+
+def env_object(env, path):
+    if isinstance(env, str):
+        text = env.strip() or '{}'
+        try:
+            env = json.loads(text)
+        except ValueError:
+            try:
+                env = json.loads(text.replace("'", '"'))   # the original stored a Python repr
+            except ValueError:
+                raise P3SError('%s: env is not a JSON object' % path, EXIT_INPUT) from None
+    if not isinstance(env or {}, dict):
+        raise P3SError('%s: env must be a JSON object' % path, EXIT_INPUT)
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in (env or {}).items()}
+
+
+def define_site(args):
+    site = call(args.server, 'POST', '/api/sites', read_site(args.define_site),
+                token=os.environ.get('P3S_TOKEN'))['site']
+    print(json.dumps(site, indent=1))
+    return EXIT_OK
+
+
 def parse_args(argv):
     env = os.environ.get
     ap = argparse.ArgumentParser(prog='p3s_pilot.py', description='The p3s pilot.',
@@ -439,21 +529,26 @@ def parse_args(argv):
                     help='directory of <job uuid>.out/.err (P3S_JOBLOG)')
     ap.add_argument('-l', '--pilotlog', default=env('P3S_PILOTLOG') or default_dir('pilots'),
                     help='directory of <pilot uuid>.log (P3S_PILOTLOG)')
-    ap.add_argument('-c', '--cycles', type=int, default=1,
-                    help='job requests before exiting; 0 = for ever (default 1)')
-    ap.add_argument('-p', '--period', type=float, default=5.0,
-                    help='seconds between requests when the server cannot hold one (default 5)')
-    ap.add_argument('-b', '--beat', type=float, default=5.0,
-                    help='seconds between heartbeats while a job runs (default 5)')
-    ap.add_argument('-w', '--wait', type=float, default=20.0,
-                    help='seconds a request may wait on the server for a job (default 20; '
+    # Defaults of None: a value not given here comes from the site record, else DEFAULTS.
+    ap.add_argument('-c', '--cycles', type=int,
+                    help='job requests before exiting; 0 = for ever (site, else 1)')
+    ap.add_argument('-p', '--period', type=float,
+                    help='seconds between requests when the server cannot hold one (site, else 5)')
+    ap.add_argument('-b', '--beat', type=float,
+                    help='seconds between heartbeats while a job runs (site, else 5)')
+    ap.add_argument('-w', '--wait', type=float,
+                    help='seconds a request may wait on the server for a job (site, else 20; '
                     '0 = plain polling)')
     ap.add_argument('-j', '--jobtypes', default='',
                     help='comma-separated job types this pilot runs (default: any)')
     ap.add_argument('-e', '--extra', default='', help='free text stored with the pilot, '
                     'e.g. a batch job id')
+    ap.add_argument('--define-site', metavar='SITE.JSON',
+                    help='define (or replace) the site in SITE.JSON on the server, then exit')
     args = ap.parse_args(argv)
-    if args.cycles < 0 or args.period < 0 or args.beat <= 0 or not 0 <= args.wait <= 30:
+    if ((args.cycles is not None and args.cycles < 0) or (args.period or 0) < 0
+            or (args.beat is not None and args.beat <= 0)
+            or (args.wait is not None and not 0 <= args.wait <= 30)):
         ap.error('--cycles and --period must be >= 0, --beat > 0, --wait between 0 and 30')
     args.jobtypes = [t for t in args.jobtypes.split(',') if t]
     return args
@@ -469,6 +564,12 @@ def setup_logging(pilotlog, pilot_uuid):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.define_site:
+        try:
+            return define_site(args)
+        except P3SError as e:
+            print('p3s_pilot: error: %s' % e, file=sys.stderr)
+            return e.code
     pilot = Pilot(args)
     try:
         setup_logging(args.pilotlog, pilot.uuid)

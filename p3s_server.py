@@ -82,7 +82,7 @@ REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'ki
 UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
 
 JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
-              'timelimit', 'site', 'state', 'retries'}
+              'timelimit', 'deadline', 'site', 'state', 'retries'}
 PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
 
 # Workflows (issue 3)
@@ -94,7 +94,8 @@ MAX_PATH = 4096                  # file names and directories of data
 MAX_COMMENT = 4096
 MAX_EXT = 16
 DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
-WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo'}
+WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo',
+                   'deadline'}
 EDGE_ATTRS = ('name', 'dirpath', 'datatype', 'datatag', 'comment')
 XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
@@ -113,9 +114,12 @@ PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done,
 
 INSERT_JOB = """
 INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
-                  infile, retries, state, created_at, defined_at)
+                  infile, retries, state, created_at, defined_at, deadline, deadline_at)
 VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
-        :infile, :retries, :state, :now, CASE WHEN :state = 'defined' THEN :now END)
+        :infile, :retries, :state, :now, CASE WHEN :state = 'defined' THEN :now END, :deadline,
+        CASE WHEN :state = 'defined' AND :deadline IS NOT NULL
+             THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || :deadline || ' seconds')
+                  || substr(:now, 20) END)
 ON CONFLICT (uuid) DO NOTHING
 """
 GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
@@ -126,12 +130,22 @@ GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
 # before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
 # literal, and the queue index is named: with the (state, id) index the planner would read every
 # queued job and sort them (reference/limits.md 1b), and INDEXED BY makes that an error instead.
+# Jobs past their deadline are skipped (the sweep makes them stale). The types at their cap are
+# found once per claim, through the jobs_active index, before the queue is read; counting and
+# taking in one statement is what keeps two pilots from both taking the last slot of a cap.
 CLAIM_JOB = """
 UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
  WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
               WHERE state = 'defined'
                 AND (site = '' OR site = :site)
                 AND (:jobtypes = '[]' OR jobtype IN (SELECT value FROM json_each(:jobtypes)))
+                AND (deadline_at IS NULL OR deadline_at > :now)
+                AND jobtype NOT IN (
+                    SELECT name FROM jobtypes
+                     WHERE cap IS NOT NULL
+                       AND cap <= (SELECT count(*) FROM jobs AS held INDEXED BY jobs_active
+                                    WHERE held.state IN ('dispatched', 'running')
+                                      AND held.jobtype = jobtypes.name))
               ORDER BY priority DESC, defined_at, id
               LIMIT 1)
 RETURNING """ + JOB_COLUMNS
@@ -163,7 +177,10 @@ UPDATE jobs SET priority = :priority
 """
 # A workflow's jobs are released by the workflow engine and deleted with their workflow.
 DEFINE_JOB = """
-UPDATE jobs SET state = 'defined', defined_at = :now
+UPDATE jobs SET state = 'defined', defined_at = :now,
+       deadline_at = CASE WHEN deadline IS NOT NULL
+                          THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
+                               || substr(:now, 20) END
  WHERE uuid = :uuid AND state = 'template' AND workflow IS NULL
 RETURNING jobtype, site
 """
@@ -209,6 +226,10 @@ DELETE FROM jobs WHERE id IN (
      AND (:state IS NULL OR state = :state) AND coalesce(stopped_at, created_at) < :cutoff
      AND workflow IS NULL
    LIMIT :batch)
+"""
+PURGE_SERVICES = """
+DELETE FROM services WHERE id IN (
+  SELECT id FROM services WHERE :state IS NULL AND created_at < :cutoff LIMIT :batch)
 """
 # Old workflows go whole, with their jobs and data (DELETE_WORKFLOW_*).
 OLD_WORKFLOWS = """
@@ -267,6 +288,7 @@ JOB_FILTERS = {
     'user': 'user = :user',
     'site': 'site = :site',
     'pilot': 'pilot = :pilot',
+    'workflow': 'workflow = :workflow',
 }
 PILOT_FILTERS = {
     'state': 'state = :state',
@@ -312,9 +334,9 @@ VALUES (:uuid, :name, :user, :description, :dag, 'template', :rootuuid, :nvertic
 """
 INSERT_WORKFLOW_JOB = """
 INSERT INTO jobs (uuid, name, user, jobtype, payload, env, priority, timelimit, workflow, state,
-                  created_at)
+                  created_at, deadline)
 VALUES (:uuid, :name, :user, :jobtype, :payload, :env, :priority, :timelimit, :workflow,
-        'template', :now)
+        'template', :now, :deadline)
 """
 INSERT_WORKFLOW_DATA = """
 INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
@@ -412,6 +434,101 @@ INSERT INTO datatypes (name, ext, comment, created_at) VALUES (:name, :ext, :com
 ON CONFLICT (name) DO UPDATE SET ext = excluded.ext, comment = excluded.comment
 RETURNING """ + DATATYPE_COLUMNS
 DELETE_DATATYPE = 'DELETE FROM datatypes WHERE name = :name'
+
+# -- DQM controls --
+
+# Must repeat the condition of the partial index jobs_deadline to use it.
+STALE_JOBS = """
+UPDATE jobs INDEXED BY jobs_deadline SET state = 'stale', stopped_at = :now
+ WHERE state = 'defined' AND deadline_at IS NOT NULL AND deadline_at <= :now
+RETURNING uuid
+"""
+DROP_QUEUED_JOBS = """
+UPDATE jobs SET state = 'dropped', stopped_at = :now
+ WHERE state = 'defined' AND jobtype = :jobtype AND defined_at <= :cutoff
+RETURNING uuid
+"""
+
+JOBTYPE_ACTIVE = """(SELECT count(*) FROM jobs INDEXED BY jobs_active
+         WHERE state IN ('dispatched', 'running') AND jobtype = jobtypes.name)"""
+SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
+LIST_JOBTYPES = ('SELECT name, cap, updated_at, ' + JOBTYPE_ACTIVE + ' AS active'
+                 ' FROM jobtypes ORDER BY name')
+COUNT_QUEUED_BY_TYPE = """
+SELECT jobtype, count(*) AS n FROM jobs INDEXED BY jobs_queue WHERE state = 'defined'
+ GROUP BY jobtype
+"""
+SET_CAP = """
+INSERT INTO jobtypes (name, cap, updated_at) VALUES (:name, :cap, :now)
+ON CONFLICT (name) DO UPDATE SET cap = excluded.cap, updated_at = excluded.updated_at
+"""
+SET_ALL_CAPS = 'UPDATE jobtypes SET cap = :cap, updated_at = :now'
+# Free slots of the named types, or (names NULL) of every type; NULL when a type has no cap.
+FREE_SLOTS = ('SELECT name, cap - ' + JOBTYPE_ACTIVE + ' AS free FROM jobtypes'
+              ' WHERE :names IS NULL OR name IN (SELECT value FROM json_each(:names))')
+GET_JOBTYPE_OF = 'SELECT jobtype FROM jobs WHERE uuid = :uuid'
+
+SITE_COLUMNS = 'name, period, cycles, beat, wait, pilots, lifetime, env, comment, updated_at'
+UPSERT_SITE = """
+INSERT INTO sites (name, period, cycles, beat, wait, pilots, lifetime, env, comment, updated_at)
+VALUES (:name, :period, :cycles, :beat, :wait, :pilots, :lifetime, :env, :comment, :now)
+ON CONFLICT (name) DO UPDATE SET
+    period = excluded.period, cycles = excluded.cycles, beat = excluded.beat,
+    wait = excluded.wait, pilots = excluded.pilots, lifetime = excluded.lifetime,
+    env = excluded.env, comment = excluded.comment, updated_at = excluded.updated_at
+"""
+GET_SITE = 'SELECT ' + SITE_COLUMNS + ' FROM sites WHERE name = :name'
+LIST_SITES = 'SELECT ' + SITE_COLUMNS + ' FROM sites ORDER BY name'
+DELETE_SITE = 'DELETE FROM sites WHERE name = :name'
+
+INSERT_SERVICE = """
+INSERT INTO services (name, message, created_at) VALUES (:name, :message, :now)
+RETURNING id, name, message, created_at
+"""
+LIST_SERVICES = """
+SELECT id, name, message, created_at FROM services ORDER BY id DESC LIMIT :limit
+"""
+LIST_SERVICES_NAMED = """
+SELECT id, name, message, created_at FROM services WHERE name = :name ORDER BY id DESC LIMIT :limit
+"""
+
+# -- data and injection (issue 4) --
+
+INSERT_DATA = """
+INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
+                  sourceuuid, target, targetuuid, created_at, updated_at)
+VALUES (:uuid, :name, :dirpath, :datatype, :datatag, :state, :comment, :workflow, :source,
+        :sourceuuid, :target, :targetuuid, :now, :now)
+"""
+GET_DATA = 'SELECT ' + DATA_COLUMNS + ' FROM data WHERE uuid = :uuid'
+DATA_NAMED = 'SELECT 1 FROM data WHERE name = :name LIMIT 1'
+ADJUST_DATA = """
+UPDATE data SET name = coalesce(:name, name), dirpath = coalesce(:dirpath, dirpath),
+       datatype = coalesce(:datatype, datatype), state = coalesce(:state, state),
+       comment = coalesce(:comment, comment), targetuuid = coalesce(:targetuuid, targetuuid),
+       updated_at = :now
+ WHERE uuid = :uuid
+"""
+DELETE_DATA = 'DELETE FROM data WHERE uuid = :uuid'
+DATA_FILTERS = {
+    'name': 'name = :name',
+    'state': 'state = :state',
+    'datatype': 'datatype = :datatype',
+    'workflow': 'workflow = :workflow',
+    'dirpath': 'dirpath = :dirpath',
+}
+# The injector's exactly-once: the first claim of a file's path wins, in the transaction that
+# also submits its jobs; every later claim, by any injector, finds the row.
+CLAIM_PATH = """
+INSERT INTO injections (path, state, data, created_at) VALUES (:path, :state, :data, :now)
+ON CONFLICT (path) DO NOTHING
+"""
+# A workflow's deadline counts from its definition, for every job of it, whenever released.
+SET_WORKFLOW_DEADLINE = """
+UPDATE jobs SET deadline_at = strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
+                              || substr(:now, 20)
+ WHERE workflow = :workflow AND deadline IS NOT NULL
+"""
 
 # -- monitor --
 # Every count the dashboard makes is bounded by a time window or by the live jobs, and reads an
@@ -763,6 +880,7 @@ def check_job(raw, now):
         'env': json.dumps(env),
         'priority': int_field(job, 'priority', 0),
         'timelimit': int_field(job, 'timelimit', 1000, 1, MAX_TIMELIMIT),
+        'deadline': int_field(job, 'deadline', None, 1, MAX_TIMELIMIT),
         'site': text_field(job, 'site'),
         'retries': int_field(job, 'retries', 0, 0, MAX_RETRIES),
         'infile': env.get('P3S_INPUT_FILE', ''),
@@ -889,9 +1007,15 @@ def submit_jobs(store, raw_jobs, now):
         fail(413, 'at most %d jobs in one submission' % MAX_JOBS_PER_SUBMIT)
     rows = [check_job(raw, now) for raw in raw_jobs]
     with store.write() as db:
-        db.executemany(INSERT_JOB, rows)
+        insert_jobs(db, rows)
     store.waiters.wake([(r['jobtype'], r['site']) for r in rows if r['state'] == 'defined'])
     return [r['uuid'] for r in rows]
+
+
+def insert_jobs(db, rows):
+    """Checked job rows into the jobs table, their types into the jobtypes table."""
+    db.executemany(INSERT_JOB, rows)
+    db.executemany(SEEN_JOBTYPE, [{'jobtype': t} for t in {r['jobtype'] for r in rows}])
 
 
 def get_job(store, job_uuid, logs=False):
@@ -960,6 +1084,7 @@ def kill_job(store, job_uuid, now):
         if not db.execute(KILL_JOB, {'uuid': job_uuid, 'now': now}).rowcount:
             job_conflict(db, job_uuid, 'kill')
         workflow_hook(db, [job_uuid], now)
+    wake_capped(store, job_uuid=job_uuid)
     return get_job(store, job_uuid)
 
 
@@ -1029,6 +1154,7 @@ def request_work(store, pilot_uuid, now, report=None):
         reply = claim_for(db, pilot, now)
     store.waiters.wake(woken)
     if note is not None:
+        wake_after_report(store, report, note)
         reply['report'] = note
     return reply, pilot
 
@@ -1079,6 +1205,7 @@ def report_job(store, pilot_uuid, rep, now):
     with store.write() as db:
         note, woken = apply_report(db, live_pilot(db, pilot_uuid), rep, now)
     store.waiters.wake(woken)
+    wake_after_report(store, rep, note)
     if note['status'] == 'REFUSED':
         fail(409, note['error'])
     return note
@@ -1177,20 +1304,27 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
             retried = retry_jobs(db, jobs) + workflow_hook(db, jobs, now)
         overdue = [r['uuid'] for r in db.execute(KILL_OVERDUE_JOBS, params)]
         retried += workflow_hook(db, overdue, now)
+        stale = [r['uuid'] for r in db.execute(STALE_JOBS, params)]
+        retried += workflow_hook(db, stale, now)
     store.waiters.wake(retried)
+    if lost or overdue:
+        wake_capped(store)
     if lost:
         log.warning('pilots lost after %.0f s of silence: %s', pilot_timeout, ', '.join(lost))
     if overdue:
         log.warning('%d running jobs ended by the server, %d s past their timelimit',
                     len(overdue), TIMELIMIT_GRACE)
-    return {'lost_pilots': lost, 'woken': len(retried), 'overdue': len(overdue)}
+    if stale:
+        log.info('%d queued jobs passed their deadline: stale', len(stale))
+    return {'lost_pilots': lost, 'woken': len(retried), 'overdue': len(overdue),
+            'stale_jobs': len(stale)}
 
 
 def purge(store, now, older, state=None):
     """Delete terminal jobs and departed pilots older than `older` seconds, in small batches
     so that brokerage waits for one batch at most."""
     params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
-    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0}
+    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0}
     while True:
         with store.write() as db:
             old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
@@ -1200,7 +1334,8 @@ def purge(store, now, older, state=None):
         removed['workflows'] += len(old)
         if len(old) < PURGE_WORKFLOW_BATCH:
             break
-    for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS)):
+    for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS),
+                      ('services', PURGE_SERVICES)):
         while True:
             with store.write() as db:
                 n = db.execute(sql, params).rowcount
@@ -1443,7 +1578,8 @@ def check_new_workflow(raw):
             'description': text_field(body, 'description', maxlen=MAX_COMMENT),
             'state': state,
             'fileinfo': body.get('fileinfo'),
-            'jobinfo': body.get('jobinfo')}
+            'jobinfo': body.get('jobinfo'),
+            'deadline': int_field(body, 'deadline', None, 1, MAX_TIMELIMIT)}
 
 
 def workflow_jobs(wf, dag, jobinfo, now):
@@ -1452,7 +1588,7 @@ def workflow_jobs(wf, dag, jobinfo, now):
     for v in dag['vertices']:
         over = jobinfo.get(v['name'], {})
         job = dict(v, uuid=str(uuidlib.uuid4()), workflow=wf['uuid'], user=wf['user'], now=now,
-                   env=dict(v['env'], **over.get('env', {})))
+                   env=dict(v['env'], **over.get('env', {})), deadline=wf.get('deadline'))
         job.update((k, over[k]) for k in ('payload', 'priority', 'timelimit') if k in over)
         if job['jobtype'] == NOOP:
             job['payload'] = job['payload'] or NOOP
@@ -1496,22 +1632,29 @@ def add_workflow(store, raw, now):
     """Instantiate a DAG: a template job per vertex, a data record per edge, in one transaction.
     Nothing is left behind when any part is refused (the original left half a workflow)."""
     req = check_new_workflow(raw)
-    wf = dict(req, uuid=str(uuidlib.uuid4()), now=now)
     with store.write() as db:
-        dag = load_dag(db, req['dag'])
-        policy, overrides = check_fileinfo(req['fileinfo'], dag['edges'])
-        jobs = workflow_jobs(wf, dag, check_jobinfo(req['jobinfo'], dag['vertices']), now)
-        datatypes = {r['name']: r['ext'] for r in db.execute(GET_DATATYPES)}
-        data = workflow_data(wf, dag, jobs, policy, overrides, datatypes, now)
-        wf.update(name=req['name'] or dag['name'], rootuuid=jobs[dag['root']]['uuid'],
-                  nvertices=len(jobs))
-        db.execute(INSERT_WORKFLOW, wf)
-        db.executemany(INSERT_WORKFLOW_JOB, [dict(j, env=json.dumps(j['env']))
-                                             for j in jobs.values()])
-        db.executemany(INSERT_WORKFLOW_DATA, data)
-        woken = define_workflow(db, wf['uuid'], now) if req['state'] == 'defined' else []
+        wf_uuid, woken = create_workflow(db, req, now)
     store.waiters.wake(woken)
-    return get_workflow(store, wf['uuid'])
+    return get_workflow(store, wf_uuid)
+
+
+def create_workflow(db, req, now, dag=None):
+    """add_workflow inside the caller's transaction (the injector's too): (uuid, woken)."""
+    wf = dict(req, uuid=str(uuidlib.uuid4()), now=now)
+    dag = dag or load_dag(db, req['dag'])
+    policy, overrides = check_fileinfo(req['fileinfo'], dag['edges'])
+    jobs = workflow_jobs(wf, dag, check_jobinfo(req['jobinfo'], dag['vertices']), now)
+    datatypes = {r['name']: r['ext'] for r in db.execute(GET_DATATYPES)}
+    data = workflow_data(wf, dag, jobs, policy, overrides, datatypes, now)
+    wf.update(name=req['name'] or dag['name'], rootuuid=jobs[dag['root']]['uuid'],
+              nvertices=len(jobs))
+    db.execute(INSERT_WORKFLOW, wf)
+    db.executemany(INSERT_WORKFLOW_JOB, [dict(j, env=json.dumps(j['env']))
+                                         for j in jobs.values()])
+    db.executemany(SEEN_JOBTYPE, [{'jobtype': t} for t in {j['jobtype'] for j in jobs.values()}])
+    db.executemany(INSERT_WORKFLOW_DATA, data)
+    woken = define_workflow(db, wf['uuid'], now) if req['state'] == 'defined' else []
+    return wf['uuid'], woken
 
 
 def define_workflow(db, wf_uuid, now):
@@ -1522,6 +1665,7 @@ def define_workflow(db, wf_uuid, now):
         if wf is None:
             fail(404, 'no such workflow: %s' % wf_uuid)
         fail(409, 'cannot define workflow %s: it is %s' % (wf_uuid, wf['state']))
+    db.execute(SET_WORKFLOW_DEADLINE, params)
     db.execute(DEFINE_WORKFLOW_DATA, params)
     sources = db.execute(RELEASE_SOURCES, params).fetchall()
     woken = [(r['jobtype'], r['site']) for r in sources if r['state'] == 'defined']
@@ -1638,6 +1782,301 @@ def delete_datatype(store, name):
         if not db.execute(DELETE_DATATYPE, {'name': name}).rowcount:
             fail(404, 'no such datatype: %s' % name[:MAX_TEXT])
     return {'deleted': name}
+
+
+# Domain: DQM controls (deadlines, drop, jobtype caps, sites, service messages)
+# ---------------------------------------------------------------------------------------------
+
+MAX_CAP = 10 ** 6
+MAX_MESSAGE = 64 * 1024
+DASHBOARD_SERVICES = 10          # latest service messages on the dashboard
+SITE_FIELDS = {'name', 'period', 'cycles', 'beat', 'wait', 'pilots', 'lifetime', 'env', 'comment'}
+# field: (integer?, lowest, highest) -- the pilot's own limits for the same settings
+SITE_NUMBERS = {'period': (False, 0, 86400), 'cycles': (True, 0, 10 ** 9),
+                'beat': (False, 0.1, 86400), 'wait': (False, 0, MAX_WAIT),
+                'pilots': (True, 0, 10 ** 6), 'lifetime': (True, 0, 10 ** 9)}
+
+
+def drop_jobs(store, body, now):
+    """An operator drops the queued jobs of a type, all of them or those older than `older` s."""
+    check_object(body, 'drop')
+    check_known(body, {'jobtype', 'older'}, 'drop')
+    jobtype = text_field(body, 'jobtype', required=True)
+    older = number_field(body, 'older', 0, 0, 10 ** 9)
+    params = {'jobtype': jobtype, 'cutoff': seconds_before(now, older), 'now': now}
+    with store.write() as db:
+        dropped = [r['uuid'] for r in db.execute(DROP_QUEUED_JOBS, params)]
+        woken = workflow_hook(db, dropped, now)         # their workflows fail
+    store.waiters.wake(woken)
+    return {'jobtype': jobtype, 'dropped': len(dropped)}
+
+
+def list_jobtypes(store):
+    db = store.db()
+    queued = {r['jobtype']: r['n'] for r in db.execute(COUNT_QUEUED_BY_TYPE)}
+    return [dict(r, queued=queued.get(r['name'], 0)) for r in db.execute(LIST_JOBTYPES)]
+
+
+def set_cap(store, body, now):
+    """Set the cap of one type (`name`) or of every known type; `cap` null removes it.
+    Raising a cap wakes waiting pilots for the new slots."""
+    check_object(body, 'cap')
+    check_known(body, {'name', 'cap'}, 'cap')
+    if 'cap' not in body:
+        fail(400, 'cap is required (null removes the cap)')
+    params = {'name': text_field(body, 'name'), 'cap': int_field(body, 'cap', None, 0, MAX_CAP),
+              'now': now}
+    with store.write() as db:
+        db.execute(SET_CAP if params['name'] else SET_ALL_CAPS, params)
+    wake_capped(store, names=[params['name']] if params['name'] else None, uncapped=True)
+    return {'jobtypes': list_jobtypes(store)}
+
+
+def wake_capped(store, job_uuid=None, names=None, uncapped=False):
+    """Wake a waiting pilot for each free slot of a capped type: the type of one job that just
+    ended, the named types, or every type. A job of an uncapped type woke a pilot when it was
+    queued, so uncapped types are woken only when asked (a cap was just removed)."""
+    db = store.db()
+    if job_uuid is not None:
+        row = db.execute(GET_JOBTYPE_OF, {'uuid': job_uuid}).fetchone()
+        if row is None:
+            return
+        names = [row['jobtype']]
+    slots = []
+    for row in db.execute(FREE_SLOTS, {'names': None if names is None else json.dumps(names)}):
+        if row['free'] is not None or uncapped:
+            free = store.waiters.limit if row['free'] is None else max(row['free'], 0)
+            slots += [(row['name'], '')] * min(free, store.waiters.limit)
+    store.waiters.wake(slots)
+
+
+def wake_after_report(store, rep, note):
+    """A job that just ended freed a slot of its type's cap (if any) for a waiting pilot."""
+    if note.get('changed') and rep['state'] != 'running':
+        wake_capped(store, job_uuid=rep['uuid'])
+
+
+def site_dict(row):
+    site = dict(row)
+    site['env'] = json.loads(site['env'])
+    return site
+
+
+def site_number(d, key):
+    integer, lo, hi = SITE_NUMBERS[key]
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        fail(400, '%s must be %s' % (key, 'an integer' if integer else 'a number'))
+    if not lo <= value <= hi:
+        fail(400, '%s must be between %s and %s' % (key, lo, hi))
+    return value
+
+
+def define_site(store, raw, now):
+    """Create or replace a site: the defaults its pilots take (their own flags win)."""
+    site = check_object(raw, 'site')
+    check_known(site, SITE_FIELDS, 'site')
+    row = {key: site_number(site, key) for key in SITE_NUMBERS}
+    row.update(name=text_field(site, 'name', required=True), env=json.dumps(env_field(site)),
+               comment=text_field(site, 'comment', maxlen=4096), now=now)
+    with store.write() as db:
+        db.execute(UPSERT_SITE, row)
+        return site_dict(db.execute(GET_SITE, row).fetchone())
+
+
+def list_sites(store, name=None):
+    if name:
+        return [site_dict(r) for r in store.db().execute(GET_SITE, {'name': name})]
+    return [site_dict(r) for r in store.db().execute(LIST_SITES)]
+
+
+def delete_site(store, name):
+    with store.write() as db:
+        if not db.execute(DELETE_SITE, {'name': name}).rowcount:
+            fail(404, 'no such site: %s' % name[:MAX_TEXT])
+    return {'deleted': name}
+
+
+def add_service_message(store, raw, now):
+    body = check_object(raw, 'service message')
+    check_known(body, {'name', 'message'}, 'service message')
+    row = {'name': text_field(body, 'name', required=True),
+           'message': text_field(body, 'message', maxlen=MAX_MESSAGE), 'now': now}
+    with store.write() as db:
+        return dict(db.execute(INSERT_SERVICE, row).fetchone())
+
+
+def list_service_messages(store, query):
+    params = {'name': query.get('name') or None, 'limit': limit_from(query)}
+    sql = LIST_SERVICES_NAMED if params['name'] else LIST_SERVICES
+    return [dict(r) for r in store.db().execute(sql, params)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain: data files and the injector (issue 4)
+# ---------------------------------------------------------------------------------------------
+
+DATA_FIELDS = {'uuid', 'name', 'dirpath', 'datatype', 'datatag', 'state', 'comment', 'workflow',
+               'source', 'sourceuuid', 'target', 'targetuuid'}
+DATA_ADJUSTABLE = {'name', 'dirpath', 'datatype', 'state', 'comment', 'targetuuid'}
+INJECT_FIELDS = {'files', 'jobs', 'dag', 'jobinfo', 'deadline', 'datatype', 'comment', 'dedup',
+                 'max_files', 'user', 'name'}
+MAX_INJECT_FILES = 100000
+DEDUP = ('path', 'name', 'none')
+
+
+def check_data(raw, now):
+    d = check_object(raw, 'data')
+    check_known(d, DATA_FIELDS, 'data')
+    row = {key: text_field(d, key, maxlen=MAX_PATH) for key in
+           ('name', 'dirpath', 'datatype', 'datatag', 'state', 'comment', 'source', 'target')}
+    text_field(d, 'name', required=True)
+    row.update(uuid=uuid_field(d, 'uuid') or str(uuidlib.uuid4()), state=row['state'] or 'defined',
+               workflow=uuid_field(d, 'workflow'), sourceuuid=uuid_field(d, 'sourceuuid'),
+               targetuuid=uuid_field(d, 'targetuuid'), now=now)
+    return row
+
+
+def register_data(store, raw, now):
+    """Register a data file (from a client or a payload); the record as stored."""
+    row = check_data(raw, now)
+    with store.write() as db:
+        db.execute(INSERT_DATA, row)
+    return get_data(store, row['uuid'])
+
+
+def get_data(store, data_uuid):
+    row = store.db().execute(GET_DATA, {'uuid': check_uuid(data_uuid, 'data')}).fetchone()
+    if row is None:
+        fail(404, 'no such data: %s' % data_uuid)
+    return dict(row)
+
+
+def list_data(store, query):
+    params = {k: query.get(k) for k in DATA_FILTERS if query.get(k)}
+    where = [DATA_FILTERS[k] for k in params]
+    params['limit'] = limit_from(query)
+    sql = ('SELECT ' + DATA_COLUMNS + ' FROM data'
+           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
+    return [dict(r) for r in store.db().execute(sql, params)]
+
+
+def adjust_data(store, data_uuid, raw, now):
+    changes = check_object(raw, 'adjustment')
+    check_known(changes, DATA_ADJUSTABLE, 'data adjustment')
+    if not changes:
+        fail(400, 'nothing to adjust: give one of %s' % ', '.join(sorted(DATA_ADJUSTABLE)))
+    params = {key: text_field(changes, key, maxlen=MAX_PATH) if key in changes else None
+              for key in DATA_ADJUSTABLE if key != 'targetuuid'}
+    params.update(targetuuid=uuid_field(changes, 'targetuuid'),
+                  uuid=check_uuid(data_uuid, 'data'), now=now)
+    with store.write() as db:
+        if not db.execute(ADJUST_DATA, params).rowcount:
+            fail(404, 'no such data: %s' % data_uuid)
+    return get_data(store, data_uuid)
+
+
+def delete_data(store, data_uuid):
+    with store.write() as db:
+        if not db.execute(DELETE_DATA, {'uuid': check_uuid(data_uuid, 'data')}).rowcount:
+            fail(404, 'no such data: %s' % data_uuid)
+    return {'deleted': data_uuid}
+
+
+def check_injection(raw):
+    body = check_object(raw, 'injection')
+    check_known(body, INJECT_FIELDS, 'injection')
+    files = body.get('files')
+    if not isinstance(files, list) or not files or len(files) > MAX_INJECT_FILES:
+        fail(400, 'files must be a list of 1 to %d files' % MAX_INJECT_FILES)
+    for f in files:
+        check_known(check_object(f, 'each file'), {'path', 'skip'}, 'file')
+        text_field(f, 'path', maxlen=MAX_PATH, required=True)
+        if not isinstance(f.get('skip', False), bool):
+            fail(400, 'skip must be true or false')
+    if (body.get('jobs') is None) == (body.get('dag') is None):
+        fail(400, 'give jobs (a list of job templates) or dag (a DAG name), not both')
+    if body.get('jobs') is not None and (not isinstance(body['jobs'], list) or not body['jobs']):
+        fail(400, 'jobs must be a non-empty list of job templates')
+    dedup = text_field(body, 'dedup', 'path')
+    if dedup not in DEDUP:
+        fail(400, 'dedup is one of %s' % ', '.join(DEDUP))
+    return dict(body, dedup=dedup, datatype=text_field(body, 'datatype'),
+                comment=text_field(body, 'comment', 'injected', maxlen=MAX_COMMENT),
+                max_files=int_field(body, 'max_files', MAX_INJECT_FILES, 0, MAX_INJECT_FILES))
+
+
+def inject(store, raw, now):
+    """Files that arrived: for each one not seen before, register it and submit its jobs (or
+    a workflow of a DAG), all in one transaction, so the server alone decides what is new.
+
+    dedup 'path' (the injector): a path is taken once, ever, whoever asks. 'name' (-g): a
+    file whose name is registered already is skipped. 'none' (-g -A): always submitted.
+    Files sampled out (skip) are recorded as skipped. At most max_files are submitted; the
+    rest are answered 'deferred' and left for the next scan."""
+    req = check_injection(raw)
+    results, woken, taken = [], [], 0
+    with store.write() as db:
+        for f in req['files']:
+            if not f.get('skip') and taken >= req['max_files']:
+                results.append({'path': f['path'], 'status': 'deferred'})
+                continue
+            result, jobs_woken = inject_file(db, req, f['path'], f.get('skip', False), now)
+            results.append(result)
+            woken += jobs_woken
+            taken += result['status'] == 'submitted'
+    store.waiters.wake(woken)
+    return {'files': results}
+
+
+def inject_file(db, req, path, skip, now):
+    name, dirpath = posixpath.basename(path), posixpath.dirname(path)
+    if req['dedup'] == 'name' and db.execute(DATA_NAMED, {'name': name}).fetchone():
+        return {'path': path, 'status': 'seen'}, []
+    data = {'uuid': str(uuidlib.uuid4()), 'name': name, 'dirpath': dirpath,
+            'datatype': req['datatype'], 'datatag': '', 'comment': req['comment'],
+            'state': 'skipped' if skip else 'defined', 'workflow': None, 'source': '',
+            'sourceuuid': None, 'target': '', 'targetuuid': None, 'now': now}
+    claim = {'path': path, 'state': 'skipped' if skip else 'submitted', 'data': data['uuid'],
+             'now': now}
+    if not db.execute(CLAIM_PATH, claim).rowcount and req['dedup'] != 'none':
+        return {'path': path, 'status': 'seen'}, []
+    result = {'path': path, 'status': claim['state'], 'data': data['uuid']}
+    woken = []
+    if not skip and req.get('jobs') is not None:
+        rows = [check_job(dict(t, uuid=str(uuidlib.uuid4()),
+                               env=dict(check_object(t, 'each job').get('env') or {},
+                                        P3S_INPUT_FILE=path)), now)
+                for t in req['jobs']]
+        insert_jobs(db, rows)
+        data['targetuuid'] = rows[-1]['uuid']
+        result['jobs'] = [r['uuid'] for r in rows]
+        woken = [(r['jobtype'], r['site']) for r in rows if r['state'] == 'defined']
+    elif not skip:
+        wf_uuid, woken = inject_workflow(db, req, path, now)
+        data['workflow'] = result['workflow'] = wf_uuid
+    db.execute(INSERT_DATA, data)
+    return result, woken
+
+
+def inject_workflow(db, req, path, now):
+    """A defined workflow of the DAG with the file on its source edges (the edges out of the
+    vertices that have no parents)."""
+    if 'loaded_dag' not in req:
+        req['loaded_dag'] = load_dag(db, req['dag'])
+    dag = req['loaded_dag']
+    targets = {e['target'] for e in dag['edges']}
+    fileinfo = {'%s:%s' % (e['source'], e['target']):
+                {'name': posixpath.basename(path), 'dirpath': posixpath.dirname(path)}
+                for e in dag['edges'] if e['source'] not in targets}
+    wf = check_new_workflow({'dag': req['dag'], 'name': req.get('name') or '',
+                             'user': req.get('user') or '', 'state': 'defined',
+                             'fileinfo': fileinfo, 'jobinfo': req.get('jobinfo'),
+                             'deadline': req.get('deadline'),
+                             'description': 'injected: %s' % path[-MAX_COMMENT // 2:]})
+    return create_workflow(db, wf, now, dag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1816,6 +2255,81 @@ def api_list_datatypes():
 @app.delete('/api/datatypes/<name>')
 def api_delete_datatype(name):
     return delete_datatype(store(), name)
+
+# -- DQM controls --
+
+
+@app.post('/api/jobs/drop')
+def api_drop_jobs():
+    return drop_jobs(store(), json_body(), utcnow())
+
+
+@app.get('/api/jobtypes')
+def api_list_jobtypes():
+    return {'jobtypes': list_jobtypes(store())}
+
+
+@app.post('/api/jobtypes')
+def api_set_cap():
+    return set_cap(store(), json_body(), utcnow())
+
+
+@app.get('/api/sites')
+def api_list_sites():
+    return {'sites': list_sites(store(), request.query.get('name'))}
+
+
+@app.post('/api/sites')
+def api_define_site():
+    return {'site': define_site(store(), json_body(), utcnow())}
+
+
+@app.delete('/api/sites/<name>')
+def api_delete_site(name):
+    return delete_site(store(), name)
+
+
+@app.get('/api/services')
+def api_list_service_messages():
+    return {'services': list_service_messages(store(), request.query)}
+
+
+@app.post('/api/services')
+def api_add_service_message():
+    return {'service': add_service_message(store(), json_body(), utcnow())}
+
+
+# -- data and injection --
+
+
+@app.post('/api/data')
+def api_register_data():
+    return register_data(store(), json_body(), utcnow())
+
+
+@app.get('/api/data')
+def api_list_data():
+    return {'data': list_data(store(), request.query)}
+
+
+@app.post('/api/data/inject')
+def api_inject():
+    return inject(store(), json_body(), utcnow())
+
+
+@app.get('/api/data/<data_uuid>')
+def api_get_data(data_uuid):
+    return get_data(store(), data_uuid)
+
+
+@app.post('/api/data/<data_uuid>/adjust')
+def api_adjust_data(data_uuid):
+    return adjust_data(store(), data_uuid, json_body(), utcnow())
+
+
+@app.delete('/api/data/<data_uuid>')
+def api_delete_data(data_uuid):
+    return delete_data(store(), data_uuid)
 
 
 @app.get('/api/summary')
@@ -2114,7 +2628,9 @@ def chart(minutes):
 @app.get('/')
 def monitor_dashboard():
     page = Page('Dashboard', request.query)
-    return bottle.template('dashboard', page=page, d=dashboard_view(page, summary(store(), utcnow())))
+    d = dashboard_view(page, summary(store(), utcnow()))
+    d['services'] = list_service_messages(store(), {'limit': DASHBOARD_SERVICES})
+    return bottle.template('dashboard', page=page, d=d)
 
 
 # -- listings --
@@ -2812,7 +3328,8 @@ def purge_command(argv):
         ap.error('--state must be a terminal job state or stopped/lost/killed')
     st = configure(args.db)
     removed = purge(st, utcnow(), args.older, args.state)
-    print('purged %(workflows)d workflows, %(jobs)d other jobs and %(pilots)d pilots' % removed)
+    print('purged %(workflows)d workflows, %(jobs)d other jobs, %(pilots)d pilots and '
+          '%(services)d service messages' % removed)
     st.close()
     return 0
 

@@ -4,7 +4,7 @@
 usage:
   python p3s_workflow.py -g DAG.graphml [-n NAME] [-D TEXT] [--replace]   register a DAG
   python p3s_workflow.py -a DAG [-n NAME] [-s template|defined] [-f FILEINFO] [-j JOBINFO]
-                         [-D TEXT]                                 make a workflow (prints uuid)
+                         [-D TEXT] [--deadline S]                  make a workflow (prints uuid)
   python p3s_workflow.py -m -u UUID -s defined                     start a template workflow
   python p3s_workflow.py --list [-w workflow|dag] [-s STATE[,STATE]] [--limit N]
   python p3s_workflow.py --show UUID                               a workflow, its jobs and data
@@ -156,6 +156,8 @@ def add_workflow(args):
             'description': args.description or '', 'state': args.state or 'template',
             'fileinfo': json_option(args.fileinfo, '-f', ('sticky', 'inherit:')),
             'jobinfo': json_option(args.jobinfo, '-j')}
+    if args.deadline is not None:
+        body['deadline'] = args.deadline
     wf = call(args.server, 'POST', '/api/workflows', body)
     print(json.dumps(wf, indent=1) if args.json else wf['uuid'])
     return EXIT_OK
@@ -255,6 +257,8 @@ def parse_args(argv):
     ap.add_argument('-j', '--jobinfo', metavar='JSON',
                     help='vertex overrides: JSON (inline or a .json file)')
     ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]', help='workflows (-m, -d)')
+    ap.add_argument('--deadline', type=int, metavar='S', help="-a: the workflow's jobs must be "
+                    'dispatched within S seconds of its definition, or go stale')
     ap.add_argument('-w', '--what', choices=('workflow', 'dag'), default='workflow',
                     help='what -d deletes and --list lists (default workflow)')
     ap.add_argument('--replace', action='store_true', help='-g: replace a DAG of the same name')

@@ -183,4 +183,54 @@ CREATE INDEX IF NOT EXISTS data_name ON data (name);
 CREATE INDEX IF NOT EXISTS data_state ON data (state, id);
 CREATE INDEX IF NOT EXISTS data_datatype ON data (datatype, id);
 
+-- -- DQM controls --------------------------------------------------------------------------------
+
+-- Deadlines: the sweep finds queued jobs whose deadline passed without reading the whole queue.
+CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline_at)
+    WHERE state = 'defined' AND deadline_at IS NOT NULL;
+-- Jobs holding a slot of their type's cap, counted by the claim (must repeat this WHERE).
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs (jobtype) WHERE state IN ('dispatched', 'running');
+
+-- Every job type seen at submission; cap = the most jobs of the type dispatched or running at
+-- once (NULL: no cap; 0: paused). Extra jobs wait in the queue; they are never rejected.
+CREATE TABLE IF NOT EXISTS jobtypes (
+    name       TEXT PRIMARY KEY,
+    cap        INTEGER CHECK (cap IS NULL OR cap >= 0),
+    updated_at TEXT
+);
+
+-- Pilot defaults of a site (the original inputs/sites/*.json); a pilot's own flags win.
+CREATE TABLE IF NOT EXISTS sites (
+    name       TEXT PRIMARY KEY CHECK (name <> ''),
+    period     REAL,                                -- seconds between polls
+    cycles     INTEGER,                             -- 0 runs for ever
+    beat       REAL,                                -- seconds between heartbeats
+    wait       REAL,                                -- seconds a work request may wait
+    pilots     INTEGER,                             -- nominal number of pilots
+    lifetime   INTEGER,                             -- nominal pilot lifetime, seconds
+    env        TEXT NOT NULL DEFAULT '{}',          -- JSON object of strings, for every payload
+    comment    TEXT NOT NULL DEFAULT '',
+    updated_at TEXT NOT NULL
+);
+
+-- Notes left by payloads and cron scripts (the original's service records), for the monitor.
+CREATE TABLE IF NOT EXISTS services (
+    id         INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    message    TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS services_name ON services (name, id);
+
+-- -- data and injection (issue 4) -------------------------------------------------------------
+
+-- Files the injector (or p3s_data.py -g) took, by full path: the primary key is what makes a
+-- file's jobs submitted exactly once, across scans, restarts and concurrent injectors.
+CREATE TABLE IF NOT EXISTS injections (
+    path       TEXT PRIMARY KEY,
+    state      TEXT NOT NULL CHECK (state IN ('submitted', 'skipped')),
+    data       TEXT,                                -- uuid of its data record
+    created_at TEXT NOT NULL
+);
+
 PRAGMA user_version = 1;

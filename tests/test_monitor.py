@@ -73,7 +73,7 @@ def test_every_page_renders_on_an_empty_database(store):
     assert s['windows'] == ['1 min', '10 min', '1 h', '2 h', '24 h']
     assert s['timeline']['defined'] == [0] * 5
     assert s['latency'] == {'n': 0, 'p50': None, 'p95': None}
-    assert len(s['throughput']) == 60 and s['caps'] is None
+    assert len(s['throughput']) == 60 and s['caps'] == {}     # the jobtypes table of issue 4
     assert [c['status'] for c in s['checks'] if c['check'] == 'Live pilots'] == ['warn']
     assert 'nothing to show' in get('/monitor/jobs')
 

@@ -108,3 +108,13 @@
 % end
 <p class="host">server {{d['host']}}, up {{d['uptime']}}</p>
 </section>
+% if d.get('services'):
+<section class="panel">
+<h2>Service messages <small>latest notes of payloads and cron scripts</small></h2>
+<table class="counts">
+% for m in d['services']:
+<tr><td>{{m['created_at'][:19]}}</td><th>{{m['name']}}</th><td>{{m['message']}}</td></tr>
+% end
+</table>
+</section>
+% end
