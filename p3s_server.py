@@ -592,6 +592,8 @@ MON_DAG_SORTS = ('id', 'name', 'user', 'nvertices', 'nedges', 'created_at')
 MON_DATA_SORTS = ('id', 'name', 'datatype', 'datatag', 'state', 'source', 'target', 'created_at',
                   'updated_at')
 MON_DATATYPE_SORTS = ('id', 'name', 'ext', 'created_at')
+MON_SITE_SORTS = ('id', 'name', 'pilots', 'lifetime', 'updated_at')
+MON_SERVICE_SORTS = ('id', 'name', 'created_at')
 
 
 def order_fragments(columns, rowid='id'):
@@ -612,20 +614,19 @@ MON_WORKFLOW_ORDER = order_fragments(MON_WORKFLOW_SORTS)
 MON_DAG_ORDER = order_fragments(MON_DAG_SORTS)
 MON_DATA_ORDER = order_fragments(MON_DATA_SORTS)
 MON_DATATYPE_ORDER = order_fragments(MON_DATATYPE_SORTS, rowid='rowid')
+MON_SITE_ORDER = order_fragments(MON_SITE_SORTS, rowid='rowid')
+MON_SERVICE_ORDER = order_fragments(MON_SERVICE_SORTS)
 # The workflow and data listings' filters: the API's, and the columns the monitor filters on.
 MON_WORKFLOW_FILTERS = dict(WORKFLOW_FILTERS, dag='dag = :dag', name='name = :name')
 MON_DAG_FILTERS = {'user': 'user = :user', 'name': 'name = :name'}
-MON_DATA_FILTERS = {
-    'state': 'state = :state',
-    'states': 'state IN (SELECT value FROM json_each(:states))',
-    'workflow': 'workflow = :workflow',
-    'datatype': 'datatype = :datatype',
-    'name': 'name = :name',
-}
-MON_DATATYPE_FILTERS = {'name': 'name = :name'}
+MON_DATA_FILTERS = dict(DATA_FILTERS, states='state IN (SELECT value FROM json_each(:states))')
+MON_NAME_FILTER = {'name': 'name = :name'}        # datatypes, sites, services
 MON_DATATYPE_COLUMNS = 'rowid AS id, ' + DATATYPE_COLUMNS
+MON_SITE_COLUMNS = 'rowid AS id, ' + SITE_COLUMNS
+MON_SERVICE_COLUMNS = 'id, name, message, created_at'
 MON_WORKFLOW_STATES = ('template', 'defined', 'running', 'finished', 'failed')
-MON_DATA_STATES = ('template', 'defined', 'available')    # the engine's; clients may add more
+# The engine's and the injector's; data clients may write others (state=... still finds them).
+MON_DATA_STATES = ('template', 'defined', 'available', 'skipped')
 MON_COUNT_WORKFLOWS = 'SELECT state, count(*) AS n FROM workflows GROUP BY state'
 MON_WORKFLOW_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE workflow = :workflow'
                      ' ORDER BY id')
@@ -2512,7 +2513,8 @@ class Page:
 
     NAV = (('Dashboard', '/'), ('Jobs', '/monitor/jobs'), ('Pilots', '/monitor/pilots'),
            ('Workflows', '/monitor/workflows'), ('DAGs', '/monitor/dags'),
-           ('Data', '/monitor/data'), ('Datatypes', '/monitor/datatypes'))
+           ('Data', '/monitor/data'), ('Datatypes', '/monitor/datatypes'),
+           ('Sites', '/monitor/sites'), ('Services', '/monitor/services'))
 
     def __init__(self, title, query):
         self.title = title
@@ -2629,7 +2631,10 @@ def chart(minutes):
 def monitor_dashboard():
     page = Page('Dashboard', request.query)
     d = dashboard_view(page, summary(store(), utcnow()))
-    d['services'] = list_service_messages(store(), {'limit': DASHBOARD_SERVICES})
+    d['services'] = [dict(m, when=local_time(m['created_at']),
+                          href=page.href('/monitor/services', name=m['name']))
+                     for m in list_service_messages(store(), {'limit': DASHBOARD_SERVICES})]
+    d['services_href'] = page.href('/monitor/services')
     return bottle.template('dashboard', page=page, d=d)
 
 
@@ -2831,8 +2836,44 @@ def monitor_data():
 
 @app.get('/monitor/datatypes')
 def monitor_datatypes():
-    return list_page('Datatypes', 'datatypes', MON_DATATYPE_COLUMNS, MON_DATATYPE_FILTERS,
+    return list_page('Datatypes', 'datatypes', MON_DATATYPE_COLUMNS, MON_NAME_FILTER,
                      MON_DATATYPE_ORDER, DATATYPE_LIST_HEADS, datatype_cells, (), ('name',))
+
+
+SITE_LIST_HEADS = (('name', 'site'), (None, 'period'), (None, 'cycles'), (None, 'beat'),
+                   (None, 'wait'), ('pilots', 'pilots (nominal)'), ('lifetime', 'lifetime'),
+                   (None, 'env'), (None, 'comment'), ('updated_at', 'updated'),
+                   (None, 'its pilots'), (None, 'its jobs'))
+
+
+def site_cells(page, r):
+    return [cell(r['name']), cell(r['period'], cls='num'), cell(r['cycles'], cls='num'),
+            cell(r['beat'], cls='num'), cell(r['wait'], cls='num'), cell(r['pilots'], cls='num'),
+            cell(duration(r['lifetime']), cls='num'), cell(r['env']), cell(r['comment']),
+            cell(local_time(r['updated_at'])),
+            cell('pilots', page.href('/monitor/pilots', site=r['name'])),
+            cell('jobs', page.href('/monitor/jobs', site=r['name']))]
+
+
+SERVICE_LIST_HEADS = (('created_at', 'time'), ('name', 'service'), (None, 'message'))
+
+
+def service_cells(page, r):
+    return [cell(local_time(r['created_at'])),
+            cell(r['name'], page.href('/monitor/services', name=r['name'])),
+            cell(r['message'], cls='wrap')]
+
+
+@app.get('/monitor/sites')
+def monitor_sites():
+    return list_page('Sites', 'sites', MON_SITE_COLUMNS, MON_NAME_FILTER, MON_SITE_ORDER,
+                     SITE_LIST_HEADS, site_cells, (), ('name',))
+
+
+@app.get('/monitor/services')
+def monitor_services():
+    return list_page('Service messages', 'services', MON_SERVICE_COLUMNS, MON_NAME_FILTER,
+                     MON_SERVICE_ORDER, SERVICE_LIST_HEADS, service_cells, (), ('name',))
 
 
 # -- detail pages --

@@ -328,5 +328,6 @@ def test_docs_describe_every_monitor_page():
                                                                  route.rule))
             assert '`%s`' % documented in doc or '`%s ' % documented in doc, route.rule
     for key in (srv.MON_JOB_SORTS + srv.MON_PILOT_SORTS + srv.MON_WORKFLOW_SORTS
-                + srv.MON_DAG_SORTS + srv.MON_DATA_SORTS + srv.MON_DATATYPE_SORTS):
+                + srv.MON_DAG_SORTS + srv.MON_DATA_SORTS + srv.MON_DATATYPE_SORTS
+                + srv.MON_SITE_SORTS + srv.MON_SERVICE_SORTS):
         assert '`%s`' % key in doc, key

@@ -283,7 +283,7 @@ LISTING_QUERIES = (
     ('data', srv.DATA_COLUMNS, srv.MON_DATA_FILTERS, srv.MON_DATA_ORDER,
      ('state', 'workflow', 'datatype', 'name')),
     ('dags', srv.DAG_COLUMNS, srv.MON_DAG_FILTERS, srv.MON_DAG_ORDER, ('name',)),
-    ('datatypes', srv.MON_DATATYPE_COLUMNS, srv.MON_DATATYPE_FILTERS, srv.MON_DATATYPE_ORDER,
+    ('datatypes', srv.MON_DATATYPE_COLUMNS, srv.MON_NAME_FILTER, srv.MON_DATATYPE_ORDER,
      ('name',)),
 )
 

@@ -110,10 +110,10 @@
 </section>
 % if d.get('services'):
 <section class="panel">
-<h2>Service messages <small>latest notes of payloads and cron scripts</small></h2>
-<table class="counts">
+<h2>Service messages <small>latest notes of payloads and cron scripts · <a href="{{d['services_href']}}">all of them</a></small></h2>
+<table class="services">
 % for m in d['services']:
-<tr><td>{{m['created_at'][:19]}}</td><th>{{m['name']}}</th><td>{{m['message']}}</td></tr>
+<tr><td>{{m['when']}}</td><th><a href="{{m['href']}}">{{m['name']}}</a></th><td>{{m['message']}}</td></tr>
 % end
 </table>
 </section>
