@@ -141,6 +141,10 @@ CREATE TABLE IF NOT EXISTS workflows (
     stopped_at  TEXT
 );
 CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state, id);
+-- The monitor's workflow filters (issue 5), newest first.
+CREATE INDEX IF NOT EXISTS workflows_user ON workflows (user, id);
+CREATE INDEX IF NOT EXISTS workflows_dag ON workflows (dag, id);
+CREATE INDEX IF NOT EXISTS workflows_name ON workflows (name, id);
 -- The jobs of a workflow (its engine, its page, its deletion).
 CREATE INDEX IF NOT EXISTS jobs_workflow ON jobs (workflow) WHERE workflow IS NOT NULL;
 
@@ -175,6 +179,9 @@ CREATE INDEX IF NOT EXISTS data_source ON data (sourceuuid) WHERE sourceuuid IS 
 CREATE INDEX IF NOT EXISTS data_target ON data (targetuuid) WHERE targetuuid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS data_workflow ON data (workflow, id) WHERE workflow IS NOT NULL;
 CREATE INDEX IF NOT EXISTS data_name ON data (name);
+-- The monitor's data filters (issue 5), newest first.
+CREATE INDEX IF NOT EXISTS data_state ON data (state, id);
+CREATE INDEX IF NOT EXISTS data_datatype ON data (datatype, id);
 
 -- -- DQM controls --------------------------------------------------------------------------------
 
