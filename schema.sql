@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- The brokerage queue: only queued jobs, in dispatch order. The claim walks it from the top,
 -- so a claim costs the same with ten or a million jobs of history (reference/limits.md 1b).
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, defined_at, id) WHERE state = 'defined';
+-- The same queue by type: the claim when some types are blocked by their caps, or the pilot
+-- takes only some types (CLAIM_JOB_BY_TYPE).
+CREATE INDEX IF NOT EXISTS jobs_type_queue ON jobs (jobtype, priority DESC, defined_at, id)
+    WHERE state = 'defined';
 -- Jobs a pilot holds or held (re-delivery of a lost reply, lost pilots, the pilot's page).
 CREATE INDEX IF NOT EXISTS jobs_pilot ON jobs (pilot, id) WHERE pilot IS NOT NULL;
 -- Listings by state, newest first.
