@@ -218,8 +218,8 @@ def summary(args):
         print(json.dumps(s, indent=1))
         return EXIT_OK
     print('p3s at %s (%s, up %s s), %s' % (args.server, s['host'], s['uptime'], s['time']))
-    for what in ('pilots', 'jobs'):
-        counts = ', '.join('%s %d' % kv for kv in sorted(s[what].items())) or 'none'
+    for what in ('pilots', 'jobs', 'workflows'):
+        counts = ', '.join('%s %d' % kv for kv in sorted(s.get(what, {}).items())) or 'none'
         print('%-7s %s' % (what + ':', counts))
     lat = s['latency']
     print('latency: p50 %s s, p95 %s s (defined -> started, %d jobs started in the last hour)'

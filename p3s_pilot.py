@@ -80,11 +80,12 @@ class P3SError(Exception):
         self.code = code
 
 
-def call(server, method, path, body=None, timeout=HTTP_TIMEOUT):
-    """One JSON request to the server. The only code that touches urllib."""
+def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
+    """One JSON request to the server. The only code that touches urllib. The pilot token is
+    preferred unless another is given (defining a site is an operator's act)."""
     url = server.rstrip('/') + path
     headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-    token = os.environ.get('P3S_PILOT_TOKEN') or os.environ.get('P3S_TOKEN')
+    token = token or os.environ.get('P3S_PILOT_TOKEN') or os.environ.get('P3S_TOKEN')
     if token:
         headers['Authorization'] = 'Bearer ' + token
     data = None if body is None else json.dumps(body).encode()
@@ -530,7 +531,8 @@ def env_object(env, path):
 
 
 def define_site(args):
-    site = call(args.server, 'POST', '/api/sites', read_site(args.define_site))['site']
+    site = call(args.server, 'POST', '/api/sites', read_site(args.define_site),
+                token=os.environ.get('P3S_TOKEN'))['site']
     print(json.dumps(site, indent=1))
     return EXIT_OK
 

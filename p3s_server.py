@@ -130,25 +130,52 @@ GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
 # before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
 # literal, and the queue index is named: with the (state, id) index the planner would read every
 # queued job and sort them (reference/limits.md 1b), and INDEXED BY makes that an error instead.
-# Jobs past their deadline are skipped (the sweep makes them stale). The types at their cap are
-# found once per claim, through the jobs_active index, before the queue is read; counting and
-# taking in one statement is what keeps two pilots from both taking the last slot of a cap.
+# Jobs past their deadline are skipped (the sweep makes them stale).
 CLAIM_JOB = """
 UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
  WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
               WHERE state = 'defined'
                 AND (site = '' OR site = :site)
-                AND (:jobtypes = '[]' OR jobtype IN (SELECT value FROM json_each(:jobtypes)))
                 AND (deadline_at IS NULL OR deadline_at > :now)
-                AND jobtype NOT IN (
-                    SELECT name FROM jobtypes
-                     WHERE cap IS NOT NULL
-                       AND cap <= (SELECT count(*) FROM jobs AS held INDEXED BY jobs_active
-                                    WHERE held.state IN ('dispatched', 'running')
-                                      AND held.jobtype = jobtypes.name))
               ORDER BY priority DESC, defined_at, id
               LIMIT 1)
 RETURNING """ + JOB_COLUMNS
+# When some types are blocked (at their cap, or paused with cap 0) or the pilot takes only some
+# types, the queue's top may hold thousands of jobs this pilot cannot take, and walking past them
+# would cost milliseconds per claim. This form visits each type that has queued jobs instead
+# (a skip-scan of jobs_type_queue), takes the head of each type it may run, and the best head:
+# a few index seeks per type, whatever is queued.
+CLAIM_JOB_BY_TYPE = """
+WITH RECURSIVE queued (jobtype) AS (
+    SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_queue WHERE state = 'defined'
+    UNION ALL
+    SELECT (SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_queue
+             WHERE state = 'defined' AND jobtype > queued.jobtype)
+      FROM queued WHERE queued.jobtype IS NOT NULL),
+heads (id) AS (
+    SELECT (SELECT id FROM jobs INDEXED BY jobs_type_queue
+             WHERE state = 'defined' AND jobtype = queued.jobtype
+               AND (site = '' OR site = :site)
+               AND (deadline_at IS NULL OR deadline_at > :now)
+             ORDER BY priority DESC, defined_at, id
+             LIMIT 1)
+      FROM queued
+     WHERE queued.jobtype IS NOT NULL
+       AND queued.jobtype NOT IN (SELECT value FROM json_each(:blocked))
+       AND (:jobtypes = '[]' OR queued.jobtype IN (SELECT value FROM json_each(:jobtypes))))
+UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
+ WHERE id = (SELECT head.id FROM heads JOIN jobs AS head ON head.id = heads.id
+              ORDER BY head.priority DESC, head.defined_at, head.id
+              LIMIT 1)
+RETURNING """ + JOB_COLUMNS
+# The types at their cap, read in the claim's own transaction (so two pilots cannot both take
+# the last slot of a cap), counting the active jobs through the jobs_active index.
+BLOCKED_JOBTYPES = """
+SELECT name FROM jobtypes
+ WHERE cap IS NOT NULL
+   AND cap <= (SELECT count(*) FROM jobs AS held INDEXED BY jobs_active
+                WHERE held.state IN ('dispatched', 'running') AND held.jobtype = jobtypes.name)
+"""
 # A pilot asking for work while its job is still dispatched never got the reply that carried it.
 REDELIVER_JOB = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
                  " WHERE uuid = :job AND pilot = :pilot AND state = 'dispatched'")
@@ -226,6 +253,10 @@ DELETE FROM jobs WHERE id IN (
      AND (:state IS NULL OR state = :state) AND coalesce(stopped_at, created_at) < :cutoff
      AND workflow IS NULL
    LIMIT :batch)
+"""
+PURGE_SERVICES = """
+DELETE FROM services WHERE id IN (
+  SELECT id FROM services WHERE :state IS NULL AND created_at < :cutoff LIMIT :batch)
 """
 # Old workflows go whole, with their jobs and data (DELETE_WORKFLOW_*).
 OLD_WORKFLOWS = """
@@ -582,18 +613,55 @@ MON_PILOT_SORTS = ('id', 'host', 'site', 'state', 'jobs_done', 'registered_at', 
                    'stopped_at')
 
 
-def order_fragments(columns):
-    """{'col': 'ORDER BY col, id', '-col': 'ORDER BY col DESC, id DESC'} for whitelisted columns."""
+MON_WORKFLOW_SORTS = ('id', 'name', 'user', 'dag', 'state', 'nvertices', 'ndone', 'created_at',
+                      'defined_at', 'started_at', 'stopped_at')
+MON_DAG_SORTS = ('id', 'name', 'user', 'nvertices', 'nedges', 'created_at')
+MON_DATA_SORTS = ('id', 'name', 'datatype', 'datatag', 'state', 'source', 'target', 'created_at',
+                  'updated_at')
+MON_DATATYPE_SORTS = ('id', 'name', 'ext', 'created_at')
+MON_SITE_SORTS = ('id', 'name', 'pilots', 'lifetime', 'updated_at')
+MON_SERVICE_SORTS = ('id', 'name', 'created_at')
+
+
+def order_fragments(columns, rowid='id'):
+    """{'col': 'ORDER BY col, id', '-col': 'ORDER BY col DESC, id DESC'} for whitelisted columns.
+    The key `id` stands for `rowid` in a table without an id column (datatypes)."""
     frags = {}
     for col in columns:
-        tie = '' if col == 'id' else ', id'
-        frags[col] = ' ORDER BY %s%s' % (col, tie)
-        frags['-' + col] = ' ORDER BY %s DESC%s' % (col, tie and tie + ' DESC')
+        sql_col = rowid if col == 'id' else col
+        tie = '' if col == 'id' else ', ' + rowid
+        frags[col] = ' ORDER BY %s%s' % (sql_col, tie)
+        frags['-' + col] = ' ORDER BY %s DESC%s' % (sql_col, tie and tie + ' DESC')
     return frags
 
 
 MON_JOB_ORDER = order_fragments(MON_JOB_SORTS)
 MON_PILOT_ORDER = order_fragments(MON_PILOT_SORTS)
+MON_WORKFLOW_ORDER = order_fragments(MON_WORKFLOW_SORTS)
+MON_DAG_ORDER = order_fragments(MON_DAG_SORTS)
+MON_DATA_ORDER = order_fragments(MON_DATA_SORTS)
+MON_DATATYPE_ORDER = order_fragments(MON_DATATYPE_SORTS, rowid='rowid')
+MON_SITE_ORDER = order_fragments(MON_SITE_SORTS, rowid='rowid')
+MON_SERVICE_ORDER = order_fragments(MON_SERVICE_SORTS)
+# The workflow and data listings' filters: the API's, and the columns the monitor filters on.
+MON_WORKFLOW_FILTERS = dict(WORKFLOW_FILTERS, dag='dag = :dag', name='name = :name')
+MON_DAG_FILTERS = {'user': 'user = :user', 'name': 'name = :name'}
+MON_DATA_FILTERS = dict(DATA_FILTERS, states='state IN (SELECT value FROM json_each(:states))')
+MON_NAME_FILTER = {'name': 'name = :name'}        # datatypes, sites, services
+MON_DATATYPE_COLUMNS = 'rowid AS id, ' + DATATYPE_COLUMNS
+MON_SITE_COLUMNS = 'rowid AS id, ' + SITE_COLUMNS
+MON_SERVICE_COLUMNS = 'id, name, message, created_at'
+MON_WORKFLOW_STATES = ('template', 'defined', 'running', 'finished', 'failed')
+# The engine's and the injector's; data clients may write others (state=... still finds them).
+MON_DATA_STATES = ('template', 'defined', 'available', 'skipped')
+MON_COUNT_WORKFLOWS = 'SELECT state, count(*) AS n FROM workflows GROUP BY state'
+MON_WORKFLOW_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE workflow = :workflow'
+                     ' ORDER BY id')
+MON_WORKFLOW_DATA = ('SELECT ' + DATA_COLUMNS + ' FROM data WHERE workflow = :workflow'
+                     ' ORDER BY id')
+MON_DAG_WORKFLOWS = ('SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows WHERE dag = :dag'
+                     ' ORDER BY id DESC LIMIT :limit')
+MON_GRAPH_MAX = 300              # vertices drawn; a larger graph is shown as tables only
 MON_COUNT_CAP = 10000            # a listing counts its matches up to this many
 MON_PERPAGE = (25, 50, 100, 200, 400)
 MON_LATENCY_CAP = 20000          # starts used for the latency percentiles
@@ -898,17 +966,21 @@ def check_pilot(raw, now):
     }
 
 
+FILTER_KEYS = ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow', 'dag', 'datatype', 'name')
+
+
 def filters_from(query, allowed):
     """Listing filters from a query string: ({name: value}, [SQL fragments]).
 
     `state` may be repeated or comma-separated; `state=error` (jobs) means a non-zero exit code.
     """
     params, where = {}, []
-    for key in ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow'):
+    for key in FILTER_KEYS:
         if key in allowed and query.get(key):
             params[key] = query.get(key)
             where.append(allowed[key])
-    states = [s for v in query_all(query, 'state') for s in v.split(',') if s]
+    states = [s for v in query_all(query, 'state') for s in v.split(',')
+              if s and 'state' in allowed]
     error = 'error' in states and 'error' in allowed
     states = [s for s in states if not (error and s == 'error')]
     if error and states:
@@ -1122,12 +1194,21 @@ def claim_for(db, pilot, now):
     params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
               'jobtypes': pilot['jobtypes'], 'now': now}
     job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
-           or db.execute(CLAIM_JOB, params).fetchone())
+           or claim(db, params))
     if job is None:
         db.execute(PILOT_IDLE, params)
         return {'status': 'OK', 'state': 'idle'}
     db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
     return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}
+
+
+def claim(db, params):
+    """Take the best queued job the pilot may run (None if there is none): the plain walk of
+    the queue when nothing is in the way, else the walk by type."""
+    blocked = [r['name'] for r in db.execute(BLOCKED_JOBTYPES)]
+    if not blocked and params['jobtypes'] == '[]':
+        return db.execute(CLAIM_JOB, params).fetchone()
+    return db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
 
 
 def wait_for_work(store, pilot_uuid, wait, report=None):
@@ -1280,7 +1361,7 @@ def purge(store, now, older, state=None):
     """Delete terminal jobs and departed pilots older than `older` seconds, in small batches
     so that brokerage waits for one batch at most."""
     params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
-    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0}
+    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0}
     while True:
         with store.write() as db:
             old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
@@ -1290,7 +1371,8 @@ def purge(store, now, older, state=None):
         removed['workflows'] += len(old)
         if len(old) < PURGE_WORKFLOW_BATCH:
             break
-    for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS)):
+    for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS),
+                      ('services', PURGE_SERVICES)):
         while True:
             with store.write() as db:
                 n = db.execute(sql, params).rowcount
@@ -2452,7 +2534,9 @@ def summary(store, now):
     types = jobtype_counts(db, now)
     caps = jobtype_caps(db)
     started = app.config.get('p3s.started', now)
-    return dict(base, time=now, timezone=local_zone(), host=socket.gethostname(),
+    workflows = {r['state']: r['n'] for r in db.execute(MON_COUNT_WORKFLOWS)}
+    return dict(base, workflows=workflows, time=now, timezone=local_zone(),
+                host=socket.gethostname(),
                 uptime=round(seconds_between(started, now) or 0),
                 windows=[w for w, _ in MON_WINDOWS], timeline=timeline(db, now),
                 jobtypes=types, caps=caps, latency=latency(db, now),
@@ -2463,7 +2547,10 @@ def summary(store, now):
 class Page:
     """What every monitor page shares: title, refresh period, the links that keep it."""
 
-    NAV = (('Dashboard', '/'), ('Jobs', '/monitor/jobs'), ('Pilots', '/monitor/pilots'))
+    NAV = (('Dashboard', '/'), ('Jobs', '/monitor/jobs'), ('Pilots', '/monitor/pilots'),
+           ('Workflows', '/monitor/workflows'), ('DAGs', '/monitor/dags'),
+           ('Data', '/monitor/data'), ('Datatypes', '/monitor/datatypes'),
+           ('Sites', '/monitor/sites'), ('Services', '/monitor/services'))
 
     def __init__(self, title, query):
         self.title = title
@@ -2533,6 +2620,9 @@ def dashboard_view(page, s):
         'pilots': [(st, s['pilots'].get(st, 0), page.href('/monitor/pilots', state=st))
                    for st in PILOT_STATES]
         + [('total', sum(s['pilots'].values()), page.href('/monitor/pilots'))],
+        'workflows': [(st, s['workflows'].get(st, 0), page.href('/monitor/workflows', state=st))
+                      for st in MON_WORKFLOW_STATES]
+        + [('total', sum(s['workflows'].values()), page.href('/monitor/workflows'))],
         'windows': s['windows'],
         'timeline': [(row, n, timeline_href(page, row)) for row, n in s['timeline'].items()],
         'types': [(t, n, (s['caps'] or {}).get(t, ''), jobs_link(jobtype=t))
@@ -2577,7 +2667,10 @@ def chart(minutes):
 def monitor_dashboard():
     page = Page('Dashboard', request.query)
     d = dashboard_view(page, summary(store(), utcnow()))
-    d['services'] = list_service_messages(store(), {'limit': DASHBOARD_SERVICES})
+    d['services'] = [dict(m, when=local_time(m['created_at']),
+                          href=page.href('/monitor/services', name=m['name']))
+                     for m in list_service_messages(store(), {'limit': DASHBOARD_SERVICES})]
+    d['services_href'] = page.href('/monitor/services')
     return bottle.template('dashboard', page=page, d=d)
 
 
@@ -2695,6 +2788,130 @@ def monitor_pilots():
                      PILOT_LIST_HEADS, pilot_cells, PILOT_STATES, ('site', 'host'))
 
 
+WORKFLOW_LIST_HEADS = (('id', 'workflow'), ('name', 'name'), ('user', 'user'), ('dag', 'DAG'),
+                       ('state', 'state'), ('ndone', 'jobs done'), ('created_at', 'created'),
+                       ('started_at', 'started'), ('stopped_at', 'stopped'), (None, 'ran'),
+                       (None, 'comment'))
+
+
+def workflow_cells(page, r):
+    return [cell(short(r['uuid']), page.href('/monitor/workflows/' + r['uuid'])),
+            cell(r['name']), cell(r['user']), cell(r['dag'], dag_href(page, r['dag'])),
+            cell(r['state'], cls='state ' + r['state']),
+            cell('%d of %d' % (r['ndone'], r['nvertices']), cls='num'),
+            cell(local_time(r['created_at'])), cell(local_time(r['started_at'])),
+            cell(local_time(r['stopped_at'])),
+            cell(duration(seconds_between(r['started_at'], r['stopped_at'])), cls='num'),
+            cell(r['comment'])]
+
+
+def dag_href(page, name):
+    return page.href('/monitor/dags/' + urllib.parse.quote(name, safe=''))
+
+
+DAG_LIST_HEADS = (('name', 'name'), ('user', 'user'), (None, 'description'),
+                  ('nvertices', 'vertices'), ('nedges', 'edges'), (None, 'root'),
+                  ('created_at', 'registered'), (None, 'workflows'))
+
+
+def dag_cells(page, r):
+    return [cell(r['name'], dag_href(page, r['name'])), cell(r['user']), cell(r['description']),
+            cell(r['nvertices'], cls='num'), cell(r['nedges'], cls='num'), cell(r['root']),
+            cell(local_time(r['created_at'])),
+            cell('its workflows', page.href('/monitor/workflows', dag=r['name']))]
+
+
+DATA_LIST_HEADS = (('id', 'data'), ('name', 'name'), (None, 'dirpath'), ('datatype', 'type'),
+                   ('datatag', 'tag'), ('state', 'state'), (None, 'workflow'), ('source', 'from'),
+                   ('target', 'to'), ('created_at', 'created'), ('updated_at', 'updated'),
+                   (None, 'comment'))
+
+
+def data_cells(page, r):
+    def job_href(job_uuid):
+        return page.href('/monitor/jobs/' + job_uuid) if job_uuid else ''
+    return [cell(short(r['uuid'])), cell(r['name']), cell(r['dirpath']),
+            cell(r['datatype'], page.href('/monitor/datatypes', name=r['datatype'])
+                 if r['datatype'] else ''),
+            cell(r['datatag']), cell(r['state'], cls='state ' + r['state']),
+            cell(short(r['workflow']), page.href('/monitor/workflows/' + r['workflow'])
+                 if r['workflow'] else ''),
+            cell(r['source'], job_href(r['sourceuuid'])),
+            cell(r['target'], job_href(r['targetuuid'])), cell(local_time(r['created_at'])),
+            cell(local_time(r['updated_at'])), cell(r['comment'])]
+
+
+DATATYPE_LIST_HEADS = (('name', 'name'), ('ext', 'ext'), (None, 'comment'),
+                       ('created_at', 'registered'), (None, 'data'))
+
+
+def datatype_cells(page, r):
+    return [cell(r['name']), cell(r['ext']), cell(r['comment']), cell(local_time(r['created_at'])),
+            cell('its data', page.href('/monitor/data', datatype=r['name']))]
+
+
+@app.get('/monitor/workflows')
+def monitor_workflows():
+    return list_page('Workflows', 'workflows', WORKFLOW_COLUMNS, MON_WORKFLOW_FILTERS,
+                     MON_WORKFLOW_ORDER, WORKFLOW_LIST_HEADS, workflow_cells, MON_WORKFLOW_STATES,
+                     ('user', 'dag', 'name'))
+
+
+@app.get('/monitor/dags')
+def monitor_dags():
+    return list_page('DAGs', 'dags', DAG_COLUMNS, MON_DAG_FILTERS, MON_DAG_ORDER, DAG_LIST_HEADS,
+                     dag_cells, (), ('name', 'user'))
+
+
+@app.get('/monitor/data')
+def monitor_data():
+    return list_page('Data', 'data', DATA_COLUMNS, MON_DATA_FILTERS, MON_DATA_ORDER,
+                     DATA_LIST_HEADS, data_cells, MON_DATA_STATES,
+                     ('workflow', 'datatype', 'name'))
+
+
+@app.get('/monitor/datatypes')
+def monitor_datatypes():
+    return list_page('Datatypes', 'datatypes', MON_DATATYPE_COLUMNS, MON_NAME_FILTER,
+                     MON_DATATYPE_ORDER, DATATYPE_LIST_HEADS, datatype_cells, (), ('name',))
+
+
+SITE_LIST_HEADS = (('name', 'site'), (None, 'period'), (None, 'cycles'), (None, 'beat'),
+                   (None, 'wait'), ('pilots', 'pilots (nominal)'), ('lifetime', 'lifetime'),
+                   (None, 'env'), (None, 'comment'), ('updated_at', 'updated'),
+                   (None, 'its pilots'), (None, 'its jobs'))
+
+
+def site_cells(page, r):
+    return [cell(r['name']), cell(r['period'], cls='num'), cell(r['cycles'], cls='num'),
+            cell(r['beat'], cls='num'), cell(r['wait'], cls='num'), cell(r['pilots'], cls='num'),
+            cell(duration(r['lifetime']), cls='num'), cell(r['env']), cell(r['comment']),
+            cell(local_time(r['updated_at'])),
+            cell('pilots', page.href('/monitor/pilots', site=r['name'])),
+            cell('jobs', page.href('/monitor/jobs', site=r['name']))]
+
+
+SERVICE_LIST_HEADS = (('created_at', 'time'), ('name', 'service'), (None, 'message'))
+
+
+def service_cells(page, r):
+    return [cell(local_time(r['created_at'])),
+            cell(r['name'], page.href('/monitor/services', name=r['name'])),
+            cell(r['message'], cls='wrap')]
+
+
+@app.get('/monitor/sites')
+def monitor_sites():
+    return list_page('Sites', 'sites', MON_SITE_COLUMNS, MON_NAME_FILTER, MON_SITE_ORDER,
+                     SITE_LIST_HEADS, site_cells, (), ('name',))
+
+
+@app.get('/monitor/services')
+def monitor_services():
+    return list_page('Service messages', 'services', MON_SERVICE_COLUMNS, MON_NAME_FILTER,
+                     MON_SERVICE_ORDER, SERVICE_LIST_HEADS, service_cells, (), ('name',))
+
+
 # -- detail pages --
 
 
@@ -2706,7 +2923,8 @@ def field_rows(page, obj, links):
             value = local_time(value)
         elif isinstance(value, (dict, list)):
             value = json.dumps(value, indent=1, sort_keys=True)
-        href = page.href(links[key] % value) if key in links and value else ''
+        href = page.href(links[key] % urllib.parse.quote(value, safe='')) if key in links \
+            and value else ''
         out.append((key, '' if value is None else str(value), href))
     return out
 
@@ -2728,7 +2946,7 @@ def monitor_job(job_uuid):
     return bottle.template('detail', page=page, fields=field_rows(page, job, links), extra=times,
                            logs=[('stdout', tails['stdout'] if tails else ''),
                                  ('stderr', tails['stderr'] if tails else '')],
-                           table=None)
+                           graph=None, tables=[])
 
 
 @app.get('/monitor/pilots/<pilot_uuid>')
@@ -2741,14 +2959,245 @@ def monitor_pilot(pilot_uuid):
     pilot = pilot_dict(row)
     page.title = 'Pilot %s on %s' % (short(pilot['uuid']), pilot['host'] or '?')
     jobs = db.execute(MON_PILOT_JOBS, {'pilot': pilot['uuid'], 'limit': 200}).fetchall()
-    table = {'title': 'Its jobs (newest first)',
-             'more': page.href('/monitor/jobs', pilot=pilot['uuid']),
-             'heads': [{'label': label, 'href': '', 'mark': ''} for _, label in JOB_LIST_HEADS],
-             'rows': [job_cells(page, r) for r in jobs]}
+    table = plain_table(page, 'Its jobs (newest first)', page.href('/monitor/jobs',
+                                                                   pilot=pilot['uuid']),
+                        JOB_LIST_HEADS, job_cells, jobs)
     life = [('life (registered → last seen)',
              duration(seconds_between(pilot['registered_at'], pilot['last_seen'])))]
-    return bottle.template('detail', page=page, extra=life, logs=[], table=table,
+    return bottle.template('detail', page=page, extra=life, logs=[], graph=None, tables=[table],
                            fields=field_rows(page, pilot, {'job': '/monitor/jobs/%s'}))
+
+
+def plain_table(page, title, more, heads, cells, rows):
+    """A table of a detail page: unsorted headers, with a link to the full listing."""
+    return {'title': title, 'more': more,
+            'heads': [{'label': label, 'href': '', 'mark': ''} for _, label in heads],
+            'rows': [cells(page, r) for r in rows]}
+
+
+@app.get('/monitor/workflows/<wf_uuid>')
+def monitor_workflow(wf_uuid):
+    page = Page('Workflow', request.query)
+    db = store().db()
+    params = {'workflow': wf_uuid.lower()}
+    row = db.execute(GET_WORKFLOW, params).fetchone()
+    if row is None:
+        not_found(page, 'workflow', wf_uuid)
+    wf = dict(row)
+    jobs = db.execute(MON_WORKFLOW_JOBS, params).fetchall()
+    data = db.execute(MON_WORKFLOW_DATA, params).fetchall()
+    page.title = 'Workflow %s' % (wf['name'] or short(wf['uuid']))
+    links = {'dag': '/monitor/dags/%s', 'rootuuid': '/monitor/jobs/%s'}
+    ran = [('ran (started → stopped)', duration(seconds_between(wf['started_at'],
+                                                                 wf['stopped_at'])))]
+    tables = [plain_table(page, 'Its jobs', page.href('/monitor/jobs', workflow=wf['uuid']),
+                          JOB_LIST_HEADS, job_cells, jobs),
+              plain_table(page, 'Its data', page.href('/monitor/data', workflow=wf['uuid']),
+                          DATA_LIST_HEADS, data_cells, data)]
+    return bottle.template('detail', page=page, fields=field_rows(page, wf, links), extra=ran,
+                           logs=[], graph=workflow_graph(page, jobs, data), tables=tables)
+
+
+@app.get('/monitor/dags/<name:path>')
+def monitor_dag(name):
+    page = Page('DAG', request.query)
+    db = store().db()
+    if db.execute(GET_DAG, {'name': name}).fetchone() is None:
+        not_found(page, 'DAG', name)
+    dag = load_dag(db, name)
+    workflows = db.execute(MON_DAG_WORKFLOWS, {'dag': name, 'limit': 200}).fetchall()
+    page.title = 'DAG %s' % name
+    fields = {k: v for k, v in dag.items() if k not in ('graphml', 'vertices', 'edges')}
+    tables = [plain_table(page, 'Its vertices (in topological order)', '', VERTEX_HEADS,
+                          vertex_cells, dag['vertices']),
+              plain_table(page, 'Its edges (the data between the jobs)', '', EDGE_HEADS,
+                          edge_cells, dag['edges']),
+              plain_table(page, 'Workflows made from it (newest first)',
+                          page.href('/monitor/workflows', dag=name), WORKFLOW_LIST_HEADS,
+                          workflow_cells, workflows)]
+    return bottle.template('detail', page=page, fields=field_rows(page, fields, {}), extra=[],
+                           logs=[], graph=dag_graph(dag), tables=tables)
+
+
+VERTEX_HEADS = tuple((None, h) for h in ('vertex', 'jobtype', 'payload', 'env', 'timelimit',
+                                         'priority'))
+EDGE_HEADS = tuple((None, h) for h in ('from', 'to', 'name', 'dirpath', 'datatype', 'datatag',
+                                       'comment'))
+
+
+def vertex_cells(page, v):
+    return [cell(v['name']), cell(v['jobtype']), cell(v['payload']),
+            cell(json.dumps(v['env'], sort_keys=True)), cell(v['timelimit'], cls='num'),
+            cell(v['priority'], cls='num')]
+
+
+def edge_cells(page, e):
+    return [cell(e['source']), cell(e['target']), cell(e['name']), cell(e['dirpath']),
+            cell(e['datatype'], page.href('/monitor/datatypes', name=e['datatype'])
+                 if e['datatype'] else ''),
+            cell(e['datatag']), cell(e['comment'])]
+
+
+# -- the graph of a DAG or workflow, drawn as inline SVG --
+
+GRAPH_NODE_W, GRAPH_NODE_H = 150, 34
+GRAPH_GAP, GRAPH_LAYER, GRAPH_MARGIN = 30, 100, 24
+GRAPH_LABEL = 20                 # characters of a name shown in its node; all of it on hover
+GRAPH_PARALLEL = 50              # pixels between the middles of parallel edges
+GRAPH_VIRTUAL_W = 20             # width of the lane an edge takes through a layer it skips
+GRAPH_EDGE_STATES = ('template', 'defined', 'available')
+
+
+def workflow_graph(page, jobs, data):
+    """Nodes are the jobs, coloured by state and linking to their pages; edges are the data."""
+    nodes = {j['name']: {'cls': j['state'], 'href': page.href('/monitor/jobs/' + j['uuid']),
+                         'title': '%s: %s (job %s)' % (j['name'], j['state'], j['uuid'])}
+             for j in jobs}
+    edges = [(d['source'], d['target'], d['datatag'] or d['name'],
+              d['state'] if d['state'] in GRAPH_EDGE_STATES else 'other',
+              '%s (%s) %s → %s: %s' % (d['name'], d['datatype'], d['source'], d['target'],
+                                       d['state'])) for d in data]
+    states = [j['state'] for j in jobs]
+    legend = [('swatch', st, st, states.count(st)) for st in JOB_STATES if st in states]
+    flows = [e[3] for e in edges]
+    legend += [('line', st, 'data ' + st, flows.count(st))
+               for st in GRAPH_EDGE_STATES + ('other',) if st in flows]
+    return graph_view(nodes, edges, legend)
+
+
+def dag_graph(dag):
+    """A DAG's vertices (noops apart) and edges, labelled with their data tags."""
+    nodes = {v['name']: {'cls': 'noop' if v['jobtype'] == NOOP else 'vertex', 'href': '',
+                         'title': '%s (%s): %s' % (v['name'], v['jobtype'], v['payload'])}
+             for v in dag['vertices']}
+    edges = [(e['source'], e['target'], e['datatag'] or e['name'], 'template',
+              '%s (%s) %s → %s' % (e['name'], e['datatype'], e['source'], e['target']))
+             for e in dag['edges']]
+    kinds = [n['cls'] for n in nodes.values()]
+    legend = [('swatch', k, label, kinds.count(k)) for k, label in (('vertex', 'job'),
+                                                                   ('noop', NOOP)) if k in kinds]
+    legend += [('line', 'template', 'data', len(edges))] if edges else []
+    return graph_view(nodes, edges, legend)
+
+
+def graph_layers(graph):
+    """Vertices in layers, top-down: each vertex one layer below its lowest parent (networkx's
+    topological generations). An edge that skips layers passes through a virtual vertex in each
+    layer between, so it is routed around the real ones. Within a layer, vertices are ordered
+    by the mean position of their parents, then of their children, which uncrosses most edges.
+    Returns (layers, {(source, target): [virtual vertices]})."""
+    depth = {v: d for d, layer in enumerate(networkx.topological_generations(graph))
+             for v in layer}
+    flat = networkx.DiGraph()
+    flat.add_nodes_from(graph)
+    chains = {}
+    for source, target in dict.fromkeys(graph.edges()):
+        hops = [source] + [('', source, target, d) for d in range(depth[source] + 1,
+                                                                   depth[target])] + [target]
+        chains[source, target] = hops[1:-1]
+        depth.update((v, depth[source] + i) for i, v in enumerate(hops))
+        networkx.add_path(flat, hops)
+    layers = [[] for _ in range(max(depth.values()) + 1)]
+    for v in flat:
+        layers[depth[v]].append(v)
+    rank = {}
+
+    def place(layer):
+        rank.update((v, i - (len(layer) - 1) / 2) for i, v in enumerate(layer))
+
+    def mean_rank(v, neighbours):
+        near = [rank[n] for n in neighbours(v)]
+        return sum(near) / len(near) if near else rank[v]
+
+    for layer in layers:
+        place(layer)
+    for sweep, neighbours in ((layers[1:], flat.predecessors), (layers[-2::-1], flat.successors)):
+        for layer in sweep:
+            layer.sort(key=lambda v: mean_rank(v, neighbours))
+            place(layer)
+    return layers, chains
+
+
+def slot(v):
+    """Room taken in its layer: a vertex, or a virtual one that only lets edges pass."""
+    return (GRAPH_VIRTUAL_W if isinstance(v, tuple) else GRAPH_NODE_W) + GRAPH_GAP
+
+
+def graph_view(nodes, edges, legend):
+    """Geometry for the graph template. nodes: {name: {cls, href, title}}; edges: [(source,
+    target, label, cls, title)], parallel edges allowed (drawn as separate curves); legend:
+    [(swatch|line, cls, label, count)]."""
+    if not nodes:
+        return None
+    if len(nodes) > MON_GRAPH_MAX:
+        return {'too_big': len(nodes), 'legend': legend}
+    graph = networkx.MultiDiGraph()
+    graph.add_nodes_from(nodes)
+    edges = [e for e in edges if e[0] in nodes and e[1] in nodes]
+    graph.add_edges_from((e[0], e[1]) for e in edges)
+    layers, chains = graph_layers(graph)
+    width = max(sum(slot(v) for v in layer) for layer in layers) - GRAPH_GAP + 2 * GRAPH_MARGIN
+    height = (len(layers) - 1) * GRAPH_LAYER + GRAPH_NODE_H + 2 * GRAPH_MARGIN
+    middle = {}                                   # x of the middle of each (virtual) vertex
+    for depth, layer in enumerate(layers):
+        x = (width - sum(slot(v) for v in layer) + GRAPH_GAP) / 2
+        for v in layer:
+            middle[v] = (x + (slot(v) - GRAPH_GAP) / 2, GRAPH_MARGIN + depth * GRAPH_LAYER)
+            x += slot(v)
+    out_nodes = [dict(nodes[v], x=round(x - GRAPH_NODE_W / 2, 1), y=y, w=GRAPH_NODE_W,
+                      h=GRAPH_NODE_H, tx=round(x, 1), ty=y + GRAPH_NODE_H / 2 + 4,
+                      label=clip(v, GRAPH_LABEL)) for v, (x, y) in middle.items() if v in nodes]
+    curves = edge_curves(edges, middle, chains)
+    # Parallel edges bend outwards and may reach past the vertices: the view box takes them in.
+    left = min([0] + [e['lx'] - 4 * len(e['label']) - 8 for e in curves])
+    right = max([width] + [e['lx'] + 4 * len(e['label']) + 8 for e in curves])
+    return {'too_big': 0, 'x0': round(left), 'w': round(right - left), 'h': height,
+            'nodes': out_nodes, 'edges': curves, 'legend': legend}
+
+
+def edge_curves(edges, middle, chains):
+    """Each edge a path from the bottom of its source through its virtual vertices to the top
+    of its target, curved between layers; the k-th of n parallel edges is moved aside by
+    (k - (n-1)/2) * GRAPH_PARALLEL. The label sits in the middle gap between layers, those of
+    parallel edges at different heights so that they do not overlap."""
+    pairs = {}
+    for e in edges:
+        pairs.setdefault((e[0], e[1]), []).append(e)
+    out = []
+    for (source, target), group in pairs.items():
+        for k, (_, _, label, cls, title) in enumerate(group):
+            aside = k - (len(group) - 1) / 2
+            bend, t = aside * GRAPH_PARALLEL, min(max(0.5 + aside * 0.2, 0.15), 0.85)
+            (x1, y1), (x2, y2) = middle[source], middle[target]
+            points = [(x1, y1 + GRAPH_NODE_H, bend)]
+            for v in chains[source, target]:
+                x, y = middle[v]
+                points += [(x + bend, y, 0), (x + bend, y + GRAPH_NODE_H, 0)]
+            points.append((x2, y2, bend))
+            d = ['M %.1f %.1f' % points[0][:2]]
+            gaps = []
+            for i in range(len(points) - 1):
+                (ax, ay, ab), (bx, by, bb) = points[i], points[i + 1]
+                if i % 2:                         # straight down through a virtual vertex
+                    d.append('L %.1f %.1f' % (bx, by))
+                    continue
+                ym = (ay + by) / 2
+                d.append('C %.1f %.1f %.1f %.1f %.1f %.1f' % (ax + ab, ym, bx + bb, ym, bx, by))
+                gaps.append(((ax, ay), (ax + ab, ym), (bx + bb, ym), (bx, by)))
+            lx, ly = bezier(gaps[len(gaps) // 2], t)
+            out.append({'d': ' '.join(d), 'lx': round(lx, 1), 'ly': round(ly + 4, 1),
+                        'label': clip(label, 16), 'cls': cls, 'title': title})
+    return out
+
+
+def bezier(points, t):
+    """The point at t of a cubic Bézier curve."""
+    weights = ((1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3)
+    return tuple(sum(w * p[i] for w, p in zip(weights, points)) for i in (0, 1))
+
+
+def clip(text, n):
+    return text if len(text) <= n else text[:n - 1] + '…'
 
 
 @app.get('/static/<path:path>')
@@ -2956,7 +3405,8 @@ def purge_command(argv):
         ap.error('--state must be a terminal job state or stopped/lost/killed')
     st = configure(args.db)
     removed = purge(st, utcnow(), args.older, args.state)
-    print('purged %(workflows)d workflows, %(jobs)d other jobs and %(pilots)d pilots' % removed)
+    print('purged %(workflows)d workflows, %(jobs)d other jobs, %(pilots)d pilots and '
+          '%(services)d service messages' % removed)
     st.close()
     return 0
 

@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- The brokerage queue: only queued jobs, in dispatch order. The claim walks it from the top,
 -- so a claim costs the same with ten or a million jobs of history (reference/limits.md 1b).
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, defined_at, id) WHERE state = 'defined';
+-- The same queue by type: the claim when some types are blocked by their caps, or the pilot
+-- takes only some types (CLAIM_JOB_BY_TYPE).
+CREATE INDEX IF NOT EXISTS jobs_type_queue ON jobs (jobtype, priority DESC, defined_at, id)
+    WHERE state = 'defined';
 -- Jobs a pilot holds or held (re-delivery of a lost reply, lost pilots, the pilot's page).
 CREATE INDEX IF NOT EXISTS jobs_pilot ON jobs (pilot, id) WHERE pilot IS NOT NULL;
 -- Listings by state, newest first.
@@ -141,6 +145,10 @@ CREATE TABLE IF NOT EXISTS workflows (
     stopped_at  TEXT
 );
 CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state, id);
+-- The monitor's workflow filters (issue 5), newest first.
+CREATE INDEX IF NOT EXISTS workflows_user ON workflows (user, id);
+CREATE INDEX IF NOT EXISTS workflows_dag ON workflows (dag, id);
+CREATE INDEX IF NOT EXISTS workflows_name ON workflows (name, id);
 -- The jobs of a workflow (its engine, its page, its deletion).
 CREATE INDEX IF NOT EXISTS jobs_workflow ON jobs (workflow) WHERE workflow IS NOT NULL;
 
@@ -175,6 +183,9 @@ CREATE INDEX IF NOT EXISTS data_source ON data (sourceuuid) WHERE sourceuuid IS 
 CREATE INDEX IF NOT EXISTS data_target ON data (targetuuid) WHERE targetuuid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS data_workflow ON data (workflow, id) WHERE workflow IS NOT NULL;
 CREATE INDEX IF NOT EXISTS data_name ON data (name);
+-- The monitor's data filters (issue 5), newest first.
+CREATE INDEX IF NOT EXISTS data_state ON data (state, id);
+CREATE INDEX IF NOT EXISTS data_datatype ON data (datatype, id);
 
 -- -- DQM controls --------------------------------------------------------------------------------
 

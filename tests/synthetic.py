@@ -2,6 +2,7 @@
 SQL, and time the monitor pages in-process.
 
     python tests/synthetic.py --jobs 1000000 --db /tmp/p3s-big.db      # fill, then time pages
+    python tests/synthetic.py --jobs 100000 --workflows 2000 --db /tmp/p3s-wf.db
 
 Also imported by the tests: fill() for a busy database, wsgi_get() to call the app in-process.
 """
@@ -29,6 +30,26 @@ PILOT_STATES = ('running', 'idle', 'stopped', 'lost', 'active')
 PAGES = ('/', '/api/summary', '/monitor/jobs', '/monitor/jobs?state=failed',
          '/monitor/jobs?state=error&sort=-stopped_at', '/monitor/jobs?jobtype=reco&page=20',
          '/monitor/jobs?state=defined&sort=defined_at', '/monitor/pilots')
+
+WORKFLOW_PAGES = ('/monitor/workflows', '/monitor/workflows?state=defined&user=u3',
+                  '/monitor/workflows?dag=diamond&sort=-name&page=20', '/monitor/dags',
+                  '/monitor/data', '/monitor/data?state=defined&datatype=TXT', '/monitor/datatypes',
+                  '/monitor/dags/diamond', '/monitor/workflows/{newest}')
+# A -> B, A -> C, B => D (two files), C -> D, D -> end (a noop), A -> end: 5 jobs, 7 data.
+DIAMOND = [('A', 'B', 'SEED'), ('A', 'C', 'SEED'), ('B', 'D', 'UPPER'), ('B', 'D', 'NOTE'),
+           ('C', 'D', 'REV'), ('D', 'end', 'RESULT'), ('A', 'end', 'LOG')]
+GRAPHML = """<?xml version="1.0" encoding="utf-8"?>
+<graphml xmlns="http://graphml.graphdrawing.org/xmlns">
+<key attr.name="payload" attr.type="string" for="node" id="payload"/>
+<key attr.name="jobtype" attr.type="string" for="node" id="jobtype"/>
+<key attr.name="name" attr.type="string" for="edge" id="name"/>
+<key attr.name="datatype" attr.type="string" for="edge" id="datatype"/>
+<key attr.name="datatag" attr.type="string" for="edge" id="datatag"/>
+<graph edgedefault="directed">
+%s
+</graph>
+</graphml>
+"""
 
 INSERT = """
 INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
@@ -97,6 +118,25 @@ def fill(path, jobs, pilots=200, span=86400, seed=1, now=None):
     return now
 
 
+def fill_workflows(path, n):
+    """Add n workflows of a five-job DAG, a third of them templates, the rest defined."""
+    st = p3s_server.configure(path)
+    now = p3s_server.utcnow()
+    p3s_server.add_datatype(st, {'name': 'TXT', 'ext': '.txt'}, now)
+    nodes = ['<node id="%s"><data key="payload">/bin/true</data></node>' % v for v in 'ABCD']
+    nodes.append('<node id="end"><data key="jobtype">noop</data></node>')
+    edges = ['<edge source="%s" target="%s"><data key="name">%s.txt</data><data key="datatype">'
+             'TXT</data><data key="datatag">%s</data></edge>' % (s, t, tag.lower(), tag)
+             for s, t, tag in DIAMOND]
+    p3s_server.add_dag(st, {'name': 'diamond', 'replace': True,
+                            'graphml': GRAPHML % '\n'.join(nodes + edges)}, now)
+    for i in range(n):
+        p3s_server.add_workflow(st, {'dag': 'diamond', 'name': 'night%d' % i,
+                                     'user': 'u%d' % (i % 7),
+                                     'state': 'defined' if i % 3 else 'template'}, now)
+    st.close()
+
+
 def wsgi_get(app, path):
     """GET path from the WSGI app in-process: (status code, headers, body text)."""
     env = {}
@@ -113,9 +153,11 @@ def wsgi_get(app, path):
 
 def time_pages(path, repeat=3):
     """Median and worst seconds per page, in-process (no HTTP), on the database at path."""
-    p3s_server.configure(path)
+    st = p3s_server.configure(path)
+    newest = st.db().execute('SELECT uuid FROM workflows ORDER BY id DESC LIMIT 1').fetchone()
+    pages = PAGES + (tuple(p.format(newest=newest[0]) for p in WORKFLOW_PAGES) if newest else ())
     out = {}
-    for page in PAGES:
+    for page in pages:
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
@@ -131,12 +173,15 @@ def main(argv=None):
     ap.add_argument('--db', required=True)
     ap.add_argument('--jobs', type=int, default=100000)
     ap.add_argument('--pilots', type=int, default=200)
+    ap.add_argument('--workflows', type=int, default=0, help='workflows of a five-job DAG')
     ap.add_argument('--no-fill', action='store_true', help='only time the pages')
     args = ap.parse_args(argv)
     if not args.no_fill:
         t0 = time.perf_counter()
         fill(args.db, args.jobs, args.pilots)
-        print('filled %d jobs in %.1f s' % (args.jobs, time.perf_counter() - t0))
+        fill_workflows(args.db, args.workflows)
+        print('filled %d jobs and %d workflows in %.1f s' % (args.jobs, args.workflows,
+                                                            time.perf_counter() - t0))
     for page, (median, worst) in time_pages(args.db).items():
         print('%-45s median %7.1f ms   max %7.1f ms' % (page, median * 1000, worst * 1000))
     return 0

@@ -103,3 +103,46 @@ def test_screenshots_on_a_laptop_and_a_wall_display(busy_server, clients, browse
             pg.screenshot(path=os.path.join(out, 'job.png'), full_page=True)
         context.close()
     assert os.path.getsize(os.path.join(out, 'dashboard.png')) > 10000
+
+
+def test_a_workflow_page_draws_its_graph(server, clients, page, tmp_path):
+    """A real workflow run by a real pilot: A feeds B and C, B passes two files to D (parallel
+    edges), C fails, so D and the final noop are cancelled. From the dashboard's count of failed
+    workflows to its page, whose graph links each node to its job."""
+    from test_workflows import NOOP, Flows, graphml, shell_job, txt
+    flows = Flows(clients, server, tmp_path)
+    d = str(flows.datadir)
+    nodes = {'generate': shell_job('echo hello > $SEED', priority=9),
+             'upper': shell_job('tr a-z A-Z < $SEED > $UPPER; echo b > $NOTE', priority=5),
+             'calibrate': shell_job('echo "no <calibration>" >&2; exit 3', priority=1),
+             'merge': shell_job('cat $UPPER $NOTE $CALIB > $RESULT'),
+             'publish': NOOP}
+    edges = [('generate', 'upper', txt('seed.txt', 'SEED', d)),
+             ('generate', 'calibrate', txt('seed.txt', 'SEED', d)),
+             ('upper', 'merge', txt('upper.txt', 'UPPER', d)),
+             ('upper', 'merge', txt('note.txt', 'NOTE', d)),
+             ('calibrate', 'merge', txt('calib.txt', 'CALIB', d)),
+             ('merge', 'publish', txt('result.txt', 'RESULT', d)),
+             ('generate', 'publish', txt('log.txt', 'LOG', d))]
+    flows.register_txt()
+    flows.dag(graphml(nodes, edges), name='calibration')
+    wf_uuid = flows.add('calibration', '-n', 'run 42 calibration', '-f', 'sticky', '-s',
+                        'defined')
+    clients.run_pilot('--cycles', '3', '--wait', '5')
+    jobs = flows.jobs(flows.wait(wf_uuid, 'failed')['uuid'])
+    page.goto(server.url)
+    page.click('a[data-workflows="failed"]')
+    page.click('a[href="/monitor/workflows/%s"]' % wf_uuid)
+    assert page.title() == 'Workflow run 42 calibration · p3s'
+    graph = page.locator('svg.graph')
+    assert graph.locator('a.node').count() == 5 and graph.locator('g.edge').count() == 7
+    assert graph.locator('rect.g-failed').count() == 1
+    assert graph.locator('rect.g-cancelled').count() == 2
+    assert graph.locator('text:text-is("NOTE")').count() == 1
+    box = graph.bounding_box()
+    assert box['width'] > 300 and box['height'] > 300
+    page.set_viewport_size({'width': 1400, 'height': 900})
+    page.screenshot(path=os.path.join(shots_dir(tmp_path), 'workflow.png'), full_page=True)
+    page.click('svg.graph a.node[href="/monitor/jobs/%s"]' % jobs['calibrate']['uuid'])
+    assert page.url.endswith('/monitor/jobs/' + jobs['calibrate']['uuid'])
+    assert page.inner_text('#stderr').strip() == 'no <calibration>'

@@ -50,13 +50,17 @@ def plan(store, sql, **params):
 
 
 def test_claim_plan_stays_on_indexes(store):
-    """The claim reads the queue index from the top and counts capped types through an index,
-    once per claim: no sort, no scan of the jobs table (reference/limits.md 1b)."""
-    steps = plan(store, srv.CLAIM_JOB, pilot='p', host='h', site='', jobtypes='[]', now=T0)
+    """Both forms of the claim read queue indexes from the top, and the capped types are counted
+    through an index: no sort of jobs, no scan of the jobs table (reference/limits.md 1b)."""
+    params = dict(pilot='p', host='h', site='', jobtypes='[]', now=T0, blocked='[]')
+    steps = plan(store, srv.CLAIM_JOB, **params)
     assert 'SCAN jobs USING INDEX jobs_queue' in steps
-    assert 'SEARCH held USING INDEX jobs_active (jobtype=?)' in steps
     assert not [s for s in steps if 'TEMP B-TREE' in s or s == 'SCAN jobs']
-    assert not [s for s in steps if 'CORRELATED LIST' in s]     # the capped set: computed once
+    by_type = plan(store, srv.CLAIM_JOB_BY_TYPE, **params)
+    assert 'SEARCH jobs USING INDEX jobs_type_queue (jobtype=?)' in by_type
+    assert 'SEARCH jobs USING INDEX jobs_type_queue (jobtype>?)' in by_type    # the skip-scan
+    assert not [s for s in by_type if s == 'SCAN jobs']
+    assert 'SEARCH held USING INDEX jobs_active (jobtype=?)' in plan(store, srv.BLOCKED_JOBTYPES)
     assert plan(store, srv.STALE_JOBS, now=T0) == [
         'SEARCH jobs USING INDEX jobs_deadline (deadline_at>? AND deadline_at<?)']
 

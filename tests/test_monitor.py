@@ -107,14 +107,15 @@ def test_dashboard_queries_read_indexes_only(store):
     fill(store.path, 500, pilots=5)
     db = store.db()
     params = {'since': ago(60), 'state': 'failed', 'jobtype': 'reco', 'cap': 10, 'limit': 10,
-              'cutoff': ago(600), 'states': '["failed"]', 'pilot': 'x', 'name': 'jobtypes'}
+              'cutoff': ago(600), 'states': '["failed"]', 'pilot': 'x', 'name': 'jobtypes',
+              'workflow': 'w', 'dag': 'd'}
     names = [n for n in dir(srv) if n.startswith('MON_') and isinstance(getattr(srv, n), str)
              and 'SELECT' in getattr(srv, n) and n != 'MON_JOBTYPE_CAPS']
     assert len(names) >= 10
     for name in names:
         plan = [r[3] for r in db.execute('EXPLAIN QUERY PLAN ' + getattr(srv, name), params)]
         for step in plan:
-            if re.search(r'\b(SCAN|SEARCH) jobs\b', step):
+            if re.search(r'\b(SCAN|SEARCH) (jobs|workflows|data)\b', step):
                 assert 'INDEX' in step, (name, plan)
         assert not any('TEMP B-TREE FOR ORDER BY' in step for step in plan), (name, plan)
     for sort in ('-id', 'state', '-defined_at', '-stopped_at'):
@@ -309,7 +310,7 @@ def test_summary_client_prints_the_dashboard(clients, server):
     clients.submit([make_job('/bin/true', jobtype='reco'), make_job('/bin/false', jobtype='reco')])
     clients.run_pilot('--cycles', '2')
     text = clients.run('job', '--summary', check=0).stdout
-    assert 'jobs:   failed 1, finished 1' in text
+    assert 'jobs:   failed 1, finished 1' in text and 'workflows: none' in text
     assert re.search(r'^reco\s+0\s+0\s+0\s+1\s+1$', text, re.M), text
     assert re.search(r'^WARN\s+Live pilots\s+No live pilots', text, re.M), text
     s = json.loads(clients.run('job', '--summary', '--json', check=0).stdout)
@@ -323,7 +324,10 @@ def test_docs_describe_every_monitor_page():
     doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'docs', 'monitor.md')).read()
     for route in srv.app.routes:
         if route.rule == '/' or route.rule.startswith('/monitor/'):
-            documented = re.sub(r'<\w+_uuid>', '<uuid>', route.rule)
+            documented = re.sub(r'<\w+_uuid>', '<uuid>', re.sub(r'<(\w+):\w+>', r'<\1>',
+                                                                 route.rule))
             assert '`%s`' % documented in doc or '`%s ' % documented in doc, route.rule
-    for key in srv.MON_JOB_SORTS + srv.MON_PILOT_SORTS:
+    for key in (srv.MON_JOB_SORTS + srv.MON_PILOT_SORTS + srv.MON_WORKFLOW_SORTS
+                + srv.MON_DAG_SORTS + srv.MON_DATA_SORTS + srv.MON_DATATYPE_SORTS
+                + srv.MON_SITE_SORTS + srv.MON_SERVICE_SORTS):
         assert '`%s`' % key in doc, key

@@ -147,10 +147,11 @@ def test_purge_removes_old_terminal_records_in_batches(store, monkeypatch):
         srv.report_job(store, me, {'uuid': job, 'state': 'finished', 'errcode': 0, 'pid': 1,
                                    'stdout': 'x', 'stderr': ''}, srv.utcnow())
     srv.request_work(store, me, srv.utcnow())              # one stays dispatched
+    srv.add_service_message(store, {'name': 'cron', 'message': 'old note'}, srv.utcnow())
     srv.stop_pilot(store, pilot(store), 'stopped', srv.utcnow())
     now = srv.utcnow()
-    assert srv.purge(store, now, 3600) == {'jobs': 0, 'pilots': 0, 'workflows': 0}
-    assert srv.purge(store, later(now, 7200), 3600) == {'jobs': 25, 'pilots': 1, 'workflows': 0}
+    assert srv.purge(store, now, 3600) == {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0}
+    assert srv.purge(store, later(now, 7200), 3600) == {'jobs': 25, 'pilots': 1, 'workflows': 0, 'services': 1}
     left = store.db().execute('SELECT state, count(*) FROM jobs GROUP BY state').fetchall()
     assert dict(map(tuple, left)) == {'defined': 4, 'dispatched': 1}
     assert store.db().execute('SELECT count(*) FROM joblogs').fetchone()[0] == 0
@@ -169,7 +170,7 @@ def test_check_and_purge_commands(tmp_path, clients, server):
     assert 'integrity: ok' in check.stdout and 'finished 3' in check.stdout
     purged = run_server_command('purge', '--older', '0s', '--db', server.db)
     assert purged.returncode == 0, purged.stderr
-    assert 'purged 0 workflows, 3 other jobs and 1 pilots' in purged.stdout
+    assert 'purged 0 workflows, 3 other jobs, 1 pilots and 0 service messages' in purged.stdout
     assert server.jobs() == []
     bad = run_server_command('purge', '--older', 'soon', '--db', server.db)
     assert bad.returncode == 2 and 'not a duration' in bad.stderr
@@ -216,6 +217,12 @@ def test_tokens_guard_every_state_change(tmp_path):
                           env={'P3S_PILOT_TOKEN': 'pilot-secret'})
         assert {j['state'] for j in server.jobs()} == {'finished'}
         assert clients.run('pilot', env={'P3S_PILOT_TOKEN': 'wrong'}).returncode == 1
+        site = tmp_path / 'site.json'
+        site.write_text(json.dumps({'name': 'node7', 'pilotbeat': '3'}))
+        both = {'P3S_TOKEN': 'admin-secret', 'P3S_PILOT_TOKEN': 'pilot-secret'}
+        clients.run('pilot', '--define-site', str(site), env=both, check=0)
+        assert clients.run('pilot', '--define-site', str(site),
+                           env={'P3S_PILOT_TOKEN': 'pilot-secret'}).returncode == 1
     finally:
         clients.cleanup()
         server.stop()

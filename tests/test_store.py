@@ -68,6 +68,31 @@ def test_claim_walks_the_queue_index_without_sorting(store):
     assert not any(s == 'SCAN jobs' for s in steps), steps
 
 
+def test_both_claims_hand_out_jobs_in_the_same_order(store):
+    """The walk by type (used when types are blocked or filtered) must keep the order of the
+    plain walk: priority, then first defined, across types."""
+    import random
+    rng = random.Random(7)
+    now = srv.utcnow()
+    db = store.db()
+    db.executemany("INSERT INTO jobs (uuid, payload, jobtype, priority, state, created_at, defined_at) "
+                   "VALUES (:uuid, 'x', :jobtype, :priority, 'defined', :now, :defined)",
+                   [{'uuid': 'u%d' % i, 'jobtype': rng.choice('abcde'), 'priority': rng.randint(-2, 2),
+                     'now': now, 'defined': later(now, rng.randint(0, 50))} for i in range(300)])
+    params = {'pilot': 'p', 'host': 'h', 'site': '', 'jobtypes': '[]', 'now': later(now, 99),
+              'blocked': '[]'}
+    orders = []
+    for sql in (srv.CLAIM_JOB, srv.CLAIM_JOB_BY_TYPE):
+        taken = [r['uuid'] for r in iter(lambda: db.execute(sql, params).fetchone(), None)]
+        db.execute("UPDATE jobs SET state = 'defined', pilot = NULL, dispatched_at = NULL")
+        orders.append(taken)
+    assert len(orders[0]) == 300 and orders[0] == orders[1]
+    blocked = dict(params, blocked='["a", "b"]', jobtypes='["b", "c"]')
+    only_c = [r['jobtype'] for r in iter(lambda: db.execute(srv.CLAIM_JOB_BY_TYPE, blocked).fetchone(), None)]
+    assert set(only_c) == {'c'} and len(only_c) == db.execute(
+        "SELECT count(*) FROM jobs WHERE jobtype = 'c'").fetchone()[0]
+
+
 def test_sixteen_threads_claim_500_jobs_exactly_once(store):
     submitted = set(submit(store, 500))
     pilots = [pilot(store) for _ in range(16)]

@@ -31,6 +31,14 @@
 </table>
 </section>
 <section class="panel">
+<h2>Workflows</h2>
+<table class="counts">
+% for state, n, href in d['workflows']:
+<tr class="state {{state}}"><th>{{state}}</th><td><a href="{{href}}" data-workflows="{{state}}">{{n}}</a></td></tr>
+% end
+</table>
+</section>
+<section class="panel">
 <h2>Timeline of job states</h2>
 <table class="counts timeline">
 <tr><th></th>
@@ -102,10 +110,10 @@
 </section>
 % if d.get('services'):
 <section class="panel">
-<h2>Service messages <small>latest notes of payloads and cron scripts</small></h2>
-<table class="counts">
+<h2>Service messages <small>latest notes of payloads and cron scripts · <a href="{{d['services_href']}}">all of them</a></small></h2>
+<table class="services">
 % for m in d['services']:
-<tr><td>{{m['created_at'][:19]}}</td><th>{{m['name']}}</th><td>{{m['message']}}</td></tr>
+<tr><td>{{m['when']}}</td><th><a href="{{m['href']}}">{{m['name']}}</a></th><td>{{m['message']}}</td></tr>
 % end
 </table>
 </section>

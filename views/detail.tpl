@@ -27,9 +27,19 @@
 % end
 </section>
 % end
-% if table:
+% if graph:
 <section class="panel wide">
-<h2>{{table['title']}} <small><a href="{{table['more']}}">all of them, with filters</a></small></h2>
+<h2>Graph</h2>
+% include('graph', graph=graph)
+</section>
+% end
+% for table in tables:
+<section class="panel wide">
+<h2>{{table['title']}}
+% if table['more']:
+<small><a href="{{table['more']}}">all of them, with filters</a></small>
+% end
+</h2>
 % include('table', heads=table['heads'], rows=table['rows'])
 </section>
 % end

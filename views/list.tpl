@@ -1,11 +1,13 @@
 % rebase('base', page=page)
 <section class="panel wide">
 <form class="filters" method="get" action="{{form['action']}}">
+% if form['states']:
 <fieldset class="states"><legend>state</legend>
 % for state, on in form['states']:
 <label><input type="checkbox" name="state" value="{{state}}"{{' checked' if on else ''}}> {{state}}</label>
 % end
 </fieldset>
+% end
 % for name, value in form['fields']:
 <label>{{name}} <input type="text" name="{{name}}" value="{{value}}" size="12"></label>
 % end
