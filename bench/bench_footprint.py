@@ -33,6 +33,8 @@ PERIOD = 5.0               # p3s_pilot.py --period default
 WAIT = 20.0                # p3s_pilot.py --wait default
 WINDOW = 5.0               # seconds per CPU measurement (one period)
 PROCESSES = 4
+USE_WAITED = False         # True: sleep whenever the reply says waited=False (NOTES.md); the
+                           # real pilot sleeps only when the reply came sooner than its period
 
 
 def pilot_rss(n):
@@ -55,7 +57,8 @@ def idle_pilot(port, stop_at):
         reply = post(port, '/api/pilots/%s/work' % me, {'wait': WAIT})
         if reply.get('state') != 'idle':
             raise RuntimeError('an idle pilot got %s' % reply)
-        if time.monotonic() - started < min(WAIT, PERIOD):
+        if (USE_WAITED and reply.get('waited') is False) or \
+                time.monotonic() - started < min(WAIT, PERIOD):
             time.sleep(PERIOD)
 
 
