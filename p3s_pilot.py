@@ -152,6 +152,15 @@ def wait_exit(proc, timeout):
     return proc.wait(timeout)
 
 
+def open_logs(joblog, out_path, err_path):
+    """The job's .out and .err, creating the directory the first time it is missing."""
+    try:
+        return open(out_path, 'wb'), open(err_path, 'wb')
+    except FileNotFoundError:
+        os.makedirs(joblog, exist_ok=True)
+        return open(out_path, 'wb'), open(err_path, 'wb')
+
+
 def read_tail(path, size=LOG_TAIL):
     try:
         with open(path, 'rb') as f:
@@ -347,8 +356,7 @@ class Pilot:
         sandbox = None
         log.info('job %s (%s): %s', job_uuid, job['jobtype'], job['payload'])
         try:
-            os.makedirs(self.args.joblog, exist_ok=True)
-            out, err = open(out_path, 'wb'), open(err_path, 'wb')
+            out, err = open_logs(self.args.joblog, out_path, err_path)
         except OSError as e:
             log.error('job %s: cannot write its logs in %s: %s', job_uuid, self.args.joblog, e)
             return {'job': job_uuid, 'state': 'nonstarter', 'errcode': None, 'pid': None,

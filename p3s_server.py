@@ -1267,7 +1267,9 @@ def apply_report(db, pilot, rep, now):
                 'error': 'job %s is not held by pilot %s' % (rep['uuid'], pilot['uuid'])}, []
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot), []
-    woken = []
+    # This runs for every job: only the statements a report needs (retries only for a
+    # nonstarter, the workflow engine only for a workflow's job).
+    woken, state = [], held['state']
     if rep['state'] == 'running':
         changed = db.execute(START_JOB, params).rowcount
         if changed:
@@ -1276,12 +1278,14 @@ def apply_report(db, pilot, rep, now):
         changed = db.execute(FINISH_JOB, params).rowcount
         if changed:
             db.execute(PILOT_JOB_DONE, params)
-            woken = retry_jobs(db, [rep['uuid']])
+            if rep['state'] == 'nonstarter':
+                woken = retry_jobs(db, [rep['uuid']])
         if rep['stdout'] or rep['stderr']:
             db.execute(SAVE_JOB_LOGS, params)
     if changed:
-        woken += workflow_hook(db, [rep['uuid']], now)
-    state = db.execute(GET_JOB_HOLDER, params).fetchone()['state']
+        state = 'defined' if woken else rep['state']
+        if held['workflow']:
+            woken += workflow_hook(db, [rep['uuid']], now)
     if rep['state'] == 'running' and state not in ACTIVE_STATES:
         return {'status': 'KILL', 'state': state, 'changed': False}, woken
     return {'status': 'OK', 'state': state, 'changed': bool(changed)}, woken
@@ -1872,7 +1876,10 @@ def set_cap(store, body, now):
 def wake_capped(store, job_uuid=None, names=None, uncapped=False):
     """Wake a waiting pilot for each free slot of a capped type: the type of one job that just
     ended, the named types, or every type. A job of an uncapped type woke a pilot when it was
-    queued, so uncapped types are woken only when asked (a cap was just removed)."""
+    queued, so uncapped types are woken only when asked (a cap was just removed). With no
+    pilot waiting there is nobody to wake (one that starts waiting claims first)."""
+    if not len(store.waiters):
+        return
     db = store.db()
     if job_uuid is not None:
         row = db.execute(GET_JOBTYPE_OF, {'uuid': job_uuid}).fetchone()
