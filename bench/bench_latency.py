@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Benchmark 1, latency: an idle pool of 4 real pilots, one job submitted at a time.
+
+submit -> start is started_at - defined_at and submit -> finished is stopped_at - defined_at,
+both from the server's own timestamps. Each run starts a fresh server and pool and submits
+200 jobs (`/bin/true`), one after the other, each once the previous one has finished.
+Also: parent finished -> child started inside a workflow, once workflows exist (issue 3).
+
+    python bench/bench_latency.py [--quick]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import cell, ms, percentile, ts  # noqa: E402
+
+PILOTS = 4
+JOBS = 200
+RUNS = 5
+PAYLOAD = '/bin/true'
+SPACING = 0.01        # seconds between one job finishing and the next submission
+JOB_TIMEOUT = 10.0
+
+
+def one_job(server):
+    """Submit one job, wait for it to finish; returns the job as stored."""
+    uuid = server.api('POST', '/api/jobs', [{'payload': PAYLOAD, 'name': 'latency'}])['uuids'][0]
+    give_up = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < give_up:
+        time.sleep(0.002)
+        job = server.api('GET', '/api/jobs/' + uuid)
+        if job['state'] not in ('defined', 'dispatched', 'running'):
+            return job
+    raise RuntimeError('job %s did not finish within %.0f s' % (uuid, JOB_TIMEOUT))
+
+
+def run_once(jobs):
+    with common.Server() as server:
+        common.start_pilots(server, PILOTS, '--cycles', '0')
+        common.wait_for(lambda: common.idle_pilots(server, PILOTS), 30, 'the pilots to wait')
+        time.sleep(0.2)
+        start, finish, dispatch = [], [], []
+        for _ in range(jobs):
+            job = one_job(server)
+            assert job['state'] == 'finished', job
+            defined = ts(job['defined_at'])
+            start.append(ms(ts(job['started_at']) - defined))
+            finish.append(ms(ts(job['stopped_at']) - defined))
+            dispatch.append(ms(ts(job['dispatched_at']) - defined))
+            time.sleep(SPACING)
+    return start, finish, dispatch
+
+
+def workflow_latency(runs, workflows):
+    """parent finished -> child started: n/a until workflows are merged (issue 3)."""
+    if not common.workflows_available():
+        return None
+    import bench_workflow
+    return bench_workflow.parent_child(runs, workflows)
+
+
+def run(quick=False):
+    runs, jobs = (2, 50) if quick else (RUNS, JOBS)
+    per_run = {'start50': [], 'start99': [], 'fin50': [], 'fin99': [], 'disp50': [],
+               'disp99': []}
+    for _ in range(runs):
+        start, finish, dispatch = run_once(jobs)
+        per_run['disp50'].append(percentile(dispatch, 50))
+        per_run['disp99'].append(percentile(dispatch, 99))
+        per_run['start50'].append(percentile(start, 50))
+        per_run['start99'].append(percentile(start, 99))
+        per_run['fin50'].append(percentile(finish, 50))
+        per_run['fin99'].append(percentile(finish, 99))
+    rows = [
+        ['submit → start', cell(per_run['start50']), cell(per_run['start99'])],
+        ['(of which submit → dispatch)', cell(per_run['disp50']), cell(per_run['disp99'])],
+        ['submit → finished', cell(per_run['fin50']), cell(per_run['fin99'])],
+    ]
+    figures = {
+        'start_p50': common.summary(per_run['start50'])[0],
+        'start_p99': common.summary(per_run['start99'])[0],
+    }
+    wf = workflow_latency(runs, min(jobs, 100))
+    if wf is None:
+        rows.append(['parent finished → child started (workflow)', 'n/a (no workflows yet)',
+                     'n/a'])
+    else:
+        rows.append(['parent finished → child started (workflow)', cell(wf['p50']),
+                     cell(wf['p99'])])
+        figures['parent_child_p50'] = common.summary(wf['p50'])[0]
+    text = common.table(
+        'Latency: idle pool of %d real pilots, one job at a time (ms)' % PILOTS,
+        ['figure', 'p50 ms, median [min–max] of runs', 'p99 ms, median [min–max] of runs'],
+        rows, note='%d runs of %d `/bin/true` jobs each; fresh server (default `--sync full`) '
+             'and pilots (`--cycles 0`, default `--wait 20`) per run; server timestamps.'
+             % (runs, jobs))
+    return {'tables': [text], 'figures': figures}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--quick', action='store_true', help='fewer runs and jobs')
+    args = ap.parse_args()
+    print(common.machine_line())
+    print(run(args.quick)['tables'][0])
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Benchmark 2, throughput with real pilots: 5,000 `/bin/true` jobs, 8 real p3s_pilot.py.
+
+The jobs are queued first (one submission), then the pilots start; jobs/s is counted from the
+first dispatch to the last finish (server timestamps). After the last job, the pool sits idle
+for 3 s and one more job is submitted: its submit -> start is the "first job after idleness".
+
+    python bench/bench_throughput.py [--quick] [--sync normal|full]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import cell, ms, ts  # noqa: E402
+
+PILOTS = 8
+JOBS = 5000
+RUNS = 5
+IDLE = 3.0
+RUN_TIMEOUT = 300
+
+
+def all_done(server, n):
+    counts = server.api('GET', '/api/summary')['jobs']
+    done = sum(v for k, v in counts.items() if k not in ('defined', 'dispatched', 'running'))
+    return done >= n
+
+
+def run_once(jobs, sync, joblog_base=None):
+    with common.Server(args=['--sync', sync]) as server:
+        server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'tp%d' % i}
+                                         for i in range(jobs)])
+        common.start_pilots(server, PILOTS, '--cycles', '0',
+                            workdir=common.tmpdir(base=joblog_base))
+        common.wait_for(lambda: all_done(server, jobs), RUN_TIMEOUT, 'the jobs to finish', 0.25)
+        rows = server.jobs()
+        states = {}
+        for j in rows:
+            states[j['state']] = states.get(j['state'], 0) + 1
+        if states != {'finished': jobs}:
+            raise RuntimeError('jobs did not all finish once: %s' % states)
+        first = min(ts(j['dispatched_at']) for j in rows)
+        last = max(ts(j['stopped_at']) for j in rows)
+        rate = jobs / (last - first)
+        common.wait_for(lambda: common.idle_pilots(server, 1), 30, 'a pilot to wait')
+        time.sleep(IDLE)
+        uuid = server.api('POST', '/api/jobs',
+                          [{'payload': '/bin/true', 'name': 'idle'}])['uuids'][0]
+        job = common.wait_for(lambda: (lambda j: j if j['started_at'] else None)(
+            server.api('GET', '/api/jobs/' + uuid)), 10, 'the idle job to start', 0.01)
+        idle_start = ms(ts(job['started_at']) - ts(job['defined_at']))
+    return rate, idle_start
+
+
+def run(quick=False, syncs=('full', 'normal')):
+    runs, jobs = (2, 1000) if quick else (RUNS, JOBS)
+    rows, figures = [], {}
+    for sync in syncs:
+        rates, idles = [], []
+        for _ in range(runs):
+            rate, idle = run_once(jobs, sync)
+            rates.append(rate)
+            idles.append(idle)
+        rows.append(['`--sync %s`%s' % (sync, ' (default)' if sync == 'full' else ''),
+                     cell(rates), cell(idles)])
+        figures['jobs_per_s_' + sync] = common.summary(rates)[0]
+        figures['idle_start_' + sync] = common.summary(idles)[0]
+    text = common.table(
+        'Throughput: %d real pilots, `/bin/true` jobs' % PILOTS,
+        ['server', 'jobs/s, first dispatch → last finish', 'first job after %.0f s idle, '
+         'submit → start ms' % IDLE], rows,
+        note='%d runs of %d jobs per setting, median [min–max]; fresh server per run; '
+             'every job checked finished exactly once.' % (runs, jobs))
+    return {'tables': [text], 'figures': figures}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--quick', action='store_true', help='fewer runs and jobs')
+    ap.add_argument('--sync', choices=('normal', 'full'), action='append',
+                    help='server --sync setting(s) to measure (default both)')
+    args = ap.parse_args()
+    print(common.machine_line())
+    print(run(args.quick, args.sync or ('full', 'normal'))['tables'][0])
+
+
+if __name__ == '__main__':
+    main()
