@@ -426,7 +426,6 @@ class Pilot:
     def step(self):
         """One cycle: ask for work (delivering the last report), run what comes. Returns whether
         the pilot goes on."""
-        started = time.monotonic()
         reply = self.request_work()
         if reply.get('status') == 'STOP':
             log.warning('server says stop: this pilot is %s', reply.get('state'))
@@ -434,8 +433,8 @@ class Pilot:
             return False
         if reply.get('state') == 'dispatched':
             self.pending = self.run_job(reply['job'])
-        elif time.monotonic() - started < min(self.args.wait, self.args.period):
-            self.sleep(self.args.period)          # the server could not hold the request
+        elif not reply.get('waited'):
+            self.sleep(self.args.period)          # the server did not hold the request
         if self.cycles_left is not None:
             self.cycles_left -= 1
         return not self.gone and not self.signalled and self.cycles_left != 0

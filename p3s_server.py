@@ -715,8 +715,12 @@ class Store:
     (reference/limits.md 1c).
     """
 
-    def __init__(self, path, sync='full', max_waiters=DEFAULT_MAX_WAITERS):
+    def __init__(self, path, sync='full', max_waiters=DEFAULT_MAX_WAITERS,
+                 pilot_timeout=DEFAULT_PILOT_TIMEOUT):
         self.path = path
+        # An idle pilot's heartbeat is written at most this often, so that an idle poll that
+        # finds nothing commits nothing (no fsync); the sweep still sees it alive.
+        self.idle_touch = pilot_timeout / 6
         self.sync = sync
         self.local = threading.local()
         self.write_lock = threading.Lock()
@@ -1179,7 +1183,7 @@ def request_work(store, pilot_uuid, now, report=None):
         note = None
         if report is not None:
             note, woken = apply_report(db, pilot, report, now)
-        reply = claim_for(db, pilot, now)
+        reply = claim_for(db, pilot, now, seconds_before(now, store.idle_touch))
     store.waiters.wake(woken)
     if note is not None:
         wake_after_report(store, report, note)
@@ -1187,8 +1191,9 @@ def request_work(store, pilot_uuid, now, report=None):
     return reply, pilot
 
 
-def claim_for(db, pilot, now):
-    """The pilot's undelivered job, else the best queued job it may run, else idle."""
+def claim_for(db, pilot, now, touch_before):
+    """The pilot's undelivered job, else the best queued job it may run, else idle. An idle
+    pilot seen since `touch_before` is not written again."""
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot)
     params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
@@ -1196,7 +1201,8 @@ def claim_for(db, pilot, now):
     job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
            or claim(db, params))
     if job is None:
-        db.execute(PILOT_IDLE, params)
+        if pilot['state'] != 'idle' or pilot['last_seen'] < touch_before:
+            db.execute(PILOT_IDLE, params)
         return {'status': 'OK', 'state': 'idle'}
     db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
     return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}
@@ -1230,6 +1236,7 @@ def wait_for_work(store, pilot_uuid, wait, report=None):
             reply, _ = request_work(store, pilot_uuid, utcnow())
             remaining = give_up - time.monotonic()
             if reply['state'] != 'idle' or remaining <= 0:
+                reply = dict(reply, waited=True) if reply['state'] == 'idle' else reply
                 return dict(reply, report=note) if note else reply
             waiter.event.wait(remaining)
             waiter.event.clear()
@@ -3292,7 +3299,7 @@ def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT,
               max_waiters=DEFAULT_MAX_WAITERS, token=None, pilot_token=None, private=False):
     """Attach a database and the access policy to the app; returns the Store."""
     check_sqlite()
-    st = Store(db_path, sync, max_waiters)
+    st = Store(db_path, sync, max_waiters, pilot_timeout)
     app.config.update({'p3s.store': st, 'p3s.pilot_timeout': pilot_timeout, 'p3s.token': token,
                        'p3s.pilot_token': pilot_token, 'p3s.private': private,
                        'p3s.started': utcnow()})

@@ -276,3 +276,18 @@ def test_readme_documents_make_commands_and_every_api_route():
         if route.rule.startswith('/api/') and route.rule != '/api/ping':
             rule = re.sub(r'<[^>]*>', '<>', route.rule)
             assert '%s %s' % (route.method, rule) in docs, (route.method, route.rule)
+
+
+def test_idle_polls_write_only_now_and_then(store):
+    me = pilot(store)
+    now = srv.utcnow()
+    assert srv.request_work(store, me, now)[0] == {'status': 'OK', 'state': 'idle'}
+    seen = srv.get_pilot(store, me)['last_seen']
+    db = store.db()
+    changes = db.total_changes
+    srv.request_work(store, me, later(now, store.idle_touch / 2))
+    assert db.total_changes == changes                      # nothing written, nothing synced
+    assert srv.get_pilot(store, me)['last_seen'] == seen
+    srv.request_work(store, me, later(now, store.idle_touch + 1))
+    assert srv.get_pilot(store, me)['last_seen'] == later(now, store.idle_touch + 1)
+    assert srv.wait_for_work(store, me, 0.05) == {'status': 'OK', 'state': 'idle', 'waited': True}
