@@ -33,8 +33,6 @@ PERIOD = 5.0               # p3s_pilot.py --period default
 WAIT = 20.0                # p3s_pilot.py --wait default
 WINDOW = 5.0               # seconds per CPU measurement (one period)
 PROCESSES = 4
-USE_WAITED = False         # True: sleep whenever the reply says waited=False (NOTES.md); the
-                           # real pilot sleeps only when the reply came sooner than its period
 
 
 def pilot_rss(n):
@@ -53,12 +51,10 @@ def idle_pilot(port, stop_at):
     post(port, '/api/pilots', {'uuid': me, 'host': 'bench-idle', 'pid': os.getpid()})
     time.sleep(random.uniform(0, PERIOD))
     while time.time() < stop_at:
-        started = time.monotonic()
         reply = post(port, '/api/pilots/%s/work' % me, {'wait': WAIT})
         if reply.get('state') != 'idle':
             raise RuntimeError('an idle pilot got %s' % reply)
-        if (USE_WAITED and reply.get('waited') is False) or \
-                time.monotonic() - started < min(WAIT, PERIOD):
+        if not reply.get('waited'):         # as p3s_pilot.py: sleep unless the server held it
             time.sleep(PERIOD)
 
 
