@@ -175,6 +175,24 @@ def clients(tmp_path, server):
     c.cleanup()
 
 
+@pytest.fixture
+def store(tmp_path):
+    """An in-process server's database (p3s_server.configure) in a temporary file."""
+    import p3s_server
+    st = p3s_server.configure(str(tmp_path / 'p3s.db'))
+    yield st
+    st.close()
+
+
+def monitor_get(path, status=200):
+    """A page of the in-process app (monitor and API), checked for its status."""
+    import p3s_server
+    from synthetic import wsgi_get
+    code, headers, body = wsgi_get(p3s_server.app, path)
+    assert code == status, (path, code, body[:2000])
+    return body
+
+
 def make_job(payload, **fields):
     job = {'name': 'test', 'jobtype': 'test', 'payload': payload, 'timeout': '100',
            'priority': '0', 'state': 'defined', 'env': {}}

@@ -7,7 +7,6 @@ SQL, and time the monitor pages in-process.
 Also imported by the tests: fill() for a busy database, wsgi_get() to call the app in-process.
 """
 import argparse
-import json
 import os
 import random
 import sqlite3

@@ -7,9 +7,9 @@ import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
 
-import pytest
 
 import p3s_server as srv
+from conftest import monitor_get as get
 from synthetic import fill, wsgi_get
 
 PAGES = ('/', '/api/summary', '/monitor/jobs', '/monitor/pilots',
@@ -17,19 +17,6 @@ PAGES = ('/', '/api/summary', '/monitor/jobs', '/monitor/pilots',
          '/monitor/jobs?state=error', '/monitor/jobs?jobtype=reco&user=shifter&page=3',
          '/monitor/pilots?state=lost&sort=-last_seen')
 EVIL = '<script>alert("x")</script>'
-
-
-@pytest.fixture
-def store(tmp_path):
-    st = srv.configure(str(tmp_path / 'p3s.db'))
-    yield st
-    st.close()
-
-
-def get(path, status=200):
-    code, headers, body = wsgi_get(srv.app, path)
-    assert code == status, (path, code, body[:2000])
-    return body
 
 
 def get_json(path):

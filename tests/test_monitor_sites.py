@@ -2,25 +2,12 @@
 newest first, the name filter, sorting, escaping, the dashboard's messages, query plans."""
 import re
 
-import pytest
 
 import p3s_server as srv
-from synthetic import fill, wsgi_get
+from conftest import monitor_get as get
+from synthetic import fill
 
 EVIL = '<script>alert("x")</script>'
-
-
-@pytest.fixture
-def store(tmp_path):
-    st = srv.configure(str(tmp_path / 'p3s.db'))
-    yield st
-    st.close()
-
-
-def get(path, status=200):
-    code, headers, body = wsgi_get(srv.app, path)
-    assert code == status, (path, code, body[:2000])
-    return body
 
 
 def site(store, name, **fields):

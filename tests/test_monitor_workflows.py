@@ -3,27 +3,14 @@ busy database, filters, sorting, paging, the graph drawn as SVG, 404s, escaping,
 import re
 from xml.sax.saxutils import escape
 
-import pytest
 
 import p3s_server as srv
-from synthetic import fill, wsgi_get
+from conftest import monitor_get as get
+from synthetic import fill
 from test_workflows import NOOP, graphml, shell_job, txt
 
 EVIL = '<script>alert("x")</script>'
 LISTINGS = ('/monitor/workflows', '/monitor/dags', '/monitor/data', '/monitor/datatypes')
-
-
-@pytest.fixture
-def store(tmp_path):
-    st = srv.configure(str(tmp_path / 'p3s.db'))
-    yield st
-    st.close()
-
-
-def get(path, status=200):
-    code, headers, body = wsgi_get(srv.app, path)
-    assert code == status, (path, code, body[:2000])
-    return body
 
 
 def diamond(name='diamond', priority=99):

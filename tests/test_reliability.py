@@ -11,7 +11,7 @@ import time
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, api, free_port, make_job, pid_alive, wait_for
+from conftest import ROOT, Clients, Server, free_port, make_job, pid_alive, wait_for
 from test_store import later, pilot, store, submit  # noqa: F401  (the store fixture)
 
 

@@ -5,7 +5,7 @@ import os
 import sqlite3
 import threading
 import wsgiref.util
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import pytest
 
