@@ -305,6 +305,8 @@ INTEGRITY_CHECK = 'PRAGMA integrity_check'
 COUNT_PILOTS_BY_STATE = 'SELECT state, count(*) AS n FROM pilots GROUP BY state'
 
 # Listing filters: fixed fragments, chosen by which filters are given; values are bound.
+LIST_JOBS = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
+LIST_PILOTS = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots'
 JOB_FILTERS = {
     'state': 'state = :state',
     'states': 'state IN (SELECT value FROM json_each(:states))',
@@ -385,6 +387,7 @@ SELECT count(*) FROM jobs WHERE workflow = :workflow AND state IN ('dispatched',
 DELETE_WORKFLOW_JOBS = 'DELETE FROM jobs WHERE workflow = :workflow'
 DELETE_WORKFLOW_DATA = 'DELETE FROM data WHERE workflow = :workflow'
 DELETE_WORKFLOW = 'DELETE FROM workflows WHERE uuid = :workflow'
+LIST_WORKFLOWS = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows'
 WORKFLOW_FILTERS = {
     'state': 'state = :state',
     'states': 'state IN (SELECT value FROM json_each(:states))',
@@ -537,12 +540,14 @@ UPDATE data SET name = coalesce(:name, name), dirpath = coalesce(:dirpath, dirpa
  WHERE uuid = :uuid
 """
 DELETE_DATA = 'DELETE FROM data WHERE uuid = :uuid'
+LIST_DATA = 'SELECT ' + DATA_COLUMNS + ' FROM data'
 DATA_FILTERS = {
     'name': 'name = :name',
     'state': 'state = :state',
     'datatype': 'datatype = :datatype',
     'workflow': 'workflow = :workflow',
     'dirpath': 'dirpath = :dirpath',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
 }
 # The injector's exactly-once: the first claim of a file's path wins, in the transaction that
 # also submits its jobs; every later claim, by any injector, finds the row.
@@ -646,7 +651,6 @@ MON_SERVICE_ORDER = order_fragments(MON_SERVICE_SORTS)
 # The workflow and data listings' filters: the API's, and the columns the monitor filters on.
 MON_WORKFLOW_FILTERS = dict(WORKFLOW_FILTERS, dag='dag = :dag', name='name = :name')
 MON_DAG_FILTERS = {'user': 'user = :user', 'name': 'name = :name'}
-MON_DATA_FILTERS = dict(DATA_FILTERS, states='state IN (SELECT value FROM json_each(:states))')
 MON_NAME_FILTER = {'name': 'name = :name'}        # datatypes, sites, services
 MON_DATATYPE_COLUMNS = 'rowid AS id, ' + DATATYPE_COLUMNS
 MON_SITE_COLUMNS = 'rowid AS id, ' + SITE_COLUMNS
@@ -970,7 +974,8 @@ def check_pilot(raw, now):
     }
 
 
-FILTER_KEYS = ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow', 'dag', 'datatype', 'name')
+FILTER_KEYS = ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow', 'dag', 'datatype', 'name',
+               'dirpath')
 
 
 def filters_from(query, allowed):
@@ -1004,6 +1009,15 @@ def filters_from(query, allowed):
 def query_all(query, key):
     """Every value of a repeated query parameter (a Bottle FormsDict, or a plain dict)."""
     return query.getall(key) if hasattr(query, 'getall') else [query.get(key) or '']
+
+
+def newest_rows(store, select, filters, query):
+    """An API listing: `select` ('SELECT … FROM table') narrowed by the query's filters
+    (filters_from), newest first, at most ?limit= rows."""
+    params, where = filters_from(query, filters)
+    params['limit'] = limit_from(query)
+    sql = select + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit'
+    return store.db().execute(sql, params)
 
 
 def limit_from(query):
@@ -1062,11 +1076,7 @@ def get_job(store, job_uuid, logs=False):
 
 
 def list_jobs(store, query):
-    params, where = filters_from(query, JOB_FILTERS)
-    params['limit'] = limit_from(query)
-    sql = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
-           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
-    return [job_dict(r) for r in store.db().execute(sql, params)]
+    return [job_dict(r) for r in newest_rows(store, LIST_JOBS, JOB_FILTERS, query)]
 
 
 def job_conflict(db, job_uuid, action):
@@ -1156,11 +1166,7 @@ def get_pilot(store, pilot_uuid):
 
 
 def list_pilots(store, query):
-    params, where = filters_from(query, PILOT_FILTERS)
-    params['limit'] = limit_from(query)
-    sql = ('SELECT ' + PILOT_COLUMNS + ' FROM pilots'
-           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
-    return [pilot_dict(r) for r in store.db().execute(sql, params)]
+    return [pilot_dict(r) for r in newest_rows(store, LIST_PILOTS, PILOT_FILTERS, query)]
 
 
 def live_pilot(db, pilot_uuid):
@@ -1784,11 +1790,7 @@ def get_workflow(store, wf_uuid):
 
 
 def list_workflows(store, query):
-    params, where = filters_from(query, WORKFLOW_FILTERS)
-    params['limit'] = limit_from(query)
-    sql = ('SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows'
-           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
-    return [dict(r) for r in store.db().execute(sql, params)]
+    return [dict(r) for r in newest_rows(store, LIST_WORKFLOWS, WORKFLOW_FILTERS, query)]
 
 
 def delete_workflow(store, wf_uuid, force=False):
@@ -2006,12 +2008,7 @@ def get_data(store, data_uuid):
 
 
 def list_data(store, query):
-    params = {k: query.get(k) for k in DATA_FILTERS if query.get(k)}
-    where = [DATA_FILTERS[k] for k in params]
-    params['limit'] = limit_from(query)
-    sql = ('SELECT ' + DATA_COLUMNS + ' FROM data'
-           + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit')
-    return [dict(r) for r in store.db().execute(sql, params)]
+    return [dict(r) for r in newest_rows(store, LIST_DATA, DATA_FILTERS, query)]
 
 
 def adjust_data(store, data_uuid, raw, now):
@@ -2879,7 +2876,7 @@ def monitor_dags():
 
 @app.get('/monitor/data')
 def monitor_data():
-    return list_page('Data', 'data', DATA_COLUMNS, MON_DATA_FILTERS, MON_DATA_ORDER,
+    return list_page('Data', 'data', DATA_COLUMNS, DATA_FILTERS, MON_DATA_ORDER,
                      DATA_LIST_HEADS, data_cells, MON_DATA_STATES,
                      ('workflow', 'datatype', 'name'))
 

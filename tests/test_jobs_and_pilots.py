@@ -347,7 +347,7 @@ def test_long_poll_hands_a_new_job_to_a_waiting_pilot(server):
     assert result['job']['uuid'] == submitted['uuids'][0]
 
 
-@pytest.mark.parametrize('name', ['job', 'pilot'])
+@pytest.mark.parametrize('name', ['job', 'pilot', 'workflow', 'data'])
 def test_client_runs_when_copied_alone(tmp_path, name):
     """A client copied alone onto a bare node, without site-packages, answers -h."""
     import shutil

@@ -267,7 +267,7 @@ def test_refresh_is_kept_in_every_link(store):
 LISTING_QUERIES = (
     ('workflows', srv.WORKFLOW_COLUMNS, srv.MON_WORKFLOW_FILTERS, srv.MON_WORKFLOW_ORDER,
      ('state', 'user', 'dag', 'name')),
-    ('data', srv.DATA_COLUMNS, srv.MON_DATA_FILTERS, srv.MON_DATA_ORDER,
+    ('data', srv.DATA_COLUMNS, srv.DATA_FILTERS, srv.MON_DATA_ORDER,
      ('state', 'workflow', 'datatype', 'name')),
     ('dags', srv.DAG_COLUMNS, srv.MON_DAG_FILTERS, srv.MON_DAG_ORDER, ('name',)),
     ('datatypes', srv.MON_DATATYPE_COLUMNS, srv.MON_NAME_FILTER, srv.MON_DATATYPE_ORDER,

@@ -394,16 +394,3 @@ def test_datatypes_client(flows, server):
     assert 'is not valid JSON' in flows.run('data', '-R', '-j', '{bad', check=4).stderr
     assert 'name is required' in flows.run('data', '-R', '-j', '{"ext":".x"}', check=1).stderr
     assert flows.run('data', '-R', check=2).returncode == 2
-
-
-@pytest.mark.parametrize('name', ['workflow', 'data'])
-def test_client_runs_when_copied_alone(tmp_path, name):
-    import shutil
-    import subprocess
-    import sys
-    alone = tmp_path / 'node'
-    alone.mkdir()
-    shutil.copy(os.path.join(ROOT, 'p3s_%s.py' % name), alone)
-    proc = subprocess.run([sys.executable, '-S', '-I', 'p3s_%s.py' % name, '-h'], cwd=alone,
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0 and 'Exit codes' in proc.stdout, proc.stderr
