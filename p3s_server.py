@@ -1189,7 +1189,7 @@ def request_work(store, pilot_uuid, now, report=None):
         note = None
         if report is not None:
             note, woken = apply_report(db, pilot, report, now)
-        reply = claim_for(db, pilot, now, seconds_before(now, store.idle_touch))
+        reply = claim_for(db, pilot, now, store.idle_touch)
     store.waiters.wake(woken)
     if note is not None:
         wake_after_report(store, report, note)
@@ -1197,9 +1197,9 @@ def request_work(store, pilot_uuid, now, report=None):
     return reply, pilot
 
 
-def claim_for(db, pilot, now, touch_before):
+def claim_for(db, pilot, now, idle_touch):
     """The pilot's undelivered job, else the best queued job it may run, else idle. An idle
-    pilot seen since `touch_before` is not written again."""
+    pilot seen within the last `idle_touch` seconds is not written again."""
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot)
     params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
@@ -1207,7 +1207,7 @@ def claim_for(db, pilot, now, touch_before):
     job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
            or claim(db, params))
     if job is None:
-        if pilot['state'] != 'idle' or pilot['last_seen'] < touch_before:
+        if pilot['state'] != 'idle' or pilot['last_seen'] < seconds_before(now, idle_touch):
             db.execute(PILOT_IDLE, params)
         return {'status': 'OK', 'state': 'idle'}
     db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
