@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""p3s server: the job database, brokerage, housekeeping and the monitor, in one process.
+"""p3s server: the job database, brokerage, housekeeping and the monitor.
 
     python p3s_server.py [--host 127.0.0.1] [--port 8080] [--db ./p3s.db] [--threads N]
                          [--max-waiters N] [--pilot-timeout S] [--sync normal|full]
@@ -9,6 +9,11 @@
 
 A Bottle app served by waitress on a WAL-mode SQLite database. Every write is one short
 `BEGIN IMMEDIATE` transaction; brokerage is a single `UPDATE ... RETURNING` statement.
+
+The file reads top-down, in these sections (tests/test_layout.py keeps them in this order):
+configuration, database, validation, jobs, brokerage, housekeeping, workflows, DQM controls,
+data, dashboard numbers, API routes, monitor routes, monitor graph layout, authorization,
+errors, main. Each domain section starts with the SQL it runs.
 """
 import argparse
 import hmac
@@ -24,6 +29,7 @@ import threading
 import time
 import urllib.parse
 import uuid as uuidlib
+from collections import deque
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
@@ -43,8 +49,10 @@ MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
 
 DEFAULT_PORT = 8080
 DEFAULT_DB = './p3s.db'
-# waitress: a thread per request in flight, and (waitress #177/#418, reference/limits.md 2c)
-# no more open connections than it has threads, or its main loop starves the workers.
+LOOPBACK = ('127.0.0.1', 'localhost', '::1')
+# waitress runs a thread per request in flight, and its main loop starves those threads when it
+# holds many more open connections than it has threads (waitress issues #177 and #418;
+# docs/performance.md), so its connections are capped near the thread count.
 DEFAULT_THREADS = 16
 DEFAULT_MAX_WAITERS = 8          # long polls held at once; the other threads stay free
 CONNECTION_SLACK = 4             # waitress counts its listening socket and trigger pipe
@@ -56,9 +64,9 @@ TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is 
 PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
 PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per transaction
 PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
-MAX_RETRIES = 100
 BUSY_TIMEOUT_MS = 10000
 
+# Limits of what a request may carry.
 MAX_BODY = 64 * 1024 * 1024      # bytes in one request body (10,000 jobs are about 5 MB)
 MAX_JOBS_PER_SUBMIT = 100000
 MAX_LIST = 100000                # rows in one listing
@@ -68,619 +76,137 @@ MAX_PAYLOAD = 8192
 MAX_ENV_VALUE = 65536
 MAX_LOG_TAIL = 64 * 1024         # characters of stdout/stderr kept per job
 MAX_TIMELIMIT = 10 ** 8
+MAX_RETRIES = 100
 INT_RANGE = (-2 ** 62, 2 ** 62)
-
-JOB_STATES = ('template', 'defined', 'dispatched', 'running', 'finished', 'failed',
-              'timelimit', 'nonstarter', 'lost', 'killed', 'stale', 'dropped', 'cancelled')
-ACTIVE_STATES = ('dispatched', 'running')
-TERMINAL_STATES = ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed',
-                   'stale', 'dropped', 'cancelled')
-PILOT_STATES = ('active', 'idle', 'dispatched', 'running', 'stopped', 'lost', 'killed')
-PILOT_GONE = ('stopped', 'lost', 'killed')
-# What a pilot may report about the job it holds.
-REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'killed')
-UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
-
-JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
-              'timelimit', 'deadline', 'site', 'state', 'retries'}
-PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
-
-# Workflows (issue 3)
-NOOP = 'noop'                    # a vertex of this jobtype finishes on the server at once
 MAX_GRAPHML = 1024 * 1024        # characters of GraphML in one DAG
 MAX_DAG_VERTICES = 10000
 MAX_DAG_EDGES = 100000
 MAX_PATH = 4096                  # file names and directories of data
 MAX_COMMENT = 4096
 MAX_EXT = 16
+MAX_CAP = 10 ** 6
+MAX_MESSAGE = 64 * 1024
+MAX_INJECT_FILES = 100000
+
+# States. A terminal state is final; every transition names the state it expects.
+JOB_STATES = ('template', 'defined', 'dispatched', 'running', 'finished', 'failed',
+              'timelimit', 'nonstarter', 'lost', 'killed', 'stale', 'dropped', 'cancelled')
+ACTIVE_STATES = ('dispatched', 'running')              # held by a pilot
+QUEUED_STATES = ('template', 'defined')                # not yet handed out
+LIVE_JOB_STATES = QUEUED_STATES + ACTIVE_STATES        # not yet ended
+TERMINAL_STATES = ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed',
+                   'stale', 'dropped', 'cancelled')
+BAD_END_STATES = ('failed', 'timelimit', 'nonstarter', 'lost')
+REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'killed')
+PILOT_STATES = ('active', 'idle', 'dispatched', 'running', 'stopped', 'lost', 'killed')
+LIVE_PILOT_STATES = ('active', 'idle', 'dispatched', 'running')
+PILOT_GONE = ('stopped', 'lost', 'killed')
+WORKFLOW_STATES = ('template', 'defined', 'running', 'finished', 'failed')
+WORKFLOW_ENDED = ('finished', 'failed')
+# The engine's and the injector's data states; data clients may write others.
+DATA_STATES = ('template', 'defined', 'available', 'skipped')
+
+UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
+ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
+
+# The fields each kind of request may carry.
+JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
+              'timelimit', 'deadline', 'site', 'state', 'retries'}
+PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
+REPORT_FIELDS = {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago'}
 DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
 WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo',
                    'deadline'}
 EDGE_ATTRS = ('name', 'dirpath', 'datatype', 'datatag', 'comment')
-XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
-ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+SITE_FIELDS = {'name', 'period', 'cycles', 'beat', 'wait', 'pilots', 'lifetime', 'env', 'comment'}
+# field: (integer?, lowest, highest) -- the pilot's own limits for the same settings
+SITE_NUMBERS = {'period': (False, 0, 86400), 'cycles': (True, 0, 10 ** 9),
+                'beat': (False, 0.1, 86400), 'wait': (False, 0, MAX_WAIT),
+                'pilots': (True, 0, 10 ** 6), 'lifetime': (True, 0, 10 ** 9)}
+DATA_FIELDS = {'uuid', 'name', 'dirpath', 'datatype', 'datatag', 'state', 'comment', 'workflow',
+               'source', 'sourceuuid', 'target', 'targetuuid'}
+DATA_ADJUSTABLE = {'name', 'dirpath', 'datatype', 'state', 'comment', 'targetuuid'}
+INJECT_FIELDS = {'files', 'jobs', 'dag', 'jobinfo', 'deadline', 'datatype', 'comment', 'dedup',
+                 'max_files', 'user', 'name'}
+DEDUP = ('path', 'name', 'none')
+NOOP = 'noop'                    # a vertex of this jobtype finishes on the server at once
 
-log = logging.getLogger('p3s')
-
-# ---------------------------------------------------------------------------------------------
-# SQL
-# ---------------------------------------------------------------------------------------------
-
-JOB_COLUMNS = ('uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, '
-               'deadline, deadline_at, retries, site, infile, workflow, state, pilot, host, pid, '
-               'errcode, created_at, defined_at, dispatched_at, started_at, stopped_at')
-PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done, registered_at, '
-                 'last_seen, stopped_at')
-
-INSERT_JOB = """
-INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
-                  infile, retries, state, created_at, defined_at, deadline, deadline_at)
-VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
-        :infile, :retries, :state, :now, CASE WHEN :state = 'defined' THEN :now END, :deadline,
-        CASE WHEN :state = 'defined' AND :deadline IS NOT NULL
-             THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || :deadline || ' seconds')
-                  || substr(:now, 20) END)
-ON CONFLICT (uuid) DO NOTHING
-"""
-GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
-GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
-GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
-
-# Brokerage: one statement takes the best queued job the pilot may run. It takes the write lock
-# before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
-# literal, and the queue index is named: with the (state, id) index the planner would read every
-# queued job and sort them (reference/limits.md 1b), and INDEXED BY makes that an error instead.
-# Jobs past their deadline are skipped (the sweep makes them stale).
-CLAIM_JOB = """
-UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
- WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
-              WHERE state = 'defined'
-                AND (site = '' OR site = :site)
-                AND (deadline_at IS NULL OR deadline_at > :now)
-              ORDER BY priority DESC, defined_at, id
-              LIMIT 1)
-RETURNING """ + JOB_COLUMNS
-# When some types are blocked (at their cap, or paused with cap 0) or the pilot takes only some
-# types, the queue's top may hold thousands of jobs this pilot cannot take, and walking past them
-# would cost milliseconds per claim. This form visits each type that has queued jobs instead
-# (a skip-scan of jobs_type_queue), takes the head of each type it may run, and the best head:
-# a few index seeks per type, whatever is queued.
-CLAIM_JOB_BY_TYPE = """
-WITH RECURSIVE queued (jobtype) AS (
-    SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_queue WHERE state = 'defined'
-    UNION ALL
-    SELECT (SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_queue
-             WHERE state = 'defined' AND jobtype > queued.jobtype)
-      FROM queued WHERE queued.jobtype IS NOT NULL),
-heads (id) AS (
-    SELECT (SELECT id FROM jobs INDEXED BY jobs_type_queue
-             WHERE state = 'defined' AND jobtype = queued.jobtype
-               AND (site = '' OR site = :site)
-               AND (deadline_at IS NULL OR deadline_at > :now)
-             ORDER BY priority DESC, defined_at, id
-             LIMIT 1)
-      FROM queued
-     WHERE queued.jobtype IS NOT NULL
-       AND queued.jobtype NOT IN (SELECT value FROM json_each(:blocked))
-       AND (:jobtypes = '[]' OR queued.jobtype IN (SELECT value FROM json_each(:jobtypes))))
-UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
- WHERE id = (SELECT head.id FROM heads JOIN jobs AS head ON head.id = heads.id
-              ORDER BY head.priority DESC, head.defined_at, head.id
-              LIMIT 1)
-RETURNING """ + JOB_COLUMNS
-# The types at their cap, read in the claim's own transaction (so two pilots cannot both take
-# the last slot of a cap), counting the active jobs through the jobs_active index.
-BLOCKED_JOBTYPES = """
-SELECT name FROM jobtypes
- WHERE cap IS NOT NULL
-   AND cap <= (SELECT count(*) FROM jobs AS held INDEXED BY jobs_active
-                WHERE held.state IN ('dispatched', 'running') AND held.jobtype = jobtypes.name)
-"""
-# A pilot asking for work while its job is still dispatched never got the reply that carried it.
-REDELIVER_JOB = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
-                 " WHERE uuid = :job AND pilot = :pilot AND state = 'dispatched'")
-# :started and :stopped are server times: the report's arrival less the seconds the pilot says
-# have passed since the payload started or ended (a duration, so the clocks need not agree).
-START_JOB = """
-UPDATE jobs SET state = 'running', started_at = :started, pid = :pid
- WHERE uuid = :uuid AND pilot = :pilot AND state = 'dispatched'
-"""
-FINISH_JOB = """
-UPDATE jobs SET state = :state, errcode = :errcode, pid = coalesce(:pid, pid),
-                started_at = coalesce(started_at, :started), stopped_at = :stopped
- WHERE uuid = :uuid AND pilot = :pilot AND state IN ('dispatched', 'running')
-"""
-SAVE_JOB_LOGS = """
-INSERT INTO joblogs (job, stdout, stderr) VALUES (:uuid, :stdout, :stderr)
-ON CONFLICT (job) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr
-"""
-KILL_JOB = """
-UPDATE jobs SET state = 'killed', stopped_at = :now
- WHERE uuid = :uuid AND state IN ('template', 'defined', 'dispatched', 'running')
-"""
-SET_JOB_PRIORITY = """
-UPDATE jobs SET priority = :priority
- WHERE uuid = :uuid AND state IN ('template', 'defined', 'dispatched', 'running')
-"""
-# A workflow's jobs are released by the workflow engine and deleted with their workflow.
-DEFINE_JOB = """
-UPDATE jobs SET state = 'defined', defined_at = :now,
-       deadline_at = CASE WHEN deadline IS NOT NULL
-                          THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
-                               || substr(:now, 20) END
- WHERE uuid = :uuid AND state = 'template' AND workflow IS NULL
-RETURNING jobtype, site
-"""
-DROP_JOB = """
-UPDATE jobs SET state = 'dropped', stopped_at = :now
- WHERE uuid = :uuid AND state IN ('template', 'defined')
-"""
-DELETE_JOB = """
-DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN ('dispatched', 'running') AND workflow IS NULL
-"""
-# A pilot that stops positively never started the jobs still dispatched to it: queue them again.
-RELEASE_PILOT_JOBS = """
-UPDATE jobs SET state = 'defined', pilot = NULL, host = NULL, dispatched_at = NULL
- WHERE pilot = :pilot AND state = 'dispatched'
-RETURNING jobtype, site
-"""
-LOSE_PILOT_JOBS = """
-UPDATE jobs SET state = 'lost', stopped_at = :now
- WHERE pilot IN (SELECT value FROM json_each(:pilots)) AND state IN ('dispatched', 'running')
-RETURNING uuid
-"""
-# Opt-in retries ("retries": N): a job that was lost or could not start, never one that ran to
-# an exit code, goes back to the queue in its old place.
-RETRY_JOBS = """
-UPDATE jobs SET state = 'defined', retries = retries - 1, pilot = NULL, host = NULL, pid = NULL,
-                errcode = NULL, dispatched_at = NULL, started_at = NULL, stopped_at = NULL
- WHERE uuid IN (SELECT value FROM json_each(:jobs)) AND state IN ('lost', 'nonstarter')
-   AND retries > 0
-RETURNING jobtype, site
-"""
-# A pilot should have killed these itself; it did not (or cannot), so the server ends them and
-# the pilot's next heartbeat is answered KILL.
-KILL_OVERDUE_JOBS = """
-UPDATE jobs SET state = 'timelimit', stopped_at = :now
- WHERE state = 'running' AND (julianday(:now) - julianday(started_at)) * 86400 > timelimit + :grace
-RETURNING uuid
-"""
-PURGE_JOBS = """
-DELETE FROM jobs WHERE id IN (
-  SELECT id FROM jobs
-   WHERE state IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed', 'stale',
-                   'dropped', 'cancelled')
-     AND (:state IS NULL OR state = :state) AND coalesce(stopped_at, created_at) < :cutoff
-     AND workflow IS NULL
-   LIMIT :batch)
-"""
-PURGE_SERVICES = """
-DELETE FROM services WHERE id IN (
-  SELECT id FROM services WHERE :state IS NULL AND created_at < :cutoff LIMIT :batch)
-"""
-# Old workflows go whole, with their jobs and data (DELETE_WORKFLOW_*).
-OLD_WORKFLOWS = """
-SELECT uuid AS workflow FROM workflows
- WHERE state IN ('finished', 'failed') AND (:state IS NULL OR state = :state) AND stopped_at < :cutoff
- LIMIT :batch
-"""
-PURGE_PILOTS = """
-DELETE FROM pilots WHERE id IN (
-  SELECT id FROM pilots
-   WHERE state IN ('stopped', 'lost', 'killed') AND (:state IS NULL OR state = :state)
-     AND stopped_at < :cutoff
-   LIMIT :batch)
-"""
-
-INSERT_PILOT = """
-INSERT INTO pilots (uuid, host, site, pid, extra, jobtypes, state, registered_at, last_seen)
-VALUES (:uuid, :host, :site, :pid, :extra, :jobtypes, 'active', :now, :now)
-ON CONFLICT (uuid) DO NOTHING
-"""
-GET_PILOT = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots WHERE uuid = :uuid'
-PILOT_DISPATCHED = """
-UPDATE pilots SET state = 'dispatched', job = :job, last_seen = :now WHERE uuid = :pilot
-"""
-PILOT_IDLE = "UPDATE pilots SET state = 'idle', last_seen = :now WHERE uuid = :pilot"
-PILOT_RUNNING = """
-UPDATE pilots SET state = 'running', job = :job, last_seen = :now WHERE uuid = :pilot
-"""
-PILOT_JOB_DONE = """
-UPDATE pilots SET state = 'active', jobs_done = jobs_done + 1, last_seen = :now WHERE uuid = :pilot
-"""
-PILOT_SEEN = 'UPDATE pilots SET last_seen = :now WHERE uuid = :pilot RETURNING state'
-STOP_PILOT = """
-UPDATE pilots SET state = :state, stopped_at = :now, last_seen = :now
- WHERE uuid = :pilot AND state IN ('active', 'idle', 'dispatched', 'running')
-"""
-# Must repeat the condition of the partial index pilots_live to use it.
-LOSE_SILENT_PILOTS = """
-UPDATE pilots INDEXED BY pilots_live SET state = 'lost', stopped_at = :now
- WHERE state IN ('active', 'idle', 'dispatched', 'running') AND last_seen < :cutoff
-RETURNING uuid
-"""
-
-COUNT_JOBS_BY_STATE = 'SELECT state, count(*) AS n FROM jobs GROUP BY state'
-INTEGRITY_CHECK = 'PRAGMA integrity_check'
-COUNT_PILOTS_BY_STATE = 'SELECT state, count(*) AS n FROM pilots GROUP BY state'
-
-# Listing filters: fixed fragments, chosen by which filters are given; values are bound.
-LIST_JOBS = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
-LIST_PILOTS = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots'
-JOB_FILTERS = {
-    'state': 'state = :state',
-    'states': 'state IN (SELECT value FROM json_each(:states))',
-    'error': 'errcode <> 0',                       # state=error: a non-zero exit code
-    'states_or_error': '(state IN (SELECT value FROM json_each(:states)) OR errcode <> 0)',
-    'workflow': 'workflow = :workflow',
-    'jobtype': 'jobtype = :jobtype',
-    'user': 'user = :user',
-    'site': 'site = :site',
-    'pilot': 'pilot = :pilot',
-    'workflow': 'workflow = :workflow',
-}
-PILOT_FILTERS = {
-    'state': 'state = :state',
-    'states': 'state IN (SELECT value FROM json_each(:states))',
-    'site': 'site = :site',
-    'host': 'host = :host',
-}
-
-# -- workflows and data --
-
-DAG_COLUMNS = 'name, user, description, nvertices, nedges, root, created_at'
-VERTEX_COLUMNS = 'name, jobtype, payload, env, timelimit, priority'
-EDGE_COLUMNS = 'source, target, name, dirpath, datatype, datatag, comment'
-WORKFLOW_COLUMNS = ('uuid, name, user, description, dag, state, comment, rootuuid, nvertices, '
-                    'ndone, created_at, defined_at, started_at, stopped_at')
-DATA_COLUMNS = ('uuid, name, dirpath, datatype, datatag, state, comment, workflow, source, '
-                'sourceuuid, target, targetuuid, created_at, updated_at')
-DATATYPE_COLUMNS = 'name, ext, comment, created_at'
-
-INSERT_DAG = """
-INSERT INTO dags (name, user, description, nvertices, nedges, root, graphml, created_at)
-VALUES (:name, :user, :description, :nvertices, :nedges, :root, :graphml, :now)
-RETURNING id
-"""
-INSERT_VERTEX = """
-INSERT INTO dag_vertices (dag, name, position, jobtype, payload, env, timelimit, priority)
-VALUES (:dag, :name, :position, :jobtype, :payload, :env, :timelimit, :priority)
-"""
-INSERT_EDGE = """
-INSERT INTO dag_edges (dag, source, target, name, dirpath, datatype, datatag, comment)
-VALUES (:dag, :source, :target, :name, :dirpath, :datatype, :datatag, :comment)
-"""
-GET_DAG = 'SELECT id, graphml, ' + DAG_COLUMNS + ' FROM dags WHERE name = :name'
-LIST_DAGS = 'SELECT ' + DAG_COLUMNS + ' FROM dags ORDER BY name LIMIT :limit'
-GET_DAG_VERTICES = ('SELECT ' + VERTEX_COLUMNS + ' FROM dag_vertices WHERE dag = :dag'
-                    ' ORDER BY position')
-GET_DAG_EDGES = 'SELECT ' + EDGE_COLUMNS + ' FROM dag_edges WHERE dag = :dag ORDER BY id'
-DELETE_DAG = 'DELETE FROM dags WHERE name = :name'        # vertices and edges cascade
-
-INSERT_WORKFLOW = """
-INSERT INTO workflows (uuid, name, user, description, dag, state, rootuuid, nvertices, created_at)
-VALUES (:uuid, :name, :user, :description, :dag, 'template', :rootuuid, :nvertices, :now)
-"""
-INSERT_WORKFLOW_JOB = """
-INSERT INTO jobs (uuid, name, user, jobtype, payload, env, priority, timelimit, workflow, state,
-                  created_at, deadline)
-VALUES (:uuid, :name, :user, :jobtype, :payload, :env, :priority, :timelimit, :workflow,
-        'template', :now, :deadline)
-"""
-INSERT_WORKFLOW_DATA = """
-INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
-                  sourceuuid, target, targetuuid, created_at, updated_at)
-VALUES (:uuid, :name, :dirpath, :datatype, :datatag, 'template', :comment, :workflow, :source,
-        :sourceuuid, :target, :targetuuid, :now, :now)
-"""
-GET_WORKFLOW = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows WHERE uuid = :workflow'
-GET_WORKFLOW_JOBS = """
-SELECT uuid, name, state, jobtype, priority, errcode, pilot, defined_at, started_at, stopped_at
-  FROM jobs WHERE workflow = :workflow ORDER BY id
-"""
-GET_WORKFLOW_DATA = ('SELECT ' + DATA_COLUMNS + ' FROM data WHERE workflow = :workflow'
-                     ' ORDER BY id')
-GET_DATATYPES = 'SELECT ' + DATATYPE_COLUMNS + ' FROM datatypes ORDER BY name'
-COUNT_ACTIVE_WORKFLOW_JOBS = """
-SELECT count(*) FROM jobs WHERE workflow = :workflow AND state IN ('dispatched', 'running')
-"""
-DELETE_WORKFLOW_JOBS = 'DELETE FROM jobs WHERE workflow = :workflow'
-DELETE_WORKFLOW_DATA = 'DELETE FROM data WHERE workflow = :workflow'
-DELETE_WORKFLOW = 'DELETE FROM workflows WHERE uuid = :workflow'
-LIST_WORKFLOWS = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows'
-WORKFLOW_FILTERS = {
-    'state': 'state = :state',
-    'states': 'state IN (SELECT value FROM json_each(:states))',
-    'user': 'user = :user',
-}
-
-# The engine. Dependencies are the data edges: a job's parents are the producers of its inputs.
-# A released job becomes defined, or finished at once if it is a 'noop'.
-DEFINE_WORKFLOW = """
-UPDATE workflows SET state = 'defined', defined_at = :now
- WHERE uuid = :workflow AND state = 'template'
-"""
-DEFINE_WORKFLOW_DATA = """
-UPDATE data SET state = 'defined', updated_at = :now
- WHERE workflow = :workflow AND state = 'template'
-"""
-RELEASE_SET = """
-UPDATE jobs SET state = CASE jobtype WHEN 'noop' THEN 'finished' ELSE 'defined' END,
-       defined_at = :now,
-       dispatched_at = CASE jobtype WHEN 'noop' THEN :now END,
-       started_at = CASE jobtype WHEN 'noop' THEN :now END,
-       stopped_at = CASE jobtype WHEN 'noop' THEN :now END,
-       errcode = CASE jobtype WHEN 'noop' THEN 0 END
-"""
-RELEASE_SOURCES = RELEASE_SET + """
- WHERE workflow = :workflow AND state = 'template'
-   AND NOT EXISTS (SELECT 1 FROM data WHERE targetuuid = jobs.uuid AND sourceuuid IS NOT NULL)
-RETURNING uuid, state, jobtype, site
-"""
-# AND-join: a child is released when the last of its parents has finished.
-RELEASE_CHILDREN = RELEASE_SET + """
- WHERE state = 'template'
-   AND uuid IN (SELECT targetuuid FROM data WHERE sourceuuid = :job)
-   AND NOT EXISTS (SELECT 1 FROM data AS d JOIN jobs AS parent ON parent.uuid = d.sourceuuid
-                    WHERE d.targetuuid = jobs.uuid AND parent.state <> 'finished')
-RETURNING uuid, state, jobtype, site
-"""
-GET_FLOW_JOB = 'SELECT uuid, name, state, workflow FROM jobs WHERE uuid = :job'
-DATA_AVAILABLE = """
-UPDATE data SET state = 'available', updated_at = :now WHERE sourceuuid = :job AND state = 'defined'
-"""
-CANCEL_DOWNSTREAM = """
-WITH RECURSIVE downstream (uuid) AS (
-    SELECT targetuuid FROM data WHERE sourceuuid = :job AND targetuuid IS NOT NULL
-    UNION
-    SELECT d.targetuuid FROM data AS d JOIN downstream ON d.sourceuuid = downstream.uuid
-     WHERE d.targetuuid IS NOT NULL)
-UPDATE jobs SET state = 'cancelled', stopped_at = :now
- WHERE uuid IN (SELECT uuid FROM downstream) AND state IN ('template', 'defined')
-"""
-FAIL_WORKFLOW = """
-UPDATE workflows SET state = 'failed', comment = :comment, stopped_at = :now
- WHERE uuid = :workflow AND state IN ('template', 'defined', 'running')
-"""
-WORKFLOW_STARTED = """
-UPDATE workflows SET state = 'running', started_at = :now
- WHERE uuid = :workflow AND state = 'defined'
-   AND EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND jobtype <> 'noop'
-                                    AND started_at IS NOT NULL)
-"""
-WORKFLOW_PROGRESS = """
-UPDATE workflows SET ndone = (SELECT count(*) FROM jobs WHERE workflow = :workflow
-                                                      AND state = 'finished')
- WHERE uuid = :workflow
-"""
-WORKFLOW_FINISHED = """
-UPDATE workflows SET state = 'finished', stopped_at = :now
- WHERE uuid = :workflow AND state IN ('defined', 'running')
-   AND NOT EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND state <> 'finished')
-"""
-
-UPSERT_DATATYPE = """
-INSERT INTO datatypes (name, ext, comment, created_at) VALUES (:name, :ext, :comment, :now)
-ON CONFLICT (name) DO UPDATE SET ext = excluded.ext, comment = excluded.comment
-RETURNING """ + DATATYPE_COLUMNS
-DELETE_DATATYPE = 'DELETE FROM datatypes WHERE name = :name'
-
-# -- DQM controls --
-
-# Must repeat the condition of the partial index jobs_deadline to use it.
-STALE_JOBS = """
-UPDATE jobs INDEXED BY jobs_deadline SET state = 'stale', stopped_at = :now
- WHERE state = 'defined' AND deadline_at IS NOT NULL AND deadline_at <= :now
-RETURNING uuid
-"""
-DROP_QUEUED_JOBS = """
-UPDATE jobs SET state = 'dropped', stopped_at = :now
- WHERE state = 'defined' AND jobtype = :jobtype AND defined_at <= :cutoff
-RETURNING uuid
-"""
-
-JOBTYPE_ACTIVE = """(SELECT count(*) FROM jobs INDEXED BY jobs_active
-         WHERE state IN ('dispatched', 'running') AND jobtype = jobtypes.name)"""
-SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
-LIST_JOBTYPES = ('SELECT name, cap, updated_at, ' + JOBTYPE_ACTIVE + ' AS active'
-                 ' FROM jobtypes ORDER BY name')
-COUNT_QUEUED_BY_TYPE = """
-SELECT jobtype, count(*) AS n FROM jobs INDEXED BY jobs_queue WHERE state = 'defined'
- GROUP BY jobtype
-"""
-SET_CAP = """
-INSERT INTO jobtypes (name, cap, updated_at) VALUES (:name, :cap, :now)
-ON CONFLICT (name) DO UPDATE SET cap = excluded.cap, updated_at = excluded.updated_at
-"""
-SET_ALL_CAPS = 'UPDATE jobtypes SET cap = :cap, updated_at = :now'
-# Free slots of the named types, or (names NULL) of every type; NULL when a type has no cap.
-FREE_SLOTS = ('SELECT name, cap - ' + JOBTYPE_ACTIVE + ' AS free FROM jobtypes'
-              ' WHERE :names IS NULL OR name IN (SELECT value FROM json_each(:names))')
-GET_JOBTYPE_OF = 'SELECT jobtype FROM jobs WHERE uuid = :uuid'
-
-SITE_COLUMNS = 'name, period, cycles, beat, wait, pilots, lifetime, env, comment, updated_at'
-UPSERT_SITE = """
-INSERT INTO sites (name, period, cycles, beat, wait, pilots, lifetime, env, comment, updated_at)
-VALUES (:name, :period, :cycles, :beat, :wait, :pilots, :lifetime, :env, :comment, :now)
-ON CONFLICT (name) DO UPDATE SET
-    period = excluded.period, cycles = excluded.cycles, beat = excluded.beat,
-    wait = excluded.wait, pilots = excluded.pilots, lifetime = excluded.lifetime,
-    env = excluded.env, comment = excluded.comment, updated_at = excluded.updated_at
-"""
-GET_SITE = 'SELECT ' + SITE_COLUMNS + ' FROM sites WHERE name = :name'
-LIST_SITES = 'SELECT ' + SITE_COLUMNS + ' FROM sites ORDER BY name'
-DELETE_SITE = 'DELETE FROM sites WHERE name = :name'
-
-INSERT_SERVICE = """
-INSERT INTO services (name, message, created_at) VALUES (:name, :message, :now)
-RETURNING id, name, message, created_at
-"""
-LIST_SERVICES = """
-SELECT id, name, message, created_at FROM services ORDER BY id DESC LIMIT :limit
-"""
-LIST_SERVICES_NAMED = """
-SELECT id, name, message, created_at FROM services WHERE name = :name ORDER BY id DESC LIMIT :limit
-"""
-
-# -- data and injection (issue 4) --
-
-INSERT_DATA = """
-INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
-                  sourceuuid, target, targetuuid, created_at, updated_at)
-VALUES (:uuid, :name, :dirpath, :datatype, :datatag, :state, :comment, :workflow, :source,
-        :sourceuuid, :target, :targetuuid, :now, :now)
-"""
-GET_DATA = 'SELECT ' + DATA_COLUMNS + ' FROM data WHERE uuid = :uuid'
-DATA_NAMED = 'SELECT 1 FROM data WHERE name = :name LIMIT 1'
-ADJUST_DATA = """
-UPDATE data SET name = coalesce(:name, name), dirpath = coalesce(:dirpath, dirpath),
-       datatype = coalesce(:datatype, datatype), state = coalesce(:state, state),
-       comment = coalesce(:comment, comment), targetuuid = coalesce(:targetuuid, targetuuid),
-       updated_at = :now
- WHERE uuid = :uuid
-"""
-DELETE_DATA = 'DELETE FROM data WHERE uuid = :uuid'
-LIST_DATA = 'SELECT ' + DATA_COLUMNS + ' FROM data'
-DATA_FILTERS = {
-    'name': 'name = :name',
-    'state': 'state = :state',
-    'datatype': 'datatype = :datatype',
-    'workflow': 'workflow = :workflow',
-    'dirpath': 'dirpath = :dirpath',
-    'states': 'state IN (SELECT value FROM json_each(:states))',
-}
-# The injector's exactly-once: the first claim of a file's path wins, in the transaction that
-# also submits its jobs; every later claim, by any injector, finds the row.
-CLAIM_PATH = """
-INSERT INTO injections (path, state, data, created_at) VALUES (:path, :state, :data, :now)
-ON CONFLICT (path) DO NOTHING
-"""
-# A workflow's deadline counts from its definition, for every job of it, whenever released.
-SET_WORKFLOW_DEADLINE = """
-UPDATE jobs SET deadline_at = strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
-                              || substr(:now, 20)
- WHERE workflow = :workflow AND deadline IS NOT NULL
-"""
-
-# -- monitor --
-# Every count the dashboard makes is bounded by a time window or by the live jobs, and reads an
-# index shaped for it (schema.sql); tests/test_monitor.py checks the plans.
+# The monitor.
 MON_WINDOWS = (('1 min', 60), ('10 min', 600), ('1 h', 3600), ('2 h', 7200), ('24 h', 86400))
-# One count per window and row: a range of one index each, far cheaper than one scan that
-# evaluates every window per row (10x at 100k jobs).
-MON_COUNT_DEFINED = 'SELECT count(*) FROM jobs WHERE defined_at >= :since'
-MON_COUNT_STARTED = 'SELECT count(*) FROM jobs WHERE started_at >= :since'
-MON_COUNT_ENDED = 'SELECT count(*) FROM jobs WHERE state = :state AND stopped_at >= :since'
-MON_COUNT_TYPE_ENDED = """
-SELECT count(*) FROM jobs INDEXED BY jobs_type_ended
- WHERE jobtype = :jobtype AND state = :state AND stopped_at >= :since
-"""
-MON_TYPES_LIVE = """
-SELECT jobtype, state, count(*) AS n FROM jobs INDEXED BY jobs_live_types
- WHERE state IN ('defined', 'dispatched', 'running') GROUP BY jobtype, state
-"""
-# The types that ever ended, by skipping through the index: one seek per type, not a scan.
-MON_TYPES_ENDED = """
-WITH RECURSIVE t (jobtype) AS (
-    SELECT min(jobtype) FROM jobs WHERE stopped_at IS NOT NULL
-    UNION ALL
-    SELECT (SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_ended
-             WHERE stopped_at IS NOT NULL AND jobtype > t.jobtype)
-      FROM t WHERE t.jobtype IS NOT NULL LIMIT :limit)
-SELECT jobtype FROM t WHERE jobtype IS NOT NULL
-"""
-# Queue latency: the newest starts of the window, at most :cap of them.
-MON_LATENCY = """
-SELECT (julianday(started_at) - julianday(defined_at)) * 86400.0 AS wait FROM jobs
- WHERE started_at >= :since AND defined_at IS NOT NULL ORDER BY started_at DESC LIMIT :cap
-"""
-MON_THROUGHPUT = """
-SELECT substr(stopped_at, 1, 16) AS minute, sum(state = 'finished') AS finished,
-       sum(state <> 'finished') AS other
-  FROM jobs INDEXED BY jobs_ended
- WHERE state IN (SELECT value FROM json_each(:states)) AND stopped_at >= :since GROUP BY minute
-"""
-MON_WAITING = """
-SELECT count(*) AS n, min(defined_at) AS oldest FROM jobs INDEXED BY jobs_queue
- WHERE state = 'defined' AND defined_at < :cutoff
-"""
-MON_PILOTS_LOST = "SELECT count(*) FROM pilots WHERE state = 'lost' AND stopped_at >= :since"
-MON_TABLE_EXISTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name"
-MON_JOBTYPE_CAPS = 'SELECT name, cap FROM jobtypes WHERE cap IS NOT NULL ORDER BY name'
-MON_JOB_COLUMNS = ('uuid, name, user, jobtype, priority, state, site, pilot, host, errcode, '
-                   'workflow, defined_at, started_at, stopped_at')
-MON_PILOT_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE pilot = :pilot'
-                  ' ORDER BY id DESC LIMIT :limit')
-# Listing sorts: ?sort=KEY or ?sort=-KEY picks one of these fixed ORDER BY fragments.
-MON_JOB_SORTS = ('id', 'name', 'user', 'jobtype', 'priority', 'state', 'site', 'errcode',
-                 'defined_at', 'started_at', 'stopped_at')
-MON_PILOT_SORTS = ('id', 'host', 'site', 'state', 'jobs_done', 'registered_at', 'last_seen',
-                   'stopped_at')
-
-
-MON_WORKFLOW_SORTS = ('id', 'name', 'user', 'dag', 'state', 'nvertices', 'ndone', 'created_at',
-                      'defined_at', 'started_at', 'stopped_at')
-MON_DAG_SORTS = ('id', 'name', 'user', 'nvertices', 'nedges', 'created_at')
-MON_DATA_SORTS = ('id', 'name', 'datatype', 'datatag', 'state', 'source', 'target', 'created_at',
-                  'updated_at')
-MON_DATATYPE_SORTS = ('id', 'name', 'ext', 'created_at')
-MON_SITE_SORTS = ('id', 'name', 'pilots', 'lifetime', 'updated_at')
-MON_SERVICE_SORTS = ('id', 'name', 'created_at')
-
-
-def order_fragments(columns, rowid='id'):
-    """{'col': 'ORDER BY col, id', '-col': 'ORDER BY col DESC, id DESC'} for whitelisted columns.
-    The key `id` stands for `rowid` in a table without an id column (datatypes)."""
-    frags = {}
-    for col in columns:
-        sql_col = rowid if col == 'id' else col
-        tie = '' if col == 'id' else ', ' + rowid
-        frags[col] = ' ORDER BY %s%s' % (sql_col, tie)
-        frags['-' + col] = ' ORDER BY %s DESC%s' % (sql_col, tie and tie + ' DESC')
-    return frags
-
-
-MON_JOB_ORDER = order_fragments(MON_JOB_SORTS)
-MON_PILOT_ORDER = order_fragments(MON_PILOT_SORTS)
-MON_WORKFLOW_ORDER = order_fragments(MON_WORKFLOW_SORTS)
-MON_DAG_ORDER = order_fragments(MON_DAG_SORTS)
-MON_DATA_ORDER = order_fragments(MON_DATA_SORTS)
-MON_DATATYPE_ORDER = order_fragments(MON_DATATYPE_SORTS, rowid='rowid')
-MON_SITE_ORDER = order_fragments(MON_SITE_SORTS, rowid='rowid')
-MON_SERVICE_ORDER = order_fragments(MON_SERVICE_SORTS)
-# The workflow and data listings' filters: the API's, and the columns the monitor filters on.
-MON_WORKFLOW_FILTERS = dict(WORKFLOW_FILTERS, dag='dag = :dag', name='name = :name')
-MON_DAG_FILTERS = {'user': 'user = :user', 'name': 'name = :name'}
-MON_NAME_FILTER = {'name': 'name = :name'}        # datatypes, sites, services
-MON_DATATYPE_COLUMNS = 'rowid AS id, ' + DATATYPE_COLUMNS
-MON_SITE_COLUMNS = 'rowid AS id, ' + SITE_COLUMNS
-MON_SERVICE_COLUMNS = 'id, name, message, created_at'
-MON_WORKFLOW_STATES = ('template', 'defined', 'running', 'finished', 'failed')
-# The engine's and the injector's; data clients may write others (state=... still finds them).
-MON_DATA_STATES = ('template', 'defined', 'available', 'skipped')
-MON_COUNT_WORKFLOWS = 'SELECT state, count(*) AS n FROM workflows GROUP BY state'
-MON_WORKFLOW_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE workflow = :workflow'
-                     ' ORDER BY id')
-MON_WORKFLOW_DATA = ('SELECT ' + DATA_COLUMNS + ' FROM data WHERE workflow = :workflow'
-                     ' ORDER BY id')
-MON_DAG_WORKFLOWS = ('SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows WHERE dag = :dag'
-                     ' ORDER BY id DESC LIMIT :limit')
 MON_GRAPH_MAX = 300              # vertices drawn; a larger graph is shown as tables only
 MON_COUNT_CAP = 10000            # a listing counts its matches up to this many
 MON_PERPAGE = (25, 50, 100, 200, 400)
 MON_LATENCY_CAP = 20000          # starts used for the latency percentiles
 MON_WAIT_ALARM = 600             # seconds a queued job may wait before the checklist fails
 MON_REFRESH = ('', '5', '10', '30', '60')
-MON_MAX_TYPES = 100             # job types on the dashboard
+MON_MAX_TYPES = 100              # job types on the dashboard
+MON_DETAIL_ROWS = 200            # rows of a table on a detail page
+DASHBOARD_SERVICES = 10          # latest service messages on the dashboard
+CHART_W, CHART_H = 600, 120
+GRAPH_NODE_W, GRAPH_NODE_H = 150, 34
+GRAPH_GAP, GRAPH_LAYER, GRAPH_MARGIN = 30, 100, 24
+GRAPH_LABEL = 20                 # characters of a name shown in its node; all of it on hover
+GRAPH_PARALLEL = 50              # pixels between the middles of parallel edges
+GRAPH_VIRTUAL_W = 20             # width of the lane an edge takes through a layer it skips
+GRAPH_EDGE_STATES = ('template', 'defined', 'available')
+
+log = logging.getLogger('p3s')
+
+
+def sql_set(states):
+    """A tuple of constant names as an SQL list: ('a', 'b'). Only for the constants above, never
+    for a value that came with a request (those are always bound)."""
+    return '(%s)' % ', '.join("'%s'" % s for s in states)
+
+
+# The state lists as the statements name them. A partial index is used only when the statement
+# repeats its condition, so these are also the conditions of schema.sql's partial indexes.
+SQL_ACTIVE = sql_set(ACTIVE_STATES)
+SQL_LIVE_JOB = sql_set(LIVE_JOB_STATES)
+SQL_QUEUED = sql_set(QUEUED_STATES)
+SQL_TERMINAL = sql_set(TERMINAL_STATES)
+SQL_LIVE_PILOT = sql_set(LIVE_PILOT_STATES)
+SQL_PILOT_GONE = sql_set(PILOT_GONE)
+SQL_WORKFLOW_ENDED = sql_set(WORKFLOW_ENDED)
 
 # ---------------------------------------------------------------------------------------------
-# Database helpers
+# Database
 # ---------------------------------------------------------------------------------------------
+
+# The columns each kind of object is read with, shared by the sections below.
+JOB_COLUMNS = ('uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, '
+               'deadline, deadline_at, retries, site, infile, workflow, state, pilot, host, pid, '
+               'errcode, created_at, defined_at, dispatched_at, started_at, stopped_at')
+PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done, registered_at, '
+                 'last_seen, stopped_at')
+WORKFLOW_COLUMNS = ('uuid, name, user, description, dag, state, comment, rootuuid, nvertices, '
+                    'ndone, created_at, defined_at, started_at, stopped_at')
+DATA_COLUMNS = ('uuid, name, dirpath, datatype, datatag, state, comment, workflow, source, '
+                'sourceuuid, target, targetuuid, created_at, updated_at')
+GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
+GET_PILOT = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots WHERE uuid = :uuid'
+GET_WORKFLOW = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows WHERE uuid = :workflow'
+COUNT_JOBS_BY_STATE = 'SELECT state, count(*) AS n FROM jobs GROUP BY state'
+COUNT_PILOTS_BY_STATE = 'SELECT state, count(*) AS n FROM pilots GROUP BY state'
+INTEGRITY_CHECK = 'PRAGMA integrity_check'
 
 
 def utcnow():
     """The current time as stored: ISO 8601 UTC with microseconds (fixed width, sorts as text)."""
     return datetime.now(timezone.utc).isoformat(timespec='microseconds')
+
+
+def seconds_before(now, seconds):
+    """The stored time `seconds` before `now` (the same format, so it compares as text)."""
+    then = datetime.fromisoformat(now).timestamp() - seconds
+    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
+
+
+def seconds_between(earlier, later):
+    if not earlier or not later:
+        return None
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
 
 
 def connect(path, sync='full'):
@@ -712,11 +238,12 @@ def apply_schema(db):
 
 
 class Store:
-    """The database as the server uses it: one connection per thread, one writer at a time.
+    """The database as the server uses it: a pool of connections, one writer at a time.
 
-    SQLite serialises writers anyway; taking a process lock first keeps an unlucky thread out
-    of SQLite's busy-handler back-off, which costs up to seconds of tail latency
-    (reference/limits.md 1c).
+    A connection is taken from the pool for one read or one transaction and given back, so
+    any number of threads share a few connections. SQLite serialises writers anyway; taking a
+    process lock first keeps an unlucky thread out of SQLite's busy-handler back-off, which
+    costs up to seconds of tail latency (docs/performance.md).
     """
 
     def __init__(self, path, sync='full', max_waiters=DEFAULT_MAX_WAITERS,
@@ -726,26 +253,43 @@ class Store:
         # finds nothing commits nothing (no fsync); the sweep still sees it alive.
         self.idle_touch = pilot_timeout / 6
         self.sync = sync
-        self.local = threading.local()
         self.write_lock = threading.Lock()
         self.waiters = Waiters(max_waiters)
-        self.connections = []
-        self.connections_lock = threading.Lock()
-        apply_schema(self.db())
+        self.idle = deque()               # connections not in use (append and pop are atomic)
+        self.opened = []
+        with self.connection() as db:
+            apply_schema(db)
 
-    def db(self):
-        db = getattr(self.local, 'db', None)
-        if db is None:
-            db = self.local.db = connect(self.path, self.sync)
-            with self.connections_lock:
-                self.connections.append(db)
-        return db
+    @contextmanager
+    def connection(self):
+        try:
+            db = self.idle.pop()
+        except IndexError:
+            db = connect(self.path, self.sync)
+            self.opened.append(db)
+        try:
+            yield db
+        finally:
+            self.idle.append(db)
+
+    def read(self):
+        """A connection for reads outside a transaction: each statement sees the last commit."""
+        return self.connection()
+
+    def query(self, sql, params=None):
+        """All rows of one read statement."""
+        with self.read() as db:
+            return db.execute(sql, params or {}).fetchall()
+
+    def one(self, sql, params=None):
+        """The first row of one read statement, or None."""
+        with self.read() as db:
+            return db.execute(sql, params or {}).fetchone()
 
     @contextmanager
     def write(self):
         """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-        db = self.db()
-        with self.write_lock:
+        with self.write_lock, self.connection() as db:
             db.execute('BEGIN IMMEDIATE')
             try:
                 yield db
@@ -754,11 +298,16 @@ class Store:
                 raise
             db.execute('COMMIT')
 
+    def wake(self, jobs):
+        """Pilots waiting for work may run these (jobtype, site) now."""
+        if jobs:
+            self.waiters.wake(jobs)
+
     def close(self):
-        with self.connections_lock:
-            for db in self.connections:
-                db.close()
-            self.connections.clear()
+        for db in self.opened:
+            db.close()
+        self.opened.clear()
+        self.idle.clear()
 
 
 class Waiter:
@@ -777,8 +326,8 @@ class Waiters:
     """Pilots held in a long poll. A new job wakes one waiting pilot that may run it.
 
     Each held poll occupies a waitress thread, so their number is bounded: past the bound a
-    pilot is answered at once and polls again after its period (reference/limits.md 4a).
-    Waking one pilot per job, not all, avoids a thundering herd (limits.md 4b).
+    pilot is answered at once and polls again after its period. Waking one pilot per job, not
+    all, avoids a thundering herd (docs/performance.md).
     """
 
     def __init__(self, limit):
@@ -811,13 +360,29 @@ class Waiters:
         return len(self.waiting)
 
 
+def counts(store):
+    """Jobs and pilots by state."""
+    return {'jobs': {r['state']: r['n'] for r in store.query(COUNT_JOBS_BY_STATE)},
+            'pilots': {r['state']: r['n'] for r in store.query(COUNT_PILOTS_BY_STATE)}}
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
 
 
+class Refused(Exception):
+    """The domain's one error: a request that cannot be done, with the HTTP status that says why
+    (400 bad input, 404 no such object, 409 wrong state, 413 too large). The web layer turns it
+    into {"error": message}; the domain never imports the web framework's errors."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def fail(status, message):
-    raise HTTPError(status, message)
+    raise Refused(status, message)
 
 
 def check_object(value, what):
@@ -898,88 +463,14 @@ def check_uuid(value, what='uuid'):
     return value.lower()
 
 
-def check_job(raw, now):
-    """A submitted job, checked and shaped as a row of the jobs table."""
-    job = check_object(raw, 'each job')
-    check_known(job, JOB_FIELDS, 'job')
-    env = env_field(job)
-    state = text_field(job, 'state', 'defined')
-    if state not in ('defined', 'template'):
-        fail(400, "state must be 'defined' or 'template', not %r" % state[:32])
-    return {
-        'uuid': uuid_field(job, 'uuid') or str(uuidlib.uuid4()),
-        'name': text_field(job, 'name'),
-        'user': text_field(job, 'user'),
-        'subhost': text_field(job, 'subhost'),
-        'jobtype': text_field(job, 'jobtype', 'default') or 'default',
-        'payload': text_field(job, 'payload', maxlen=MAX_PAYLOAD, required=True),
-        'env': json.dumps(env),
-        'priority': int_field(job, 'priority', 0),
-        'timelimit': int_field(job, 'timelimit', 1000, 1, MAX_TIMELIMIT),
-        'deadline': int_field(job, 'deadline', None, 1, MAX_TIMELIMIT),
-        'site': text_field(job, 'site'),
-        'retries': int_field(job, 'retries', 0, 0, MAX_RETRIES),
-        'infile': env.get('P3S_INPUT_FILE', ''),
-        'state': state,
-        'now': now,
-    }
-
-
-def check_report(raw):
-    rep = check_object(raw, 'report')
-    check_known(rep, {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago'},
-                'report')
-    state = text_field(rep, 'state', required=True)
-    if state not in REPORT_STATES:
-        fail(400, 'a pilot reports one of %s, not %r' % (', '.join(REPORT_STATES), state[:32]))
-    errcode = int_field(rep, 'errcode', None, -1024, 1024)
-    if state == 'finished' and errcode not in (0, None):
-        fail(400, 'a finished job has errcode 0')
-    if state == 'failed' and not errcode:
-        fail(400, 'a failed job has a non-zero errcode')
-    return {
-        'uuid': uuid_field(rep, 'job', required=True),
-        'state': state,
-        'pid': int_field(rep, 'pid', None, 0, 2 ** 31),
-        'errcode': errcode,
-        'stdout': log_tail(rep, 'stdout'),
-        'stderr': log_tail(rep, 'stderr'),
-        'elapsed': number_field(rep, 'elapsed', None, 0, MAX_TIMELIMIT),  # since the start
-        'ago': number_field(rep, 'ago', 0, 0, MAX_TIMELIMIT),             # since the end
-    }
-
-
-def log_tail(rep, key):
-    """A payload's output is data, not a name: keep it, whatever bytes it printed."""
-    text = rep.get(key) or ''
-    if not isinstance(text, str):
-        fail(400, '%s must be a string' % key)
-    return text[-MAX_LOG_TAIL:].replace('\x00', '\ufffd')
-
-
-def check_pilot(raw, now):
-    p = check_object(raw, 'pilot')
-    check_known(p, PILOT_FIELDS, 'pilot')
-    jobtypes = p.get('jobtypes') or []
-    if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
-        fail(400, 'jobtypes must be a list of names')
-    return {
-        'uuid': uuid_field(p, 'uuid') or str(uuidlib.uuid4()),
-        'host': text_field(p, 'host'),
-        'site': text_field(p, 'site'),
-        'pid': int_field(p, 'pid', None, 0, 2 ** 31),
-        'extra': text_field(p, 'extra', maxlen=4096),
-        'jobtypes': json.dumps(sorted(set(jobtypes))),
-        'now': now,
-    }
-
-
+# Listing filters: a query string narrows a listing by fixed SQL fragments, chosen by which
+# filters it gives; the values are bound.
 FILTER_KEYS = ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow', 'dag', 'datatype', 'name',
                'dirpath')
 
 
 def filters_from(query, allowed):
-    """Listing filters from a query string: ({name: value}, [SQL fragments]).
+    """A listing's WHERE clause from a query string: ({name: value}, ' WHERE …' or '').
 
     `state` may be repeated or comma-separated; `state=error` (jobs) means a non-zero exit code.
     """
@@ -1003,21 +494,12 @@ def filters_from(query, allowed):
     elif states:
         params['states'] = json.dumps(states)
         where.append(allowed['states'])
-    return params, where
+    return params, ' WHERE ' + ' AND '.join(where) if where else ''
 
 
 def query_all(query, key):
     """Every value of a repeated query parameter (a Bottle FormsDict, or a plain dict)."""
     return query.getall(key) if hasattr(query, 'getall') else [query.get(key) or '']
-
-
-def newest_rows(store, select, filters, query):
-    """An API listing: `select` ('SELECT … FROM table') narrowed by the query's filters
-    (filters_from), newest first, at most ?limit= rows."""
-    params, where = filters_from(query, filters)
-    params['limit'] = limit_from(query)
-    sql = select + (' WHERE ' + ' AND '.join(where) if where else '') + ' ORDER BY id DESC LIMIT :limit'
-    return store.db().execute(sql, params)
 
 
 def limit_from(query):
@@ -1030,15 +512,101 @@ def limit_from(query):
     return limit
 
 
+def newest_rows(store, select, filters, query):
+    """An API listing: `select` ('SELECT … FROM table') narrowed by the query's filters,
+    newest first, at most ?limit= rows."""
+    params, where = filters_from(query, filters)
+    params['limit'] = limit_from(query)
+    return store.query(select + where + ' ORDER BY id DESC LIMIT :limit', params)
+
 # ---------------------------------------------------------------------------------------------
-# Domain: jobs
+# Jobs
 # ---------------------------------------------------------------------------------------------
+
+INSERT_JOB = """
+INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
+                  infile, retries, state, created_at, defined_at, deadline, deadline_at)
+VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
+        :infile, :retries, :state, :now, CASE WHEN :state = 'defined' THEN :now END, :deadline,
+        CASE WHEN :state = 'defined' AND :deadline IS NOT NULL
+             THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || :deadline || ' seconds')
+                  || substr(:now, 20) END)
+ON CONFLICT (uuid) DO NOTHING
+"""
+SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
+GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
+GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
+LIST_JOBS = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
+JOB_FILTERS = {
+    'state': 'state = :state',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+    'error': 'errcode <> 0',                       # state=error: a non-zero exit code
+    'states_or_error': '(state IN (SELECT value FROM json_each(:states)) OR errcode <> 0)',
+    'workflow': 'workflow = :workflow',
+    'jobtype': 'jobtype = :jobtype',
+    'user': 'user = :user',
+    'site': 'site = :site',
+    'pilot': 'pilot = :pilot',
+}
+KILL_JOB = """
+UPDATE jobs SET state = 'killed', stopped_at = :now
+ WHERE uuid = :uuid AND state IN """ + SQL_LIVE_JOB
+SET_JOB_PRIORITY = """
+UPDATE jobs SET priority = :priority
+ WHERE uuid = :uuid AND state IN """ + SQL_LIVE_JOB
+# A workflow's jobs are released by the workflow engine and deleted with their workflow.
+DEFINE_JOB = """
+UPDATE jobs SET state = 'defined', defined_at = :now,
+       deadline_at = CASE WHEN deadline IS NOT NULL
+                          THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
+                               || substr(:now, 20) END
+ WHERE uuid = :uuid AND state = 'template' AND workflow IS NULL
+RETURNING jobtype, site
+"""
+DROP_JOB = """
+UPDATE jobs SET state = 'dropped', stopped_at = :now
+ WHERE uuid = :uuid AND state IN """ + SQL_QUEUED
+DELETE_JOB = """
+DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN """ + SQL_ACTIVE + """ AND workflow IS NULL
+"""
+
+
+def check_job(raw, now):
+    """A submitted job, checked and shaped as a row of the jobs table."""
+    job = check_object(raw, 'each job')
+    check_known(job, JOB_FIELDS, 'job')
+    env = env_field(job)
+    state = text_field(job, 'state', 'defined')
+    if state not in QUEUED_STATES:
+        fail(400, "state must be 'defined' or 'template', not %r" % state[:32])
+    return {
+        'uuid': uuid_field(job, 'uuid') or str(uuidlib.uuid4()),
+        'name': text_field(job, 'name'),
+        'user': text_field(job, 'user'),
+        'subhost': text_field(job, 'subhost'),
+        'jobtype': text_field(job, 'jobtype', 'default') or 'default',
+        'payload': text_field(job, 'payload', maxlen=MAX_PAYLOAD, required=True),
+        'env': json.dumps(env),
+        'priority': int_field(job, 'priority', 0),
+        'timelimit': int_field(job, 'timelimit', 1000, 1, MAX_TIMELIMIT),
+        'deadline': int_field(job, 'deadline', None, 1, MAX_TIMELIMIT),
+        'site': text_field(job, 'site'),
+        'retries': int_field(job, 'retries', 0, 0, MAX_RETRIES),
+        'infile': env.get('P3S_INPUT_FILE', ''),
+        'state': state,
+        'now': now,
+    }
 
 
 def job_dict(row):
     job = dict(row)
     job['env'] = json.loads(job['env'])
     return job
+
+
+def runnable(rows):
+    """(jobtype, site) of the rows that are queued now: who may be woken for them."""
+    return [(r['jobtype'], r['site']) for r in rows if r['state'] == 'defined']
 
 
 def submit_jobs(store, raw_jobs, now):
@@ -1054,7 +622,7 @@ def submit_jobs(store, raw_jobs, now):
     rows = [check_job(raw, now) for raw in raw_jobs]
     with store.write() as db:
         insert_jobs(db, rows)
-    store.waiters.wake([(r['jobtype'], r['site']) for r in rows if r['state'] == 'defined'])
+    store.wake(runnable(rows))
     return [r['uuid'] for r in rows]
 
 
@@ -1065,13 +633,15 @@ def insert_jobs(db, rows):
 
 
 def get_job(store, job_uuid, logs=False):
-    row = store.db().execute(GET_JOB, {'uuid': check_uuid(job_uuid, 'job')}).fetchone()
-    if row is None:
-        fail(404, 'no such job: %s' % job_uuid)
-    job = job_dict(row)
-    if logs:
-        tails = store.db().execute(GET_JOB_LOGS, {'uuid': job['uuid']}).fetchone()
-        job['stdout'], job['stderr'] = tuple(tails) if tails else ('', '')
+    job_uuid = check_uuid(job_uuid, 'job')
+    with store.read() as db:
+        row = db.execute(GET_JOB, {'uuid': job_uuid}).fetchone()
+        if row is None:
+            fail(404, 'no such job: %s' % job_uuid)
+        job = job_dict(row)
+        if logs:
+            tails = db.execute(GET_JOB_LOGS, {'uuid': job_uuid}).fetchone()
+            job['stdout'], job['stderr'] = tuple(tails) if tails else ('', '')
     return job
 
 
@@ -1111,11 +681,11 @@ def adjust_job(store, job_uuid, changes, now):
             woken = [tuple(r) for r in db.execute(DEFINE_JOB, params).fetchall()]
             if not woken:
                 job_conflict(db, job_uuid, 'define')
-        if state == 'dropped' and not db.execute(DROP_JOB, params).rowcount:
-            job_conflict(db, job_uuid, 'drop')
         if state == 'dropped':
+            if not db.execute(DROP_JOB, params).rowcount:
+                job_conflict(db, job_uuid, 'drop')
             workflow_hook(db, [job_uuid], now)
-    store.waiters.wake(woken)
+    store.wake(woken)
     return get_job(store, job_uuid)
 
 
@@ -1137,10 +707,166 @@ def delete_job(store, job_uuid):
             job_conflict(db, job_uuid, 'delete')
     return {'deleted': job_uuid}
 
+# ---------------------------------------------------------------------------------------------
+# Brokerage: pilots, claims, reports, heartbeats, long polls
+# ---------------------------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------------------------
-# Domain: pilots and brokerage
-# ---------------------------------------------------------------------------------------------
+INSERT_PILOT = """
+INSERT INTO pilots (uuid, host, site, pid, extra, jobtypes, state, registered_at, last_seen)
+VALUES (:uuid, :host, :site, :pid, :extra, :jobtypes, 'active', :now, :now)
+ON CONFLICT (uuid) DO NOTHING
+"""
+LIST_PILOTS = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots'
+PILOT_FILTERS = {
+    'state': 'state = :state',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+    'site': 'site = :site',
+    'host': 'host = :host',
+}
+# The claim: one statement takes the best queued job the pilot may run. It takes the write lock
+# before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
+# literal, and the queue index is named: with the (state, id) index the planner would read every
+# queued job and sort them, and INDEXED BY makes that an error instead. Jobs past their deadline
+# are skipped (the sweep makes them stale).
+CLAIM_JOB = """
+UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
+ WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
+              WHERE state = 'defined'
+                AND (site = '' OR site = :site)
+                AND (deadline_at IS NULL OR deadline_at > :now)
+              ORDER BY priority DESC, defined_at, id
+              LIMIT 1)
+RETURNING """ + JOB_COLUMNS
+# When some types are blocked (at their cap, or paused with cap 0) or the pilot takes only some
+# types, the queue's top may hold thousands of jobs this pilot cannot take, and walking past them
+# would cost milliseconds per claim. This form visits each type that has queued jobs instead
+# (a skip-scan of jobs_type_queue), takes the head of each type it may run, and the best head:
+# a few index seeks per type, whatever is queued.
+CLAIM_JOB_BY_TYPE = """
+WITH RECURSIVE queued (jobtype) AS (
+    SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_queue WHERE state = 'defined'
+    UNION ALL
+    SELECT (SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_queue
+             WHERE state = 'defined' AND jobtype > queued.jobtype)
+      FROM queued WHERE queued.jobtype IS NOT NULL),
+heads (id) AS (
+    SELECT (SELECT id FROM jobs INDEXED BY jobs_type_queue
+             WHERE state = 'defined' AND jobtype = queued.jobtype
+               AND (site = '' OR site = :site)
+               AND (deadline_at IS NULL OR deadline_at > :now)
+             ORDER BY priority DESC, defined_at, id
+             LIMIT 1)
+      FROM queued
+     WHERE queued.jobtype IS NOT NULL
+       AND queued.jobtype NOT IN (SELECT value FROM json_each(:blocked))
+       AND (:jobtypes = '[]' OR queued.jobtype IN (SELECT value FROM json_each(:jobtypes))))
+UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
+ WHERE id = (SELECT head.id FROM heads JOIN jobs AS head ON head.id = heads.id
+              ORDER BY head.priority DESC, head.defined_at, head.id
+              LIMIT 1)
+RETURNING """ + JOB_COLUMNS
+# The types at their cap, read in the claim's own transaction (so two pilots cannot both take
+# the last slot of a cap), counting the active jobs through the jobs_active index.
+BLOCKED_JOBTYPES = """
+SELECT name FROM jobtypes
+ WHERE cap IS NOT NULL
+   AND cap <= (SELECT count(*) FROM jobs AS held INDEXED BY jobs_active
+                WHERE held.state IN """ + SQL_ACTIVE + """ AND held.jobtype = jobtypes.name)
+"""
+# A pilot asking for work while its job is still dispatched never got the reply that carried it.
+REDELIVER_JOB = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
+                 " WHERE uuid = :job AND pilot = :pilot AND state = 'dispatched'")
+# :started and :stopped are server times: the report's arrival less the seconds the pilot says
+# have passed since the payload started or ended (a duration, so the clocks need not agree).
+START_JOB = """
+UPDATE jobs SET state = 'running', started_at = :started, pid = :pid
+ WHERE uuid = :uuid AND pilot = :pilot AND state = 'dispatched'
+"""
+FINISH_JOB = """
+UPDATE jobs SET state = :state, errcode = :errcode, pid = coalesce(:pid, pid),
+                started_at = coalesce(started_at, :started), stopped_at = :stopped
+ WHERE uuid = :uuid AND pilot = :pilot AND state IN """ + SQL_ACTIVE
+SAVE_JOB_LOGS = """
+INSERT INTO joblogs (job, stdout, stderr) VALUES (:uuid, :stdout, :stderr)
+ON CONFLICT (job) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr
+"""
+# Opt-in retries ("retries": N): a job that was lost or could not start, never one that ran to
+# an exit code, goes back to the queue in its old place.
+RETRY_JOBS = """
+UPDATE jobs SET state = 'defined', retries = retries - 1, pilot = NULL, host = NULL, pid = NULL,
+                errcode = NULL, dispatched_at = NULL, started_at = NULL, stopped_at = NULL
+ WHERE uuid IN (SELECT value FROM json_each(:jobs)) AND state IN ('lost', 'nonstarter')
+   AND retries > 0
+RETURNING jobtype, site
+"""
+# A pilot that stops positively never started the jobs still dispatched to it: queue them again.
+RELEASE_PILOT_JOBS = """
+UPDATE jobs SET state = 'defined', pilot = NULL, host = NULL, dispatched_at = NULL
+ WHERE pilot = :pilot AND state = 'dispatched'
+RETURNING jobtype, site
+"""
+PILOT_DISPATCHED = """
+UPDATE pilots SET state = 'dispatched', job = :job, last_seen = :now WHERE uuid = :pilot
+"""
+PILOT_IDLE = "UPDATE pilots SET state = 'idle', last_seen = :now WHERE uuid = :pilot"
+PILOT_RUNNING = """
+UPDATE pilots SET state = 'running', job = :job, last_seen = :now WHERE uuid = :pilot
+"""
+PILOT_JOB_DONE = """
+UPDATE pilots SET state = 'active', jobs_done = jobs_done + 1, last_seen = :now WHERE uuid = :pilot
+"""
+PILOT_SEEN = 'UPDATE pilots SET last_seen = :now WHERE uuid = :pilot RETURNING state'
+STOP_PILOT = """
+UPDATE pilots SET state = :state, stopped_at = :now, last_seen = :now
+ WHERE uuid = :pilot AND state IN """ + SQL_LIVE_PILOT
+
+
+def check_pilot(raw, now):
+    p = check_object(raw, 'pilot')
+    check_known(p, PILOT_FIELDS, 'pilot')
+    jobtypes = p.get('jobtypes') or []
+    if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
+        fail(400, 'jobtypes must be a list of names')
+    return {
+        'uuid': uuid_field(p, 'uuid') or str(uuidlib.uuid4()),
+        'host': text_field(p, 'host'),
+        'site': text_field(p, 'site'),
+        'pid': int_field(p, 'pid', None, 0, 2 ** 31),
+        'extra': text_field(p, 'extra', maxlen=4096),
+        'jobtypes': json.dumps(sorted(set(jobtypes))),
+        'now': now,
+    }
+
+
+def check_report(raw):
+    rep = check_object(raw, 'report')
+    check_known(rep, REPORT_FIELDS, 'report')
+    state = text_field(rep, 'state', required=True)
+    if state not in REPORT_STATES:
+        fail(400, 'a pilot reports one of %s, not %r' % (', '.join(REPORT_STATES), state[:32]))
+    errcode = int_field(rep, 'errcode', None, -1024, 1024)
+    if state == 'finished' and errcode not in (0, None):
+        fail(400, 'a finished job has errcode 0')
+    if state == 'failed' and not errcode:
+        fail(400, 'a failed job has a non-zero errcode')
+    return {
+        'uuid': uuid_field(rep, 'job', required=True),
+        'state': state,
+        'pid': int_field(rep, 'pid', None, 0, 2 ** 31),
+        'errcode': errcode,
+        'stdout': log_tail(rep, 'stdout'),
+        'stderr': log_tail(rep, 'stderr'),
+        'elapsed': number_field(rep, 'elapsed', None, 0, MAX_TIMELIMIT),  # since the start
+        'ago': number_field(rep, 'ago', 0, 0, MAX_TIMELIMIT),             # since the end
+    }
+
+
+def log_tail(rep, key):
+    """A payload's output is data, not a name: keep it, whatever bytes it printed."""
+    text = rep.get(key) or ''
+    if not isinstance(text, str):
+        fail(400, '%s must be a string' % key)
+    return text[-MAX_LOG_TAIL:].replace('\x00', '\ufffd')
 
 
 def pilot_dict(row):
@@ -1159,7 +885,7 @@ def register_pilot(store, raw, now):
 
 
 def get_pilot(store, pilot_uuid):
-    row = store.db().execute(GET_PILOT, {'uuid': check_uuid(pilot_uuid, 'pilot')}).fetchone()
+    row = store.one(GET_PILOT, {'uuid': check_uuid(pilot_uuid, 'pilot')})
     if row is None:
         fail(404, 'no such pilot: %s' % pilot_uuid)
     return pilot_dict(row)
@@ -1190,7 +916,7 @@ def request_work(store, pilot_uuid, now, report=None):
         if report is not None:
             note, woken = apply_report(db, pilot, report, now)
         reply = claim_for(db, pilot, now, store.idle_touch)
-    store.waiters.wake(woken)
+    store.wake(woken)
     if note is not None:
         wake_after_report(store, report, note)
         reply['report'] = note
@@ -1223,24 +949,25 @@ def claim(db, params):
     return db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
 
 
-def wait_for_work(store, pilot_uuid, wait, report=None):
-    """Brokerage with a long poll: hold the request up to `wait` seconds until a job arrives.
+def wait_for_work(store, pilot_uuid, wait, report=None, clock=time.monotonic, now=utcnow):
+    """Brokerage with a long poll: hold the request up to `wait` seconds (by `clock`) until a
+    job arrives.
 
     The waiter is entered before the second attempt, so a job submitted between an empty
     attempt and the wait still wakes it.
     """
-    reply, pilot = request_work(store, pilot_uuid, utcnow(), report)
+    reply, pilot = request_work(store, pilot_uuid, now(), report)
     if reply['state'] != 'idle' or wait <= 0:
         return reply
     note = reply.get('report')
     waiter = store.waiters.enter(pilot['site'], set(json.loads(pilot['jobtypes'])))
     if waiter is None:
         return dict(reply, waited=False)
-    give_up = time.monotonic() + wait
+    give_up = clock() + wait
     try:
         while True:
-            reply, _ = request_work(store, pilot_uuid, utcnow())
-            remaining = give_up - time.monotonic()
+            reply, _ = request_work(store, pilot_uuid, now())
+            remaining = give_up - clock()
             if reply['state'] != 'idle' or remaining <= 0:
                 reply = dict(reply, waited=True) if reply['state'] == 'idle' else reply
                 return dict(reply, report=note) if note else reply
@@ -1254,7 +981,7 @@ def report_job(store, pilot_uuid, rep, now):
     """A report on its own (a start report, or a final one when the pilot leaves)."""
     with store.write() as db:
         note, woken = apply_report(db, live_pilot(db, pilot_uuid), rep, now)
-    store.waiters.wake(woken)
+    store.wake(woken)
     wake_after_report(store, rep, note)
     if note['status'] == 'REFUSED':
         fail(409, note['error'])
@@ -1304,6 +1031,11 @@ def apply_report(db, pilot, rep, now):
     return {'status': 'OK', 'state': state, 'changed': bool(changed)}, woken
 
 
+def retry_jobs(db, job_uuids):
+    """Queue again those of these jobs that ended lost or nonstarter with retries left."""
+    return [tuple(r) for r in db.execute(RETRY_JOBS, {'jobs': json.dumps(job_uuids)})]
+
+
 def heartbeat(store, pilot_uuid, job_uuid, now):
     """A running pilot is alive; tell it to kill its payload if its job was killed or lost."""
     with store.write() as db:
@@ -1330,37 +1062,83 @@ def stop_pilot(store, pilot_uuid, state, now):
         if db.execute(STOP_PILOT, params).rowcount:
             released = [tuple(r) for r in db.execute(RELEASE_PILOT_JOBS, params).fetchall()]
         pilot = db.execute(GET_PILOT, {'uuid': pilot_uuid}).fetchone()
-    store.waiters.wake(released)
+    store.wake(released)
     return dict(pilot_dict(pilot), released=len(released))
 
+# ---------------------------------------------------------------------------------------------
+# Housekeeping: lost pilots, overdue jobs, deadlines, retention
+# ---------------------------------------------------------------------------------------------
 
-def seconds_before(now, seconds):
-    """The stored time `seconds` before `now`."""
-    then = datetime.fromisoformat(now).timestamp() - seconds
-    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
-
-
-def retry_jobs(db, job_uuids):
-    """Queue again those of these jobs that ended lost or nonstarter with retries left."""
-    return [tuple(r) for r in db.execute(RETRY_JOBS, {'jobs': json.dumps(job_uuids)})]
+# Must repeat the condition of the partial index pilots_live to use it.
+LOSE_SILENT_PILOTS = """
+UPDATE pilots INDEXED BY pilots_live SET state = 'lost', stopped_at = :now
+ WHERE state IN """ + SQL_LIVE_PILOT + """ AND last_seen < :cutoff
+RETURNING uuid
+"""
+LOSE_PILOT_JOBS = """
+UPDATE jobs SET state = 'lost', stopped_at = :now
+ WHERE pilot IN (SELECT value FROM json_each(:pilots)) AND state IN """ + SQL_ACTIVE + """
+RETURNING uuid
+"""
+# A pilot should have killed these itself; it did not (or cannot), so the server ends them and
+# the pilot's next heartbeat is answered KILL.
+KILL_OVERDUE_JOBS = """
+UPDATE jobs SET state = 'timelimit', stopped_at = :now
+ WHERE state = 'running' AND (julianday(:now) - julianday(started_at)) * 86400 > timelimit + :grace
+RETURNING uuid
+"""
+# Must repeat the condition of the partial index jobs_deadline to use it.
+STALE_JOBS = """
+UPDATE jobs INDEXED BY jobs_deadline SET state = 'stale', stopped_at = :now
+ WHERE state = 'defined' AND deadline_at IS NOT NULL AND deadline_at <= :now
+RETURNING uuid
+"""
+PURGE_JOBS = """
+DELETE FROM jobs WHERE id IN (
+  SELECT id FROM jobs
+   WHERE state IN """ + SQL_TERMINAL + """
+     AND (:state IS NULL OR state = :state) AND coalesce(stopped_at, created_at) < :cutoff
+     AND workflow IS NULL
+   LIMIT :batch)
+"""
+PURGE_SERVICES = """
+DELETE FROM services WHERE id IN (
+  SELECT id FROM services WHERE :state IS NULL AND created_at < :cutoff LIMIT :batch)
+"""
+# Old workflows go whole, with their jobs and data (DELETE_WORKFLOW_*).
+OLD_WORKFLOWS = """
+SELECT uuid AS workflow FROM workflows
+ WHERE state IN """ + SQL_WORKFLOW_ENDED + """ AND (:state IS NULL OR state = :state)
+   AND stopped_at < :cutoff
+ LIMIT :batch
+"""
+PURGE_PILOTS = """
+DELETE FROM pilots WHERE id IN (
+  SELECT id FROM pilots
+   WHERE state IN """ + SQL_PILOT_GONE + """ AND (:state IS NULL OR state = :state)
+     AND stopped_at < :cutoff
+   LIMIT :batch)
+"""
 
 
 def sweep(store, now, pilot_timeout, lose_pilots=True):
     """Housekeeping: pilots silent for longer than pilot_timeout are lost, with their jobs;
-    running jobs far past their timelimit end `timelimit`."""
+    running jobs far past their timelimit end `timelimit`; queued jobs past their deadline
+    go stale."""
     params = {'now': now, 'cutoff': seconds_before(now, pilot_timeout), 'grace': TIMELIMIT_GRACE}
-    lost, retried = [], []
+    lost, woken = [], []
     with store.write() as db:
         if lose_pilots:
             lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, params)]
         if lost:
-            jobs = [r['uuid'] for r in db.execute(LOSE_PILOT_JOBS, dict(params, pilots=json.dumps(lost)))]
-            retried = retry_jobs(db, jobs) + workflow_hook(db, jobs, now)
+            jobs = [r['uuid'] for r in db.execute(LOSE_PILOT_JOBS,
+                                                   dict(params, pilots=json.dumps(lost)))]
+            woken = retry_jobs(db, jobs) + workflow_hook(db, jobs, now)
         overdue = [r['uuid'] for r in db.execute(KILL_OVERDUE_JOBS, params)]
-        retried += workflow_hook(db, overdue, now)
+        woken += workflow_hook(db, overdue, now)
         stale = [r['uuid'] for r in db.execute(STALE_JOBS, params)]
-        retried += workflow_hook(db, stale, now)
-    store.waiters.wake(retried)
+        woken += workflow_hook(db, stale, now)
+    store.wake(woken)
     if lost or overdue:
         wake_capped(store)
     if lost:
@@ -1370,7 +1148,7 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
                     len(overdue), TIMELIMIT_GRACE)
     if stale:
         log.info('%d queued jobs passed their deadline: stale', len(stale))
-    return {'lost_pilots': lost, 'woken': len(retried), 'overdue': len(overdue),
+    return {'lost_pilots': lost, 'woken': len(woken), 'overdue': len(overdue),
             'stale_jobs': len(stale)}
 
 
@@ -1383,8 +1161,7 @@ def purge(store, now, older, state=None):
         with store.write() as db:
             old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
             for workflow in old:
-                for sql in (DELETE_WORKFLOW_JOBS, DELETE_WORKFLOW_DATA, DELETE_WORKFLOW):
-                    db.execute(sql, dict(workflow))
+                erase_workflow(db, dict(workflow))
         removed['workflows'] += len(old)
         if len(old) < PURGE_WORKFLOW_BATCH:
             break
@@ -1404,43 +1181,166 @@ class Housekeeper(threading.Thread):
 
     No pilot is declared lost during the first pilot_timeout after the server starts: while
     the server was down its pilots could not reach it, and they need the time to come back.
+    `clock` (seconds, monotonic) and `now` (stored time) can be given, so that tests step it.
     """
 
-    def __init__(self, store, pilot_timeout, keep_days=None):
+    def __init__(self, store, pilot_timeout, keep_days=None, clock=time.monotonic, now=utcnow):
         super().__init__(name='p3s-housekeeper', daemon=True)
         self.store, self.pilot_timeout, self.keep_days = store, pilot_timeout, keep_days
+        self.clock, self.now = clock, now
         self.period = min(SWEEP_PERIOD, pilot_timeout / 4)
-        self.started = time.monotonic()
+        self.started = clock()
         self.next_purge = self.started
         self.stopping = threading.Event()
 
     def run(self):
         while not self.stopping.wait(self.period):
             try:
-                self.step(time.monotonic())
+                self.step()
             except Exception:
                 log.exception('housekeeping failed; trying again in %.1f s', self.period)
 
-    def step(self, clock):
-        sweep(self.store, utcnow(), self.pilot_timeout,
-              lose_pilots=clock - self.started >= self.pilot_timeout)
+    def step(self):
+        """One pass: the sweep, and the retention purge when it is due."""
+        clock = self.clock()
+        done = sweep(self.store, self.now(), self.pilot_timeout,
+                     lose_pilots=clock - self.started >= self.pilot_timeout)
         if self.keep_days and clock >= self.next_purge:
             self.next_purge = clock + PURGE_PERIOD
-            removed = purge(self.store, utcnow(), self.keep_days * 86400)
-            log.info('retention of %g days: purged %s', self.keep_days, removed)
-
-
-def counts(store):
-    db = store.db()
-    return {
-        'jobs': {r['state']: r['n'] for r in db.execute(COUNT_JOBS_BY_STATE)},
-        'pilots': {r['state']: r['n'] for r in db.execute(COUNT_PILOTS_BY_STATE)},
-    }
-
+            done['purged'] = purge(self.store, self.now(), self.keep_days * 86400)
+            log.info('retention of %g days: purged %s', self.keep_days, done['purged'])
+        return done
 
 # ---------------------------------------------------------------------------------------------
-# Domain: workflows
+# Workflows: DAGs, the workflows made from them, and the engine that runs them
 # ---------------------------------------------------------------------------------------------
+
+DAG_COLUMNS = 'name, user, description, nvertices, nedges, root, created_at'
+VERTEX_COLUMNS = 'name, jobtype, payload, env, timelimit, priority'
+EDGE_COLUMNS = 'source, target, name, dirpath, datatype, datatag, comment'
+INSERT_DAG = """
+INSERT INTO dags (name, user, description, nvertices, nedges, root, graphml, created_at)
+VALUES (:name, :user, :description, :nvertices, :nedges, :root, :graphml, :now)
+RETURNING id
+"""
+INSERT_VERTEX = """
+INSERT INTO dag_vertices (dag, name, position, jobtype, payload, env, timelimit, priority)
+VALUES (:dag, :name, :position, :jobtype, :payload, :env, :timelimit, :priority)
+"""
+INSERT_EDGE = """
+INSERT INTO dag_edges (dag, source, target, name, dirpath, datatype, datatag, comment)
+VALUES (:dag, :source, :target, :name, :dirpath, :datatype, :datatag, :comment)
+"""
+GET_DAG = 'SELECT id, graphml, ' + DAG_COLUMNS + ' FROM dags WHERE name = :name'
+LIST_DAGS = 'SELECT ' + DAG_COLUMNS + ' FROM dags ORDER BY name LIMIT :limit'
+GET_DAG_VERTICES = ('SELECT ' + VERTEX_COLUMNS + ' FROM dag_vertices WHERE dag = :dag'
+                    ' ORDER BY position')
+GET_DAG_EDGES = 'SELECT ' + EDGE_COLUMNS + ' FROM dag_edges WHERE dag = :dag ORDER BY id'
+DELETE_DAG = 'DELETE FROM dags WHERE name = :name'        # vertices and edges cascade
+
+INSERT_WORKFLOW = """
+INSERT INTO workflows (uuid, name, user, description, dag, state, rootuuid, nvertices, created_at)
+VALUES (:uuid, :name, :user, :description, :dag, 'template', :rootuuid, :nvertices, :now)
+"""
+INSERT_WORKFLOW_JOB = """
+INSERT INTO jobs (uuid, name, user, jobtype, payload, env, priority, timelimit, workflow, state,
+                  created_at, deadline)
+VALUES (:uuid, :name, :user, :jobtype, :payload, :env, :priority, :timelimit, :workflow,
+        'template', :now, :deadline)
+"""
+INSERT_WORKFLOW_DATA = """
+INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
+                  sourceuuid, target, targetuuid, created_at, updated_at)
+VALUES (:uuid, :name, :dirpath, :datatype, :datatag, 'template', :comment, :workflow, :source,
+        :sourceuuid, :target, :targetuuid, :now, :now)
+"""
+GET_WORKFLOW_JOBS = """
+SELECT uuid, name, state, jobtype, priority, errcode, pilot, defined_at, started_at, stopped_at
+  FROM jobs WHERE workflow = :workflow ORDER BY id
+"""
+GET_WORKFLOW_DATA = ('SELECT ' + DATA_COLUMNS + ' FROM data WHERE workflow = :workflow'
+                     ' ORDER BY id')
+COUNT_ACTIVE_WORKFLOW_JOBS = """
+SELECT count(*) FROM jobs WHERE workflow = :workflow AND state IN """ + SQL_ACTIVE
+DELETE_WORKFLOW_JOBS = 'DELETE FROM jobs WHERE workflow = :workflow'
+DELETE_WORKFLOW_DATA = 'DELETE FROM data WHERE workflow = :workflow'
+DELETE_WORKFLOW = 'DELETE FROM workflows WHERE uuid = :workflow'
+LIST_WORKFLOWS = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows'
+WORKFLOW_FILTERS = {
+    'state': 'state = :state',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+    'user': 'user = :user',
+}
+
+# The engine. Dependencies are the data edges: a job's parents are the producers of its inputs.
+# A released job becomes defined, or finished at once if it is a 'noop'.
+DEFINE_WORKFLOW = """
+UPDATE workflows SET state = 'defined', defined_at = :now
+ WHERE uuid = :workflow AND state = 'template'
+"""
+DEFINE_WORKFLOW_DATA = """
+UPDATE data SET state = 'defined', updated_at = :now
+ WHERE workflow = :workflow AND state = 'template'
+"""
+# A workflow's deadline counts from its definition, for every job of it, whenever released.
+SET_WORKFLOW_DEADLINE = """
+UPDATE jobs SET deadline_at = strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
+                              || substr(:now, 20)
+ WHERE workflow = :workflow AND deadline IS NOT NULL
+"""
+RELEASE_SET = """
+UPDATE jobs SET state = CASE jobtype WHEN 'noop' THEN 'finished' ELSE 'defined' END,
+       defined_at = :now,
+       dispatched_at = CASE jobtype WHEN 'noop' THEN :now END,
+       started_at = CASE jobtype WHEN 'noop' THEN :now END,
+       stopped_at = CASE jobtype WHEN 'noop' THEN :now END,
+       errcode = CASE jobtype WHEN 'noop' THEN 0 END
+"""
+RELEASE_SOURCES = RELEASE_SET + """
+ WHERE workflow = :workflow AND state = 'template'
+   AND NOT EXISTS (SELECT 1 FROM data WHERE targetuuid = jobs.uuid AND sourceuuid IS NOT NULL)
+RETURNING uuid, state, jobtype, site
+"""
+# AND-join: a child is released when the last of its parents has finished.
+RELEASE_CHILDREN = RELEASE_SET + """
+ WHERE state = 'template'
+   AND uuid IN (SELECT targetuuid FROM data WHERE sourceuuid = :job)
+   AND NOT EXISTS (SELECT 1 FROM data AS d JOIN jobs AS parent ON parent.uuid = d.sourceuuid
+                    WHERE d.targetuuid = jobs.uuid AND parent.state <> 'finished')
+RETURNING uuid, state, jobtype, site
+"""
+GET_FLOW_JOB = 'SELECT uuid, name, state, workflow FROM jobs WHERE uuid = :job'
+DATA_AVAILABLE = """
+UPDATE data SET state = 'available', updated_at = :now WHERE sourceuuid = :job AND state = 'defined'
+"""
+CANCEL_DOWNSTREAM = """
+WITH RECURSIVE downstream (uuid) AS (
+    SELECT targetuuid FROM data WHERE sourceuuid = :job AND targetuuid IS NOT NULL
+    UNION
+    SELECT d.targetuuid FROM data AS d JOIN downstream ON d.sourceuuid = downstream.uuid
+     WHERE d.targetuuid IS NOT NULL)
+UPDATE jobs SET state = 'cancelled', stopped_at = :now
+ WHERE uuid IN (SELECT uuid FROM downstream) AND state IN """ + SQL_QUEUED
+FAIL_WORKFLOW = """
+UPDATE workflows SET state = 'failed', comment = :comment, stopped_at = :now
+ WHERE uuid = :workflow AND state IN ('template', 'defined', 'running')
+"""
+WORKFLOW_STARTED = """
+UPDATE workflows SET state = 'running', started_at = :now
+ WHERE uuid = :workflow AND state = 'defined'
+   AND EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND jobtype <> 'noop'
+                                    AND started_at IS NOT NULL)
+"""
+WORKFLOW_PROGRESS = """
+UPDATE workflows SET ndone = (SELECT count(*) FROM jobs WHERE workflow = :workflow
+                                                      AND state = 'finished')
+ WHERE uuid = :workflow
+"""
+WORKFLOW_FINISHED = """
+UPDATE workflows SET state = 'finished', stopped_at = :now
+ WHERE uuid = :workflow AND state IN ('defined', 'running')
+   AND NOT EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND state <> 'finished')
+"""
 
 
 @contextmanager
@@ -1448,8 +1348,8 @@ def context(where):
     """Prefix the one-line message of a refusal raised inside with where it happened."""
     try:
         yield
-    except HTTPError as e:
-        fail(e.status_code, '%s: %s' % (where, e.body))
+    except Refused as e:
+        fail(e.status, '%s: %s' % (where, e.message))
 
 
 def parse_graphml(text):
@@ -1571,11 +1471,12 @@ def load_dag(db, name):
 
 
 def get_dag(store, name):
-    return load_dag(store.db(), name)
+    with store.read() as db:
+        return load_dag(db, name)
 
 
 def list_dags(store, query):
-    return [dict(r) for r in store.db().execute(LIST_DAGS, {'limit': limit_from(query)})]
+    return [dict(r) for r in store.query(LIST_DAGS, {'limit': limit_from(query)})]
 
 
 def delete_dag(store, name):
@@ -1688,7 +1589,7 @@ def add_workflow(store, raw, now):
     req = check_new_workflow(raw)
     with store.write() as db:
         wf_uuid, woken = create_workflow(db, req, now)
-    store.waiters.wake(woken)
+    store.wake(woken)
     return get_workflow(store, wf_uuid)
 
 
@@ -1735,7 +1636,7 @@ def set_workflow_state(store, wf_uuid, raw, now):
         fail(400, "a workflow can be moved to 'defined' only")
     with store.write() as db:
         woken = define_workflow(db, check_uuid(wf_uuid, 'workflow'), now)
-    store.waiters.wake(woken)
+    store.wake(woken)
     return get_workflow(store, wf_uuid)
 
 
@@ -1781,12 +1682,12 @@ def workflow_progress(db, wf_uuid, now):
 
 def get_workflow(store, wf_uuid):
     params = {'workflow': check_uuid(wf_uuid, 'workflow')}
-    db = store.db()
-    row = db.execute(GET_WORKFLOW, params).fetchone()
-    if row is None:
-        fail(404, 'no such workflow: %s' % wf_uuid)
-    return dict(row, jobs=[dict(r) for r in db.execute(GET_WORKFLOW_JOBS, params)],
-                data=[dict(r) for r in db.execute(GET_WORKFLOW_DATA, params)])
+    with store.read() as db:
+        row = db.execute(GET_WORKFLOW, params).fetchone()
+        if row is None:
+            fail(404, 'no such workflow: %s' % wf_uuid)
+        return dict(row, jobs=[dict(r) for r in db.execute(GET_WORKFLOW_JOBS, params)],
+                    data=[dict(r) for r in db.execute(GET_WORKFLOW_DATA, params)])
 
 
 def list_workflows(store, query):
@@ -1804,47 +1705,63 @@ def delete_workflow(store, wf_uuid, force=False):
         if active and not force:
             fail(409, 'workflow %s has %d job(s) dispatched or running: give force to delete it '
                  'anyway' % (wf_uuid, active))
-        jobs = db.execute(DELETE_WORKFLOW_JOBS, params).rowcount
-        data = db.execute(DELETE_WORKFLOW_DATA, params).rowcount
-        db.execute(DELETE_WORKFLOW, params)
+        jobs, data = erase_workflow(db, params)
     return {'deleted': params['workflow'], 'jobs': jobs, 'data': data}
 
 
-def add_datatype(store, raw, now):
-    """Create or update a datatype (the original's registertype overwrote, too)."""
-    body = check_object(raw, 'datatype')
-    check_known(body, {'name', 'ext', 'comment'}, 'datatype')
-    row = {'name': text_field(body, 'name', required=True),
-           'ext': text_field(body, 'ext', maxlen=MAX_EXT),
-           'comment': text_field(body, 'comment', maxlen=MAX_COMMENT), 'now': now}
-    if '/' in row['ext']:
-        fail(400, "ext must not contain '/'")
-    with store.write() as db:
-        return dict(db.execute(UPSERT_DATATYPE, row).fetchone())
+def erase_workflow(db, params):
+    """Delete a workflow with its jobs and data: (jobs deleted, data deleted)."""
+    jobs = db.execute(DELETE_WORKFLOW_JOBS, params).rowcount
+    data = db.execute(DELETE_WORKFLOW_DATA, params).rowcount
+    db.execute(DELETE_WORKFLOW, params)
+    return jobs, data
 
-
-def list_datatypes(store):
-    return [dict(r) for r in store.db().execute(GET_DATATYPES)]
-
-
-def delete_datatype(store, name):
-    with store.write() as db:
-        if not db.execute(DELETE_DATATYPE, {'name': name}).rowcount:
-            fail(404, 'no such datatype: %s' % name[:MAX_TEXT])
-    return {'deleted': name}
-
-
-# Domain: DQM controls (deadlines, drop, jobtype caps, sites, service messages)
+# ---------------------------------------------------------------------------------------------
+# DQM controls: dropping queued jobs, job type caps, sites, service messages
 # ---------------------------------------------------------------------------------------------
 
-MAX_CAP = 10 ** 6
-MAX_MESSAGE = 64 * 1024
-DASHBOARD_SERVICES = 10          # latest service messages on the dashboard
-SITE_FIELDS = {'name', 'period', 'cycles', 'beat', 'wait', 'pilots', 'lifetime', 'env', 'comment'}
-# field: (integer?, lowest, highest) -- the pilot's own limits for the same settings
-SITE_NUMBERS = {'period': (False, 0, 86400), 'cycles': (True, 0, 10 ** 9),
-                'beat': (False, 0.1, 86400), 'wait': (False, 0, MAX_WAIT),
-                'pilots': (True, 0, 10 ** 6), 'lifetime': (True, 0, 10 ** 9)}
+DROP_QUEUED_JOBS = """
+UPDATE jobs SET state = 'dropped', stopped_at = :now
+ WHERE state = 'defined' AND jobtype = :jobtype AND defined_at <= :cutoff
+RETURNING uuid
+"""
+JOBTYPE_ACTIVE = """(SELECT count(*) FROM jobs INDEXED BY jobs_active
+         WHERE state IN """ + SQL_ACTIVE + """ AND jobtype = jobtypes.name)"""
+LIST_JOBTYPES = ('SELECT name, cap, updated_at, ' + JOBTYPE_ACTIVE + ' AS active'
+                 ' FROM jobtypes ORDER BY name')
+COUNT_QUEUED_BY_TYPE = """
+SELECT jobtype, count(*) AS n FROM jobs INDEXED BY jobs_queue WHERE state = 'defined'
+ GROUP BY jobtype
+"""
+SET_CAP = """
+INSERT INTO jobtypes (name, cap, updated_at) VALUES (:name, :cap, :now)
+ON CONFLICT (name) DO UPDATE SET cap = excluded.cap, updated_at = excluded.updated_at
+"""
+SET_ALL_CAPS = 'UPDATE jobtypes SET cap = :cap, updated_at = :now'
+# Free slots of the named types, or (names NULL) of every type; NULL when a type has no cap.
+FREE_SLOTS = ('SELECT name, cap - ' + JOBTYPE_ACTIVE + ' AS free FROM jobtypes'
+              ' WHERE :names IS NULL OR name IN (SELECT value FROM json_each(:names))')
+GET_JOBTYPE_OF = 'SELECT jobtype FROM jobs WHERE uuid = :uuid'
+SITE_COLUMNS = 'name, period, cycles, beat, wait, pilots, lifetime, env, comment, updated_at'
+UPSERT_SITE = """
+INSERT INTO sites (name, period, cycles, beat, wait, pilots, lifetime, env, comment, updated_at)
+VALUES (:name, :period, :cycles, :beat, :wait, :pilots, :lifetime, :env, :comment, :now)
+ON CONFLICT (name) DO UPDATE SET
+    period = excluded.period, cycles = excluded.cycles, beat = excluded.beat,
+    wait = excluded.wait, pilots = excluded.pilots, lifetime = excluded.lifetime,
+    env = excluded.env, comment = excluded.comment, updated_at = excluded.updated_at
+"""
+GET_SITE = 'SELECT ' + SITE_COLUMNS + ' FROM sites WHERE name = :name'
+LIST_SITES = 'SELECT ' + SITE_COLUMNS + ' FROM sites ORDER BY name'
+DELETE_SITE = 'DELETE FROM sites WHERE name = :name'
+SERVICE_COLUMNS = 'id, name, message, created_at'
+INSERT_SERVICE = """
+INSERT INTO services (name, message, created_at) VALUES (:name, :message, :now)
+RETURNING """ + SERVICE_COLUMNS
+LIST_SERVICES = """
+SELECT """ + SERVICE_COLUMNS + """ FROM services
+ WHERE :name IS NULL OR name = :name ORDER BY id DESC LIMIT :limit
+"""
 
 
 def drop_jobs(store, body, now):
@@ -1857,14 +1774,14 @@ def drop_jobs(store, body, now):
     with store.write() as db:
         dropped = [r['uuid'] for r in db.execute(DROP_QUEUED_JOBS, params)]
         woken = workflow_hook(db, dropped, now)         # their workflows fail
-    store.waiters.wake(woken)
+    store.wake(woken)
     return {'jobtype': jobtype, 'dropped': len(dropped)}
 
 
 def list_jobtypes(store):
-    db = store.db()
-    queued = {r['jobtype']: r['n'] for r in db.execute(COUNT_QUEUED_BY_TYPE)}
-    return [dict(r, queued=queued.get(r['name'], 0)) for r in db.execute(LIST_JOBTYPES)]
+    with store.read() as db:
+        queued = {r['jobtype']: r['n'] for r in db.execute(COUNT_QUEUED_BY_TYPE)}
+        return [dict(r, queued=queued.get(r['name'], 0)) for r in db.execute(LIST_JOBTYPES)]
 
 
 def set_cap(store, body, now):
@@ -1889,18 +1806,17 @@ def wake_capped(store, job_uuid=None, names=None, uncapped=False):
     pilot waiting there is nobody to wake (one that starts waiting claims first)."""
     if not len(store.waiters):
         return
-    db = store.db()
     if job_uuid is not None:
-        row = db.execute(GET_JOBTYPE_OF, {'uuid': job_uuid}).fetchone()
+        row = store.one(GET_JOBTYPE_OF, {'uuid': job_uuid})
         if row is None:
             return
         names = [row['jobtype']]
     slots = []
-    for row in db.execute(FREE_SLOTS, {'names': None if names is None else json.dumps(names)}):
+    for row in store.query(FREE_SLOTS, {'names': None if names is None else json.dumps(names)}):
         if row['free'] is not None or uncapped:
             free = store.waiters.limit if row['free'] is None else max(row['free'], 0)
             slots += [(row['name'], '')] * min(free, store.waiters.limit)
-    store.waiters.wake(slots)
+    store.wake(slots)
 
 
 def wake_after_report(store, rep, note):
@@ -1941,8 +1857,8 @@ def define_site(store, raw, now):
 
 def list_sites(store, name=None):
     if name:
-        return [site_dict(r) for r in store.db().execute(GET_SITE, {'name': name})]
-    return [site_dict(r) for r in store.db().execute(LIST_SITES)]
+        return [site_dict(r) for r in store.query(GET_SITE, {'name': name})]
+    return [site_dict(r) for r in store.query(LIST_SITES)]
 
 
 def delete_site(store, name):
@@ -1963,21 +1879,75 @@ def add_service_message(store, raw, now):
 
 def list_service_messages(store, query):
     params = {'name': query.get('name') or None, 'limit': limit_from(query)}
-    sql = LIST_SERVICES_NAMED if params['name'] else LIST_SERVICES
-    return [dict(r) for r in store.db().execute(sql, params)]
+    return [dict(r) for r in store.query(LIST_SERVICES, params)]
 
 
 # ---------------------------------------------------------------------------------------------
-# Domain: data files and the injector (issue 4)
+# Data
 # ---------------------------------------------------------------------------------------------
 
-DATA_FIELDS = {'uuid', 'name', 'dirpath', 'datatype', 'datatag', 'state', 'comment', 'workflow',
-               'source', 'sourceuuid', 'target', 'targetuuid'}
-DATA_ADJUSTABLE = {'name', 'dirpath', 'datatype', 'state', 'comment', 'targetuuid'}
-INJECT_FIELDS = {'files', 'jobs', 'dag', 'jobinfo', 'deadline', 'datatype', 'comment', 'dedup',
-                 'max_files', 'user', 'name'}
-MAX_INJECT_FILES = 100000
-DEDUP = ('path', 'name', 'none')
+DATATYPE_COLUMNS = 'name, ext, comment, created_at'
+GET_DATATYPES = 'SELECT ' + DATATYPE_COLUMNS + ' FROM datatypes ORDER BY name'
+UPSERT_DATATYPE = """
+INSERT INTO datatypes (name, ext, comment, created_at) VALUES (:name, :ext, :comment, :now)
+ON CONFLICT (name) DO UPDATE SET ext = excluded.ext, comment = excluded.comment
+RETURNING """ + DATATYPE_COLUMNS
+DELETE_DATATYPE = 'DELETE FROM datatypes WHERE name = :name'
+INSERT_DATA = """
+INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
+                  sourceuuid, target, targetuuid, created_at, updated_at)
+VALUES (:uuid, :name, :dirpath, :datatype, :datatag, :state, :comment, :workflow, :source,
+        :sourceuuid, :target, :targetuuid, :now, :now)
+"""
+GET_DATA = 'SELECT ' + DATA_COLUMNS + ' FROM data WHERE uuid = :uuid'
+DATA_NAMED = 'SELECT 1 FROM data WHERE name = :name LIMIT 1'
+ADJUST_DATA = """
+UPDATE data SET name = coalesce(:name, name), dirpath = coalesce(:dirpath, dirpath),
+       datatype = coalesce(:datatype, datatype), state = coalesce(:state, state),
+       comment = coalesce(:comment, comment), targetuuid = coalesce(:targetuuid, targetuuid),
+       updated_at = :now
+ WHERE uuid = :uuid
+"""
+DELETE_DATA = 'DELETE FROM data WHERE uuid = :uuid'
+LIST_DATA = 'SELECT ' + DATA_COLUMNS + ' FROM data'
+DATA_FILTERS = {
+    'name': 'name = :name',
+    'state': 'state = :state',
+    'datatype': 'datatype = :datatype',
+    'workflow': 'workflow = :workflow',
+    'dirpath': 'dirpath = :dirpath',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+}
+# The injector's exactly-once: the first claim of a file's path wins, in the transaction that
+# also submits its jobs; every later claim, by any injector, finds the row.
+CLAIM_PATH = """
+INSERT INTO injections (path, state, data, created_at) VALUES (:path, :state, :data, :now)
+ON CONFLICT (path) DO NOTHING
+"""
+# A workflow's deadline counts from its definition, for every job of it, whenever released.
+
+def add_datatype(store, raw, now):
+    """Create or update a datatype (the original's registertype overwrote, too)."""
+    body = check_object(raw, 'datatype')
+    check_known(body, {'name', 'ext', 'comment'}, 'datatype')
+    row = {'name': text_field(body, 'name', required=True),
+           'ext': text_field(body, 'ext', maxlen=MAX_EXT),
+           'comment': text_field(body, 'comment', maxlen=MAX_COMMENT), 'now': now}
+    if '/' in row['ext']:
+        fail(400, "ext must not contain '/'")
+    with store.write() as db:
+        return dict(db.execute(UPSERT_DATATYPE, row).fetchone())
+
+
+def list_datatypes(store):
+    return [dict(r) for r in store.query(GET_DATATYPES)]
+
+
+def delete_datatype(store, name):
+    with store.write() as db:
+        if not db.execute(DELETE_DATATYPE, {'name': name}).rowcount:
+            fail(404, 'no such datatype: %s' % name[:MAX_TEXT])
+    return {'deleted': name}
 
 
 def check_data(raw, now):
@@ -2001,7 +1971,7 @@ def register_data(store, raw, now):
 
 
 def get_data(store, data_uuid):
-    row = store.db().execute(GET_DATA, {'uuid': check_uuid(data_uuid, 'data')}).fetchone()
+    row = store.one(GET_DATA, {'uuid': check_uuid(data_uuid, 'data')})
     if row is None:
         fail(404, 'no such data: %s' % data_uuid)
     return dict(row)
@@ -2075,7 +2045,7 @@ def inject(store, raw, now):
             results.append(result)
             woken += jobs_woken
             taken += result['status'] == 'submitted'
-    store.waiters.wake(woken)
+    store.wake(woken)
     return {'files': results}
 
 
@@ -2128,7 +2098,201 @@ def inject_workflow(db, req, path, now):
 
 
 # ---------------------------------------------------------------------------------------------
-# JSON API routes
+# Dashboard numbers
+# ---------------------------------------------------------------------------------------------
+# Every count the dashboard makes is bounded by a time window or by the live jobs, and reads an
+# index shaped for it (schema.sql); tests/test_monitor.py checks the plans.
+
+# One count per window and row: a range of one index each, far cheaper than one scan that
+# evaluates every window per row (10x at 100k jobs).
+MON_COUNT_DEFINED = 'SELECT count(*) FROM jobs WHERE defined_at >= :since'
+MON_COUNT_STARTED = 'SELECT count(*) FROM jobs WHERE started_at >= :since'
+MON_COUNT_ENDED = 'SELECT count(*) FROM jobs WHERE state = :state AND stopped_at >= :since'
+MON_COUNT_TYPE_ENDED = """
+SELECT count(*) FROM jobs INDEXED BY jobs_type_ended
+ WHERE jobtype = :jobtype AND state = :state AND stopped_at >= :since
+"""
+MON_TYPES_LIVE = """
+SELECT jobtype, state, count(*) AS n FROM jobs INDEXED BY jobs_live_types
+ WHERE state IN ('defined', 'dispatched', 'running') GROUP BY jobtype, state
+"""
+# The types that ever ended, by skipping through the index: one seek per type, not a scan.
+MON_TYPES_ENDED = """
+WITH RECURSIVE t (jobtype) AS (
+    SELECT min(jobtype) FROM jobs WHERE stopped_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_ended
+             WHERE stopped_at IS NOT NULL AND jobtype > t.jobtype)
+      FROM t WHERE t.jobtype IS NOT NULL LIMIT :limit)
+SELECT jobtype FROM t WHERE jobtype IS NOT NULL
+"""
+# Queue latency: the newest starts of the window, at most :cap of them.
+MON_LATENCY = """
+SELECT (julianday(started_at) - julianday(defined_at)) * 86400.0 AS wait FROM jobs
+ WHERE started_at >= :since AND defined_at IS NOT NULL ORDER BY started_at DESC LIMIT :cap
+"""
+MON_THROUGHPUT = """
+SELECT substr(stopped_at, 1, 16) AS minute, sum(state = 'finished') AS finished,
+       sum(state <> 'finished') AS other
+  FROM jobs INDEXED BY jobs_ended
+ WHERE state IN (SELECT value FROM json_each(:states)) AND stopped_at >= :since GROUP BY minute
+"""
+MON_WAITING = """
+SELECT count(*) AS n, min(defined_at) AS oldest FROM jobs INDEXED BY jobs_queue
+ WHERE state = 'defined' AND defined_at < :cutoff
+"""
+MON_PILOTS_LOST = "SELECT count(*) FROM pilots WHERE state = 'lost' AND stopped_at >= :since"
+MON_JOBTYPE_CAPS = 'SELECT name, cap FROM jobtypes WHERE cap IS NOT NULL ORDER BY name'
+MON_COUNT_WORKFLOWS = 'SELECT state, count(*) AS n FROM workflows GROUP BY state'
+
+
+def local_time(iso):
+    """A stored time shown in the server's local time zone (named once in the page header)."""
+    if not iso:
+        return ''
+    return datetime.fromisoformat(iso).astimezone().strftime('%Y-%m-%d %H:%M:%S')
+
+
+def local_zone():
+    """The server's zone by name and offset, e.g. 'CET (UTC+01:00)'."""
+    now = datetime.now().astimezone()
+    offset = now.strftime('%z')
+    if now.tzname() == 'UTC' and offset == '+0000':
+        return 'UTC'
+    return '%s (UTC%s:%s)' % (now.tzname(), offset[:3], offset[3:])
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def window_counts(db, sql, now, **params):
+    return [db.execute(sql, dict(params, since=seconds_before(now, secs))).fetchone()[0]
+            for _, secs in MON_WINDOWS]
+
+
+def timeline(db, now):
+    """Jobs defined, started and ended (by state) in each window: {row: [n per window]}."""
+    rows = {'defined': window_counts(db, MON_COUNT_DEFINED, now),
+            'started': window_counts(db, MON_COUNT_STARTED, now)}
+    for state in ('finished',) + BAD_END_STATES + ('killed', 'stale', 'dropped'):
+        rows[state] = window_counts(db, MON_COUNT_ENDED, now, state=state)
+    return rows
+
+
+def jobtype_counts(db, now):
+    """Per jobtype: queued, dispatched and running now; finished and ended badly in 24 h."""
+    types = {}
+    blank = {'defined': 0, 'dispatched': 0, 'running': 0, 'finished_24h': 0, 'failed_24h': 0}
+    for r in db.execute(MON_TYPES_LIVE):
+        types.setdefault(r['jobtype'], dict(blank))[r['state']] = r['n']
+    since = seconds_before(now, 86400)
+    for (jobtype,) in db.execute(MON_TYPES_ENDED, {'limit': MON_MAX_TYPES}).fetchall():
+        n = types.setdefault(jobtype, dict(blank))
+        for state in ('finished',) + BAD_END_STATES:
+            key = 'finished_24h' if state == 'finished' else 'failed_24h'
+            n[key] += db.execute(MON_COUNT_TYPE_ENDED, {'jobtype': jobtype, 'state': state,
+                                                         'since': since}).fetchone()[0]
+    return dict(sorted(types.items())[:MON_MAX_TYPES])
+
+
+def jobtype_caps(db):
+    """{jobtype: cap} of the capped types (0: paused)."""
+    return {r['name']: r['cap'] for r in db.execute(MON_JOBTYPE_CAPS)}
+
+
+def latency(db, now):
+    """Queue latency (defined -> started) of jobs started in the last hour, in seconds."""
+    waits = sorted(r[0] for r in db.execute(MON_LATENCY, {'since': seconds_before(now, 3600),
+                                                           'cap': MON_LATENCY_CAP}))
+    return {'n': len(waits), 'p50': percentile(waits, 0.50), 'p95': percentile(waits, 0.95)}
+
+
+def throughput(db, now, minutes=60):
+    """Jobs ended per minute over the last hour, oldest first, with empty minutes as zeros."""
+    start = datetime.fromisoformat(seconds_before(now, (minutes - 1) * 60)).replace(second=0,
+                                                                             microsecond=0)
+    found = {r['minute']: r for r in db.execute(MON_THROUGHPUT, {
+        'since': start.isoformat(timespec='microseconds'), 'states': json.dumps(TERMINAL_STATES)})}
+    out = []
+    for i in range(minutes):
+        minute = (start + timedelta(minutes=i)).isoformat()[:16]
+        r = found.get(minute)
+        out.append({'minute': minute, 'finished': r['finished'] if r else 0,
+                    'other': r['other'] if r else 0})
+    return out
+
+
+def checklist(db, now, jobs, pilots, types, caps):
+    """What is wrong, said plainly: a list of {check, status (ok|warn|fail), detail, link}."""
+    live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
+    queued = jobs.get('defined', 0)
+    checks = []
+    if live:
+        checks.append(check('Live pilots', 'ok', '%d live pilots, %d idle'
+                            % (live, pilots.get('idle', 0)), '/monitor/pilots?state=' +
+                            ','.join(LIVE_PILOT_STATES)))
+    else:
+        checks.append(check('Live pilots', 'fail' if queued else 'warn',
+                            'No live pilots: %d queued jobs cannot run' % queued
+                            if queued else 'No live pilots (no job is waiting either)',
+                            '/monitor/pilots'))
+    waiting = db.execute(MON_WAITING, {'cutoff': seconds_before(now, MON_WAIT_ALARM)}).fetchone()
+    if waiting['n']:
+        checks.append(check('Queue', 'fail', '%d jobs have waited longer than %d min (the oldest '
+                            'since %s)' % (waiting['n'], MON_WAIT_ALARM // 60,
+                                           local_time(waiting['oldest'])),
+                            '/monitor/jobs?state=defined&sort=defined_at'))
+    else:
+        checks.append(check('Queue', 'ok', 'no job has waited longer than %d min (%d queued)'
+                            % (MON_WAIT_ALARM // 60, queued), '/monitor/jobs?state=defined'))
+    lost = db.execute(MON_PILOTS_LOST, {'since': seconds_before(now, 3600)}).fetchone()[0]
+    checks.append(check('Lost pilots', 'warn' if lost else 'ok',
+                        '%d pilots lost in the last hour' % lost, '/monitor/pilots?state=lost'))
+    checks.extend(cap_checks(types, caps))
+    return checks
+
+
+def cap_checks(types, caps):
+    """A type is paused by its cap when as many of its jobs run as the cap allows while
+    others of it wait."""
+    paused = [(t, c, types[t]) for t, c in sorted(caps.items()) if t in types
+              and types[t]['defined'] and types[t]['dispatched'] + types[t]['running'] >= c]
+    if not paused:
+        return [check('Jobtype caps', 'ok', 'no type is held back by its cap', '')]
+    return [check('Jobtype caps', 'warn', 'type %s paused by its cap: %d running of %d allowed, '
+                  '%d waiting' % (t, n['dispatched'] + n['running'], c, n['defined']),
+                  '/monitor/jobs?state=defined&jobtype=' + urllib.parse.quote(t))
+            for t, c, n in paused]
+
+
+def check(name, status, detail, link):
+    return {'check': name, 'status': status, 'detail': detail, 'link': link}
+
+
+def summary(store, now, started=None):
+    """The dashboard's numbers (and GET /api/summary): the original's /?out=json, extended."""
+    base = counts(store)
+    with store.read() as db:
+        return dashboard_numbers(db, base, now, started or now)
+
+
+def dashboard_numbers(db, base, now, started):
+    types = jobtype_counts(db, now)
+    caps = jobtype_caps(db)
+    workflows = {r['state']: r['n'] for r in db.execute(MON_COUNT_WORKFLOWS)}
+    return dict(base, workflows=workflows, time=now, timezone=local_zone(),
+                host=socket.gethostname(),
+                uptime=round(seconds_between(started, now) or 0),
+                windows=[w for w, _ in MON_WINDOWS], timeline=timeline(db, now),
+                jobtypes=types, caps=caps, latency=latency(db, now),
+                throughput=throughput(db, now),
+                checks=checklist(db, now, base['jobs'], base['pilots'], types, caps))
+
+# ---------------------------------------------------------------------------------------------
+# API routes
 # ---------------------------------------------------------------------------------------------
 
 app = Bottle()
@@ -2217,8 +2381,8 @@ def api_request_work(pilot_uuid):
     if body.get('report') is not None:
         try:
             report = check_report(body['report'])
-        except HTTPError as e:          # a bad report must not cost the pilot its next job
-            refusal = {'status': 'REFUSED', 'error': e.body}
+        except Refused as e:           # a bad report must not cost the pilot its next job
+            refusal = {'status': 'REFUSED', 'error': e.message}
     reply = wait_for_work(store(), pilot_uuid, wait, report)
     return dict(reply, report=refusal) if refusal else reply
 
@@ -2382,177 +2546,63 @@ def api_delete_data(data_uuid):
 
 @app.get('/api/summary')
 def api_summary():
-    return summary(store(), utcnow())
-
-
+    return summary(store(), utcnow(), app.config.get('p3s.started'))
 # ---------------------------------------------------------------------------------------------
 # Monitor routes
 # ---------------------------------------------------------------------------------------------
 # The monitor computes everything in Python and hands the templates plain values: the templates
 # only lay them out and escape them ({{x}} everywhere).
 
-LIVE_PILOT_STATES = ('active', 'idle', 'dispatched', 'running')
-BAD_END_STATES = ('failed', 'timelimit', 'nonstarter', 'lost')
+MON_JOB_COLUMNS = ('uuid, name, user, jobtype, priority, state, site, pilot, host, errcode, '
+                   'workflow, defined_at, started_at, stopped_at')
+MON_PILOT_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE pilot = :pilot'
+                  ' ORDER BY id DESC LIMIT :limit')
+# Listing sorts: ?sort=KEY or ?sort=-KEY picks one of these fixed ORDER BY fragments.
+MON_JOB_SORTS = ('id', 'name', 'user', 'jobtype', 'priority', 'state', 'site', 'errcode',
+                 'defined_at', 'started_at', 'stopped_at')
+MON_PILOT_SORTS = ('id', 'host', 'site', 'state', 'jobs_done', 'registered_at', 'last_seen',
+                   'stopped_at')
+MON_WORKFLOW_SORTS = ('id', 'name', 'user', 'dag', 'state', 'nvertices', 'ndone', 'created_at',
+                      'defined_at', 'started_at', 'stopped_at')
+MON_DAG_SORTS = ('id', 'name', 'user', 'nvertices', 'nedges', 'created_at')
+MON_DATA_SORTS = ('id', 'name', 'datatype', 'datatag', 'state', 'source', 'target', 'created_at',
+                  'updated_at')
+MON_DATATYPE_SORTS = ('id', 'name', 'ext', 'created_at')
+MON_SITE_SORTS = ('id', 'name', 'pilots', 'lifetime', 'updated_at')
+MON_SERVICE_SORTS = ('id', 'name', 'created_at')
 
 
-def iso_ago(now, seconds):
-    """The stored-time text `seconds` before `now` (same format, so it compares as text)."""
-    then = datetime.fromisoformat(now).timestamp() - seconds
-    return datetime.fromtimestamp(then, timezone.utc).isoformat(timespec='microseconds')
+def order_fragments(columns, rowid='id'):
+    """{'col': 'ORDER BY col, id', '-col': 'ORDER BY col DESC, id DESC'} for whitelisted columns.
+    The key `id` stands for `rowid` in a table without an id column (datatypes)."""
+    frags = {}
+    for col in columns:
+        sql_col = rowid if col == 'id' else col
+        tie = '' if col == 'id' else ', ' + rowid
+        frags[col] = ' ORDER BY %s%s' % (sql_col, tie)
+        frags['-' + col] = ' ORDER BY %s DESC%s' % (sql_col, tie and tie + ' DESC')
+    return frags
 
 
-def seconds_between(earlier, later):
-    if not earlier or not later:
-        return None
-    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
-
-
-def local_time(iso):
-    """A stored time shown in the server's local time zone (named once in the page header)."""
-    if not iso:
-        return ''
-    return datetime.fromisoformat(iso).astimezone().strftime('%Y-%m-%d %H:%M:%S')
-
-
-def local_zone():
-    """The server's zone by name and offset, e.g. 'CET (UTC+01:00)'."""
-    now = datetime.now().astimezone()
-    offset = now.strftime('%z')
-    if now.tzname() == 'UTC' and offset == '+0000':
-        return 'UTC'
-    return '%s (UTC%s:%s)' % (now.tzname(), offset[:3], offset[3:])
-
-
-def percentile(sorted_values, q):
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
-def window_counts(db, sql, now, **params):
-    return [db.execute(sql, dict(params, since=iso_ago(now, secs))).fetchone()[0]
-            for _, secs in MON_WINDOWS]
-
-
-def timeline(db, now):
-    """Jobs defined, started and ended (by state) in each window: {row: [n per window]}."""
-    rows = {'defined': window_counts(db, MON_COUNT_DEFINED, now),
-            'started': window_counts(db, MON_COUNT_STARTED, now)}
-    for state in ('finished',) + BAD_END_STATES + ('killed', 'stale', 'dropped'):
-        rows[state] = window_counts(db, MON_COUNT_ENDED, now, state=state)
-    return rows
-
-
-def jobtype_counts(db, now):
-    """Per jobtype: queued, dispatched and running now; finished and ended badly in 24 h."""
-    types = {}
-    blank = {'defined': 0, 'dispatched': 0, 'running': 0, 'finished_24h': 0, 'failed_24h': 0}
-    for r in db.execute(MON_TYPES_LIVE):
-        types.setdefault(r['jobtype'], dict(blank))[r['state']] = r['n']
-    since = iso_ago(now, 86400)
-    for (jobtype,) in db.execute(MON_TYPES_ENDED, {'limit': MON_MAX_TYPES}).fetchall():
-        n = types.setdefault(jobtype, dict(blank))
-        for state in ('finished',) + BAD_END_STATES:
-            key = 'finished_24h' if state == 'finished' else 'failed_24h'
-            n[key] += db.execute(MON_COUNT_TYPE_ENDED, {'jobtype': jobtype, 'state': state,
-                                                         'since': since}).fetchone()[0]
-    return dict(sorted(types.items())[:MON_MAX_TYPES])
-
-
-def jobtype_caps(db):
-    """{jobtype: cap} from the jobtypes table of issue 4 (NULL: no cap, 0: paused), or None
-    while the database has no such table: the monitor works before and after it lands."""
-    if not db.execute(MON_TABLE_EXISTS, {'name': 'jobtypes'}).fetchone():
-        return None
-    return {r['name']: r['cap'] for r in db.execute(MON_JOBTYPE_CAPS)}
-
-
-def latency(db, now):
-    """Queue latency (defined -> started) of jobs started in the last hour, in seconds."""
-    waits = sorted(r[0] for r in db.execute(MON_LATENCY, {'since': iso_ago(now, 3600),
-                                                           'cap': MON_LATENCY_CAP}))
-    return {'n': len(waits), 'p50': percentile(waits, 0.50), 'p95': percentile(waits, 0.95)}
-
-
-def throughput(db, now, minutes=60):
-    """Jobs ended per minute over the last hour, oldest first, with empty minutes as zeros."""
-    start = datetime.fromisoformat(iso_ago(now, (minutes - 1) * 60)).replace(second=0,
-                                                                             microsecond=0)
-    found = {r['minute']: r for r in db.execute(MON_THROUGHPUT, {
-        'since': start.isoformat(timespec='microseconds'), 'states': json.dumps(TERMINAL_STATES)})}
-    out = []
-    for i in range(minutes):
-        minute = (start + timedelta(minutes=i)).isoformat()[:16]
-        r = found.get(minute)
-        out.append({'minute': minute, 'finished': r['finished'] if r else 0,
-                    'other': r['other'] if r else 0})
-    return out
-
-
-def checklist(db, now, jobs, pilots, types, caps):
-    """What is wrong, said plainly: a list of {check, status (ok|warn|fail), detail, link}."""
-    live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
-    queued = jobs.get('defined', 0)
-    checks = []
-    if live:
-        checks.append(check('Live pilots', 'ok', '%d live pilots, %d idle'
-                            % (live, pilots.get('idle', 0)), '/monitor/pilots?state=' +
-                            ','.join(LIVE_PILOT_STATES)))
-    else:
-        checks.append(check('Live pilots', 'fail' if queued else 'warn',
-                            'No live pilots: %d queued jobs cannot run' % queued
-                            if queued else 'No live pilots (no job is waiting either)',
-                            '/monitor/pilots'))
-    waiting = db.execute(MON_WAITING, {'cutoff': iso_ago(now, MON_WAIT_ALARM)}).fetchone()
-    if waiting['n']:
-        checks.append(check('Queue', 'fail', '%d jobs have waited longer than %d min (the oldest '
-                            'since %s)' % (waiting['n'], MON_WAIT_ALARM // 60,
-                                           local_time(waiting['oldest'])),
-                            '/monitor/jobs?state=defined&sort=defined_at'))
-    else:
-        checks.append(check('Queue', 'ok', 'no job has waited longer than %d min (%d queued)'
-                            % (MON_WAIT_ALARM // 60, queued), '/monitor/jobs?state=defined'))
-    lost = db.execute(MON_PILOTS_LOST, {'since': iso_ago(now, 3600)}).fetchone()[0]
-    checks.append(check('Lost pilots', 'warn' if lost else 'ok',
-                        '%d pilots lost in the last hour' % lost, '/monitor/pilots?state=lost'))
-    checks.extend(cap_checks(types, caps))
-    return checks
-
-
-def cap_checks(types, caps):
-    """A type is paused by its cap when as many of its jobs run as the cap allows while
-    others of it wait."""
-    if caps is None:
-        return []
-    paused = [(t, c, types[t]) for t, c in sorted(caps.items()) if t in types
-              and types[t]['defined'] and types[t]['dispatched'] + types[t]['running'] >= c]
-    if not paused:
-        return [check('Jobtype caps', 'ok', 'no type is held back by its cap', '')]
-    return [check('Jobtype caps', 'warn', 'type %s paused by its cap: %d running of %d allowed, '
-                  '%d waiting' % (t, n['dispatched'] + n['running'], c, n['defined']),
-                  '/monitor/jobs?state=defined&jobtype=' + urllib.parse.quote(t))
-            for t, c, n in paused]
-
-
-def check(name, status, detail, link):
-    return {'check': name, 'status': status, 'detail': detail, 'link': link}
-
-
-def summary(store, now):
-    """The dashboard's numbers (and GET /api/summary): the original's /?out=json, extended."""
-    db = store.db()
-    base = counts(store)
-    types = jobtype_counts(db, now)
-    caps = jobtype_caps(db)
-    started = app.config.get('p3s.started', now)
-    workflows = {r['state']: r['n'] for r in db.execute(MON_COUNT_WORKFLOWS)}
-    return dict(base, workflows=workflows, time=now, timezone=local_zone(),
-                host=socket.gethostname(),
-                uptime=round(seconds_between(started, now) or 0),
-                windows=[w for w, _ in MON_WINDOWS], timeline=timeline(db, now),
-                jobtypes=types, caps=caps, latency=latency(db, now),
-                throughput=throughput(db, now),
-                checks=checklist(db, now, base['jobs'], base['pilots'], types, caps))
+MON_JOB_ORDER = order_fragments(MON_JOB_SORTS)
+MON_PILOT_ORDER = order_fragments(MON_PILOT_SORTS)
+MON_WORKFLOW_ORDER = order_fragments(MON_WORKFLOW_SORTS)
+MON_DAG_ORDER = order_fragments(MON_DAG_SORTS)
+MON_DATA_ORDER = order_fragments(MON_DATA_SORTS)
+MON_DATATYPE_ORDER = order_fragments(MON_DATATYPE_SORTS, rowid='rowid')
+MON_SITE_ORDER = order_fragments(MON_SITE_SORTS, rowid='rowid')
+MON_SERVICE_ORDER = order_fragments(MON_SERVICE_SORTS)
+# The workflow and data listings' filters: the API's, and the columns the monitor filters on.
+MON_WORKFLOW_FILTERS = dict(WORKFLOW_FILTERS, dag='dag = :dag', name='name = :name')
+MON_DAG_FILTERS = {'user': 'user = :user', 'name': 'name = :name'}
+MON_NAME_FILTER = {'name': 'name = :name'}        # datatypes, sites, services
+MON_DATATYPE_COLUMNS = 'rowid AS id, ' + DATATYPE_COLUMNS
+MON_SITE_COLUMNS = 'rowid AS id, ' + SITE_COLUMNS
+MON_SERVICE_COLUMNS = 'id, name, message, created_at'
+MON_WORKFLOW_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE workflow = :workflow'
+                     ' ORDER BY id')
+MON_DAG_WORKFLOWS = ('SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows WHERE dag = :dag'
+                     ' ORDER BY id DESC LIMIT :limit')
 
 
 class Page:
@@ -2632,7 +2682,7 @@ def dashboard_view(page, s):
                    for st in PILOT_STATES]
         + [('total', sum(s['pilots'].values()), page.href('/monitor/pilots'))],
         'workflows': [(st, s['workflows'].get(st, 0), page.href('/monitor/workflows', state=st))
-                      for st in MON_WORKFLOW_STATES]
+                      for st in WORKFLOW_STATES]
         + [('total', sum(s['workflows'].values()), page.href('/monitor/workflows'))],
         'windows': s['windows'],
         'timeline': [(row, n, timeline_href(page, row)) for row, n in s['timeline'].items()],
@@ -2677,7 +2727,7 @@ def chart(minutes):
 @app.get('/')
 def monitor_dashboard():
     page = Page('Dashboard', request.query)
-    d = dashboard_view(page, summary(store(), utcnow()))
+    d = dashboard_view(page, summary(store(), utcnow(), app.config.get('p3s.started')))
     d['services'] = [dict(m, when=local_time(m['created_at']),
                           href=page.href('/monitor/services', name=m['name']))
                      for m in list_service_messages(store(), {'limit': DASHBOARD_SERVICES})]
@@ -2705,11 +2755,10 @@ def listing(db, table, columns, query, filters, orders):
     sort = sort if sort in orders else '-id'
     perpage = page_number(query, 'perpage', 50, MON_PERPAGE)
     number = page_number(query, 'page', 1)
-    where_sql = ' WHERE ' + ' AND '.join(where) if where else ''
     params.update(limit=perpage, offset=(number - 1) * perpage, cap=MON_COUNT_CAP)
-    rows = db.execute('SELECT ' + columns + ' FROM ' + table + where_sql + orders[sort]
+    rows = db.execute('SELECT ' + columns + ' FROM ' + table + where + orders[sort]
                       + ' LIMIT :limit OFFSET :offset', params).fetchall()
-    matches = db.execute('SELECT count(*) FROM (SELECT 1 FROM ' + table + where_sql
+    matches = db.execute('SELECT count(*) FROM (SELECT 1 FROM ' + table + where
                          + ' LIMIT :cap)', params).fetchone()[0]
     return rows, matches, {'sort': sort, 'perpage': perpage, 'page': number}
 
@@ -2779,7 +2828,8 @@ def pilot_cells(page, r):
 
 def list_page(title, table, columns, filters, orders, heads, cells, states, fields):
     page = Page(title, request.query)
-    rows, matches, paging = listing(store().db(), table, columns, request.query, filters, orders)
+    with store().read() as db:
+        rows, matches, paging = listing(db, table, columns, request.query, filters, orders)
     return bottle.template('list', page=page, heads=sort_headers(page, heads, paging['sort']),
                            rows=[cells(page, r) for r in rows],
                            pager=pager(page, matches, paging, len(rows)),
@@ -2864,7 +2914,7 @@ def datatype_cells(page, r):
 @app.get('/monitor/workflows')
 def monitor_workflows():
     return list_page('Workflows', 'workflows', WORKFLOW_COLUMNS, MON_WORKFLOW_FILTERS,
-                     MON_WORKFLOW_ORDER, WORKFLOW_LIST_HEADS, workflow_cells, MON_WORKFLOW_STATES,
+                     MON_WORKFLOW_ORDER, WORKFLOW_LIST_HEADS, workflow_cells, WORKFLOW_STATES,
                      ('user', 'dag', 'name'))
 
 
@@ -2877,7 +2927,7 @@ def monitor_dags():
 @app.get('/monitor/data')
 def monitor_data():
     return list_page('Data', 'data', DATA_COLUMNS, DATA_FILTERS, MON_DATA_ORDER,
-                     DATA_LIST_HEADS, data_cells, MON_DATA_STATES,
+                     DATA_LIST_HEADS, data_cells, DATA_STATES,
                      ('workflow', 'datatype', 'name'))
 
 
@@ -2943,11 +2993,11 @@ def field_rows(page, obj, links):
 @app.get('/monitor/jobs/<job_uuid>')
 def monitor_job(job_uuid):
     page = Page('Job', request.query)
-    row = store().db().execute(GET_JOB, {'uuid': job_uuid.lower()}).fetchone()
+    row = store().one(GET_JOB, {'uuid': job_uuid.lower()})
     if row is None:
         not_found(page, 'job', job_uuid)
     job = job_dict(row)
-    tails = store().db().execute(GET_JOB_LOGS, {'uuid': job['uuid']}).fetchone()
+    tails = store().one(GET_JOB_LOGS, {'uuid': job['uuid']})
     page.title = 'Job %s' % (job['name'] or short(job['uuid']))
     times = [('waited (defined → started)', duration(seconds_between(job['defined_at'],
                                                                      job['started_at']))),
@@ -2963,13 +3013,12 @@ def monitor_job(job_uuid):
 @app.get('/monitor/pilots/<pilot_uuid>')
 def monitor_pilot(pilot_uuid):
     page = Page('Pilot', request.query)
-    db = store().db()
-    row = db.execute(GET_PILOT, {'uuid': pilot_uuid.lower()}).fetchone()
+    row = store().one(GET_PILOT, {'uuid': pilot_uuid.lower()})
     if row is None:
         not_found(page, 'pilot', pilot_uuid)
     pilot = pilot_dict(row)
     page.title = 'Pilot %s on %s' % (short(pilot['uuid']), pilot['host'] or '?')
-    jobs = db.execute(MON_PILOT_JOBS, {'pilot': pilot['uuid'], 'limit': 200}).fetchall()
+    jobs = store().query(MON_PILOT_JOBS, {'pilot': pilot['uuid'], 'limit': MON_DETAIL_ROWS})
     table = plain_table(page, 'Its jobs (newest first)', page.href('/monitor/jobs',
                                                                    pilot=pilot['uuid']),
                         JOB_LIST_HEADS, job_cells, jobs)
@@ -2989,14 +3038,14 @@ def plain_table(page, title, more, heads, cells, rows):
 @app.get('/monitor/workflows/<wf_uuid>')
 def monitor_workflow(wf_uuid):
     page = Page('Workflow', request.query)
-    db = store().db()
     params = {'workflow': wf_uuid.lower()}
-    row = db.execute(GET_WORKFLOW, params).fetchone()
+    with store().read() as db:
+        row = db.execute(GET_WORKFLOW, params).fetchone()
+        jobs = db.execute(MON_WORKFLOW_JOBS, params).fetchall()
+        data = db.execute(GET_WORKFLOW_DATA, params).fetchall()
     if row is None:
         not_found(page, 'workflow', wf_uuid)
     wf = dict(row)
-    jobs = db.execute(MON_WORKFLOW_JOBS, params).fetchall()
-    data = db.execute(MON_WORKFLOW_DATA, params).fetchall()
     page.title = 'Workflow %s' % (wf['name'] or short(wf['uuid']))
     links = {'dag': '/monitor/dags/%s', 'rootuuid': '/monitor/jobs/%s'}
     ran = [('ran (started → stopped)', duration(seconds_between(wf['started_at'],
@@ -3012,11 +3061,13 @@ def monitor_workflow(wf_uuid):
 @app.get('/monitor/dags/<name:path>')
 def monitor_dag(name):
     page = Page('DAG', request.query)
-    db = store().db()
-    if db.execute(GET_DAG, {'name': name}).fetchone() is None:
+    with store().read() as db:
+        found = db.execute(GET_DAG, {'name': name}).fetchone()
+        dag = found and load_dag(db, name)
+        workflows = db.execute(MON_DAG_WORKFLOWS, {'dag': name, 'limit': MON_DETAIL_ROWS})
+        workflows = workflows.fetchall()
+    if found is None:
         not_found(page, 'DAG', name)
-    dag = load_dag(db, name)
-    workflows = db.execute(MON_DAG_WORKFLOWS, {'dag': name, 'limit': 200}).fetchall()
     page.title = 'DAG %s' % name
     fields = {k: v for k, v in dag.items() if k not in ('graphml', 'vertices', 'edges')}
     tables = [plain_table(page, 'Its vertices (in topological order)', '', VERTEX_HEADS,
@@ -3058,6 +3109,14 @@ GRAPH_PARALLEL = 50              # pixels between the middles of parallel edges
 GRAPH_VIRTUAL_W = 20             # width of the lane an edge takes through a layer it skips
 GRAPH_EDGE_STATES = ('template', 'defined', 'available')
 
+
+@app.get('/static/<path:path>')
+def monitor_static(path):
+    return bottle.static_file(path, root=os.path.join(HERE, 'static'))
+
+# ---------------------------------------------------------------------------------------------
+# Monitor graph layout
+# ---------------------------------------------------------------------------------------------
 
 def workflow_graph(page, jobs, data):
     """Nodes are the jobs, coloured by state and linking to their pages; edges are the data."""
@@ -3209,13 +3268,6 @@ def bezier(points, t):
 
 def clip(text, n):
     return text if len(text) <= n else text[:n - 1] + '…'
-
-
-@app.get('/static/<path:path>')
-def monitor_static(path):
-    return bottle.static_file(path, root=os.path.join(HERE, 'static'))
-
-
 # ---------------------------------------------------------------------------------------------
 # Authorization
 # ---------------------------------------------------------------------------------------------
@@ -3248,12 +3300,13 @@ def authorize():
         return
     if token_matches(given, pilot_token) and (reading or PILOT_PATH.match(request.path)):
         return
-    response.set_header('WWW-Authenticate', 'Bearer')
-    fail(401, 'this call needs a valid token: Authorization: Bearer <token>')
+    # A hook runs outside the route plugins, so it raises the framework's error itself.
+    raise HTTPError(401, 'this call needs a valid token: Authorization: Bearer <token>',
+                    **{'WWW-Authenticate': 'Bearer'})
 
 
 # ---------------------------------------------------------------------------------------------
-# Error handlers
+# Errors
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3275,20 +3328,23 @@ for _code in (400, 401, 403, 404, 405, 409, 413, 500):
     app.error(_code)(json_error)
 
 
-def on_integrity_error(callback):
-    """A constraint the validation missed is a conflict with stored data, not a crash."""
+def domain_errors(callback):
+    """The one place where the domain's refusals become HTTP errors. A constraint the
+    validation missed is a conflict with stored data, not a crash."""
     def wrapper(*args, **kwargs):
         try:
             return callback(*args, **kwargs)
+        except Refused as e:
+            raise HTTPError(e.status, e.message)
         except sqlite3.IntegrityError as e:
             raise HTTPError(409, 'conflicts with stored data: %s' % e)
     return wrapper
 
 
-app.install(on_integrity_error)
+app.install(domain_errors)
 
 # ---------------------------------------------------------------------------------------------
-# main()
+# Main
 # ---------------------------------------------------------------------------------------------
 
 
@@ -3356,8 +3412,6 @@ def parse_args(argv):
     return args
 
 
-LOOPBACK = ('127.0.0.1', 'localhost', '::1')
-
 
 def serve(argv):
     import waitress
@@ -3393,7 +3447,7 @@ def check_command(argv):
     if not os.path.exists(args.db):
         ap.exit(1, 'p3s_server: error: no database at %s\n' % args.db)
     st = configure(args.db)
-    verdict = [r[0] for r in st.db().execute(INTEGRITY_CHECK)]
+    verdict = [r[0] for r in st.query(INTEGRITY_CHECK)]
     print('integrity: %s' % '; '.join(verdict))
     for what, by_state in counts(st).items():
         print('%s: %s' % (what, ', '.join('%s %d' % kv for kv in sorted(by_state.items()))

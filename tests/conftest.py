@@ -182,6 +182,20 @@ def store(tmp_path):
     st = p3s_server.configure(str(tmp_path / 'p3s.db'))
     yield st
     st.close()
+    while OPENED:
+        OPENED.pop().close()
+
+
+def sql_db(store):
+    """A connection of the test's own to a store's database file, outside the server's pool:
+    reads see the last commit, and each write commits at once."""
+    import p3s_server
+    db = p3s_server.connect(store.path)
+    OPENED.append(db)
+    return db
+
+
+OPENED = []     # closed by the store fixture
 
 
 def monitor_get(path, status=200):

@@ -153,7 +153,7 @@ def wsgi_get(app, path):
 def time_pages(path, repeat=3):
     """Median and worst seconds per page, in-process (no HTTP), on the database at path."""
     st = p3s_server.configure(path)
-    newest = st.db().execute('SELECT uuid FROM workflows ORDER BY id DESC LIMIT 1').fetchone()
+    newest = st.one('SELECT uuid FROM workflows ORDER BY id DESC LIMIT 1')
     pages = PAGES + (tuple(p.format(newest=newest[0]) for p in WORKFLOW_PAGES) if newest else ())
     out = {}
     for page in pages:

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 import p3s_server as srv
-from conftest import make_job, wait_for
+from conftest import make_job, sql_db, wait_for
 
 T0 = '2026-01-01T00:00:00.000000+00:00'
 
@@ -43,7 +43,7 @@ def finish(store, pilot_uuid, job, now=T0):
 
 
 def plan(store, sql, **params):
-    return [r['detail'] for r in store.db().execute('EXPLAIN QUERY PLAN ' + sql, params)]
+    return [r['detail'] for r in sql_db(store).execute('EXPLAIN QUERY PLAN ' + sql, params)]
 
 
 # -- in process -------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_cap_holds_under_racing_claims(store):
                 job = claim(store, p)
                 if job is None:
                     continue
-                active = store.db().execute(
+                active = sql_db(store).execute(
                     "SELECT count(*) FROM jobs WHERE jobtype = 'capped' "
                     "AND state IN ('dispatched', 'running')").fetchone()[0]
                 with lock:
@@ -159,7 +159,7 @@ def test_cap_holds_under_racing_claims(store):
         t.join()
     assert not errors
     assert 1 <= peak[0] <= cap
-    done = store.db().execute("SELECT count(*) FROM jobs WHERE state = 'finished'").fetchone()[0]
+    done = sql_db(store).execute("SELECT count(*) FROM jobs WHERE state = 'finished'").fetchone()[0]
     assert done > 0
 
 
@@ -169,7 +169,7 @@ def test_drop_takes_only_queued_jobs_of_the_type(store):
         {'payload': 'z', 'jobtype': 'b'}, {'payload': 't', 'jobtype': 'a', 'state': 'template'}],
         T0)
     srv.adjust_job(store, new, {'priority': 1}, T0)
-    store.db().execute("UPDATE jobs SET defined_at = :t WHERE uuid = :u", {'t': at(50), 'u': new})
+    sql_db(store).execute("UPDATE jobs SET defined_at = :t WHERE uuid = :u", {'t': at(50), 'u': new})
     assert srv.drop_jobs(store, {'jobtype': 'a', 'older': 60}, at(100))['dropped'] == 1
     states = [srv.get_job(store, u)['state'] for u in (old, new, other, tpl)]
     assert states == ['dropped', 'defined', 'defined', 'template']
@@ -181,9 +181,9 @@ def test_drop_takes_only_queued_jobs_of_the_type(store):
     {'name': 's', 'wait': 31}, {'name': 's', 'env': {'A': 1}}, {'name': ''},
     {'name': 's', 'server': 'x'}, ['s']])
 def test_bad_sites_are_refused(store, body):
-    with pytest.raises(srv.HTTPError) as e:
+    with pytest.raises(srv.Refused) as e:
         srv.define_site(store, body, T0)
-    assert e.value.status_code == 400
+    assert e.value.status == 400
 
 
 # -- end to end -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 
 import p3s_server as srv
-from conftest import monitor_get as get
+from conftest import monitor_get as get, sql_db
 from synthetic import fill, wsgi_get
 
 PAGES = ('/', '/api/summary', '/monitor/jobs', '/monitor/pilots',
@@ -92,7 +92,7 @@ def test_every_page_renders_on_a_busy_database(store, tmp_path):
 def test_dashboard_queries_read_indexes_only(store):
     """No statement of the dashboard or listings scans the jobs table (limits.md 1b)."""
     fill(store.path, 500, pilots=5)
-    db = store.db()
+    db = sql_db(store)
     params = {'since': ago(60), 'state': 'failed', 'jobtype': 'reco', 'cap': 10, 'limit': 10,
               'cutoff': ago(600), 'states': '["failed"]', 'pilot': 'x', 'name': 'jobtypes',
               'workflow': 'w', 'dag': 'd'}
@@ -118,7 +118,7 @@ def test_job_filters(store):
     a = submit(store, {'name': 'a', 'jobtype': 'reco', 'user': 'ann', 'site': 'np04'})[0]
     b = submit(store, {'name': 'b', 'jobtype': 'purity', 'user': 'bob'})[0]
     c = submit(store, {'name': 'c', 'jobtype': 'purity', 'user': 'bob'})[0]
-    db = store.db()
+    db = sql_db(store)
     db.execute("UPDATE jobs SET workflow = 'wf-1' WHERE uuid = ?", (b,))
     assert set(job_uuids(get('/monitor/jobs'))) == {a, b, c}
     assert job_uuids(get('/monitor/jobs'))[0] == c                     # newest first
@@ -169,7 +169,7 @@ def test_sorting_is_whitelisted_and_paging_walks_everything(store):
 def test_job_page_shows_every_field_its_pilot_workflow_and_logs(store):
     [job] = submit(store, {'name': 'reco-1', 'env': {'RUN': '42'}})
     pilot = run_job(store, job, 'failed', 2, stdout='all good so far', stderr='Segmentation fault')
-    store.db().execute("UPDATE jobs SET workflow = '11111111-2222-3333-4444-555555555555'")
+    sql_db(store).execute("UPDATE jobs SET workflow = '11111111-2222-3333-4444-555555555555'")
     body = get('/monitor/jobs/' + job)
     for field in srv.JOB_COLUMNS.split(', '):
         assert '<th>%s</th>' % field in body
@@ -265,28 +265,25 @@ def test_checklist_says_what_is_wrong(store):
     srv.sweep(store, srv.utcnow(), 600)
     [lost] = checks('Lost pilots')
     assert lost['status'] == 'warn' and lost['detail'].startswith('1 pilots lost')
-    assert pilot
+    assert srv.get_pilot(store, pilot)['state'] == 'lost'
     body = get('/')
     assert 'FAIL' in body and 'No live pilots' in body
 
 
 def test_caps_are_shown_and_a_capped_type_is_paused(store):
-    has_table = store.db().execute(srv.MON_TABLE_EXISTS, {'name': 'jobtypes'}).fetchone()
-    assert ('Jobtype caps' in get('/')) == bool(has_table)
+    assert 'no caps set' in get('/')
     [running] = submit(store, {'jobtype': 'reco'})
     run_pilot = srv.register_pilot(store, {'host': 'h'}, srv.utcnow())['uuid']
-    srv.request_work(store, run_pilot, srv.utcnow())
+    assert srv.request_work(store, run_pilot, srv.utcnow())[0]['job']['uuid'] == running
     submit(store, {'jobtype': 'reco'}, {'jobtype': 'purity'})
-    store.db().execute('CREATE TABLE IF NOT EXISTS jobtypes (name TEXT PRIMARY KEY, cap INTEGER)')
-    store.db().execute("INSERT OR REPLACE INTO jobtypes (name, cap) VALUES ('reco', 1), "
-                       "('purity', 5), ('femb', NULL)")
+    for name, cap in (('reco', 1), ('purity', 5), ('femb', None)):
+        srv.set_cap(store, {'name': name, 'cap': cap}, srv.utcnow())
     s = get_json('/api/summary')
     assert s['caps'] == {'reco': 1, 'purity': 5}
     [cap] = checks('Jobtype caps')
     assert cap['status'] == 'warn' and 'type reco paused by its cap' in cap['detail']
     body = get('/')
-    assert 'Jobtype caps' in body and 'type reco paused' in body
-    assert running
+    assert 'Jobtype caps' in body and 'type reco paused' in body and 'no caps set' not in body
 
 
 # -- p3s_job.py --summary, against the real server --

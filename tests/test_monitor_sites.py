@@ -4,7 +4,7 @@ import re
 
 
 import p3s_server as srv
-from conftest import monitor_get as get
+from conftest import monitor_get as get, sql_db
 from synthetic import fill
 
 EVIL = '<script>alert("x")</script>'
@@ -89,7 +89,7 @@ def test_values_are_escaped(store):
 
 
 def test_name_filters_read_an_index_in_order(store):
-    db = store.db()
+    db = sql_db(store)
     for table, columns, orders in (('services', srv.MON_SERVICE_COLUMNS, srv.MON_SERVICE_ORDER),
                                    ('sites', srv.MON_SITE_COLUMNS, srv.MON_SITE_ORDER)):
         sql = 'SELECT %s FROM %s WHERE %s%s LIMIT 50' % (

@@ -5,7 +5,7 @@ from xml.sax.saxutils import escape
 
 
 import p3s_server as srv
-from conftest import monitor_get as get
+from conftest import monitor_get as get, sql_db
 from synthetic import fill
 from test_workflows import NOOP, graphml, shell_job, txt
 
@@ -231,7 +231,7 @@ def test_names_and_tags_are_escaped_everywhere(store):
            'graphml': graphml(nodes, [(bad, escape(quote, {'"': '&quot;'}), edge)])}
     setup_dag(store, dag)
     wf = new_workflow(store, dag=EVIL, name=EVIL, user='"><img src=x>', description=EVIL)
-    store.db().execute("UPDATE data SET datatag = :evil, state = :evil", {'evil': EVIL})
+    sql_db(store).execute("UPDATE data SET datatag = :evil, state = :evil", {'evil': EVIL})
     srv.add_datatype(store, {'name': EVIL, 'ext': '"x', 'comment': EVIL}, srv.utcnow())
     pages = LISTINGS + ('/', '/monitor/workflows/' + wf['uuid'], '/monitor/dags/' + EVIL,
                         '/monitor/workflows?dag=' + EVIL, '/monitor/data?name=%22%3E%3Cscript%3E',
@@ -279,7 +279,7 @@ def test_filtered_listings_read_an_index_in_order(store):
     """Each filter of the new listings is a range of an index already in newest-first order:
     no table scan and no sort, however many workflows and data the database holds."""
     params = dict.fromkeys(('state', 'user', 'dag', 'name', 'workflow', 'datatype'), 'x')
-    db = store.db()
+    db = sql_db(store)
     for table, columns, filters, orders, keys in LISTING_QUERIES:
         for key in keys:
             sql = 'SELECT %s FROM %s WHERE %s%s LIMIT 50' % (columns, table, filters[key],

@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import p3s_server as srv
 from test_store import pilot, submit, wsgi
+from conftest import sql_db
 
 SOME_UUID = '0f0c2f2e-0000-4000-8000-000000000001'
 
@@ -30,7 +31,7 @@ ENDPOINTS = [
 
 
 def snapshot(store):
-    db = store.db()
+    db = sql_db(store)
     return [tuple(r) for table in ('jobs', 'pilots', 'joblogs')
             for r in db.execute('SELECT * FROM %s ORDER BY rowid' % table)]
 

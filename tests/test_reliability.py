@@ -11,7 +11,7 @@ import time
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, free_port, make_job, pid_alive, wait_for
+from conftest import ROOT, Clients, Server, free_port, make_job, pid_alive, sql_db, wait_for
 from test_store import later, pilot, store, submit  # noqa: F401  (the store fixture)
 
 
@@ -152,9 +152,9 @@ def test_purge_removes_old_terminal_records_in_batches(store, monkeypatch):
     now = srv.utcnow()
     assert srv.purge(store, now, 3600) == {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0}
     assert srv.purge(store, later(now, 7200), 3600) == {'jobs': 25, 'pilots': 1, 'workflows': 0, 'services': 1}
-    left = store.db().execute('SELECT state, count(*) FROM jobs GROUP BY state').fetchall()
+    left = sql_db(store).execute('SELECT state, count(*) FROM jobs GROUP BY state').fetchall()
     assert dict(map(tuple, left)) == {'defined': 4, 'dispatched': 1}
-    assert store.db().execute('SELECT count(*) FROM joblogs').fetchone()[0] == 0
+    assert sql_db(store).execute('SELECT count(*) FROM joblogs').fetchone()[0] == 0
 
 
 def run_server_command(*args):

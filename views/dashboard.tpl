@@ -79,23 +79,14 @@
 <section class="panel">
 <h2>Job types</h2>
 <table class="counts types">
-<tr><th>type</th><th class="num">defined</th><th class="num">dispatched</th><th class="num">running</th><th class="num">finished 24 h</th><th class="num">failed 24 h</th>
-% if d['caps'] is not None:
-<th class="num">cap</th>
-% end
-</tr>
+<tr><th>type</th><th class="num">defined</th><th class="num">dispatched</th><th class="num">running</th><th class="num">finished 24 h</th><th class="num">failed 24 h</th><th class="num">cap</th></tr>
 % for t, n, cap, href in d['types']:
-<tr><th><a href="{{href}}">{{t}}</a></th><td>{{n['defined']}}</td><td>{{n['dispatched']}}</td><td>{{n['running']}}</td><td>{{n['finished_24h']}}</td><td>{{n["failed_24h"]}}</td>
-% if d['caps'] is not None:
-<td>{{cap}}</td>
-% end
-</tr>
+<tr><th><a href="{{href}}">{{t}}</a></th><td>{{n['defined']}}</td><td>{{n['dispatched']}}</td><td>{{n['running']}}</td><td>{{n['finished_24h']}}</td><td>{{n["failed_24h"]}}</td><td>{{cap}}</td></tr>
 % end
 % if not d['types']:
-<tr><td colspan="6" class="empty">no jobs in the last 24 h</td></tr>
+<tr><td colspan="7" class="empty">no jobs in the last 24 h</td></tr>
 % end
 </table>
-% if d['caps'] is not None:
 <h2>Jobtype caps</h2>
 <table class="counts">
 % for t, cap in d['caps'].items():
@@ -105,7 +96,6 @@
 <tr><td class="empty">no caps set</td></tr>
 % end
 </table>
-% end
 <p class="host">server {{d['host']}}, up {{d['uptime']}}</p>
 </section>
 % if d.get('services'):
