@@ -51,7 +51,7 @@ DEFAULT_PORT = 8080
 DEFAULT_DB = './p3s.db'
 LOOPBACK = ('127.0.0.1', 'localhost', '::1')
 # waitress runs a thread per request in flight, and its main loop starves those threads when it
-# holds many more open connections than it has threads (waitress issues #177 and #418;
+# holds many more open connections than it has threads (Pylons/waitress#177 and #418;
 # docs/performance.md), so its connections are capped near the thread count.
 DEFAULT_THREADS = 16
 DEFAULT_MAX_WAITERS = 8          # long polls held at once; the other threads stay free

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 
 -- The brokerage queue: only queued jobs, in dispatch order. The claim walks it from the top,
--- so a claim costs the same with ten or a million jobs of history (reference/limits.md 1b).
+-- so a claim costs the same with ten or a million jobs of history (docs/performance.md).
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (priority DESC, defined_at, id) WHERE state = 'defined';
 -- The same queue by type: the claim when some types are blocked by their caps, or the pilot
 -- takes only some types (CLAIM_JOB_BY_TYPE).
@@ -84,7 +84,7 @@ CREATE INDEX IF NOT EXISTS pilots_live ON pilots (last_seen)
     WHERE state IN ('active', 'idle', 'dispatched', 'running');
 CREATE INDEX IF NOT EXISTS pilots_state ON pilots (state, id);
 
--- Workflows (issue 3): DAG templates, the workflows made from them, datatypes and data files.
+-- Workflows: DAG templates, the workflows made from them, datatypes and data files.
 -- A DAG is a template, a workflow a copy: workflows keep the DAG's name as text, so replacing or
 -- deleting a DAG leaves the workflows already made from it intact.
 CREATE TABLE IF NOT EXISTS dags (
@@ -145,7 +145,7 @@ CREATE TABLE IF NOT EXISTS workflows (
     stopped_at  TEXT
 );
 CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state, id);
--- The monitor's workflow filters (issue 5), newest first.
+-- The monitor's workflow filters, newest first.
 CREATE INDEX IF NOT EXISTS workflows_user ON workflows (user, id);
 CREATE INDEX IF NOT EXISTS workflows_dag ON workflows (dag, id);
 CREATE INDEX IF NOT EXISTS workflows_name ON workflows (name, id);
@@ -183,7 +183,7 @@ CREATE INDEX IF NOT EXISTS data_source ON data (sourceuuid) WHERE sourceuuid IS 
 CREATE INDEX IF NOT EXISTS data_target ON data (targetuuid) WHERE targetuuid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS data_workflow ON data (workflow, id) WHERE workflow IS NOT NULL;
 CREATE INDEX IF NOT EXISTS data_name ON data (name);
--- The monitor's data filters (issue 5), newest first.
+-- The monitor's data filters, newest first.
 CREATE INDEX IF NOT EXISTS data_state ON data (state, id);
 CREATE INDEX IF NOT EXISTS data_datatype ON data (datatype, id);
 
@@ -226,7 +226,7 @@ CREATE TABLE IF NOT EXISTS services (
 );
 CREATE INDEX IF NOT EXISTS services_name ON services (name, id);
 
--- -- data and injection (issue 4) -------------------------------------------------------------
+-- -- data and injection ---------------------------------------------------------------------
 
 -- Files the injector (or p3s_data.py -g) took, by full path: the primary key is what makes a
 -- file's jobs submitted exactly once, across scans, restarts and concurrent injectors.

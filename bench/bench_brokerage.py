@@ -8,7 +8,7 @@ elapsed}) only when the payload still runs after 0.2 s; a payload-less cycle nev
 the main table has one request per job, and a second table (`--start-report`) adds the start
 report to every cycle, as for jobs of 0.2 s or more. One new connection per request with
 `Connection: close`, as urllib does. A Python client saturates at about 3k requests/s per
-process (reference/limits.md 3), so the pilots are spread over several processes, each
+process (docs/performance.md), so the pilots are spread over several processes, each
 with threads. The queue is filled beforehand, so no request ever waits.
 
 A job cycle is complete when the request that carries its final report returns: the next

@@ -4,7 +4,7 @@
 submit -> start is started_at - defined_at and submit -> finished is stopped_at - defined_at,
 both from the server's own timestamps. Each run starts a fresh server and pool and submits
 200 jobs (`/bin/true`), one after the other, each once the previous one has finished.
-Also: parent finished -> child started inside a workflow, once workflows exist (issue 3).
+Also: parent finished -> child started inside a workflow.
 
     python bench/bench_latency.py [--quick]
 """
@@ -55,7 +55,7 @@ def run_once(jobs):
 
 
 def workflow_latency(runs, workflows):
-    """parent finished -> child started: n/a until workflows are merged (issue 3)."""
+    """parent finished -> child started."""
     if not common.workflows_available():
         return None
     import bench_workflow

@@ -8,7 +8,7 @@
 - At 10^6 jobs (queued): `GET /api/jobs?state=defined&limit=100` and the dashboard `/`, with
   the server's RSS after them.
 - `p3s_job.py -j` submitting 10,000 jobs (the whole command, interpreter start included).
-- Instantiating a 1,000-vertex workflow, once workflows exist (issue 3).
+- Instantiating a 1,000-vertex workflow.
 
     python bench/bench_scaling.py [--quick]
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Workflow figures (used by bench_latency and bench_scaling once workflows exist, issue 3):
+"""Workflow figures (used by bench_latency and bench_scaling):
 
 - parent finished -> child started: a two-vertex DAG (parent -> child, both `/bin/true`), one
   workflow at a time on an idle pool of 4 real pilots; child.started_at - parent.stopped_at.

@@ -332,7 +332,7 @@ def idle_pilots(server, n):
 
 
 def workflows_available():
-    """Workflows exist once issue 3 is merged: the server has /api/dags and the client exists."""
+    """Whether the server has /api/dags and the workflow client exists."""
     try:
         with open(os.path.join(ROOT, 'p3s_server.py')) as f:
             routes = "'/api/dags'" in f.read()

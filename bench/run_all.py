@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run every p3s benchmark and write their tables, with the targets of issue 7, to
+"""Run every p3s benchmark and write their tables, with the targets, to
 bench/RESULTS.md.
 
     python bench/run_all.py [--quick] [--only latency,throughput,...] [--out FILE]
@@ -132,7 +132,7 @@ def target_table(figures):
         text, met = got
         verdict = '—' if met is None else ('**met**' if met else '**not met**')
         rows.append([name, target, peers, text, verdict])
-    return common.table('Targets of issue 7', ['figure', 'target', 'peers measured here',
+    return common.table('Targets', ['figure', 'target', 'peers measured here',
                                                'measured (median)', 'verdict'], rows)
 
 

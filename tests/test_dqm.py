@@ -51,7 +51,7 @@ def plan(store, sql, **params):
 
 def test_claim_plan_stays_on_indexes(store):
     """Both forms of the claim read queue indexes from the top, and the capped types are counted
-    through an index: no sort of jobs, no scan of the jobs table (reference/limits.md 1b)."""
+    through an index: no sort of jobs, no scan of the jobs table (docs/performance.md)."""
     params = dict(pilot='p', host='h', site='', jobtypes='[]', now=T0, blocked='[]')
     steps = plan(store, srv.CLAIM_JOB, **params)
     assert 'SCAN jobs USING INDEX jobs_queue' in steps

@@ -60,7 +60,7 @@ def test_every_page_renders_on_an_empty_database(store):
     assert s['windows'] == ['1 min', '10 min', '1 h', '2 h', '24 h']
     assert s['timeline']['defined'] == [0] * 5
     assert s['latency'] == {'n': 0, 'p50': None, 'p95': None}
-    assert len(s['throughput']) == 60 and s['caps'] == {}     # the jobtypes table of issue 4
+    assert len(s['throughput']) == 60 and s['caps'] == {}
     assert [c['status'] for c in s['checks'] if c['check'] == 'Live pilots'] == ['warn']
     assert 'nothing to show' in get('/monitor/jobs')
 
@@ -90,7 +90,7 @@ def test_every_page_renders_on_a_busy_database(store, tmp_path):
 
 
 def test_dashboard_queries_read_indexes_only(store):
-    """No statement of the dashboard or listings scans the jobs table (limits.md 1b)."""
+    """No statement of the dashboard or listings scans the jobs table (docs/performance.md)."""
     fill(store.path, 500, pilots=5)
     db = sql_db(store)
     params = {'since': ago(60), 'state': 'failed', 'jobtype': 'reco', 'cap': 10, 'limit': 10,

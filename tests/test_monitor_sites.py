@@ -1,4 +1,4 @@
-"""The monitor's site and service-message pages (tables of issue 4) in-process: empty and busy,
+"""The monitor's site and service-message pages in-process: empty and busy,
 newest first, the name filter, sorting, escaping, the dashboard's messages, query plans."""
 import re
 

@@ -1,4 +1,4 @@
-"""Workflows end to end (issue 3): the real server, p3s_workflow.py, p3s_data.py and real pilots
+"""Workflows end to end: the real server, p3s_workflow.py, p3s_data.py and real pilots
 running the original's example DAGs (tests/data, rewritten to temporary paths)."""
 import json
 import os
