@@ -2,6 +2,7 @@
 scripts and real pilot processes, all on 127.0.0.1, all cleaned up after each test."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -196,6 +197,37 @@ def sql_db(store):
 
 
 OPENED = []     # closed by the store fixture
+
+# A step of EXPLAIN QUERY PLAN that reads a table. SQLite's wording moves between versions
+# ('SCAN TABLE jobs' became 'SCAN jobs' in 3.36; 'COVERING INDEX', 'AS alias' come and go), so
+# the plan checks read these fields rather than compare whole lines.
+PLAN_STEP = re.compile(r'^(SCAN|SEARCH)(?: TABLE)? (\w+)(?: AS \w+)?'
+                       r'(?: USING (?:COVERING )?INDEX (\w+))?(?: \((.*)\))?')
+
+
+class PlanStep:
+    def __init__(self, detail):
+        self.detail = detail
+        m = PLAN_STEP.match(detail)
+        self.op, self.table, self.index, self.where = m.groups() if m else (None,) * 4
+        self.sorts = 'TEMP B-TREE' in detail
+
+    def reads(self, table, index=None, op=None):
+        return (self.table == table and (index is None or self.index == index)
+                and (op is None or self.op == op))
+
+    def __repr__(self):
+        return self.detail
+
+
+def query_plan(db, sql, params=None):
+    """The steps of a statement's query plan (PlanStep)."""
+    return [PlanStep(r[3]) for r in db.execute('EXPLAIN QUERY PLAN ' + sql, params or {})]
+
+
+def full_scans(steps, tables=('jobs', 'pilots', 'workflows', 'data', 'joblogs')):
+    """Steps that read a whole stored table: a scan with no index."""
+    return [s for s in steps if s.op == 'SCAN' and s.table in tables and not s.index]
 
 
 def monitor_get(path, status=200):

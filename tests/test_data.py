@@ -1,5 +1,6 @@
 """Data files, -g and the injector (p3s_data.py --watch), end to end with the real server and
 real client processes; the sampling function and workflow deadlines in process."""
+import hashlib
 import json
 import os
 import subprocess
@@ -126,7 +127,7 @@ def test_fraction_is_stable_and_skipped_files_are_recorded(clients, server, inbo
     arrive(inbox, names)
     watch(clients, inbox, '--job', template(tmp_path), '--fraction', '0.3')
     taken = {os.path.basename(f) for f in infiles(server)}
-    assert taken == {n for n in names if p3s_data.sampled(n, 0.3)}
+    assert taken == {n for n in names if hash_share(n) < 0.3}
     assert 40 <= len(taken) <= 80
     skipped = server.api('GET', '/api/data?state=skipped&limit=1000')[1]['data']
     assert {d['name'] for d in skipped} == set(names) - taken
@@ -134,10 +135,18 @@ def test_fraction_is_stable_and_skipped_files_are_recorded(clients, server, inbo
     assert len(server.jobs()) == len(taken)
 
 
+def hash_share(name):
+    """The documented, stable sampling rule: the first 8 bytes of the name's SHA-256 as a share
+    of 2**64. Written out here so that a change of the rule (which would flip the answer for
+    files already seen) fails the tests."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], 'big') / 2 ** 64
+
+
 @pytest.mark.parametrize('fraction', [0.05, 0.3, 0.5, 0.9])
 def test_sampling_is_close_to_the_fraction(fraction):
     names = ['np04_raw_run%06d_%04d.root' % (i // 7, i) for i in range(20000)]
     rate = sum(p3s_data.sampled(n, fraction) for n in names) / len(names)
+    assert all(p3s_data.sampled(n, fraction) == (hash_share(n) < fraction) for n in names[:500])
     assert abs(rate - fraction) < 0.02
     assert p3s_data.sampled(names[0], 0) is False and p3s_data.sampled(names[0], 1) is True
 
@@ -232,13 +241,13 @@ def test_workflow_jobs_inherit_the_deadline_and_stale_fails_the_workflow(tmp_pat
         srv.add_datatype(st, {'name': 'TXT', 'ext': '.txt'}, T0)
         srv.add_dag(st, {'name': '1filter', 'graphml': text}, T0)
         wf = srv.add_workflow(st, {'dag': '1filter', 'deadline': 60}, T0)
-        later = srv.seconds_before(T0, -100)
+        later = '2026-01-01T00:01:40.000000+00:00'
         srv.set_workflow_state(st, wf['uuid'], {'state': 'defined'}, later)
         jobs = srv.list_jobs(st, {'workflow': wf['uuid']})
-        assert {j['deadline_at'] for j in jobs} == {srv.seconds_before(later, -60)}
+        assert {j['deadline_at'] for j in jobs} == {'2026-01-01T00:02:40.000000+00:00'}
         [flt] = [j for j in jobs if j['jobtype'] == 'filter']
         assert flt['state'] == 'defined'
-        assert srv.sweep(st, srv.seconds_before(later, -61), 1e9)['stale_jobs'] == 1
+        assert srv.sweep(st, '2026-01-01T00:02:41.000000+00:00', 1e9)['stale_jobs'] == 1
         assert srv.get_job(st, flt['uuid'])['state'] == 'stale'
         assert srv.get_workflow(st, wf['uuid'])['state'] == 'failed'
     finally:

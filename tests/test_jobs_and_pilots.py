@@ -4,7 +4,6 @@ import os
 import signal
 import stat
 import threading
-import time
 
 import pytest
 
@@ -148,7 +147,6 @@ def test_sigterm_stops_payload_reports_and_deregisters(clients, server, tmp_path
 def test_sigterm_while_idle_leaves_at_once(clients, server):
     pilot = clients.pilot('--cycles', '0', '--wait', '30')
     wait_for(lambda: server.api('GET', '/api/pilots?state=idle')[1]['pilots'], what='idle pilot')
-    time.sleep(0.2)
     pilot.send_signal(signal.SIGINT)
     pilot.communicate(timeout=10)
     assert pilot.returncode == 0
@@ -164,7 +162,7 @@ def test_pilot_started_while_server_is_down(tmp_path):
     srv.url = 'http://127.0.0.1:%d/' % port
     try:
         pilot = clients.pilot('--wait', '10')
-        time.sleep(1.5)
+        wait_for(lambda: 'retrying' in clients.pilot_logs(), what='a failed registration')
         assert pilot.poll() is None
         srv.start()
         [job_uuid] = clients.submit([make_job('/bin/echo hello')])

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 
 import p3s_server as srv
-from conftest import monitor_get as get, sql_db
+from conftest import full_scans, monitor_get as get, query_plan, sql_db
 from synthetic import fill, wsgi_get
 
 PAGES = ('/', '/api/summary', '/monitor/jobs', '/monitor/pilots',
@@ -100,15 +100,13 @@ def test_dashboard_queries_read_indexes_only(store):
              and 'SELECT' in getattr(srv, n) and n != 'MON_JOBTYPE_CAPS']
     assert len(names) >= 10
     for name in names:
-        plan = [r[3] for r in db.execute('EXPLAIN QUERY PLAN ' + getattr(srv, name), params)]
-        for step in plan:
-            if re.search(r'\b(SCAN|SEARCH) (jobs|workflows|data)\b', step):
-                assert 'INDEX' in step, (name, plan)
-        assert not any('TEMP B-TREE FOR ORDER BY' in step for step in plan), (name, plan)
+        plan = query_plan(db, getattr(srv, name), params)
+        big = [st for st in plan if st.table in ('jobs', 'workflows', 'data')]
+        assert all(st.index for st in big), (name, plan)
+        assert not any('TEMP B-TREE FOR ORDER BY' in st.detail for st in plan), (name, plan)
     for sort in ('-id', 'state', '-defined_at', '-stopped_at'):
         sql = 'SELECT id FROM jobs WHERE state = :state' + srv.MON_JOB_ORDER[sort]
-        plan = ' | '.join(r[3] for r in db.execute('EXPLAIN QUERY PLAN ' + sql, params))
-        assert 'SCAN jobs' not in plan or 'INDEX' in plan, (sort, plan)
+        assert not full_scans(query_plan(db, sql, params)), sort
 
 
 # -- listings: filters, sorting, paging --

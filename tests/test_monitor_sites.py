@@ -4,7 +4,7 @@ import re
 
 
 import p3s_server as srv
-from conftest import monitor_get as get, sql_db
+from conftest import monitor_get as get, query_plan, sql_db
 from synthetic import fill
 
 EVIL = '<script>alert("x")</script>'
@@ -94,5 +94,6 @@ def test_name_filters_read_an_index_in_order(store):
                                    ('sites', srv.MON_SITE_COLUMNS, srv.MON_SITE_ORDER)):
         sql = 'SELECT %s FROM %s WHERE %s%s LIMIT 50' % (
             columns, table, srv.MON_NAME_FILTER['name'], orders['-id'])
-        plan = ' | '.join(r[3] for r in db.execute('EXPLAIN QUERY PLAN ' + sql, {'name': 'x'}))
-        assert ('SEARCH %s USING' % table) in plan and 'TEMP B-TREE' not in plan, plan
+        plan = query_plan(db, sql, {'name': 'x'})
+        searched = any(st.reads(table, op='SEARCH') and st.index for st in plan)
+        assert searched and not any(st.sorts for st in plan), plan

@@ -5,7 +5,7 @@ from xml.sax.saxutils import escape
 
 
 import p3s_server as srv
-from conftest import monitor_get as get, sql_db
+from conftest import monitor_get as get, query_plan, sql_db
 from synthetic import fill
 from test_workflows import NOOP, graphml, shell_job, txt
 
@@ -284,6 +284,6 @@ def test_filtered_listings_read_an_index_in_order(store):
         for key in keys:
             sql = 'SELECT %s FROM %s WHERE %s%s LIMIT 50' % (columns, table, filters[key],
                                                             orders['-id'])
-            plan = ' | '.join(r[3] for r in db.execute('EXPLAIN QUERY PLAN ' + sql, params))
-            assert ('SEARCH %s USING' % table) in plan and 'TEMP B-TREE' not in plan, \
-                (table, key, plan)
+            plan = query_plan(db, sql, params)
+            searched = any(st.reads(table, op='SEARCH') and st.index for st in plan)
+            assert searched and not any(st.sorts for st in plan), (table, key, plan)
