@@ -39,9 +39,9 @@ gets the same answer); the others are registered as skipped. The server decides 
 a file is submitted once, across scans, restarts and injectors watching the same directory.
 
 Exit codes (shared by every p3s client):
-  0  success                        2  bad command line
-  1  the server refused a request   3  the server could not be reached or answered nonsense
-                                    4  a local file is missing or invalid
+    0  success                        3  the server could not be reached or answered nonsense
+    1  the server refused a request   4  a local file is missing or invalid
+    2  bad command line             130  interrupted (Ctrl-C)
 This file uses the Python standard library only: copy it alone onto any node.
 """
 import argparse
@@ -58,13 +58,25 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+PROG = 'p3s_data'                # the name in every message
 DEFAULT_SERVER = 'http://127.0.0.1:8080/'
 HTTP_TIMEOUT = 60.0
+TOKEN_VARIABLES = ('P3S_TOKEN',)   # the token, from the first that is set
 DATATYPE_COLUMNS = ('name', 'ext', 'comment', 'created_at')
 DATA_COLUMNS = ('uuid', 'name', 'dirpath', 'datatype', 'state', 'workflow', 'updated_at')
 INJECT_BATCH = 5000          # files offered to the server in one request
 DEFAULT_SETTLE = 1.0         # seconds between the two looks at a file, which must agree
+
+
+# ---------------------------------------------------------------------------------------------
+# The client skeleton: the same text in every p3s client (tests/test_clients.py compares them),
+# so that each file still works when copied alone onto a node.
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SIGINT and SIGPIPE
+EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
+              'unreachable, 4 bad local file, 130 interrupted.')
 
 
 class P3SError(Exception):
@@ -75,31 +87,95 @@ class P3SError(Exception):
         self.code = code
 
 
-def call(server, method, path, body=None, timeout=HTTP_TIMEOUT):
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of every other failure (the usage is one -h away)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, '%s: error: %s (see %s -h)\n' % (PROG, message, self.prog))
+
+
+def server_url(text):
+    """-S/--server and P3S_SERVER: a URL, or HOST:PORT for plain http."""
+    url = text.strip() if '://' in text else 'http://' + text.strip()
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme not in ('http', 'https') or not parts.hostname:
+        raise argparse.ArgumentTypeError('%r is not a server URL; give http://HOST:PORT/ or '
+                                         'HOST:PORT' % text)
+    return url
+
+
+def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
     """One JSON request to the server. The only code that touches urllib."""
     url = server.rstrip('/') + path
     headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-    if os.environ.get('P3S_TOKEN'):
-        headers['Authorization'] = 'Bearer ' + os.environ['P3S_TOKEN']
+    token = token or next(filter(None, map(os.environ.get, TOKEN_VARIABLES)), None)
+    if token:
+        headers['Authorization'] = 'Bearer ' + token
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as reply:
-            return json.loads(reply.read().decode() or '{}')
+            return read_reply(server, reply)
     except urllib.error.HTTPError as e:
-        code = EXIT_UNREACHABLE if e.code >= 500 else EXIT_REFUSED
-        raise P3SError('server: %s (HTTP %d)' % (error_text(e), e.code), code) from None
-    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise refusal(server, e) from None
+    except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
                        EXIT_UNREACHABLE) from None
 
 
-def error_text(http_error):
+def read_reply(server, reply):
     try:
-        return json.loads(http_error.read().decode())['error']
+        return json.loads(reply.read().decode() or '{}')
+    except ValueError:
+        raise P3SError('%s answered HTTP %d with no JSON: is it a p3s server?'
+                       % (server, reply.status), EXIT_UNREACHABLE) from None
+
+
+def refusal(server, http_error):
+    """The error for an HTTP error reply: the server's one-line reason, or the suspicion that
+    what answered is not a p3s server (every p3s error is JSON with an `error` field)."""
+    try:
+        reason = json.loads(http_error.read().decode())['error']
     except Exception:
-        return http_error.reason
+        return P3SError('%s answered HTTP %d %s: is it a p3s server?'
+                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE)
+    if http_error.code == 401:
+        reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
+    code = EXIT_UNREACHABLE if http_error.code >= 500 else EXIT_REFUSED
+    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code), code)
+
+
+def quote(text):
+    return urllib.parse.quote(text, safe='')
+
+
+def user_name():
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ''
+
+
+def run_command(command, args):
+    """Run one command with the endings every client shares: a one-line error and its exit
+    code, a quiet exit on Ctrl-C, and silence when the reader of the output goes away."""
+    try:
+        return command(args)
+    except P3SError as e:
+        print('%s: error: %s' % (PROG, e), file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print('%s: interrupted' % PROG, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit; aim that flush at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,33 +183,41 @@ def error_text(http_error):
 # ---------------------------------------------------------------------------------------------
 
 
-def json_option(value):
-    """-j as the original took it: a value containing `.json` is a file, else JSON text."""
-    where = value
-    if '.json' in value:
-        try:
-            with open(value) as f:
-                value = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise P3SError('cannot read %s: %s' % (where, getattr(e, 'strerror', None) or e),
-                           EXIT_INPUT) from None
-    else:
-        where = '-j'
+def read_text(path):
     try:
-        return json.loads(value)
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise P3SError('cannot read %s: %s' % (path, getattr(e, 'strerror', None) or e),
+                       EXIT_INPUT) from None
+
+
+def json_option(value, option, words=()):
+    """An option that takes JSON text or a file holding it, as the original took them: text
+    that starts like JSON is JSON; else a value naming a file (or containing `.json`) is read.
+    One of `words` (sticky, inherit:NAME) is passed on as it is."""
+    if value is None:
+        return None
+    if value in words or any(value.startswith(w) for w in words if w.endswith(':')):
+        return value
+    inline = value.lstrip()[:1] in ('{', '[') or not ('.json' in value or os.path.isfile(value))
+    if inline:
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise P3SError('%s takes %sJSON text or a JSON file: %s' % (
+                option, 'sticky, inherit:NAME, ' if words else '', e), EXIT_USAGE) from None
+    try:
+        return json.loads(read_text(value))
     except ValueError as e:
-        raise P3SError('%s is not valid JSON: %s' % (where, e), EXIT_INPUT) from None
-
-
-def quote(text):
-    return urllib.parse.quote(text, safe='')
+        raise P3SError('%s is not valid JSON: %s' % (value, e), EXIT_INPUT) from None
 
 
 # -- datatypes --------------------------------------------------------------------------------
 
 
 def register_datatype(args):
-    datatype = call(args.server, 'POST', '/api/datatypes', json_option(args.json_text))
+    datatype = call(args.server, 'POST', '/api/datatypes', json_option(args.json_text, '-j'))
     if args.json:
         print(json.dumps(datatype, indent=1))
     else:
@@ -173,7 +257,7 @@ def print_table(rows, columns):
 
 
 def register_data(args):
-    data = json_option(args.json_text)
+    data = json_option(args.json_text, '-j')
     if not isinstance(data, dict):
         raise P3SError('-j must be a JSON object', EXIT_INPUT)
     if 'dirpath' not in data and os.environ.get('P3S_DIRPATH'):
@@ -192,7 +276,7 @@ def get_data(args):
 
 def adjust_data(args):
     record = call(args.server, 'POST', '/api/data/%s/adjust' % quote(args.adjust),
-                  json_option(args.json_text))
+                  json_option(args.json_text, '-j'))
     print(json.dumps(record, indent=1) if args.json else '%s adjusted' % record['uuid'])
     return EXIT_OK
 
@@ -204,7 +288,7 @@ def delete_data(args):
             call(args.server, 'DELETE', '/api/data/%s' % quote(data_uuid))
             print('%s deleted' % data_uuid)
         except P3SError as e:
-            print('p3s_data: error: %s: %s' % (data_uuid, e), file=sys.stderr)
+            print('%s: error: %s: %s' % (PROG, data_uuid, e), file=sys.stderr)
             code = max(code, e.code)
     return code
 
@@ -212,16 +296,21 @@ def delete_data(args):
 # -- job templates (the original job format) -------------------------------------------------
 
 
-def read_template(path):
-    """The jobs of a job file as the API takes them: timeout -> timelimit, numbers from
-    strings, env values as strings; user and submit host filled in."""
+def read_json_file(path):
     try:
         with open(path) as f:
-            jobs = json.load(f)
-    except OSError as e:
-        raise P3SError('cannot read %s: %s' % (path, e.strerror), EXIT_INPUT) from None
+            return json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise P3SError('cannot read %s: %s' % (path, getattr(e, 'strerror', None) or e),
+                       EXIT_INPUT) from None
     except ValueError as e:
         raise P3SError('%s is not valid JSON: %s' % (path, e), EXIT_INPUT) from None
+
+
+def read_jobs(path):
+    """The jobs of a job file of the original format (a list, or one object), as the API
+    takes them."""
+    jobs = read_json_file(path)
     jobs = [jobs] if isinstance(jobs, dict) else jobs
     if not isinstance(jobs, list) or not jobs:
         raise P3SError('%s must hold a JSON list of jobs' % path, EXIT_INPUT)
@@ -229,6 +318,9 @@ def read_template(path):
 
 
 def normalize(raw, where):
+    """One job of the original format as the API takes it: timeout -> timelimit, numbers from
+    strings, env values as strings, user and submit host filled in. Anything else is left for
+    the server to judge."""
     if not isinstance(raw, dict):
         raise P3SError('%s is not a JSON object' % where, EXIT_INPUT)
     job = dict(raw)
@@ -238,36 +330,39 @@ def normalize(raw, where):
         job['timelimit'] = job.pop('timeout')
     for key in ('timelimit', 'priority', 'deadline'):
         if isinstance(job.get(key), str):
-            try:
-                job[key] = int(job[key].strip())
-            except ValueError:
-                raise P3SError('%s: %s must be a whole number' % (where, key), EXIT_INPUT) from None
-    env = job.get('env') or {}
+            job[key] = whole_number(job[key], key, where)
+    job['env'] = env_strings(job.get('env'), where)
+    job.setdefault('user', user_name())
+    job.setdefault('subhost', socket.gethostname())
+    return job
+
+
+def whole_number(text, key, where):
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise P3SError('%s: %s must be a whole number, not %r' % (where, key, text),
+                       EXIT_INPUT) from None
+
+
+def env_strings(env, where):
+    """A job's env as the original wrote it (an object, or an object in a JSON string), with
+    every value a string."""
     if isinstance(env, str):
         try:
             env = json.loads(env)
         except ValueError:
             raise P3SError('%s: env is not a JSON object' % where, EXIT_INPUT) from None
-    if not isinstance(env, dict):
+    if not isinstance(env or {}, dict):
         raise P3SError('%s: env must be a JSON object' % where, EXIT_INPUT)
-    job['env'] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in env.items()}
-    job.setdefault('user', current_user())
-    job.setdefault('subhost', socket.gethostname())
-    return job
-
-
-def current_user():
-    try:
-        return getpass.getuser()
-    except Exception:
-        return ''
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in (env or {}).items()}
 
 
 def generate(args):
     """-g: one input file, the template's jobs for it, and its registration, in one request."""
     directory = args.indir or os.path.dirname(args.file) or os.environ.get('P3S_DIRPATH', '')
     path = os.path.join(directory, os.path.basename(args.file)) if directory else args.file
-    body = {'files': [{'path': path}], 'jobs': read_template(args.template),
+    body = {'files': [{'path': path}], 'jobs': read_jobs(args.template),
             'datatype': args.datatype or '', 'dedup': 'none' if args.again else 'name',
             'comment': ''}
     [result] = call(args.server, 'POST', '/api/data/inject', body)['files']
@@ -350,9 +445,9 @@ def report(args, result):
 def watch(args):
     body = {'datatype': args.datatype or '', 'dedup': 'path', 'comment': 'injected'}
     if args.job:
-        body['jobs'] = read_template(args.job)
+        body['jobs'] = read_jobs(args.job)
     else:
-        body.update(dag=args.dag, deadline=args.deadline, user=current_user())
+        body.update(dag=args.dag, deadline=args.deadline, user=user_name())
     done, cycle = set(), 0
     while True:
         cycle += 1
@@ -394,10 +489,8 @@ def service(args):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog='p3s_data.py',
-                                 description='p3s datatypes, data files, injector, service notes.',
-                                 epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
-                                 'command line, 3 server unreachable, 4 bad local file.')
+    ap = Parser(prog='p3s_data.py', epilog=EXIT_CODES,
+                description='p3s datatypes, data files, injector, service notes.')
     do = ap.add_mutually_exclusive_group(required=True)
     do.add_argument('-R', '--register-type', action='store_true',
                     help='register (or update) the datatype of -j')
@@ -442,8 +535,9 @@ def parse_args(argv):
                        help='seconds a file must stay unchanged to count as complete '
                        '(default %g)' % DEFAULT_SETTLE)
     ap.add_argument('--json', action='store_true', help='machine-readable output')
-    ap.add_argument('-S', '--server', default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
-                    help='server URL (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+    ap.add_argument('-S', '--server', type=server_url,
+                    default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
+                    help='server URL or HOST:PORT (P3S_SERVER; default %s)' % DEFAULT_SERVER)
     args = ap.parse_args(argv)
     check_args(ap, args)
     return args
@@ -473,14 +567,7 @@ def main(argv=None):
                 (args.register, register_data), (args.get, get_data), (args.adjust, adjust_data),
                 (args.delete, delete_data), (args.generate, generate), (args.list, list_all),
                 (args.watch, watch), (args.service, service))
-    command = next(run for given, run in commands if given)
-    try:
-        return command(args)
-    except P3SError as e:
-        print('p3s_data: error: %s' % e, file=sys.stderr)
-        return e.code
-    except KeyboardInterrupt:
-        return EXIT_OK
+    return run_command(next(run for given, run in commands if given), args)
 
 
 if __name__ == '__main__':

@@ -22,9 +22,9 @@ or template); numbers may be strings. -f makes one job per input file for each j
 list, with env.P3S_INPUT_FILE set to it; -N makes n replicas of each.
 
 Exit codes (shared by every p3s client):
-  0  success                        2  bad command line
-  1  the server refused a request   3  the server could not be reached or answered nonsense
-                                    4  a local file is missing or invalid
+    0  success                        3  the server could not be reached or answered nonsense
+    1  the server refused a request   4  a local file is missing or invalid
+    2  bad command line             130  interrupted (Ctrl-C)
 This file uses the Python standard library only: copy it alone onto any node.
 """
 import argparse
@@ -40,12 +40,24 @@ import urllib.parse
 import urllib.request
 import uuid as uuidlib
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+PROG = 'p3s_job'                # the name in every message
 DEFAULT_SERVER = 'http://127.0.0.1:8080/'
 HTTP_TIMEOUT = 60.0
+TOKEN_VARIABLES = ('P3S_TOKEN',)   # the token, from the first that is set
 SUBMIT_ATTEMPTS = 5          # a submission is idempotent (uuids are made here), so retry it
 LIST_COLUMNS = ('uuid', 'state', 'jobtype', 'priority', 'name', 'defined_at')
 JOBTYPE_COLUMNS = ('name', 'cap', 'active', 'queued', 'updated_at')
+
+
+# ---------------------------------------------------------------------------------------------
+# The client skeleton: the same text in every p3s client (tests/test_clients.py compares them),
+# so that each file still works when copied alone onto a node.
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SIGINT and SIGPIPE
+EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
+              'unreachable, 4 bad local file, 130 interrupted.')
 
 
 class P3SError(Exception):
@@ -56,31 +68,95 @@ class P3SError(Exception):
         self.code = code
 
 
-def call(server, method, path, body=None, timeout=HTTP_TIMEOUT):
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of every other failure (the usage is one -h away)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, '%s: error: %s (see %s -h)\n' % (PROG, message, self.prog))
+
+
+def server_url(text):
+    """-S/--server and P3S_SERVER: a URL, or HOST:PORT for plain http."""
+    url = text.strip() if '://' in text else 'http://' + text.strip()
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme not in ('http', 'https') or not parts.hostname:
+        raise argparse.ArgumentTypeError('%r is not a server URL; give http://HOST:PORT/ or '
+                                         'HOST:PORT' % text)
+    return url
+
+
+def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
     """One JSON request to the server. The only code that touches urllib."""
     url = server.rstrip('/') + path
     headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-    if os.environ.get('P3S_TOKEN'):
-        headers['Authorization'] = 'Bearer ' + os.environ['P3S_TOKEN']
+    token = token or next(filter(None, map(os.environ.get, TOKEN_VARIABLES)), None)
+    if token:
+        headers['Authorization'] = 'Bearer ' + token
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as reply:
-            return json.loads(reply.read().decode() or '{}')
+            return read_reply(server, reply)
     except urllib.error.HTTPError as e:
-        code = EXIT_UNREACHABLE if e.code >= 500 else EXIT_REFUSED
-        raise P3SError('server: %s (HTTP %d)' % (error_text(e), e.code), code) from None
-    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise refusal(server, e) from None
+    except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
                        EXIT_UNREACHABLE) from None
 
 
-def error_text(http_error):
+def read_reply(server, reply):
     try:
-        return json.loads(http_error.read().decode())['error']
+        return json.loads(reply.read().decode() or '{}')
+    except ValueError:
+        raise P3SError('%s answered HTTP %d with no JSON: is it a p3s server?'
+                       % (server, reply.status), EXIT_UNREACHABLE) from None
+
+
+def refusal(server, http_error):
+    """The error for an HTTP error reply: the server's one-line reason, or the suspicion that
+    what answered is not a p3s server (every p3s error is JSON with an `error` field)."""
+    try:
+        reason = json.loads(http_error.read().decode())['error']
     except Exception:
-        return http_error.reason
+        return P3SError('%s answered HTTP %d %s: is it a p3s server?'
+                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE)
+    if http_error.code == 401:
+        reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
+    code = EXIT_UNREACHABLE if http_error.code >= 500 else EXIT_REFUSED
+    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code), code)
+
+
+def quote(text):
+    return urllib.parse.quote(text, safe='')
+
+
+def user_name():
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ''
+
+
+def run_command(command, args):
+    """Run one command with the endings every client shares: a one-line error and its exit
+    code, a quiet exit on Ctrl-C, and silence when the reader of the output goes away."""
+    try:
+        return command(args)
+    except P3SError as e:
+        print('%s: error: %s' % (PROG, e), file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print('%s: interrupted' % PROG, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit; aim that flush at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,26 +168,27 @@ def read_json_file(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except OSError as e:
-        raise P3SError('cannot read %s: %s' % (path, e.strerror), EXIT_INPUT) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise P3SError('cannot read %s: %s' % (path, getattr(e, 'strerror', None) or e),
+                       EXIT_INPUT) from None
     except ValueError as e:
         raise P3SError('%s is not valid JSON: %s' % (path, e), EXIT_INPUT) from None
 
 
-def as_int(job, key, where):
-    value = job[key]
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            raise P3SError('%s: %s must be a whole number, not %r' % (where, key, value),
-                           EXIT_INPUT) from None
-    return value
+def read_jobs(path):
+    """The jobs of a job file of the original format (a list, or one object), as the API
+    takes them."""
+    jobs = read_json_file(path)
+    jobs = [jobs] if isinstance(jobs, dict) else jobs
+    if not isinstance(jobs, list) or not jobs:
+        raise P3SError('%s must hold a JSON list of jobs' % path, EXIT_INPUT)
+    return [normalize(job, '%s: job %d' % (path, n)) for n, job in enumerate(jobs, 1)]
 
 
 def normalize(raw, where):
     """One job of the original format as the API takes it: timeout -> timelimit, numbers from
-    strings, env values as strings. Anything else is left for the server to judge."""
+    strings, env values as strings, user and submit host filled in. Anything else is left for
+    the server to judge."""
     if not isinstance(raw, dict):
         raise P3SError('%s is not a JSON object' % where, EXIT_INPUT)
     job = dict(raw)
@@ -120,35 +197,42 @@ def normalize(raw, where):
             raise P3SError('%s: give timeout or timelimit, not both' % where, EXIT_INPUT)
         job['timelimit'] = job.pop('timeout')
     for key in ('timelimit', 'priority', 'deadline'):
-        if key in job:
-            job[key] = as_int(job, key, where)
-    env = job.get('env') or {}
+        if isinstance(job.get(key), str):
+            job[key] = whole_number(job[key], key, where)
+    job['env'] = env_strings(job.get('env'), where)
+    job.setdefault('user', user_name())
+    job.setdefault('subhost', socket.gethostname())
+    return job
+
+
+def whole_number(text, key, where):
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise P3SError('%s: %s must be a whole number, not %r' % (where, key, text),
+                       EXIT_INPUT) from None
+
+
+def env_strings(env, where):
+    """A job's env as the original wrote it (an object, or an object in a JSON string), with
+    every value a string."""
     if isinstance(env, str):
         try:
             env = json.loads(env)
         except ValueError:
             raise P3SError('%s: env is not a JSON object' % where, EXIT_INPUT) from None
-    if not isinstance(env, dict):
+    if not isinstance(env or {}, dict):
         raise P3SError('%s: env must be a JSON object' % where, EXIT_INPUT)
-    job['env'] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in env.items()}
-    return job
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in (env or {}).items()}
 
 
 def build_jobs(templates, input_files, replicas):
     """The jobs to submit: for each template, one per input file (in order), times replicas."""
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = ''
-    host = socket.gethostname()
     jobs = []
-    for n, raw in enumerate(templates, 1):
-        template = normalize(raw, 'job %d' % n)
+    for template in templates:
         for infile in input_files or [None]:
             for _ in range(replicas):
                 job = dict(template, env=dict(template['env']), uuid=str(uuidlib.uuid4()))
-                job.setdefault('user', user)
-                job.setdefault('subhost', host)
                 if infile is not None:
                     job['env']['P3S_INPUT_FILE'] = infile
                 jobs.append(job)
@@ -161,11 +245,7 @@ def build_jobs(templates, input_files, replicas):
 
 
 def submit(args):
-    templates = read_json_file(args.jobfile)
-    if isinstance(templates, dict):
-        templates = [templates]
-    if not isinstance(templates, list) or not templates:
-        raise P3SError('%s must hold a JSON list of jobs' % args.jobfile, EXIT_INPUT)
+    templates = read_jobs(args.jobfile)
     files = [f for f in (args.files or '').split(',') if f]
     jobs = build_jobs(templates, files, args.replicas)
     if args.dry_run:
@@ -246,9 +326,6 @@ def seconds(value):
     return '-' if value is None else '%.2f' % value
 
 
-def quote(text):
-    return urllib.parse.quote(text, safe='')
-
 
 def for_each_uuid(args, action, method, path, body=None):
     """Apply one request to each uuid of -u/--kill; report each; fail if any failed."""
@@ -259,7 +336,7 @@ def for_each_uuid(args, action, method, path, body=None):
             if not args.json:
                 print('%s %s' % (job_uuid, action))
         except P3SError as e:
-            print('p3s_job: error: %s: %s' % (job_uuid, e), file=sys.stderr)
+            print('%s: error: %s: %s' % (PROG, job_uuid, e), file=sys.stderr)
             code = max(code, e.code)
     if args.json:
         print(json.dumps({'jobs': results}, indent=1))
@@ -316,9 +393,7 @@ def parse_cap(text):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog='p3s_job.py', description='Submit and manage p3s jobs.',
-                                 epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
-                                 'command line, 3 server unreachable, 4 bad local file.')
+    ap = Parser(prog='p3s_job.py', description='Submit and manage p3s jobs.', epilog=EXIT_CODES)
     do = ap.add_mutually_exclusive_group(required=True)
     do.add_argument('-j', '--jobs', dest='jobfile', metavar='FILE', help='submit the jobs in FILE')
     do.add_argument('--list', action='store_true', help='list jobs, newest first')
@@ -344,8 +419,9 @@ def parse_args(argv):
     ap.add_argument('--user', help='user filter (--list)')
     ap.add_argument('--limit', type=int, help='at most this many jobs (--list; default 1000)')
     ap.add_argument('--json', action='store_true', help='machine-readable output')
-    ap.add_argument('-S', '--server', default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
-                    help='server URL (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+    ap.add_argument('-S', '--server', type=server_url,
+                    default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
+                    help='server URL or HOST:PORT (P3S_SERVER; default %s)' % DEFAULT_SERVER)
     args = ap.parse_args(argv)
     if args.replicas < 1:
         ap.error('-N must be at least 1')
@@ -362,29 +438,20 @@ def parse_args(argv):
     return args
 
 
+def delete_jobs(args):
+    return for_each_uuid(args, 'deleted', 'DELETE', '/api/jobs/%s')
+
+
+def kill_jobs(args):
+    return for_each_uuid(args, 'killed', 'POST', '/api/jobs/%s/kill')
+
+
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.jobfile:
-            return submit(args)
-        if args.list:
-            return list_jobs(args)
-        if args.show:
-            return show_job(args)
-        if args.summary:
-            return summary(args)
-        if args.adjust:
-            return adjust(args)
-        if args.delete:
-            return for_each_uuid(args, 'deleted', 'DELETE', '/api/jobs/%s')
-        if args.drop:
-            return drop(args)
-        if args.jobtypes:
-            return jobtypes(args)
-        return for_each_uuid(args, 'killed', 'POST', '/api/jobs/%s/kill')
-    except P3SError as e:
-        print('p3s_job: error: %s' % e, file=sys.stderr)
-        return e.code
+    commands = ((args.jobfile, submit), (args.list, list_jobs), (args.show, show_job),
+                (args.summary, summary), (args.adjust, adjust), (args.delete, delete_jobs),
+                (args.drop, drop), (args.jobtypes, jobtypes), (args.kill, kill_jobs))
+    return run_command(next(run for given, run in commands if given), args)
 
 
 if __name__ == '__main__':

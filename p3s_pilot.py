@@ -54,9 +54,10 @@ import urllib.request
 import uuid as uuidlib
 from contextlib import contextmanager
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+PROG = 'p3s_pilot'                # the name in every message
 DEFAULT_SERVER = 'http://127.0.0.1:8080/'
 HTTP_TIMEOUT = 30.0          # seconds for one ordinary request
+TOKEN_VARIABLES = ('P3S_PILOT_TOKEN', 'P3S_TOKEN')   # the token, from the first that is set
 BEAT_TIMEOUT = 5.0           # a heartbeat must not hold up timelimit enforcement for long
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL of a payload's group
 LOG_TAIL = 64 * 1024         # bytes of stdout/stderr sent with the final report
@@ -72,45 +73,114 @@ START_REPORT_DELAY = 0.2     # a payload that ends sooner is reported once, at i
 log = logging.getLogger('p3s_pilot')
 
 
+# ---------------------------------------------------------------------------------------------
+# The client skeleton: the same text in every p3s client (tests/test_clients.py compares them),
+# so that each file still works when copied alone onto a node.
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SIGINT and SIGPIPE
+EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
+              'unreachable, 4 bad local file, 130 interrupted.')
+
+
 class P3SError(Exception):
-    """A failed request: `code` is the exit code it leads to (EXIT_REFUSED or EXIT_UNREACHABLE)."""
+    """A failure with a one-line message; `code` is the exit code it leads to."""
 
     def __init__(self, message, code=EXIT_REFUSED):
         super().__init__(message)
         self.code = code
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of every other failure (the usage is one -h away)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, '%s: error: %s (see %s -h)\n' % (PROG, message, self.prog))
+
+
+def server_url(text):
+    """-S/--server and P3S_SERVER: a URL, or HOST:PORT for plain http."""
+    url = text.strip() if '://' in text else 'http://' + text.strip()
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme not in ('http', 'https') or not parts.hostname:
+        raise argparse.ArgumentTypeError('%r is not a server URL; give http://HOST:PORT/ or '
+                                         'HOST:PORT' % text)
+    return url
+
+
 def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
-    """One JSON request to the server. The only code that touches urllib. The pilot token is
-    preferred unless another is given (defining a site is an operator's act)."""
+    """One JSON request to the server. The only code that touches urllib."""
     url = server.rstrip('/') + path
     headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-    token = token or os.environ.get('P3S_PILOT_TOKEN') or os.environ.get('P3S_TOKEN')
+    token = token or next(filter(None, map(os.environ.get, TOKEN_VARIABLES)), None)
     if token:
         headers['Authorization'] = 'Bearer ' + token
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as reply:
-            return json.loads(reply.read().decode() or '{}')
+            return read_reply(server, reply)
     except urllib.error.HTTPError as e:
-        code = EXIT_UNREACHABLE if e.code >= 500 else EXIT_REFUSED
-        raise P3SError('server: %s (HTTP %d)' % (error_text(e), e.code), code) from None
-    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise refusal(server, e) from None
+    except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
                        EXIT_UNREACHABLE) from None
 
 
-def error_text(http_error):
+def read_reply(server, reply):
     try:
-        return json.loads(http_error.read().decode())['error']
+        return json.loads(reply.read().decode() or '{}')
+    except ValueError:
+        raise P3SError('%s answered HTTP %d with no JSON: is it a p3s server?'
+                       % (server, reply.status), EXIT_UNREACHABLE) from None
+
+
+def refusal(server, http_error):
+    """The error for an HTTP error reply: the server's one-line reason, or the suspicion that
+    what answered is not a p3s server (every p3s error is JSON with an `error` field)."""
+    try:
+        reason = json.loads(http_error.read().decode())['error']
     except Exception:
-        return http_error.reason
+        return P3SError('%s answered HTTP %d %s: is it a p3s server?'
+                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE)
+    if http_error.code == 401:
+        reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
+    code = EXIT_UNREACHABLE if http_error.code >= 500 else EXIT_REFUSED
+    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code), code)
 
 
-class Interrupted(Exception):
-    """Raised by the signal handler while the pilot only waits (for work, or to retry)."""
+def quote(text):
+    return urllib.parse.quote(text, safe='')
+
+
+def user_name():
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ''
+
+
+def run_command(command, args):
+    """Run one command with the endings every client shares: a one-line error and its exit
+    code, a quiet exit on Ctrl-C, and silence when the reader of the output goes away."""
+    try:
+        return command(args)
+    except P3SError as e:
+        print('%s: error: %s' % (PROG, e), file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print('%s: interrupted' % PROG, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit; aim that flush at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +271,18 @@ def command_for(job, env):
 # ---------------------------------------------------------------------------------------------
 
 
+class Interrupted(Exception):
+    """Raised by the signal handler while the pilot only waits (for work, or to retry)."""
+
+
 class Pilot:
-    def __init__(self, args):
+    """One pilot. `clock` and `sleep` are the time it lives by; tests pass their own and call
+    step() themselves."""
+
+    def __init__(self, args, clock=time.monotonic, sleep=time.sleep):
         self.args = args
+        self.clock = clock
+        self.pause = sleep
         self.server = args.server
         self.uuid = str(uuidlib.uuid4())
         self.site_env = {}
@@ -234,7 +313,7 @@ class Pilot:
 
     def sleep(self, seconds):
         with self.interruptible():
-            time.sleep(seconds)
+            self.pause(seconds)
 
     # -- talking to the server ----------------------------------------------------------------
 
@@ -242,20 +321,20 @@ class Pilot:
         """A request retried with back-off while the server is unreachable (for ever, or for
         `patience` seconds). A refusal is raised at once. `body` may be a function, called
         for each attempt."""
-        give_up = None if patience is None else time.monotonic() + patience
+        give_up = None if patience is None else self.clock() + patience
         for attempt in range(10 ** 9):
             try:
                 return call(self.server, method, path, body() if callable(body) else body,
                             timeout)
             except P3SError as e:
-                if e.code != EXIT_UNREACHABLE or (give_up and time.monotonic() > give_up):
+                if e.code != EXIT_UNREACHABLE or (give_up and self.clock() > give_up):
                     raise
                 delay = BACKOFF[min(attempt, len(BACKOFF) - 1)] * random.uniform(0.8, 1.2)
                 log.warning('%s; retrying in %.1f s', e, delay)
                 if patience is None:
                     self.sleep(delay)
                 else:
-                    time.sleep(delay)
+                    self.pause(delay)
 
     def take_site_defaults(self):
         """Settings not given on the command line come from the site record, if there is one."""
@@ -314,7 +393,7 @@ class Pilot:
         if not self.pending:
             return None
         report = dict(self.pending)
-        now = time.monotonic()
+        now = self.clock()
         started, ended = report.pop('started'), report.pop('ended')
         if started is not None:
             report['elapsed'] = now - started
@@ -361,7 +440,7 @@ class Pilot:
             log.error('job %s: cannot write its logs in %s: %s', job_uuid, self.args.joblog, e)
             return {'job': job_uuid, 'state': 'nonstarter', 'errcode': None, 'pid': None,
                     'stdout': '', 'stderr': 'nonstarter: cannot write the job logs: %s' % e,
-                    'started': None, 'ended': time.monotonic()}
+                    'started': None, 'ended': self.clock()}
         try:
             with out, err:
                 try:
@@ -373,7 +452,7 @@ class Pilot:
                     log.warning('job %s could not start: %s', job_uuid, e)
                     state, errcode, pid, started = 'nonstarter', None, None, None
                 else:
-                    started = time.monotonic()
+                    started = self.clock()
                     state, errcode = self.supervise(proc, job, started)
                     pid = proc.pid
         finally:
@@ -382,7 +461,7 @@ class Pilot:
         log.info('job %s %s (errcode %s)', job_uuid, state, errcode)
         return {'job': job_uuid, 'state': state, 'errcode': errcode, 'pid': pid,
                 'stdout': read_tail(out_path), 'stderr': read_tail(err_path),
-                'started': started, 'ended': time.monotonic()}
+                'started': started, 'ended': self.clock()}
 
     def supervise(self, proc, job, started):
         """Wait for the payload, heartbeating every beat, killing it at its timelimit, on a kill
@@ -394,13 +473,13 @@ class Pilot:
         next_beat = started + self.args.beat
         start_report_at = started + START_REPORT_DELAY
         while True:
-            timeout = min(limit_at, next_beat, start_report_at) - time.monotonic()
+            timeout = min(limit_at, next_beat, start_report_at) - self.clock()
             try:
                 code = wait_exit(proc, max(0.0, min(timeout, 1.0)))
                 return ('finished' if code == 0 else 'failed'), code
             except subprocess.TimeoutExpired:
                 pass
-            now = time.monotonic()
+            now = self.clock()
             order = None
             if self.signalled:
                 order = 'signal'
@@ -481,23 +560,24 @@ class Pilot:
 
 
 def default_dir(kind):
+    return os.path.join(tempfile.gettempdir(), user_name() or 'p3s', 'p3s', kind)
+
+
+def read_json_file(path):
     try:
-        user = getpass.getuser()
-    except Exception:
-        user = 'p3s'
-    return os.path.join(tempfile.gettempdir(), user, 'p3s', kind)
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise P3SError('cannot read %s: %s' % (path, getattr(e, 'strerror', None) or e),
+                       EXIT_INPUT) from None
+    except ValueError as e:
+        raise P3SError('%s is not valid JSON: %s' % (path, e), EXIT_INPUT) from None
 
 
 def read_site(path):
     """A site file of the original format (numbers may be strings, env may be a JSON string or
     the original's Python repr) as the API takes it."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise P3SError('cannot read %s: %s' % (path, e.strerror), EXIT_INPUT) from None
-    except ValueError as e:
-        raise P3SError('%s is not valid JSON: %s' % (path, e), EXIT_INPUT) from None
+    raw = read_json_file(path)
     if not isinstance(raw, dict):
         raise P3SError('%s must hold a JSON object' % path, EXIT_INPUT)
     site = {}
@@ -546,11 +626,10 @@ def define_site(args):
 
 def parse_args(argv):
     env = os.environ.get
-    ap = argparse.ArgumentParser(prog='p3s_pilot.py', description='The p3s pilot.',
-                                 epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
-                                 'command line, 3 server unreachable, 4 bad local file.')
-    ap.add_argument('-S', '--server', default=env('P3S_SERVER') or DEFAULT_SERVER,
-                    help='server URL (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+    ap = Parser(prog='p3s_pilot.py', description='The p3s pilot.', epilog=EXIT_CODES)
+    ap.add_argument('-S', '--server', type=server_url,
+                    default=env('P3S_SERVER') or DEFAULT_SERVER,
+                    help='server URL or HOST:PORT (P3S_SERVER; default %s)' % DEFAULT_SERVER)
     ap.add_argument('-s', '--site', default=env('P3S_SITE', ''), help='site name (P3S_SITE)')
     ap.add_argument('-L', '--joblog', default=env('P3S_JOBLOG') or default_dir('jobs'),
                     help='directory of <job uuid>.out/.err (P3S_JOBLOG)')
@@ -589,27 +668,23 @@ def setup_logging(pilotlog, pilot_uuid):
     log.setLevel(logging.INFO)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.define_site:
-        try:
-            return define_site(args)
-        except P3SError as e:
-            print('p3s_pilot: error: %s' % e, file=sys.stderr)
-            return e.code
+def run_pilot(args):
     pilot = Pilot(args)
     try:
         setup_logging(args.pilotlog, pilot.uuid)
     except OSError as e:
-        print('p3s_pilot: error: cannot write the pilot log in %s: %s' % (args.pilotlog, e),
-              file=sys.stderr)
-        return EXIT_INPUT
+        raise P3SError('cannot write the pilot log in %s: %s' % (args.pilotlog, e),
+                       EXIT_INPUT) from None
     try:
         return pilot.run()
     except P3SError as e:
         log.error('%s', e)
-        print('p3s_pilot: error: %s' % e, file=sys.stderr)
-        return e.code
+        raise
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run_command(define_site if args.define_site else run_pilot, args)
 
 
 if __name__ == '__main__':

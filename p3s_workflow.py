@@ -23,9 +23,9 @@ vertices: JSON {"vertex": {"payload", "env", "priority", "timelimit"}} inline or
 file (env is merged into the vertex's env). See docs/workflows.md.
 
 Exit codes (shared by every p3s client):
-  0  success                        2  bad command line
-  1  the server refused a request   3  the server could not be reached or answered nonsense
-                                    4  a local file is missing or invalid
+    0  success                        3  the server could not be reached or answered nonsense
+    1  the server refused a request   4  a local file is missing or invalid
+    2  bad command line             130  interrupted (Ctrl-C)
 This file uses the Python standard library only: copy it alone onto any node.
 """
 import argparse
@@ -38,13 +38,25 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+PROG = 'p3s_workflow'                # the name in every message
 DEFAULT_SERVER = 'http://127.0.0.1:8080/'
 HTTP_TIMEOUT = 60.0
+TOKEN_VARIABLES = ('P3S_TOKEN',)   # the token, from the first that is set
 WORKFLOW_COLUMNS = ('uuid', 'state', 'name', 'dag', 'ndone', 'nvertices', 'created_at')
 DAG_COLUMNS = ('name', 'nvertices', 'nedges', 'root', 'user', 'created_at')
 JOB_COLUMNS = ('uuid', 'name', 'state', 'jobtype', 'errcode')
 DATA_COLUMNS = ('state', 'source', 'target', 'datatag', 'dirpath', 'name')
+
+
+# ---------------------------------------------------------------------------------------------
+# The client skeleton: the same text in every p3s client (tests/test_clients.py compares them),
+# so that each file still works when copied alone onto a node.
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SIGINT and SIGPIPE
+EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
+              'unreachable, 4 bad local file, 130 interrupted.')
 
 
 class P3SError(Exception):
@@ -55,31 +67,95 @@ class P3SError(Exception):
         self.code = code
 
 
-def call(server, method, path, body=None, timeout=HTTP_TIMEOUT):
+class Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of every other failure (the usage is one -h away)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, '%s: error: %s (see %s -h)\n' % (PROG, message, self.prog))
+
+
+def server_url(text):
+    """-S/--server and P3S_SERVER: a URL, or HOST:PORT for plain http."""
+    url = text.strip() if '://' in text else 'http://' + text.strip()
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme not in ('http', 'https') or not parts.hostname:
+        raise argparse.ArgumentTypeError('%r is not a server URL; give http://HOST:PORT/ or '
+                                         'HOST:PORT' % text)
+    return url
+
+
+def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
     """One JSON request to the server. The only code that touches urllib."""
     url = server.rstrip('/') + path
     headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-    if os.environ.get('P3S_TOKEN'):
-        headers['Authorization'] = 'Bearer ' + os.environ['P3S_TOKEN']
+    token = token or next(filter(None, map(os.environ.get, TOKEN_VARIABLES)), None)
+    if token:
+        headers['Authorization'] = 'Bearer ' + token
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as reply:
-            return json.loads(reply.read().decode() or '{}')
+            return read_reply(server, reply)
     except urllib.error.HTTPError as e:
-        code = EXIT_UNREACHABLE if e.code >= 500 else EXIT_REFUSED
-        raise P3SError('server: %s (HTTP %d)' % (error_text(e), e.code), code) from None
-    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise refusal(server, e) from None
+    except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
                        EXIT_UNREACHABLE) from None
 
 
-def error_text(http_error):
+def read_reply(server, reply):
     try:
-        return json.loads(http_error.read().decode())['error']
+        return json.loads(reply.read().decode() or '{}')
+    except ValueError:
+        raise P3SError('%s answered HTTP %d with no JSON: is it a p3s server?'
+                       % (server, reply.status), EXIT_UNREACHABLE) from None
+
+
+def refusal(server, http_error):
+    """The error for an HTTP error reply: the server's one-line reason, or the suspicion that
+    what answered is not a p3s server (every p3s error is JSON with an `error` field)."""
+    try:
+        reason = json.loads(http_error.read().decode())['error']
     except Exception:
-        return http_error.reason
+        return P3SError('%s answered HTTP %d %s: is it a p3s server?'
+                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE)
+    if http_error.code == 401:
+        reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
+    code = EXIT_UNREACHABLE if http_error.code >= 500 else EXIT_REFUSED
+    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code), code)
+
+
+def quote(text):
+    return urllib.parse.quote(text, safe='')
+
+
+def user_name():
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ''
+
+
+def run_command(command, args):
+    """Run one command with the endings every client shares: a one-line error and its exit
+    code, a quiet exit on Ctrl-C, and silence when the reader of the output goes away."""
+    try:
+        return command(args)
+    except P3SError as e:
+        print('%s: error: %s' % (PROG, e), file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print('%s: interrupted' % PROG, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit; aim that flush at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,33 +173,24 @@ def read_text(path):
 
 
 def json_option(value, option, words=()):
-    """-f/-j as the original took them: a value containing `.json` is a file; JSON text is
-    parsed; one of `words` (sticky, inherit:NAME) is passed on as it is."""
+    """An option that takes JSON text or a file holding it, as the original took them: text
+    that starts like JSON is JSON; else a value naming a file (or containing `.json`) is read.
+    One of `words` (sticky, inherit:NAME) is passed on as it is."""
     if value is None:
         return None
     if value in words or any(value.startswith(w) for w in words if w.endswith(':')):
         return value
-    if '.json' not in value:
+    inline = value.lstrip()[:1] in ('{', '[') or not ('.json' in value or os.path.isfile(value))
+    if inline:
         try:
             return json.loads(value)
         except ValueError as e:
-            raise P3SError('%s takes %sJSON or a .json file: %s' % (
+            raise P3SError('%s takes %sJSON text or a JSON file: %s' % (
                 option, 'sticky, inherit:NAME, ' if words else '', e), EXIT_USAGE) from None
     try:
         return json.loads(read_text(value))
     except ValueError as e:
         raise P3SError('%s is not valid JSON: %s' % (value, e), EXIT_INPUT) from None
-
-
-def quote(text):
-    return urllib.parse.quote(text, safe='')
-
-
-def user_name():
-    try:
-        return getpass.getuser()
-    except Exception:
-        return ''
 
 
 def print_table(rows, columns):
@@ -228,7 +295,7 @@ def delete(args):
             if not args.json:
                 print('%s deleted' % target)
         except P3SError as e:
-            print('p3s_workflow: error: %s: %s' % (target, e), file=sys.stderr)
+            print('%s: error: %s: %s' % (PROG, target, e), file=sys.stderr)
             code = max(code, e.code)
     if args.json:
         print(json.dumps({'deleted': results}, indent=1))
@@ -236,10 +303,8 @@ def delete(args):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog='p3s_workflow.py',
-                                 description='Register DAGs and run workflows made from them.',
-                                 epilog='Exit codes: 0 ok, 1 refused by the server, 2 bad '
-                                 'command line, 3 server unreachable, 4 bad local file.')
+    ap = Parser(prog='p3s_workflow.py', epilog=EXIT_CODES,
+                description='Register DAGs and run workflows made from them.')
     do = ap.add_mutually_exclusive_group(required=True)
     do.add_argument('-g', '--graphml', metavar='FILE', help='register the DAG in a GraphML file')
     do.add_argument('-a', '--add', metavar='DAG', help='make a workflow from a DAG')
@@ -265,8 +330,9 @@ def parse_args(argv):
     ap.add_argument('--force', action='store_true', help='-d: delete workflows with running jobs')
     ap.add_argument('--limit', type=int, help='at most this many workflows (--list)')
     ap.add_argument('--json', action='store_true', help='machine-readable output')
-    ap.add_argument('-S', '--server', default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
-                    help='server URL (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+    ap.add_argument('-S', '--server', type=server_url,
+                    default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
+                    help='server URL or HOST:PORT (P3S_SERVER; default %s)' % DEFAULT_SERVER)
     args = ap.parse_args(argv)
     if args.modify and not args.uuids:
         ap.error('-m needs -u UUID and -s defined')
@@ -277,23 +343,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.graphml:
-            return add_dag(args)
-        if args.add:
-            return add_workflow(args)
-        if args.modify:
-            return define_workflow(args)
-        if args.list:
-            return list_things(args)
-        if args.show:
-            return show_workflow(args)
-        if args.getdag:
-            return get_dag(args)
-        return delete(args)
-    except P3SError as e:
-        print('p3s_workflow: error: %s' % e, file=sys.stderr)
-        return e.code
+    commands = ((args.graphml, add_dag), (args.add, add_workflow), (args.modify, define_workflow),
+                (args.list, list_things), (args.show, show_workflow), (args.getdag, get_dag),
+                (args.delete, delete))
+    return run_command(next(run for given, run in commands if given), args)
 
 
 if __name__ == '__main__':

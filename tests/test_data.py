@@ -218,7 +218,7 @@ def test_injector_refusals_and_unreachable_server(clients, inbox, tmp_path):
     arrive(inbox, ['np04_1.root'])
     assert 'no such DAG' in watch(clients, inbox, '--dag', 'nosuch', check=1).stderr
     assert watch(clients, inbox, '--job', str(tmp_path / 'missing.json'), check=4).stderr
-    assert watch(clients, inbox, check=2).stderr.startswith('usage')
+    assert watch(clients, inbox, check=2).stderr.startswith('p3s_data: error: --watch needs')
     proc = clients.run('data', '--watch', str(inbox), '--job', template(tmp_path), '--settle',
                        '0', '-S', 'http://127.0.0.1:1/', check=3)
     assert proc.stderr.startswith('p3s_data: error: cannot reach the server')

@@ -4,6 +4,8 @@ import os
 import signal
 import stat
 import threading
+import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -345,20 +347,6 @@ def test_long_poll_hands_a_new_job_to_a_waiting_pilot(server):
     assert result['job']['uuid'] == submitted['uuids'][0]
 
 
-@pytest.mark.parametrize('name', ['job', 'pilot', 'workflow', 'data'])
-def test_client_runs_when_copied_alone(tmp_path, name):
-    """A client copied alone onto a bare node, without site-packages, answers -h."""
-    import shutil
-    import subprocess
-    import sys
-    alone = tmp_path / 'node'
-    alone.mkdir()
-    shutil.copy(os.path.join(ROOT, 'p3s_%s.py' % name), alone)
-    proc = subprocess.run([sys.executable, '-S', '-I', 'p3s_%s.py' % name, '-h'], cwd=alone,
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0 and 'Exit codes' in proc.stdout, proc.stderr
-
-
 def test_odd_output_and_unwritable_logs_still_end_the_job(clients, server, tmp_path):
     noisy = write_script(tmp_path / 'noisy.sh', "printf 'a\\0b\\377c'\nprintf '<&>\\0' >&2\n")
     [job_uuid] = clients.submit([make_job(noisy)])
@@ -372,3 +360,44 @@ def test_odd_output_and_unwritable_logs_still_end_the_job(clients, server, tmp_p
     clients.run_pilot(env={'P3S_JOBLOG': str(blocked / 'jobs')})
     job = server.api('GET', '/api/jobs/%s?logs=1' % job_uuid)[1]
     assert job['state'] == 'nonstarter' and 'cannot write the job logs' in job['stderr']
+
+
+class PilotTime:
+    """The time an in-process pilot lives by: the real clock plus what the test adds; its
+    sleeps are recorded, not slept."""
+
+    def __init__(self):
+        self.offset = 0.0
+        self.sleeps = []
+
+    def clock(self):
+        return time.monotonic() + self.offset
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+
+
+def test_pilot_steps_on_an_injected_clock(server, tmp_path):
+    """The pilot's loop, stepped by the test: an answer the server did not hold is followed by a
+    sleep of the period, a held one is not; a final report delivered late carries its age."""
+    import p3s_pilot
+    args = p3s_pilot.parse_args(['-S', server.url, '--cycles', '3', '--period', '30',
+                                 '--wait', '0', '-L', str(tmp_path / 'j'), '-l', str(tmp_path)])
+    t = PilotTime()
+    pilot = p3s_pilot.Pilot(args, clock=t.clock, sleep=t.sleep)
+    pilot.take_site_defaults()
+    pilot.register()
+    assert pilot.step() is True and t.sleeps == [30]              # plain polling: one period
+    pilot.args.wait = 0.2
+    assert pilot.step() is True and t.sleeps == [30]              # the server held it: no sleep
+    [job_uuid] = server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[1]['uuids']
+    assert pilot.step() is False                                  # the third and last cycle
+    assert server.job(job_uuid)['state'] == 'dispatched'          # its report is still pending
+    t.offset = 100.0                                              # delivered 100 s after the end
+    before = datetime.now(timezone.utc)
+    pilot.finish()
+    job = server.job(job_uuid)
+    assert job['state'] == 'finished'
+    stopped = datetime.fromisoformat(job['stopped_at'].replace('Z', '+00:00'))
+    assert 95 <= (before - stopped).total_seconds() <= 105, (before, stopped)
+    assert server.api('GET', '/api/pilots/' + pilot.uuid)[1]['state'] == 'stopped'

@@ -391,6 +391,6 @@ def test_datatypes_client(flows, server):
     assert server.api('GET', '/api/datatypes')[1]['datatypes'][1]['ext'] == '.text'
     flows.run('data', '-D', 'ROOT')
     assert flows.run('data', '-D', 'ROOT', check=1).stderr.startswith('p3s_data: error: ')
-    assert 'is not valid JSON' in flows.run('data', '-R', '-j', '{bad', check=4).stderr
+    assert 'takes JSON text or a JSON file' in flows.run('data', '-R', '-j', '{bad', check=2).stderr
     assert 'name is required' in flows.run('data', '-R', '-j', '{"ext":".x"}', check=1).stderr
     assert flows.run('data', '-R', check=2).returncode == 2
