@@ -1,30 +1,39 @@
 #!/usr/bin/env python3
 """p3s server: the job database, brokerage, housekeeping and the monitor.
 
-    python p3s_server.py [--host 127.0.0.1] [--port 8080] [--db ./p3s.db] [--threads N]
-                         [--max-waiters N] [--pilot-timeout S] [--sync normal|full]
-                         [--keep-days N] [--token T] [--pilot-token T] [--private] [--insecure]
+    python p3s_server.py [--host 127.0.0.1] [--port 8080] [--db ./p3s.db] [--workers N]
+                         [--threads N] [--max-waiters N] [--pilot-timeout S]
+                         [--sync normal|full] [--keep-days N] [--request-timeout S]
+                         [--log FILE] [--token T] [--pilot-token T] [--private] [--insecure]
     python p3s_server.py check [--db ./p3s.db]
     python p3s_server.py purge --older 7d [--state S] [--db ./p3s.db]
 
-A Bottle app served by waitress on a WAL-mode SQLite database. Every write is one short
-`BEGIN IMMEDIATE` transaction; brokerage is a single `UPDATE ... RETURNING` statement.
+A Bottle app on a WAL-mode SQLite database, served by gevent's WSGI server in one or several
+processes on one port. Every write is one short `BEGIN IMMEDIATE` transaction; brokerage is a
+single `UPDATE ... RETURNING` statement.
 
 The file reads top-down, in these sections (tests/test_layout.py keeps them in this order):
-configuration, database, validation, jobs, brokerage, housekeeping, workflows, DQM controls,
-data, dashboard numbers, API routes, monitor routes, monitor graph layout, authorization,
-errors, main. Each domain section starts with the SQL it runs.
+configuration, database, wake-ups, validation, jobs, brokerage, housekeeping, workflows, DQM
+controls, data, dashboard numbers, API routes, monitor routes, monitor graph layout,
+authorization, errors, front, processes, main. Each domain section starts with the SQL it runs.
 """
 import argparse
+import ctypes
+import fcntl
+import hashlib
 import hmac
+import io
 import json
 import logging
 import os
 import posixpath
 import re
+import resource
+import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -34,6 +43,12 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import bottle
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.pywsgi
+import gevent.socket
+import gevent.threadpool
 import networkx
 from bottle import Bottle, HTTPError, request, response
 
@@ -50,13 +65,21 @@ MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
 DEFAULT_PORT = 8080
 DEFAULT_DB = './p3s.db'
 LOOPBACK = ('127.0.0.1', 'localhost', '::1')
-# waitress runs a thread per request in flight, and its main loop starves those threads when it
-# holds many more open connections than it has threads (Pylons/waitress#177 and #418;
-# docs/performance.md), so its connections are capped near the thread count.
-DEFAULT_THREADS = 16
-DEFAULT_MAX_WAITERS = 8          # long polls held at once; the other threads stay free
-CONNECTION_SLACK = 4             # waitress counts its listening socket and trigger pipe
-CHANNEL_TIMEOUT = 60             # must outlast the longest long poll
+# The front: each connection is a greenlet, so an idle or slow client costs a file descriptor
+# and a few kilobytes, and a held long poll costs no thread; the requests themselves run in
+# small pools of threads (docs/performance.md).
+DEFAULT_WORKERS = os.cpu_count() or 1   # server processes on one port
+DEFAULT_THREADS = 8              # threads per process that run requests which read
+WRITE_THREADS = 4                # threads per process that run requests which write
+DEFAULT_MAX_WAITERS = 10000      # long polls held at once per process
+MAX_CONNECTIONS = 20000          # open connections per process
+REQUEST_TIMEOUT = 10.0           # seconds for a request's line and headers to arrive
+KEEPALIVE_TIMEOUT = 75.0         # an idle connection is closed after this (longer than MAX_WAIT)
+MIN_BODY_RATE = 50000            # bytes/s below which a request body is cut off
+SHUTDOWN_GRACE = 10.0            # seconds for requests in flight when the server stops
+MAX_WAKE_SLOTS = 100             # pilots woken for the free slots of one capped type
+LISTEN_BACKLOG = 2048            # connections waiting to be accepted
+PR_SET_PDEATHSIG = 1             # prctl(2): the signal a process gets when its parent dies
 MAX_WAIT = 30.0                  # seconds a pilot may wait for work in one request
 DEFAULT_PILOT_TIMEOUT = 120.0    # silence after which a pilot is lost
 SWEEP_PERIOD = 5.0               # seconds between housekeeping passes (at most)
@@ -209,13 +232,18 @@ def seconds_between(earlier, later):
     return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
 
 
-def connect(path, sync='full'):
-    """Open the database with the whole connection policy in one place."""
+class Connection(sqlite3.Connection):
+    synced = False                  # PRAGMA synchronous is FULL (see Store.write)
+
+
+def connect(path):
+    """Open the database with the whole connection policy in one place. Commits are not
+    synced unless a write asks for it (Store.write), so the default here is NORMAL."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                         timeout=BUSY_TIMEOUT_MS / 1000)
+                         timeout=BUSY_TIMEOUT_MS / 1000, factory=Connection)
     db.row_factory = sqlite3.Row
     db.execute('PRAGMA journal_mode = WAL')
-    db.execute('PRAGMA synchronous = ' + {'normal': 'NORMAL', 'full': 'FULL'}[sync])
+    db.execute('PRAGMA synchronous = NORMAL')
     db.execute('PRAGMA foreign_keys = ON')
     db.execute('PRAGMA busy_timeout = %d' % BUSY_TIMEOUT_MS)
     return db
@@ -237,24 +265,61 @@ def apply_schema(db):
         db.executescript(f.read())
 
 
+def run_directory(db_path):
+    """The directory where the server processes that share a database meet: their wake-up
+    sockets and locks. Named after the database's real path, so every process finds it; in the
+    temporary directory, because a socket's path must be short."""
+    key = hashlib.sha1(os.path.realpath(db_path).encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), 'p3s-%d-%s' % (os.getuid(), key))
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+class FileLock:
+    """An exclusive lock shared by the processes that open the same file (flock): the kernel
+    wakes a waiter the moment the holder lets go, and drops the lock when the holder dies."""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def acquire(self, blocking=True):
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self):
+        os.close(self.fd)
+
+
 class Store:
     """The database as the server uses it: a pool of connections, one writer at a time.
 
     A connection is taken from the pool for one read or one transaction and given back, so
     any number of threads share a few connections. SQLite serialises writers anyway; taking a
-    process lock first keeps an unlucky thread out of SQLite's busy-handler back-off, which
-    costs up to seconds of tail latency (docs/performance.md).
+    thread lock and then a lock shared with the other server processes first keeps writers out
+    of SQLite's busy handler, which sleeps a millisecond or more before it tries again and costs
+    up to seconds of tail latency (docs/performance.md).
+
+    `sync` is the promise made to clients: with 'full', a write that answers a client with a new
+    fact (a submission, a dispatch, a job's end) is on disk before the answer; writes that can be
+    recovered (heartbeats, start reports, housekeeping) are not synced. With 'normal' nothing is
+    synced: a power loss may lose the last commits, never the database.
     """
 
-    def __init__(self, path, sync='full', max_waiters=DEFAULT_MAX_WAITERS,
-                 pilot_timeout=DEFAULT_PILOT_TIMEOUT):
+    def __init__(self, path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, wakeups=None):
         self.path = path
         # An idle pilot's heartbeat is written at most this often, so that an idle poll that
         # finds nothing commits nothing (no fsync); the sweep still sees it alive.
         self.idle_touch = pilot_timeout / 6
         self.sync = sync
+        self.wakeups = wakeups
         self.write_lock = threading.Lock()
-        self.waiters = Waiters(max_waiters)
+        self.process_lock = FileLock(os.path.join(run_directory(path), 'writer.lock'))
         self.idle = deque()               # connections not in use (append and pop are atomic)
         self.opened = []
         with self.connection() as db:
@@ -265,7 +330,7 @@ class Store:
         try:
             db = self.idle.pop()
         except IndexError:
-            db = connect(self.path, self.sync)
+            db = connect(self.path)
             self.opened.append(db)
         try:
             yield db
@@ -287,9 +352,14 @@ class Store:
             return db.execute(sql, params or {}).fetchone()
 
     @contextmanager
-    def write(self):
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-        with self.write_lock, self.connection() as db:
+    def write(self, durable=True):
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error.
+        `durable`: the commit must survive a power loss (under --sync full)."""
+        synced = durable and self.sync == 'full'
+        with self.write_lock, self.connection() as db, self.locked_between_processes():
+            if db.synced != synced:
+                db.execute('PRAGMA synchronous = ' + ('FULL' if synced else 'NORMAL'))
+                db.synced = synced
             db.execute('BEGIN IMMEDIATE')
             try:
                 yield db
@@ -298,72 +368,117 @@ class Store:
                 raise
             db.execute('COMMIT')
 
+    @contextmanager
+    def locked_between_processes(self):
+        self.process_lock.acquire()
+        try:
+            yield
+        finally:
+            self.process_lock.release()
+
     def wake(self, jobs):
-        """Pilots waiting for work may run these (jobtype, site) now."""
-        if jobs:
-            self.waiters.wake(jobs)
+        """Pilots waiting for work, in any server process, may run these (jobtype, site) now."""
+        if jobs and self.wakeups is not None:
+            self.wakeups.publish(jobs)
 
     def close(self):
         for db in self.opened:
             db.close()
         self.opened.clear()
         self.idle.clear()
-
-
-class Waiter:
-    __slots__ = ('site', 'jobtypes', 'event')
-
-    def __init__(self, site, jobtypes):
-        self.site = site
-        self.jobtypes = jobtypes
-        self.event = threading.Event()
-
-    def accepts(self, jobtype, site):
-        return (not site or site == self.site) and (not self.jobtypes or jobtype in self.jobtypes)
-
-
-class Waiters:
-    """Pilots held in a long poll. A new job wakes one waiting pilot that may run it.
-
-    Each held poll occupies a waitress thread, so their number is bounded: past the bound a
-    pilot is answered at once and polls again after its period. Waking one pilot per job, not
-    all, avoids a thundering herd (docs/performance.md).
-    """
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.lock = threading.Lock()
-        self.waiting = []
-
-    def enter(self, site, jobtypes):
-        with self.lock:
-            if len(self.waiting) >= self.limit:
-                return None
-            waiter = Waiter(site, jobtypes)
-            self.waiting.append(waiter)
-            return waiter
-
-    def leave(self, waiter):
-        with self.lock:
-            self.waiting.remove(waiter)
-
-    def wake(self, jobs):
-        """jobs: (jobtype, site) of each job that became runnable."""
-        with self.lock:
-            for jobtype, site in jobs:
-                for waiter in self.waiting:
-                    if not waiter.event.is_set() and waiter.accepts(jobtype, site):
-                        waiter.event.set()
-                        break
-
-    def __len__(self):
-        return len(self.waiting)
+        self.process_lock.close()
 
 
 def counts(store):
     """Jobs and pilots by state."""
     return {'jobs': {r['state']: r['n'] for r in store.query(COUNT_JOBS_BY_STATE)},
             'pilots': {r['state']: r['n'] for r in store.query(COUNT_PILOTS_BY_STATE)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Wake-ups: jobs that became runnable, told to every server process
+# ---------------------------------------------------------------------------------------------
+
+WAKE_MESSAGE_MAX = 60000        # bytes in one datagram; a larger wake-up becomes "anything"
+
+
+def wake_message(jobs):
+    """jobs: (jobtype, site) of each job that became runnable, as one datagram: a JSON list of
+    [jobtype, site, count]. Too many kinds at once become [[null, null, count]]: wake anyone."""
+    counted = {}
+    for key in jobs:
+        counted[tuple(key)] = counted.get(tuple(key), 0) + 1
+    message = json.dumps([[t, s, n] for (t, s), n in counted.items()]).encode()
+    if len(message) > WAKE_MESSAGE_MAX:
+        message = json.dumps([[None, None, len(jobs)]]).encode()
+    return message
+
+
+class Wakeups:
+    """The server processes that share a database each listen on a Unix datagram socket in
+    their run directory; a process that made jobs runnable sends one datagram to each of them
+    (itself included), which wakes the pilots they hold at once. Any thread may publish."""
+
+    def __init__(self, rundir):
+        self.dir = os.path.join(rundir, 'wake')
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.path = os.path.join(self.dir, '%d.sock' % os.getpid())
+        if os.path.exists(self.path):
+            os.unlink(self.path)               # a dead process of the same pid left it
+        self.inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.inbox.bind(self.path)
+        self.outbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.outbox.setblocking(False)
+        self.lock = threading.Lock()
+        self.peers, self.seen = [], None
+
+    def publish(self, jobs):
+        """Send the wake-up for these jobs to every process (an empty list says hello)."""
+        message = wake_message(jobs)
+        for peer in self.current_peers():
+            try:
+                self.outbox.sendto(message, peer)
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.forget(peer)               # its process is gone
+            except BlockingIOError:
+                log.warning('wake-up dropped: %s is not reading its wake-ups', peer)
+
+    def current_peers(self):
+        """The sockets in the run directory, read again whenever a process came or went. The
+        directory's time stamp is coarse, so it is also read again every second and whenever
+        a new process says hello (an empty wake-up)."""
+        with self.lock:
+            changed = (os.stat(self.dir).st_mtime_ns, int(time.monotonic()))
+            if changed != self.seen:
+                self.seen = changed
+                self.peers = [os.path.join(self.dir, name) for name in os.listdir(self.dir)]
+            return self.peers
+
+    def say_hello(self):
+        self.publish([])
+
+    def refresh(self):
+        with self.lock:
+            self.seen = None
+
+    def forget(self, peer):
+        try:
+            os.unlink(peer)
+        except FileNotFoundError:
+            pass
+
+    def close(self):
+        self.inbox.close()
+        self.outbox.close()
+        self.forget(self.path)
+
+
+def read_wake_message(data):
+    """A wake-up datagram as [(jobtype or None, site or None, count)]; nonsense is ignored."""
+    try:
+        return [(t, s, int(n)) for t, s, n in json.loads(data)]
+    except (ValueError, TypeError):
+        return []
 
 # ---------------------------------------------------------------------------------------------
 # Validation
@@ -949,37 +1064,27 @@ def claim(db, params):
     return db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
 
 
-def wait_for_work(store, pilot_uuid, wait, report=None, clock=time.monotonic, now=utcnow):
-    """Brokerage with a long poll: hold the request up to `wait` seconds (by `clock`) until a
-    job arrives.
-
-    The waiter is entered before the second attempt, so a job submitted between an empty
-    attempt and the wait still wakes it.
-    """
+def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow):
+    """Brokerage with a long poll: one attempt now. If it finds nothing and the pilot may wait,
+    `poll` (given by the server's front, which holds requests without a thread) may take the
+    request over: it keeps the connection open, and asks again when a job may have arrived or
+    the wait is over. Without a front the pilot is answered at once (`waited: false`) and polls
+    again after its period."""
     reply, pilot = request_work(store, pilot_uuid, now(), report)
-    if reply['state'] != 'idle' or wait <= 0:
+    if poll is not None:
+        reply = poll.carry_note(reply)
+    if reply['state'] != 'idle':
         return reply
-    note = reply.get('report')
-    waiter = store.waiters.enter(pilot['site'], set(json.loads(pilot['jobtypes'])))
-    if waiter is None:
-        return dict(reply, waited=False)
-    give_up = clock() + wait
-    try:
-        while True:
-            reply, _ = request_work(store, pilot_uuid, now())
-            remaining = give_up - clock()
-            if reply['state'] != 'idle' or remaining <= 0:
-                reply = dict(reply, waited=True) if reply['state'] == 'idle' else reply
-                return dict(reply, report=note) if note else reply
-            waiter.event.wait(remaining)
-            waiter.event.clear()
-    finally:
-        store.waiters.leave(waiter)
+    if wait > 0 and poll is not None and poll.hold(wait, pilot['site'],
+                                                   json.loads(pilot['jobtypes'])):
+        return reply                    # not sent: the front asks again
+    return dict(reply, waited=poll is not None and poll.held)
 
 
 def report_job(store, pilot_uuid, rep, now):
-    """A report on its own (a start report, or a final one when the pilot leaves)."""
-    with store.write() as db:
+    """A report on its own (a start report, or a final one when the pilot leaves). A start
+    report need not survive a power loss: the final report says it all again."""
+    with store.write(durable=rep['state'] != 'running') as db:
         note, woken = apply_report(db, live_pilot(db, pilot_uuid), rep, now)
     store.wake(woken)
     wake_after_report(store, rep, note)
@@ -1038,7 +1143,7 @@ def retry_jobs(db, job_uuids):
 
 def heartbeat(store, pilot_uuid, job_uuid, now):
     """A running pilot is alive; tell it to kill its payload if its job was killed or lost."""
-    with store.write() as db:
+    with store.write(durable=False) as db:
         row = db.execute(PILOT_SEEN, {'pilot': pilot_uuid, 'now': now}).fetchone()
         if row is None:
             fail(404, 'no such pilot: %s' % pilot_uuid)
@@ -1127,7 +1232,7 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
     go stale."""
     params = {'now': now, 'cutoff': seconds_before(now, pilot_timeout), 'grace': TIMELIMIT_GRACE}
     lost, woken = [], []
-    with store.write() as db:
+    with store.write(durable=False) as db:
         if lose_pilots:
             lost = [r['uuid'] for r in db.execute(LOSE_SILENT_PILOTS, params)]
         if lost:
@@ -1158,7 +1263,7 @@ def purge(store, now, older, state=None):
     params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
     removed = {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0}
     while True:
-        with store.write() as db:
+        with store.write(durable=False) as db:
             old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
             for workflow in old:
                 erase_workflow(db, dict(workflow))
@@ -1168,7 +1273,7 @@ def purge(store, now, older, state=None):
     for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS),
                       ('services', PURGE_SERVICES)):
         while True:
-            with store.write() as db:
+            with store.write(durable=False) as db:
                 n = db.execute(sql, params).rowcount
             removed[what] += n
             if n < PURGE_BATCH:
@@ -1179,18 +1284,23 @@ def purge(store, now, older, state=None):
 class Housekeeper(threading.Thread):
     """Runs sweep() (and purge(), with keep_days) inside the server: no cron needed.
 
-    No pilot is declared lost during the first pilot_timeout after the server starts: while
-    the server was down its pilots could not reach it, and they need the time to come back.
-    `clock` (seconds, monotonic) and `now` (stored time) can be given, so that tests step it.
+    Several server processes may share the database; only the one holding `leader` (a lock
+    shared between them) sweeps, and when it dies another takes the lock at its next pass.
+    No pilot is declared lost during the first pilot_timeout after the server started
+    (`started`, on the monotonic clock): while the server was down its pilots could not reach
+    it, and they need the time to come back. `clock` (seconds, monotonic) and `now` (stored
+    time) can be given, so that tests step it.
     """
 
-    def __init__(self, store, pilot_timeout, keep_days=None, clock=time.monotonic, now=utcnow):
+    def __init__(self, store, pilot_timeout, keep_days=None, clock=time.monotonic, now=utcnow,
+                 started=None, leader=None):
         super().__init__(name='p3s-housekeeper', daemon=True)
         self.store, self.pilot_timeout, self.keep_days = store, pilot_timeout, keep_days
         self.clock, self.now = clock, now
         self.period = min(SWEEP_PERIOD, pilot_timeout / 4)
-        self.started = clock()
+        self.started = clock() if started is None else started
         self.next_purge = self.started
+        self.leader, self.leading = leader, leader is None
         self.stopping = threading.Event()
 
     def run(self):
@@ -1201,7 +1311,13 @@ class Housekeeper(threading.Thread):
                 log.exception('housekeeping failed; trying again in %.1f s', self.period)
 
     def step(self):
-        """One pass: the sweep, and the retention purge when it is due."""
+        """One pass: the sweep, and the retention purge when it is due (None: another process
+        does the housekeeping)."""
+        if not self.leading:
+            self.leading = self.leader.acquire(blocking=False)
+            if not self.leading:
+                return None
+            log.info('process %d does the housekeeping', os.getpid())
         clock = self.clock()
         done = sweep(self.store, self.now(), self.pilot_timeout,
                      lose_pilots=clock - self.started >= self.pilot_timeout)
@@ -1802,10 +1918,7 @@ def set_cap(store, body, now):
 def wake_capped(store, job_uuid=None, names=None, uncapped=False):
     """Wake a waiting pilot for each free slot of a capped type: the type of one job that just
     ended, the named types, or every type. A job of an uncapped type woke a pilot when it was
-    queued, so uncapped types are woken only when asked (a cap was just removed). With no
-    pilot waiting there is nobody to wake (one that starts waiting claims first)."""
-    if not len(store.waiters):
-        return
+    queued, so uncapped types are woken only when asked (a cap was just removed)."""
     if job_uuid is not None:
         row = store.one(GET_JOBTYPE_OF, {'uuid': job_uuid})
         if row is None:
@@ -1814,8 +1927,8 @@ def wake_capped(store, job_uuid=None, names=None, uncapped=False):
     slots = []
     for row in store.query(FREE_SLOTS, {'names': None if names is None else json.dumps(names)}):
         if row['free'] is not None or uncapped:
-            free = store.waiters.limit if row['free'] is None else max(row['free'], 0)
-            slots += [(row['name'], '')] * min(free, store.waiters.limit)
+            free = MAX_WAKE_SLOTS if row['free'] is None else max(row['free'], 0)
+            slots += [(row['name'], '')] * min(free, MAX_WAKE_SLOTS)
     store.wake(slots)
 
 
@@ -2383,7 +2496,7 @@ def api_request_work(pilot_uuid):
             report = check_report(body['report'])
         except Refused as e:           # a bad report must not cost the pilot its next job
             refusal = {'status': 'REFUSED', 'error': e.message}
-    reply = wait_for_work(store(), pilot_uuid, wait, report)
+    reply = wait_for_work(store(), pilot_uuid, wait, report, request.environ.get('p3s.poll'))
     return dict(reply, report=refusal) if refusal else reply
 
 
@@ -3344,19 +3457,482 @@ def domain_errors(callback):
 app.install(domain_errors)
 
 # ---------------------------------------------------------------------------------------------
+# Front: connections, deadlines, thread pools, held long polls
+# ---------------------------------------------------------------------------------------------
+
+# The front is gevent's WSGI server: every connection is a greenlet, so a client that connects
+# and sends nothing, sends slowly, or waits in a long poll costs a file descriptor and a few
+# kilobytes, never a thread. Requests run in small thread pools (one for reads, one for writes,
+# so reads never queue behind the write lock), except ping and static files, which need no
+# database and run at once. A pilot's work request that finds nothing is held here, in its
+# greenlet, and asked again when a wake-up comes (from this process or another) or its wait is
+# over.
+
+INLINE_PATHS = re.compile(r'^/(api/ping|api|static/.*)$')
+WORK_PATH = re.compile(r'^/api/pilots/[^/]+/work$')
+
+
+class RequestTooSlow(Exception):
+    """A request's line and headers did not arrive within the request timeout."""
+
+
+class Handler(gevent.pywsgi.WSGIHandler):
+    """gevent's HTTP handler with deadlines: the line and headers of a request must arrive
+    within the request timeout of its first byte; a connection idle for the keep-alive timeout
+    is closed."""
+
+    deadline = None
+
+    def handle(self):
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle()
+
+    def read_requestline(self):
+        if not self.server.wait_for_request(self):
+            return ''
+        self.deadline = gevent.Timeout.start_new(self.server.request_timeout, RequestTooSlow)
+        try:
+            return super().read_requestline()
+        except RequestTooSlow:
+            return ''                                   # closes the connection
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self.deadline.cancel()
+
+    def handle_one_request(self):
+        try:
+            return super().handle_one_request()
+        finally:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+
+class FrontServer(gevent.pywsgi.WSGIServer):
+    """The WSGI server of one process, knowing which of its connections are idle, so that it
+    can close them at once when it stops."""
+
+    handler_class = Handler
+
+    def __init__(self, listener, front, request_timeout=REQUEST_TIMEOUT,
+                 keepalive_timeout=KEEPALIVE_TIMEOUT):
+        super().__init__(listener, front, spawn=gevent.pool.Pool(MAX_CONNECTIONS), log=None,
+                         error_log=logging.getLogger('p3s.front'))
+        self.request_timeout, self.keepalive_timeout = request_timeout, keepalive_timeout
+        self.idle = set()
+
+    def wait_for_request(self, handler):
+        """Wait for the first byte of the next request; False if none comes in time."""
+        me = gevent.getcurrent()
+        self.idle.add(me)
+        try:
+            with gevent.Timeout(self.keepalive_timeout, False):
+                return bool(handler.rfile.peek(1))
+            return False
+        except (OSError, gevent.GreenletExit):
+            return False
+        finally:
+            self.idle.discard(me)
+
+    def close_idle(self):
+        gevent.killall(list(self.idle), block=False)
+
+
+class Waiter:
+    __slots__ = ('site', 'jobtypes', 'event')
+
+    def __init__(self, site, jobtypes):
+        self.site = site
+        self.jobtypes = jobtypes
+        self.event = gevent.event.Event()
+
+    def accepts(self, jobtype, site):
+        return ((not site or site == self.site)
+                and (jobtype is None or not self.jobtypes or jobtype in self.jobtypes))
+
+
+class Waiters:
+    """The pilots this process holds in a long poll. A wake-up wakes, for each runnable job,
+    one held pilot that may run it: not all of them, which would be a thundering herd
+    (docs/performance.md). `seq` counts wake-ups, so that a request that found nothing just
+    before a wake-up came does not wait for the next one."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.waiting = []
+        self.seq = 0
+
+    def wait(self, site, jobtypes, timeout, seq):
+        """Wait for a job for this pilot, unless a wake-up came since `seq`."""
+        waiter = Waiter(site, set(jobtypes))
+        self.waiting.append(waiter)
+        try:
+            if self.seq == seq:
+                waiter.event.wait(timeout)
+        finally:
+            self.waiting.remove(waiter)
+
+    def wake(self, kinds):
+        """kinds: (jobtype or None for any, site, count) of the jobs that became runnable."""
+        self.seq += 1
+        for jobtype, site, count in kinds:
+            for waiter in self.waiting:
+                if count <= 0:
+                    break
+                if not waiter.event.is_set() and waiter.accepts(jobtype, site):
+                    waiter.event.set()
+                    count -= 1
+
+    def wake_all(self):
+        self.seq += 1
+        for waiter in self.waiting:
+            waiter.event.set()
+
+    def __len__(self):
+        return len(self.waiting)
+
+
+class HeldPoll:
+    """One pilot's work request while the front holds it (wait_for_work is its other half)."""
+
+    def __init__(self, front):
+        self.front = front
+        self.deadline = None
+        self.held = False           # it has waited at least once
+        self.note = None            # the first attempt's answer on the report it carried
+        self.asked = None           # (site, jobtypes): the last attempt asked to be held
+
+    def carry_note(self, reply):
+        """The answer on the report travels with the final reply, whichever attempt gives it."""
+        if 'report' in reply:
+            self.note = reply['report']
+        elif self.note is not None:
+            reply = dict(reply, report=self.note)
+        return reply
+
+    def hold(self, wait, site, jobtypes):
+        if self.deadline is None:
+            self.deadline = self.front.clock() + wait
+        if self.front.closing or self.remaining() <= 0 or len(self.front.waiters) >= \
+                self.front.waiters.limit:
+            return False
+        self.asked = (site, jobtypes)
+        return True
+
+    def remaining(self):
+        return self.deadline - self.front.clock()
+
+
+class BadBody(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def read_body(environ):
+    """The whole request body, read here in the connection's greenlet with a deadline that
+    allows MIN_BODY_RATE, so that a slow body costs its client's connection only."""
+    length = environ.get('CONTENT_LENGTH')
+    chunked = environ.get('HTTP_TRANSFER_ENCODING', '').lower() == 'chunked'
+    if not length and not chunked:
+        return b''
+    size = int(length) if length else MAX_BODY
+    if size > MAX_BODY:
+        raise BadBody('413 Payload Too Large', 'request body larger than %d bytes' % MAX_BODY)
+    with gevent.Timeout(REQUEST_TIMEOUT + size / MIN_BODY_RATE, False):
+        data = environ['wsgi.input'].read(size if length else MAX_BODY + 1)
+        if len(data) > MAX_BODY:
+            raise BadBody('413 Payload Too Large', 'request body larger than %d bytes'
+                          % MAX_BODY)
+        if length and len(data) < size:
+            raise BadBody('400 Bad Request', 'request body shorter than its Content-Length')
+        return data
+    raise BadBody('408 Request Timeout', 'request body arrived too slowly')
+
+
+def run_wsgi(app, environ):
+    """Call a WSGI app to its end in this thread: (status, headers, body bytes)."""
+    started = []
+
+    def start_response(status, headers, exc_info=None):
+        started[:] = [status, headers]
+        return lambda data: None
+
+    result = app(environ, start_response)
+    try:
+        body = b''.join(result)
+    finally:
+        if hasattr(result, 'close'):
+            result.close()
+    return started[0], started[1], body
+
+
+def json_reply(start_response, status, message, close=False):
+    headers = [('Content-Type', 'application/json')] + ([('Connection', 'close')] if close else [])
+    start_response(status, headers)
+    return [json.dumps({'error': message}).encode()]
+
+
+class Front:
+    """The WSGI callable of one server process, run in each connection's greenlet."""
+
+    def __init__(self, app, threads=DEFAULT_THREADS, write_threads=WRITE_THREADS,
+                 max_waiters=DEFAULT_MAX_WAITERS, clock=time.monotonic):
+        self.app = app
+        self.readers = gevent.threadpool.ThreadPool(threads)
+        self.writers = gevent.threadpool.ThreadPool(write_threads)
+        self.waiters = Waiters(max_waiters)
+        self.clock = clock
+        self.closing = False
+
+    def __call__(self, environ, start_response):
+        path = environ.get('PATH_INFO', '')
+        if INLINE_PATHS.match(path):
+            return self.app(environ, start_response)       # no database: no thread needed
+        try:
+            body = read_body(environ)
+        except BadBody as e:
+            return json_reply(start_response, e.status, str(e), close=True)
+        reading = environ['REQUEST_METHOD'] in ('GET', 'HEAD')
+        if not reading and WORK_PATH.match(path):
+            status, headers, out = self.serve_work(environ, body)
+        else:
+            status, headers, out = self.run(self.readers if reading else self.writers,
+                                            environ, body)
+        start_response(status, headers)
+        return [out]
+
+    def run(self, pool, environ, body):
+        environ['wsgi.input'] = io.BytesIO(body)
+        environ['CONTENT_LENGTH'] = str(len(body))
+        return pool.apply(run_wsgi, (self.app, environ))
+
+    def serve_work(self, environ, body):
+        """A work request: asked at once, then again after each wake-up while it is held."""
+        poll = HeldPoll(self)
+        first = dict(environ)
+        while True:
+            seq = self.waiters.seq
+            environ['p3s.poll'] = poll
+            answer = self.run(self.writers, environ, body)
+            if poll.asked is None:
+                return answer
+            site, jobtypes = poll.asked
+            poll.asked = None
+            self.waiters.wait(site, jobtypes, poll.remaining(), seq)
+            poll.held = True
+            environ = dict(first)
+            body = json.dumps({'wait': max(poll.remaining(), 0)}).encode()
+
+    def listen(self, wakeups):
+        """Read wake-ups from every server process and wake the pilots held here."""
+        inbox = gevent.socket.socket(fileno=wakeups.inbox.detach())
+        while True:
+            kinds = read_wake_message(inbox.recv(WAKE_MESSAGE_MAX + 1))
+            if kinds:
+                self.waiters.wake(kinds)
+            else:
+                wakeups.refresh()                           # hello from a new process
+
+    def close(self):
+        """Stop holding: every held pilot is answered now."""
+        self.closing = True
+        self.waiters.wake_all()
+
+# ---------------------------------------------------------------------------------------------
+# Processes: the workers on one port, their supervisor, the housekeeping leader
+# ---------------------------------------------------------------------------------------------
+
+# `--workers N` (N > 1): a supervisor process opens the port and forks N workers that share it;
+# the kernel hands each new connection to one of them. A worker that dies is replaced. Each
+# worker runs the housekeeper, but only the one holding the housekeeping lock sweeps; when it
+# dies the kernel releases the lock and another takes over. `--workers 1` is one process that
+# serves by itself.
+
+
+def open_listener(host, port):
+    """The listening socket, or a one-line error (e.g. the port is in use)."""
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit('p3s_server: error: cannot listen on %s:%d: %s'
+                         % (host, port, e.strerror or e))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)             # gevent accepts until nothing is left
+    return sock
+
+
+def raise_file_limit():
+    """Every connection is a file descriptor: allow as many as the system lets us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_CONNECTIONS + 1000 if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+
+
+def serve_worker(listener, args, started):
+    """One server process: the front on the shared listening socket, until SIGTERM."""
+    rundir = run_directory(args.db)
+    wakeups = Wakeups(rundir)
+    st = configure(args.db, args.sync, args.pilot_timeout, args.token, args.pilot_token,
+                   args.private, wakeups)
+    keeper = Housekeeper(st, args.pilot_timeout, args.keep_days, started=started,
+                         leader=FileLock(os.path.join(rundir, 'housekeeper.lock')))
+    front = Front(app, args.threads, WRITE_THREADS, args.max_waiters)
+    server = FrontServer(listener, front, args.request_timeout)
+    listening = gevent.spawn(front.listen, wakeups)
+    wakeups.say_hello()
+
+    def stop():
+        front.close()
+        server.close_idle()
+        server.stop(timeout=SHUTDOWN_GRACE)
+
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(stop))
+    gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(stop))
+    gevent.signal_handler(signal.SIGHUP, reopen_log)
+    keeper.start()
+    try:
+        server.serve_forever()
+    finally:
+        keeper.stopping.set()
+        listening.kill()
+        wakeups.close()
+        st.close()
+    return 0
+
+
+class Supervisor:
+    """Forks the workers, replaces any that dies, and stops them all on SIGTERM or SIGINT."""
+
+    def __init__(self, listener, args, started):
+        self.listener, self.args, self.started = listener, args, started
+        self.workers = {}           # pid -> time it was started
+        self.stopping = False
+        self.pid = os.getpid()
+
+    def run(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.stop)
+        signal.signal(signal.SIGHUP, self.reopen)
+        signal.signal(signal.SIGALRM, self.kill_stragglers)
+        for _ in range(self.args.workers):
+            self.spawn()
+        early_deaths = 0
+        while self.workers:
+            pid, status = os.wait()
+            born = self.workers.pop(pid, None)
+            if born is None or self.stopping:
+                continue
+            early_deaths = early_deaths + 1 if time.monotonic() - born < 2.0 else 0
+            if early_deaths >= 3:
+                log.error('workers keep dying as they start: stopping')
+                self.stop(None, None)
+                continue
+            log.error('worker %d ended (%s); starting another', pid, exit_text(status))
+            self.spawn()
+        return 1 if early_deaths >= 3 else 0
+
+    def spawn(self):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
+                    signal.signal(sig, signal.SIG_DFL)
+                die_with_parent(self.pid)
+                code = serve_worker(self.listener, self.args, self.started)
+            except BaseException:
+                log.exception('worker %d failed', os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.workers[pid] = time.monotonic()
+
+    def stop(self, signum, frame):
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+        signal.alarm(int(SHUTDOWN_GRACE) + 5)
+
+    def reopen(self, signum, frame):
+        reopen_log()
+        self.signal_all(signal.SIGHUP)
+
+    def kill_stragglers(self, signum, frame):
+        self.signal_all(signal.SIGKILL)
+
+    def signal_all(self, sig):
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def die_with_parent(parent):
+    """A worker whose supervisor is gone (even by kill -9) stops too, so that no orphan keeps
+    the port: Linux tells it with SIGTERM."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:                  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def exit_text(status):
+    if os.WIFSIGNALED(status):
+        return 'killed by signal %d' % os.WTERMSIG(status)
+    return 'exit code %d' % os.WEXITSTATUS(status)
+
+
+def setup_logging(path):
+    handler = logging.FileHandler(path) if path else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(asctime)s %(process)d %(name)s %(levelname)s '
+                                           '%(message)s'))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def reopen_log(*args):
+    """SIGHUP: reopen the log file (after logrotate moved it)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            old = handler.setStream(open(handler.baseFilename, 'a', encoding=handler.encoding))
+            if old is not None:
+                old.close()
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
 
-def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT,
-              max_waiters=DEFAULT_MAX_WAITERS, token=None, pilot_token=None, private=False):
+def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, token=None,
+              pilot_token=None, private=False, wakeups=None):
     """Attach a database and the access policy to the app; returns the Store."""
     check_sqlite()
-    st = Store(db_path, sync, max_waiters, pilot_timeout)
+    st = Store(db_path, sync, pilot_timeout, wakeups)
     app.config.update({'p3s.store': st, 'p3s.pilot_timeout': pilot_timeout, 'p3s.token': token,
                        'p3s.pilot_token': pilot_token, 'p3s.private': private,
                        'p3s.started': utcnow()})
     return st
+
+
+def prepare_database(db_path):
+    """Create or check the schema once, before any worker starts."""
+    check_sqlite()
+    db = connect(db_path)
+    try:
+        apply_schema(db)
+    finally:
+        db.close()
 
 
 def parse_duration(text):
@@ -3381,11 +3957,20 @@ def parse_args(argv):
     ap.add_argument('--port', type=int, default=DEFAULT_PORT,
                     help='port (default %d; 0 picks a free one)' % DEFAULT_PORT)
     ap.add_argument('--db', default=DEFAULT_DB, help='SQLite database file (default ./p3s.db)')
+    ap.add_argument('--workers', type=int, default=DEFAULT_WORKERS,
+                    help='server processes sharing the port (default: one per core, here %d)'
+                    % DEFAULT_WORKERS)
     ap.add_argument('--threads', type=int, default=DEFAULT_THREADS,
-                    help='request threads (default %d)' % DEFAULT_THREADS)
+                    help='threads per process for requests that read (default %d; %d more '
+                    'for writes)' % (DEFAULT_THREADS, WRITE_THREADS))
     ap.add_argument('--max-waiters', type=int, default=DEFAULT_MAX_WAITERS,
-                    help='pilots held in a long poll at once (default %d; must be below --threads)'
+                    help='pilots held in a long poll at once, per process (default %d)'
                     % DEFAULT_MAX_WAITERS)
+    ap.add_argument('--request-timeout', type=float, default=REQUEST_TIMEOUT,
+                    help='seconds for a request\'s headers to arrive, and the least time '
+                    'allowed for its body (default %g)' % REQUEST_TIMEOUT)
+    ap.add_argument('--log', metavar='FILE', help='log to FILE (reopened on SIGHUP) instead '
+                    'of stderr')
     ap.add_argument('--pilot-timeout', type=float, default=DEFAULT_PILOT_TIMEOUT,
                     help='seconds of silence after which a pilot is lost (default %.0f)'
                     % DEFAULT_PILOT_TIMEOUT)
@@ -3401,8 +3986,10 @@ def parse_args(argv):
     ap.add_argument('--insecure', action='store_true',
                     help='allow listening beyond loopback without a token')
     args = ap.parse_args(argv)
-    if not 0 <= args.max_waiters < args.threads:
-        ap.error('--max-waiters must be at least 0 and below --threads')
+    if args.workers < 1 or args.threads < 1 or args.max_waiters < 0:
+        ap.error('--workers and --threads must be at least 1, --max-waiters at least 0')
+    if not 0 < args.request_timeout <= 3600:
+        ap.error('--request-timeout must be between 0 and 3600 seconds')
     if args.pilot_timeout <= 0:
         ap.error('--pilot-timeout must be positive')
     if (args.pilot_token or args.private) and not args.token:
@@ -3414,29 +4001,18 @@ def parse_args(argv):
 
 
 def serve(argv):
-    import waitress
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(levelname)s %(message)s')
-    logging.getLogger('waitress.queue').setLevel(logging.ERROR)   # per-request queue-depth noise
-    st = configure(args.db, args.sync, args.pilot_timeout, args.max_waiters, args.token,
-                   args.pilot_token, args.private)
-    keeper = Housekeeper(st, args.pilot_timeout, args.keep_days)
-    keeper.start()
-    server = waitress.create_server(
-        app, host=args.host, port=args.port, threads=args.threads,
-        connection_limit=args.threads + CONNECTION_SLACK, channel_timeout=CHANNEL_TIMEOUT,
-        asyncore_use_poll=True, backlog=1024, max_request_body_size=MAX_BODY, ident='p3s')
-    print('p3s server listening on http://%s:%s/ (database %s)'
-          % (args.host, server.effective_port, os.path.abspath(args.db)), flush=True)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        keeper.stopping.set()
-        server.close()
-        st.close()
-    return 0
+    setup_logging(args.log)
+    raise_file_limit()
+    listener = open_listener(args.host, args.port)
+    prepare_database(args.db)
+    started = time.monotonic()
+    print('p3s server listening on http://%s:%s/ (database %s, %d worker%s)'
+          % (args.host, listener.getsockname()[1], os.path.abspath(args.db), args.workers,
+             '' if args.workers == 1 else 's'), flush=True)
+    if args.workers == 1:
+        return serve_worker(listener, args, started)
+    return Supervisor(listener, args, started).run()
 
 
 def check_command(argv):

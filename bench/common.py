@@ -60,7 +60,7 @@ def machine():
         'python': platform.python_version(),
         'sqlite': sqlite3.sqlite_version,
         'bottle': version('bottle'),
-        'waitress': version('waitress'),
+        'gevent': version('gevent'),
         'loadavg': ' '.join('%.2f' % x for x in os.getloadavg()),
         'date': datetime.now().strftime('%Y-%m-%d %H:%M'),
     }
@@ -69,7 +69,7 @@ def machine():
 def machine_line(m=None):
     m = m or machine()
     return ('machine: nproc %(nproc)s, %(cpu)s; Python %(python)s, SQLite %(sqlite)s, '
-            'bottle %(bottle)s, waitress %(waitress)s; load average at start %(loadavg)s; '
+            'bottle %(bottle)s, gevent %(gevent)s; load average at start %(loadavg)s; '
             '%(date)s' % m)
 
 

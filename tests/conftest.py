@@ -1,5 +1,6 @@
 """The test harness: a real server on an ephemeral port with its own database, the real client
 scripts and real pilot processes, all on 127.0.0.1, all cleaned up after each test."""
+import io
 import json
 import os
 import re
@@ -258,3 +259,50 @@ def pid_alive(pid):
     except OSError:
         return False
     return True
+
+
+class InProcessFront:
+    """The server's front (p3s_server.Front) driven in this process on a store's database:
+    requests run in greenlets the test spawns, wake-ups travel by the real datagram sockets."""
+
+    def __init__(self, store, **front_options):
+        import gevent
+        import p3s_server
+        self.wakeups = p3s_server.Wakeups(p3s_server.run_directory(store.path))
+        store.wakeups = self.wakeups
+        self.front = p3s_server.Front(p3s_server.app, **front_options)
+        self.listening = gevent.spawn(self.front.listen, self.wakeups)
+        self.store = store
+
+    def request(self, method, path, body=None):
+        """One request through the front: (status code, JSON reply)."""
+        data = b'' if body is None else json.dumps(body).encode()
+        environ = {'REQUEST_METHOD': method, 'PATH_INFO': path.split('?')[0],
+                   'QUERY_STRING': path.partition('?')[2], 'CONTENT_LENGTH': str(len(data)),
+                   'CONTENT_TYPE': 'application/json', 'wsgi.input': io.BytesIO(data),
+                   'SERVER_NAME': '127.0.0.1', 'SERVER_PORT': '0', 'wsgi.url_scheme': 'http'}
+        started = []
+        out = b''.join(self.front(environ, lambda status, headers: started.append(status)))
+        return int(started[0].split()[0]), json.loads(out)
+
+    def work(self, pilot_uuid, wait):
+        return self.request('POST', '/api/pilots/%s/work' % pilot_uuid, {'wait': wait})[1]
+
+    def spawn_work(self, pilot_uuid, wait):
+        import gevent
+        return gevent.spawn(self.work, pilot_uuid, wait)
+
+    def wait_until(self, predicate, timeout=10, what='condition'):
+        """Let the greenlets run until predicate() holds."""
+        import gevent
+        give_up = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > give_up:
+                pytest.fail('timed out waiting for %s' % what)
+            gevent.sleep(0.01)
+
+    def close(self):
+        self.listening.kill()
+        self.store.wakeups = None
+        self.wakeups.close()
+

@@ -97,7 +97,7 @@ def test_screenshots_on_a_laptop_and_a_wall_display(busy_server, clients, browse
         assert pg.evaluate('document.documentElement.scrollWidth') <= size[0]
         pg.screenshot(path=os.path.join(out, name + '.png'), full_page=True)
         if name == 'dashboard':
-            pg.goto(busy_server.url + '/monitor/jobs?state=failed,finished&perpage=25')
+            pg.goto(busy_server.url + 'monitor/jobs?state=failed,finished&perpage=25')
             pg.screenshot(path=os.path.join(out, 'jobs.png'), full_page=True)
             pg.click('table.list tbody tr:first-child td:first-child a')
             pg.screenshot(path=os.path.join(out, 'job.png'), full_page=True)

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import p3s_server as srv
-from conftest import full_scans, make_job, query_plan, sql_db, wait_for
+from conftest import InProcessFront, full_scans, make_job, query_plan, sql_db, wait_for
 
 T0 = '2026-01-01T00:00:00.000000+00:00'
 
@@ -112,13 +112,15 @@ def test_cap_zero_pauses_and_raising_wakes_a_waiting_pilot(store):
     [job] = srv.submit_jobs(store, [{'payload': 'x', 'jobtype': 'evd'}], T0)
     p = pilot(store)
     assert claim(store, p) is None
-    replies = []
-    waiter = threading.Thread(target=lambda: replies.append(srv.wait_for_work(store, p, 30)))
-    waiter.start()
-    wait_for(lambda: len(store.waiters) == 1, what='the pilot to wait')
-    srv.set_cap(store, {'name': 'evd', 'cap': None}, T0)
-    waiter.join(30)
-    assert replies and replies[0]['job']['uuid'] == job
+    door = InProcessFront(store)
+    try:
+        held = door.spawn_work(p, 30)
+        door.wait_until(lambda: len(door.front.waiters) == 1, what='the pilot to wait')
+        srv.set_cap(store, {'name': 'evd', 'cap': None}, T0)
+        held.join(30)
+        assert held.value['job']['uuid'] == job
+    finally:
+        door.close()
 
 
 def test_cap_for_every_type_and_listing(store):

@@ -10,12 +10,12 @@ from datetime import datetime, timedelta
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, full_scans, query_plan, sql_db
+from conftest import ROOT, InProcessFront, full_scans, query_plan, sql_db
 
 
 @pytest.fixture
 def store(tmp_path):
-    st = srv.configure(str(tmp_path / 'p3s.db'), sync='normal', max_waiters=2)
+    st = srv.configure(str(tmp_path / 'p3s.db'), sync='normal')
     yield st
     st.close()
 
@@ -172,27 +172,36 @@ def test_heartbeat_orders_a_kill_when_the_job_was_killed(store):
 
 # -- long polls --------------------------------------------------------------------------------
 
-def test_waiters_are_bounded_and_woken_by_matching_jobs(store):
+@pytest.fixture
+def front(store):
+    door = InProcessFront(store, max_waiters=2)
+    yield door
+    door.close()
+
+
+def test_waiters_are_bounded_and_woken_by_matching_jobs(store, front):
     a, b, c = pilot(store, jobtypes=['x']), pilot(store), pilot(store)
-    results = {}
-
-    def wait(me):
-        results[me] = srv.wait_for_work(store, me, 10)
-
-    threads = [threading.Thread(target=wait, args=(p,)) for p in (a, b)]
-    for t in threads:
-        t.start()
-    while len(store.waiters) < 2:
-        threading.Event().wait(0.01)
+    held_a, held_b = front.spawn_work(a, 10), front.spawn_work(b, 10)
+    front.wait_until(lambda: len(front.front.waiters) == 2, what='two held pilots')
     # both slots are taken: a third pilot is answered at once
-    assert srv.wait_for_work(store, c, 10) == {'status': 'OK', 'state': 'idle', 'waited': False}
+    assert front.work(c, 10) == {'status': 'OK', 'state': 'idle', 'waited': False}
     submit(store, jobtype='y')           # only b may run it
-    threads[1].join(5)
-    assert results[b]['job']['jobtype'] == 'y' and threads[0].is_alive()
+    held_b.join(5)
+    assert held_b.value['job']['jobtype'] == 'y' and not held_a.ready()
     submit(store, jobtype='x')
-    threads[0].join(5)
-    assert results[a]['job']['jobtype'] == 'x'
+    held_a.join(5)
+    assert held_a.value['job']['jobtype'] == 'x'
 
+
+def test_a_job_submitted_while_the_claim_runs_is_not_missed(store, front):
+    """A wake-up that comes between a pilot's empty claim and its wait sends it round again
+    at once, rather than leaving it to wait for the next one."""
+    me = pilot(store)
+    seq = front.front.waiters.seq
+    [job] = submit(store)
+    front.wait_until(lambda: front.front.waiters.seq > seq, what='the wake-up to arrive')
+    front.front.waiters.wait('', [], 30, seq)           # returns at once: a wake-up came
+    assert front.work(me, 10)['job']['uuid'] == job
 
 # -- schema ------------------------------------------------------------------------------------
 
@@ -291,7 +300,7 @@ def test_idle_polls_write_only_now_and_then(store):
     assert srv.get_pilot(store, me)['last_seen'] == seen
     srv.request_work(store, me, later(now, store.idle_touch + 1))
     assert srv.get_pilot(store, me)['last_seen'] == later(now, store.idle_touch + 1)
-    assert srv.wait_for_work(store, me, 0.05) == {'status': 'OK', 'state': 'idle', 'waited': True}
+    assert srv.wait_for_work(store, me, 5) == {'status': 'OK', 'state': 'idle', 'waited': False}
 
 
 # -- stepped by an injected clock ----------------------------------------------------------------
@@ -339,10 +348,18 @@ def test_housekeeper_purges_when_due_by_its_clock(store):
 
 
 def test_a_held_poll_ends_when_its_clock_says_so(store):
-    """The long poll's deadline is kept by the clock it is given: a poll whose time is up
-    answers idle at once, without waiting in real time."""
+    """The long poll's deadline is kept by the front's clock: once it says the wait is over,
+    the held poll answers idle at once, without waiting in real time."""
     me = pilot(store)
-    ticks = iter([0.0, 30.0])
-    reply = srv.wait_for_work(store, me, 30, clock=lambda: next(ticks))
-    assert reply == {'status': 'OK', 'state': 'idle', 'waited': True}
-    assert len(store.waiters) == 0                          # the waiter left
+    clock = Clock()
+    door = InProcessFront(store, clock=clock)
+    try:
+        held = door.spawn_work(me, 30)
+        door.wait_until(lambda: len(door.front.waiters) == 1, what='the pilot to be held')
+        clock.t += 30
+        door.front.waiters.wake([(None, None, 1)])       # a wake-up finds nothing to claim
+        held.join(5)
+        assert held.value == {'status': 'OK', 'state': 'idle', 'waited': True}
+        assert len(door.front.waiters) == 0                # the waiter left
+    finally:
+        door.close()

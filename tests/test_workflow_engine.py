@@ -98,7 +98,7 @@ def test_a_template_workflow_does_not_move(store):
     pilot = S.register_pilot(store, {'host': 'h'}, T0)['uuid']
     assert S.request_work(store, pilot, T0)[0]['state'] == 'idle'
     woken = []
-    store.waiters.wake = woken.extend
+    store.wake = woken.extend
     S.set_workflow_state(store, wf['uuid'], {'state': 'defined'}, T0)
     assert woken == [('test', '')]                   # the released source wakes a pilot
     with pytest.raises(S.Refused) as e:
