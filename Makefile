@@ -23,4 +23,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__
+	rm -rf $(VENV) bench/.peers-venv .pytest_cache tests/__pycache__ __pycache__
