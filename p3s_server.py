@@ -43,7 +43,11 @@ from bottle import Bottle, HTTPError, request, response
 
 VERSION = '0.1'
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCHEMA_FILE = os.path.join(HERE, 'schema.sql')
+# The schema, templates and static files sit beside this file in a checkout; a server installed
+# with pip finds them in the folder its wheel puts beside it (setup.py).
+SERVER_FILES = HERE if os.path.exists(os.path.join(HERE, 'schema.sql')) else os.path.join(
+    HERE, 'p3s_server_files')
+SCHEMA_FILE = os.path.join(SERVER_FILES, 'schema.sql')
 SCHEMA_VERSION = 1
 MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
 
@@ -2296,7 +2300,7 @@ def dashboard_numbers(db, base, now, started):
 # ---------------------------------------------------------------------------------------------
 
 app = Bottle()
-bottle.TEMPLATE_PATH[:] = [os.path.join(HERE, 'views')]
+bottle.TEMPLATE_PATH[:] = [os.path.join(SERVER_FILES, 'views')]
 
 
 def store():
@@ -3112,7 +3116,7 @@ GRAPH_EDGE_STATES = ('template', 'defined', 'available')
 
 @app.get('/static/<path:path>')
 def monitor_static(path):
-    return bottle.static_file(path, root=os.path.join(HERE, 'static'))
+    return bottle.static_file(path, root=os.path.join(SERVER_FILES, 'static'))
 
 # ---------------------------------------------------------------------------------------------
 # Monitor graph layout
