@@ -14,11 +14,11 @@ $(VENV)/.installed: requirements.txt
 	$(PIP) install -r requirements.txt
 	touch $@
 
-# The packaging test installs p3s into a fresh environment without the network: it takes the
-# run-time packages from the wheels kept here.
+# The packaging tests install p3s into fresh environments without the network: they take the
+# run-time packages, and setuptools to build p3s (pyproject.toml), from the wheels kept here.
 $(VENV)/.tested: $(VENV)/.installed requirements-test.txt
 	$(PIP) install -r requirements-test.txt
-	$(PIP) wheel -r requirements.txt -w $(VENV)/wheels
+	$(PIP) wheel -r requirements.txt 'setuptools>=61' -w $(VENV)/wheels
 	touch $@
 
 run: $(VENV)/.installed
