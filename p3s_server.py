@@ -12,10 +12,11 @@ A Bottle app served by waitress on a WAL-mode SQLite database. Every write is on
 
 The file reads top-down, in these sections (tests/test_layout.py keeps them in this order):
 configuration, database, validation, jobs, brokerage, housekeeping, workflows, DQM controls,
-data, dashboard numbers, API routes, monitor routes, monitor graph layout, authorization,
-errors, main. Each domain section starts with the SQL it runs.
+data, dashboard numbers, metrics, API routes, monitor routes, monitor graph layout,
+authorization, errors, main. Each domain section starts with the SQL it runs.
 """
 import argparse
+import functools
 import hmac
 import json
 import logging
@@ -342,14 +343,17 @@ class Waiters:
     def enter(self, site, jobtypes):
         with self.lock:
             if len(self.waiting) >= self.limit:
+                process_metrics().long_polls_refused.inc()
                 return None
             waiter = Waiter(site, jobtypes)
             self.waiting.append(waiter)
+            process_metrics().long_polls_held(+1)
             return waiter
 
     def leave(self, waiter):
         with self.lock:
             self.waiting.remove(waiter)
+            process_metrics().long_polls_held(-1)
 
     def wake(self, jobs):
         """jobs: (jobtype, site) of each job that became runnable."""
@@ -539,7 +543,7 @@ ON CONFLICT (uuid) DO NOTHING
 """
 SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
 GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
-GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
+GET_JOB_HOLDER = 'SELECT state, pilot, workflow, jobtype FROM jobs WHERE uuid = :uuid'
 LIST_JOBS = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
 JOB_FILTERS = {
     'state': 'state = :state',
@@ -949,8 +953,15 @@ def claim(db, params):
     the queue when nothing is in the way, else the walk by type."""
     blocked = [r['name'] for r in db.execute(BLOCKED_JOBTYPES)]
     if not blocked and params['jobtypes'] == '[]':
-        return db.execute(CLAIM_JOB, params).fetchone()
-    return db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
+        job = db.execute(CLAIM_JOB, params).fetchone()
+    else:
+        job = db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
+    if job is not None:
+        # Counted before the commit: only a failed commit, which ends the request in an
+        # error, would make the count one too high.
+        process_metrics().claimed(job['jobtype'], seconds_between(job['defined_at'],
+                                                                  job['dispatched_at']))
+    return job
 
 
 def wait_for_work(store, pilot_uuid, wait, report=None, clock=time.monotonic, now=utcnow):
@@ -1022,6 +1033,8 @@ def apply_report(db, pilot, rep, now):
         changed = db.execute(FINISH_JOB, params).rowcount
         if changed:
             db.execute(PILOT_JOB_DONE, params)
+            if elapsed is not None:
+                process_metrics().ran(held['jobtype'], elapsed - params['ago'])
             if rep['state'] == 'nonstarter':
                 woken = retry_jobs(db, [rep['uuid']])
         if rep['stdout'] or rep['stderr']:
@@ -2296,6 +2309,159 @@ def dashboard_numbers(db, base, now, started):
                 checks=checklist(db, now, base['jobs'], base['pilots'], types, caps))
 
 # ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+# GET /metrics, in Prometheus's text format. What the database holds is read from it at each
+# scrape, so every server process answers the same: live jobs, pilots and workflows through
+# indexes that hold the live ones only (cheap with millions of ended jobs), and the numbers of
+# ended jobs and workflows from the counts its triggers keep (schema.sql). Events the database
+# does not record (claims, long polls, queue waits, run times) are counted by each process with
+# prometheus_client. A server of several worker processes names a folder for their counts in
+# PROMETHEUS_MULTIPROC_DIR before any of them calls configure(), which makes the process's
+# metrics; /metrics in any of them then adds up all of them (prometheus_client's multiprocess
+# mode).
+
+METRICS_TEMPLATES = """
+SELECT jobtype, 'template' AS state, count(*) AS n FROM jobs WHERE state = 'template'
+ GROUP BY jobtype
+"""
+METRICS_JOB_ENDS = 'SELECT state, jobtype, n FROM job_ends'
+METRICS_PILOTS = """
+SELECT state, site, count(*) AS n FROM pilots WHERE state IN """ + SQL_LIVE_PILOT + """
+ GROUP BY state, site
+"""
+METRICS_SITES = 'SELECT name FROM sites'
+METRICS_LIVE_WORKFLOW_STATES = tuple(s for s in WORKFLOW_STATES if s not in WORKFLOW_ENDED)
+METRICS_WORKFLOWS = ('SELECT state, count(*) AS n FROM workflows WHERE state IN '
+                     + sql_set(METRICS_LIVE_WORKFLOW_STATES) + ' GROUP BY state')
+METRICS_WORKFLOW_ENDS = 'SELECT state, n FROM workflow_ends'
+METRICS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'   # what every Prometheus reads
+# Seconds. DQM jobs wait milliseconds on an idle pool and run from seconds to an hour or so.
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                      600, 1800, 3600)
+RUN_TIME_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200,
+                    14400, 43200)
+
+
+class ProcessMetrics:
+    """The counts this process keeps itself (process_metrics() has the one instance)."""
+
+    def __init__(self):
+        # Imported here, not with the other modules: prometheus_client decides when it is
+        # imported whether counts live in this process or in PROMETHEUS_MULTIPROC_DIR, which a
+        # server of several processes sets only when it starts them.
+        import prometheus_client.core
+        import prometheus_client.multiprocess
+        self.prom = prom = prometheus_client
+        prom.disable_created_metrics()           # no *_created series: Prometheus needs none
+        self.registry = r = prom.CollectorRegistry()
+        self.claims = prom.Counter('p3s_claims', 'Jobs handed to pilots (a job sent again '
+                                   'after a lost reply counts once)', registry=r)
+        self.queue_wait = prom.Histogram('p3s_job_queue_wait_seconds', 'Seconds from a '
+                                         "job's definition to its dispatch, by type",
+                                         ['jobtype'], buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.run_time = prom.Histogram('p3s_job_run_seconds', 'Seconds a payload ran, as its '
+                                       'pilot measured, by type', ['jobtype'],
+                                       buckets=RUN_TIME_BUCKETS, registry=r)
+        self.long_polls = prom.Counter('p3s_long_polls', 'Requests for work held until a job '
+                                       'came or the wait ended', registry=r)
+        self.long_polls_refused = prom.Counter('p3s_long_polls_refused', 'Requests for work '
+                                               'answered at once: --max-waiters polls were '
+                                               'held already', registry=r)
+        self.long_polls_waiting = prom.Gauge('p3s_long_polls_waiting', 'Requests for work '
+                                             'held now', multiprocess_mode='livesum', registry=r)
+
+    def claimed(self, jobtype, waited):
+        self.claims.inc()
+        self.queue_wait.labels(jobtype).observe(max(0.0, waited or 0.0))
+
+    def ran(self, jobtype, seconds):
+        self.run_time.labels(jobtype).observe(max(0.0, seconds))
+
+    def long_polls_held(self, change):
+        if change > 0:
+            self.long_polls.inc()
+        self.long_polls_waiting.inc(change)
+
+    def own_registry(self):
+        """What this server's processes counted: this one's, or all of them added up."""
+        if not os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
+            return self.registry
+        registry = self.prom.CollectorRegistry()
+        self.prom.multiprocess.MultiProcessCollector(registry)
+        return registry
+
+
+@functools.lru_cache(maxsize=None)
+def process_metrics():
+    """This process's ProcessMetrics, made at the first call."""
+    return ProcessMetrics()
+
+
+class Families:
+    """Metric families made beforehand, in the shape generate_latest() reads."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def metrics_text(store):
+    """The whole exposition: the processes' own counts, then what the database holds."""
+    own = process_metrics()
+    with store.read() as db:
+        families = database_families(db, own.prom.core)
+    return (own.prom.generate_latest(own.own_registry())
+            + own.prom.generate_latest(Families(families)))
+
+
+def database_families(db, core):
+    """Gauges of the live jobs, pilots and workflows, counters of the ended ones, and the
+    server's description. A live state with nothing in it is a 0, not a missing series."""
+    jobs = core.GaugeMetricFamily('p3s_jobs', 'Jobs not yet ended, by state and type',
+                                  labels=['state', 'jobtype'])
+    ended = core.CounterMetricFamily('p3s_jobs_ended', 'Jobs that reached an end state, by '
+                                     'state and type', labels=['state', 'jobtype'])
+    live = {(r['state'], r['jobtype']): r['n'] for sql in (METRICS_TEMPLATES, MON_TYPES_LIVE)
+            for r in db.execute(sql)}
+    ends = {(r['state'], r['jobtype']): r['n'] for r in db.execute(METRICS_JOB_ENDS)}
+    for jobtype in sorted({t for _, t in live} | {t for _, t in ends}):
+        for state in LIVE_JOB_STATES:
+            jobs.add_metric([state, jobtype], live.get((state, jobtype), 0))
+    for (state, jobtype), n in sorted(ends.items()):
+        ended.add_metric([state, jobtype], n)
+    return [jobs, ended, pilot_family(db, core)] + workflow_families(db, core) + [
+        core.InfoMetricFamily('p3s_server', 'The server: its version and database', value={
+            'version': VERSION, 'database': 'sqlite', 'sqlite_version': sqlite3.sqlite_version,
+            'python_version': '%d.%d.%d' % sys.version_info[:3]})]
+
+
+def pilot_family(db, core):
+    pilots = core.GaugeMetricFamily('p3s_pilots', 'Live pilots, by state and site',
+                                    labels=['state', 'site'])
+    counts = {(r['state'], r['site']): r['n'] for r in db.execute(METRICS_PILOTS)}
+    sites = {site for _, site in counts} | {r['name'] for r in db.execute(METRICS_SITES)}
+    for site in sorted(sites):
+        for state in LIVE_PILOT_STATES:
+            pilots.add_metric([state, site], counts.get((state, site), 0))
+    return pilots
+
+
+def workflow_families(db, core):
+    workflows = core.GaugeMetricFamily('p3s_workflows', 'Workflows not yet ended, by state',
+                                       labels=['state'])
+    counts = {r['state']: r['n'] for r in db.execute(METRICS_WORKFLOWS)}
+    for state in METRICS_LIVE_WORKFLOW_STATES:
+        workflows.add_metric([state], counts.get(state, 0))
+    ended = core.CounterMetricFamily('p3s_workflows_ended', 'Workflows that ended, by state',
+                                     labels=['state'])
+    for r in db.execute(METRICS_WORKFLOW_ENDS):
+        ended.add_metric([r['state']], r['n'])
+    return [workflows, ended]
+
+# ---------------------------------------------------------------------------------------------
 # API routes
 # ---------------------------------------------------------------------------------------------
 
@@ -2551,6 +2717,13 @@ def api_delete_data(data_uuid):
 @app.get('/api/summary')
 def api_summary():
     return summary(store(), utcnow(), app.config.get('p3s.started'))
+
+
+@app.get('/metrics')
+def api_metrics():
+    """Prometheus's text format (not JSON): what scrapers read."""
+    response.content_type = METRICS_CONTENT_TYPE
+    return metrics_text(store())
 # ---------------------------------------------------------------------------------------------
 # Monitor routes
 # ---------------------------------------------------------------------------------------------
@@ -3356,6 +3529,7 @@ def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT,
               max_waiters=DEFAULT_MAX_WAITERS, token=None, pilot_token=None, private=False):
     """Attach a database and the access policy to the app; returns the Store."""
     check_sqlite()
+    process_metrics()
     st = Store(db_path, sync, max_waiters, pilot_timeout)
     app.config.update({'p3s.store': st, 'p3s.pilot_timeout': pilot_timeout, 'p3s.token': token,
                        'p3s.pilot_token': pilot_token, 'p3s.private': private,

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -90,20 +91,38 @@ def test_the_unit_is_hardened_and_keeps_its_state_in_its_state_directory(path):
 
 
 def test_the_units_command_line_starts_the_server(tmp_path):
-    """ExecStart as systemd would run it, with %S (the state root) and the settings file's
-    P3S_SERVER_ARGS filled in; the database lands in the state directory."""
+    """ExecStart and Environment as systemd would use them, with %S and %t (the state and
+    runtime roots) and the settings file's P3S_SERVER_ARGS filled in: the database lands in the
+    state directory, the counts behind /metrics in the runtime directory."""
     service = unit(os.path.join(ROOT, 'systemd', 'p3s-server.service'))['Service']
-    (tmp_path / 'p3s').mkdir()                     # systemd makes StateDirectory
-    words = shlex.split(service['ExecStart'][0].replace('%S', str(tmp_path)))
+    roots = {'%S': str(tmp_path / 'lib'), '%t': str(tmp_path / 'run')}
+    for name in service['StateDirectory'] + service['RuntimeDirectory']:
+        for root in roots.values():
+            os.makedirs(os.path.join(root, name), exist_ok=True)     # systemd makes them
+
+    def filled(text):
+        for specifier, path in roots.items():
+            text = text.replace(specifier, path)
+        return text
+
+    env = dict(os.environ)
+    for setting in service['Environment']:
+        key, value = filled(setting).split('=', 1)
+        env[key] = value
+    words = shlex.split(filled(service['ExecStart'][0]))
     assert words[0] == INSTALLED_BIN + 'p3s-server' and words[-1] == '$P3S_SERVER_ARGS'
     command = [sys.executable, os.path.join(ROOT, 'p3s_server.py')] + words[1:-1] + ['--port', '0']
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
         assert 'listening on' in line, line
-        assert api(line.split('listening on ')[1].split()[0], 'GET', '/api/ping')[0] == 200
-        assert (tmp_path / 'p3s' / 'p3s.db').exists()
+        url = line.split('listening on ')[1].split()[0]
+        assert api(url, 'GET', '/api/ping')[0] == 200
+        with urllib.request.urlopen(url + 'metrics', timeout=30) as reply:
+            assert b'p3s_claims_total 0.0' in reply.read()
+        assert (tmp_path / 'lib' / 'p3s' / 'p3s.db').exists()
+        assert os.listdir(tmp_path / 'run' / 'p3s'), 'no counts in the runtime directory'
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
