@@ -2319,7 +2319,8 @@ def dashboard_numbers(db, base, now, started):
 # prometheus_client. A server of several worker processes names a folder for their counts in
 # PROMETHEUS_MULTIPROC_DIR before any of them calls configure(), which makes the process's
 # metrics; /metrics in any of them then adds up all of them (prometheus_client's multiprocess
-# mode).
+# mode), and prometheus_client.multiprocess.mark_process_dead(pid) drops a dead worker's share
+# of p3s_long_polls_waiting.
 
 METRICS_TEMPLATES = """
 SELECT jobtype, 'template' AS state, count(*) AS n FROM jobs WHERE state = 'template'
