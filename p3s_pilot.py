@@ -3,7 +3,7 @@
 
 usage: python p3s_pilot.py [--server URL] [--site NAME] [--joblog DIR] [--pilotlog DIR]
                            [--cycles N] [--period S] [--beat S] [--wait S]
-                           [--jobtypes a,b] [--extra TEXT]
+                           [--jobtypes a,b] [--extra TEXT] [--keep-logs DAYS] [--max-log-size N]
        python p3s_pilot.py --define-site site.json      define or replace a site, then exit
 
 Defaults come from the environment: P3S_SERVER (http://127.0.0.1:8080/), P3S_SITE,
@@ -26,6 +26,11 @@ job; its path is P3S_SANDBOX); P3S_EXECMODE (any value) runs the payload through
 At the job's timelimit, or on a kill order, the whole group gets SIGTERM, then SIGKILL.
 The pilot's log is <pilotlog>/<pilot uuid>.log.
 
+So that payloads cannot fill the node's disk, a job's .out and .err are each cut at
+--max-log-size bytes (default 1G), ending with a marker line, and job logs last written more
+than --keep-logs days ago (default 7) are removed from the job log folder at the pilot's start
+and every few hours. Only files named <uuid>.out or <uuid>.err are ever removed.
+
 Exit codes (shared by every p3s client):
   0  success                        2  bad command line
   1  the server refused a request   3  the server could not be reached or answered nonsense
@@ -39,6 +44,7 @@ import json
 import logging
 import os
 import random
+import re
 import select
 import shlex
 import shutil
@@ -69,6 +75,15 @@ DEFAULTS = {'cycles': 1, 'period': 5.0, 'beat': 5.0, 'wait': 20.0}
 SITE_KEYS = {'pilotperiod': 'period', 'pilotcycles': 'cycles', 'pilotbeat': 'beat',
              'pilotwait': 'wait', 'pilotlife': 'lifetime', 'pilots': 'pilots'}
 START_REPORT_DELAY = 0.2     # a payload that ends sooner is reported once, at its end
+# Retention: a runaway payload must not fill the node's disk.
+DEFAULT_KEEP_LOGS = 7.0      # days a job's .out and .err stay in the job log folder
+TIDY_PERIOD = 3 * 3600.0     # seconds between two removals of old job logs
+DEFAULT_MAX_LOG_SIZE = '1G'  # a job's .out, and its .err, are cut at this size
+LOG_CHECK = 0.5              # seconds between two looks at a running payload's log sizes
+CUT_MARKER = '\n[p3s_pilot: output cut at %d bytes (--max-log-size); the rest was dropped]\n'
+JOB_LOG_NAME = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
+                          r'\.(out|err)$')
+SIZE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
 
 log = logging.getLogger('p3s_pilot')
 
@@ -225,10 +240,47 @@ def wait_exit(proc, timeout):
 def open_logs(joblog, out_path, err_path):
     """The job's .out and .err, creating the directory the first time it is missing."""
     try:
-        return open(out_path, 'wb'), open(err_path, 'wb')
+        return new_log(out_path), new_log(err_path)
     except FileNotFoundError:
         os.makedirs(joblog, exist_ok=True)
-        return open(out_path, 'wb'), open(err_path, 'wb')
+        return new_log(out_path), new_log(err_path)
+
+
+def new_log(path):
+    """An empty log in append mode: once cap_log cuts it short, the payload's next write lands
+    at its new end, not beyond a hole at the old one."""
+    log_file = open(path, 'ab')
+    log_file.truncate(0)
+    return log_file
+
+
+def cap_log(log_file, cap):
+    """Cut a job's log back to `cap` bytes, the last of them a marker line, if it grew past.
+    The payload may write more before the next look; that look cuts it again."""
+    if not cap or os.fstat(log_file.fileno()).st_size <= cap:
+        return
+    marker = (CUT_MARKER % cap).encode()
+    os.ftruncate(log_file.fileno(), cap - len(marker))
+    os.write(log_file.fileno(), marker)
+
+
+def remove_old_logs(joblog, max_age, now):
+    """Remove the job logs (<uuid>.out and .err) last written more than max_age seconds before
+    now (a time.time()); any other file is left alone. Returns how many went."""
+    removed = 0
+    try:
+        entries = list(os.scandir(joblog))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if (JOB_LOG_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < now - max_age):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass          # removed by another pilot of the node, or not ours to remove
+    return removed
 
 
 def read_tail(path, size=LOG_TAIL):
@@ -290,6 +342,7 @@ class Pilot:
         self.pending = None           # the last job's final report, until the server has it
         self.signalled = None
         self.gone = False             # the server told us to stop
+        self.next_tidy = None         # when to remove old job logs again (by clock)
         self._interruptible = False
 
     # -- signals ------------------------------------------------------------------------------
@@ -453,8 +506,9 @@ class Pilot:
                     state, errcode, pid, started = 'nonstarter', None, None, None
                 else:
                     started = self.clock()
-                    state, errcode = self.supervise(proc, job, started)
+                    state, errcode = self.supervise(proc, job, started, (out, err))
                     pid = proc.pid
+                self.cap_logs((out, err))
         finally:
             if sandbox:
                 shutil.rmtree(sandbox, ignore_errors=True)
@@ -463,9 +517,9 @@ class Pilot:
                 'stdout': read_tail(out_path), 'stderr': read_tail(err_path),
                 'started': started, 'ended': self.clock()}
 
-    def supervise(self, proc, job, started):
+    def supervise(self, proc, job, started, logs):
         """Wait for the payload, heartbeating every beat, killing it at its timelimit, on a kill
-        order or on a signal. Returns (final state, errcode).
+        order or on a signal, keeping its logs within their size. Returns (final state, errcode).
 
         The start report goes out only if the payload is still running after
         START_REPORT_DELAY: a short job costs the server one request, its final report."""
@@ -475,10 +529,11 @@ class Pilot:
         while True:
             timeout = min(limit_at, next_beat, start_report_at) - self.clock()
             try:
-                code = wait_exit(proc, max(0.0, min(timeout, 1.0)))
+                code = wait_exit(proc, max(0.0, min(timeout, LOG_CHECK)))
                 return ('finished' if code == 0 else 'failed'), code
             except subprocess.TimeoutExpired:
                 pass
+            self.cap_logs(logs)
             now = self.clock()
             order = None
             if self.signalled:
@@ -500,11 +555,27 @@ class Pilot:
                 kill_group(proc)
                 return 'killed', proc.returncode
 
+    def cap_logs(self, logs):
+        for log_file in logs:
+            cap_log(log_file, self.args.max_log_size)
+
     # -- the loop -----------------------------------------------------------------------------
+
+    def tidy_when_due(self):
+        """Remove old job logs: at the first step, then every TIDY_PERIOD (by the clock)."""
+        now = self.clock()
+        if not self.args.keep_logs or (self.next_tidy is not None and now < self.next_tidy):
+            return
+        self.next_tidy = now + TIDY_PERIOD
+        removed = remove_old_logs(self.args.joblog, self.args.keep_logs * 86400, time.time())
+        if removed:
+            log.info('removed %d job logs older than %g days from %s', removed,
+                     self.args.keep_logs, self.args.joblog)
 
     def step(self):
         """One cycle: ask for work (delivering the last report), run what comes. Returns whether
         the pilot goes on."""
+        self.tidy_when_due()
         reply = self.request_work()
         if reply.get('status') == 'STOP':
             log.warning('server says stop: this pilot is %s', reply.get('state'))
@@ -649,15 +720,33 @@ def parse_args(argv):
                     help='comma-separated job types this pilot runs (default: any)')
     ap.add_argument('-e', '--extra', default='', help='free text stored with the pilot, '
                     'e.g. a batch job id')
+    ap.add_argument('--keep-logs', type=float, default=DEFAULT_KEEP_LOGS, metavar='DAYS',
+                    help='remove job logs last written more than DAYS ago from the job log '
+                    'folder, at start and every %d hours (default %g; 0 keeps them)'
+                    % (TIDY_PERIOD // 3600, DEFAULT_KEEP_LOGS))
+    ap.add_argument('--max-log-size', type=byte_size, default=DEFAULT_MAX_LOG_SIZE, metavar='N',
+                    help="cut each job's .out and .err at N bytes, or N with k, M or G, ending "
+                    'with a marker line (default %s; 0: no limit)' % DEFAULT_MAX_LOG_SIZE)
     ap.add_argument('--define-site', metavar='SITE.JSON',
                     help='define (or replace) the site in SITE.JSON on the server, then exit')
     args = ap.parse_args(argv)
     if ((args.cycles is not None and args.cycles < 0) or (args.period or 0) < 0
             or (args.beat is not None and args.beat <= 0)
-            or (args.wait is not None and not 0 <= args.wait <= 30)):
-        ap.error('--cycles and --period must be >= 0, --beat > 0, --wait between 0 and 30')
+            or (args.wait is not None and not 0 <= args.wait <= 30) or args.keep_logs < 0):
+        ap.error('--cycles, --period and --keep-logs must be >= 0, --beat > 0, --wait between '
+                 '0 and 30')
+    if 0 < args.max_log_size < SIZE_UNITS['k']:
+        ap.error('--max-log-size must be 0 (no limit) or at least 1k')
     args.jobtypes = [t for t in args.jobtypes.split(',') if t]
     return args
+
+
+def byte_size(text):
+    """A size in bytes: a number, or a number with k, M or G (powers of 1024)."""
+    match = re.match(r'^(\d+)([kmg]?)$', text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError('%r is not a size: give bytes, or e.g. 512M or 1G' % text)
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
 
 
 def setup_logging(pilotlog, pilot_uuid):

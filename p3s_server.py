@@ -14,12 +14,13 @@ single `UPDATE ... RETURNING` statement.
 
 The file reads top-down, in these sections (tests/test_layout.py keeps them in this order):
 configuration, database, wake-ups, validation, jobs, brokerage, housekeeping, workflows, DQM
-controls, data, dashboard numbers, API routes, monitor routes, monitor graph layout,
+controls, data, dashboard numbers, metrics, API routes, monitor routes, monitor graph layout,
 authorization, errors, front, processes, main. Each domain section starts with the SQL it runs.
 """
 import argparse
 import ctypes
 import fcntl
+import functools
 import hashlib
 import hmac
 import io
@@ -29,6 +30,7 @@ import os
 import posixpath
 import re
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -58,7 +60,11 @@ from bottle import Bottle, HTTPError, request, response
 
 VERSION = '0.1'
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCHEMA_FILE = os.path.join(HERE, 'schema.sql')
+# The schema, templates and static files sit beside this file in a checkout; a server installed
+# with pip finds them in the folder its wheel puts beside it (setup.py).
+SERVER_FILES = HERE if os.path.exists(os.path.join(HERE, 'schema.sql')) else os.path.join(
+    HERE, 'p3s_server_files')
+SCHEMA_FILE = os.path.join(SERVER_FILES, 'schema.sql')
 SCHEMA_VERSION = 1
 MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
 
@@ -650,7 +656,7 @@ ON CONFLICT (uuid) DO NOTHING
 """
 SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
 GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
-GET_JOB_HOLDER = 'SELECT state, pilot, workflow FROM jobs WHERE uuid = :uuid'
+GET_JOB_HOLDER = 'SELECT state, pilot, workflow, jobtype FROM jobs WHERE uuid = :uuid'
 LIST_JOBS = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
 JOB_FILTERS = {
     'state': 'state = :state',
@@ -1060,8 +1066,15 @@ def claim(db, params):
     the queue when nothing is in the way, else the walk by type."""
     blocked = [r['name'] for r in db.execute(BLOCKED_JOBTYPES)]
     if not blocked and params['jobtypes'] == '[]':
-        return db.execute(CLAIM_JOB, params).fetchone()
-    return db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
+        job = db.execute(CLAIM_JOB, params).fetchone()
+    else:
+        job = db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
+    if job is not None:
+        # Counted before the commit: only a failed commit, which ends the request in an
+        # error, would make the count one too high.
+        process_metrics().claimed(job['jobtype'], seconds_between(job['defined_at'],
+                                                                  job['dispatched_at']))
+    return job
 
 
 def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow):
@@ -1123,6 +1136,8 @@ def apply_report(db, pilot, rep, now):
         changed = db.execute(FINISH_JOB, params).rowcount
         if changed:
             db.execute(PILOT_JOB_DONE, params)
+            if elapsed is not None:
+                process_metrics().ran(held['jobtype'], elapsed - params['ago'])
             if rep['state'] == 'nonstarter':
                 woken = retry_jobs(db, [rep['uuid']])
         if rep['stdout'] or rep['stderr']:
@@ -2405,11 +2420,165 @@ def dashboard_numbers(db, base, now, started):
                 checks=checklist(db, now, base['jobs'], base['pilots'], types, caps))
 
 # ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+# GET /metrics, in Prometheus's text format. What the database holds is read from it at each
+# scrape, so every server process answers the same: live jobs, pilots and workflows through
+# indexes that hold the live ones only (cheap with millions of ended jobs), and the numbers of
+# ended jobs and workflows from the counts its triggers keep (schema.sql). Events the database
+# does not record (claims, long polls, queue waits, run times) are counted by each process with
+# prometheus_client. A server of several worker processes names a folder for their counts in
+# PROMETHEUS_MULTIPROC_DIR before any of them calls configure(), which makes the process's
+# metrics; /metrics in any of them then adds up all of them (prometheus_client's multiprocess
+# mode), and prometheus_client.multiprocess.mark_process_dead(pid) drops a dead worker's share
+# of p3s_long_polls_waiting.
+
+METRICS_TEMPLATES = """
+SELECT jobtype, 'template' AS state, count(*) AS n FROM jobs WHERE state = 'template'
+ GROUP BY jobtype
+"""
+METRICS_JOB_ENDS = 'SELECT state, jobtype, n FROM job_ends'
+METRICS_PILOTS = """
+SELECT state, site, count(*) AS n FROM pilots WHERE state IN """ + SQL_LIVE_PILOT + """
+ GROUP BY state, site
+"""
+METRICS_SITES = 'SELECT name FROM sites'
+METRICS_LIVE_WORKFLOW_STATES = tuple(s for s in WORKFLOW_STATES if s not in WORKFLOW_ENDED)
+METRICS_WORKFLOWS = ('SELECT state, count(*) AS n FROM workflows WHERE state IN '
+                     + sql_set(METRICS_LIVE_WORKFLOW_STATES) + ' GROUP BY state')
+METRICS_WORKFLOW_ENDS = 'SELECT state, n FROM workflow_ends'
+METRICS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'   # what every Prometheus reads
+# Seconds. DQM jobs wait milliseconds on an idle pool and run from seconds to an hour or so.
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                      600, 1800, 3600)
+RUN_TIME_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200,
+                    14400, 43200)
+
+
+class ProcessMetrics:
+    """The counts this process keeps itself (process_metrics() has the one instance)."""
+
+    def __init__(self):
+        # Imported here, not with the other modules: prometheus_client decides when it is
+        # imported whether counts live in this process or in PROMETHEUS_MULTIPROC_DIR, which a
+        # server of several processes sets only when it starts them.
+        import prometheus_client.core
+        import prometheus_client.multiprocess
+        self.prom = prom = prometheus_client
+        prom.disable_created_metrics()           # no *_created series: Prometheus needs none
+        self.registry = r = prom.CollectorRegistry()
+        self.claims = prom.Counter('p3s_claims', 'Jobs handed to pilots (a job sent again '
+                                   'after a lost reply counts once)', registry=r)
+        self.queue_wait = prom.Histogram('p3s_job_queue_wait_seconds', 'Seconds from a '
+                                         "job's definition to its dispatch, by type",
+                                         ['jobtype'], buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.run_time = prom.Histogram('p3s_job_run_seconds', 'Seconds a payload ran, as its '
+                                       'pilot measured, by type', ['jobtype'],
+                                       buckets=RUN_TIME_BUCKETS, registry=r)
+        self.long_polls = prom.Counter('p3s_long_polls', 'Requests for work held until a job '
+                                       'came or the wait ended', registry=r)
+        self.long_polls_refused = prom.Counter('p3s_long_polls_refused', 'Requests for work '
+                                               'answered at once: --max-waiters polls were '
+                                               'held already', registry=r)
+        self.long_polls_waiting = prom.Gauge('p3s_long_polls_waiting', 'Requests for work '
+                                             'held now', multiprocess_mode='livesum', registry=r)
+
+    def claimed(self, jobtype, waited):
+        self.claims.inc()
+        self.queue_wait.labels(jobtype).observe(max(0.0, waited or 0.0))
+
+    def ran(self, jobtype, seconds):
+        self.run_time.labels(jobtype).observe(max(0.0, seconds))
+
+    def long_polls_held(self, change):
+        if change > 0:
+            self.long_polls.inc()
+        self.long_polls_waiting.inc(change)
+
+    def own_registry(self):
+        """What this server's processes counted: this one's, or all of them added up."""
+        if not os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
+            return self.registry
+        registry = self.prom.CollectorRegistry()
+        self.prom.multiprocess.MultiProcessCollector(registry)
+        return registry
+
+
+@functools.lru_cache(maxsize=None)
+def process_metrics():
+    """This process's ProcessMetrics, made at the first call."""
+    return ProcessMetrics()
+
+
+class Families:
+    """Metric families made beforehand, in the shape generate_latest() reads."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def metrics_text(store):
+    """The whole exposition: the processes' own counts, then what the database holds."""
+    own = process_metrics()
+    with store.read() as db:
+        families = database_families(db, own.prom.core)
+    return (own.prom.generate_latest(own.own_registry())
+            + own.prom.generate_latest(Families(families)))
+
+
+def database_families(db, core):
+    """Gauges of the live jobs, pilots and workflows, counters of the ended ones, and the
+    server's description. A live state with nothing in it is a 0, not a missing series."""
+    jobs = core.GaugeMetricFamily('p3s_jobs', 'Jobs not yet ended, by state and type',
+                                  labels=['state', 'jobtype'])
+    ended = core.CounterMetricFamily('p3s_jobs_ended', 'Jobs that reached an end state, by '
+                                     'state and type', labels=['state', 'jobtype'])
+    live = {(r['state'], r['jobtype']): r['n'] for sql in (METRICS_TEMPLATES, MON_TYPES_LIVE)
+            for r in db.execute(sql)}
+    ends = {(r['state'], r['jobtype']): r['n'] for r in db.execute(METRICS_JOB_ENDS)}
+    for jobtype in sorted({t for _, t in live} | {t for _, t in ends}):
+        for state in LIVE_JOB_STATES:
+            jobs.add_metric([state, jobtype], live.get((state, jobtype), 0))
+    for (state, jobtype), n in sorted(ends.items()):
+        ended.add_metric([state, jobtype], n)
+    return [jobs, ended, pilot_family(db, core)] + workflow_families(db, core) + [
+        core.InfoMetricFamily('p3s_server', 'The server: its version and database', value={
+            'version': VERSION, 'database': 'sqlite', 'sqlite_version': sqlite3.sqlite_version,
+            'python_version': '%d.%d.%d' % sys.version_info[:3]})]
+
+
+def pilot_family(db, core):
+    pilots = core.GaugeMetricFamily('p3s_pilots', 'Live pilots, by state and site',
+                                    labels=['state', 'site'])
+    counts = {(r['state'], r['site']): r['n'] for r in db.execute(METRICS_PILOTS)}
+    sites = {site for _, site in counts} | {r['name'] for r in db.execute(METRICS_SITES)}
+    for site in sorted(sites):
+        for state in LIVE_PILOT_STATES:
+            pilots.add_metric([state, site], counts.get((state, site), 0))
+    return pilots
+
+
+def workflow_families(db, core):
+    workflows = core.GaugeMetricFamily('p3s_workflows', 'Workflows not yet ended, by state',
+                                       labels=['state'])
+    counts = {r['state']: r['n'] for r in db.execute(METRICS_WORKFLOWS)}
+    for state in METRICS_LIVE_WORKFLOW_STATES:
+        workflows.add_metric([state], counts.get(state, 0))
+    ended = core.CounterMetricFamily('p3s_workflows_ended', 'Workflows that ended, by state',
+                                     labels=['state'])
+    for r in db.execute(METRICS_WORKFLOW_ENDS):
+        ended.add_metric([r['state']], r['n'])
+    return [workflows, ended]
+
+# ---------------------------------------------------------------------------------------------
 # API routes
 # ---------------------------------------------------------------------------------------------
 
 app = Bottle()
-bottle.TEMPLATE_PATH[:] = [os.path.join(HERE, 'views')]
+bottle.TEMPLATE_PATH[:] = [os.path.join(SERVER_FILES, 'views')]
 
 
 def store():
@@ -2660,6 +2829,13 @@ def api_delete_data(data_uuid):
 @app.get('/api/summary')
 def api_summary():
     return summary(store(), utcnow(), app.config.get('p3s.started'))
+
+
+@app.get('/metrics')
+def api_metrics():
+    """Prometheus's text format (not JSON): what scrapers read."""
+    response.content_type = METRICS_CONTENT_TYPE
+    return metrics_text(store())
 # ---------------------------------------------------------------------------------------------
 # Monitor routes
 # ---------------------------------------------------------------------------------------------
@@ -3225,7 +3401,7 @@ GRAPH_EDGE_STATES = ('template', 'defined', 'available')
 
 @app.get('/static/<path:path>')
 def monitor_static(path):
-    return bottle.static_file(path, root=os.path.join(HERE, 'static'))
+    return bottle.static_file(path, root=os.path.join(SERVER_FILES, 'static'))
 
 # ---------------------------------------------------------------------------------------------
 # Monitor graph layout
@@ -3569,11 +3745,13 @@ class Waiters:
         """Wait for a job for this pilot, unless a wake-up came since `seq`."""
         waiter = Waiter(site, set(jobtypes))
         self.waiting.append(waiter)
+        process_metrics().long_polls_held(+1)
         try:
             if self.seq == seq:
                 waiter.event.wait(timeout)
         finally:
             self.waiting.remove(waiter)
+            process_metrics().long_polls_held(-1)
 
     def wake(self, kinds):
         """kinds: (jobtype or None for any, site, count) of the jobs that became runnable."""
@@ -3616,8 +3794,10 @@ class HeldPoll:
     def hold(self, wait, site, jobtypes):
         if self.deadline is None:
             self.deadline = self.front.clock() + wait
-        if self.front.closing or self.remaining() <= 0 or len(self.front.waiters) >= \
-                self.front.waiters.limit:
+        if self.front.closing or self.remaining() <= 0:
+            return False
+        if len(self.front.waiters) >= self.front.waiters.limit:
+            process_metrics().long_polls_refused.inc()
             return False
         self.asked = (site, jobtypes)
         return True
@@ -3819,6 +3999,14 @@ class Supervisor:
         self.pid = os.getpid()
 
     def run(self):
+        metrics = share_metrics(run_directory(self.args.db))
+        try:
+            return self.supervise()
+        finally:
+            if metrics:
+                shutil.rmtree(metrics, ignore_errors=True)
+
+    def supervise(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.stop)
         signal.signal(signal.SIGHUP, self.reopen)
@@ -3829,7 +4017,10 @@ class Supervisor:
         while self.workers:
             pid, status = os.wait()
             born = self.workers.pop(pid, None)
-            if born is None or self.stopping:
+            if born is None:
+                continue
+            forget_metrics(pid)
+            if self.stopping:
                 continue
             early_deaths = early_deaths + 1 if time.monotonic() - born < 2.0 else 0
             if early_deaths >= 3:
@@ -3876,6 +4067,25 @@ class Supervisor:
                 pass
 
 
+def share_metrics(rundir):
+    """The folder where the workers keep the counts /metrics adds up (prometheus_client's
+    multiprocess mode), made empty for this supervisor unless the environment names one.
+    Returns the folder made here (to remove at the end), or None."""
+    if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
+        return None
+    path = os.path.join(rundir, 'metrics-%d' % os.getpid())
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    os.environ['PROMETHEUS_MULTIPROC_DIR'] = path
+    return path
+
+
+def forget_metrics(pid):
+    """A dead worker's held long polls are no longer held."""
+    import prometheus_client.multiprocess
+    prometheus_client.multiprocess.mark_process_dead(pid)
+
+
 def die_with_parent(parent):
     """A worker whose supervisor is gone (even by kill -9) stops too, so that no orphan keeps
     the port: Linux tells it with SIGTERM."""
@@ -3918,6 +4128,7 @@ def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, token=N
               pilot_token=None, private=False, wakeups=None):
     """Attach a database and the access policy to the app; returns the Store."""
     check_sqlite()
+    process_metrics()
     st = Store(db_path, sync, pilot_timeout, wakeups)
     app.config.update({'p3s.store': st, 'p3s.pilot_timeout': pilot_timeout, 'p3s.token': token,
                        'p3s.pilot_token': pilot_token, 'p3s.private': private,

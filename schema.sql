@@ -237,4 +237,41 @@ CREATE TABLE IF NOT EXISTS injections (
     created_at TEXT NOT NULL
 );
 
+-- -- metrics -------------------------------------------------------------------------------------
+
+-- Jobs and workflows that reached an end state, counted by the database itself as they end:
+-- every path that ends one (reports, sweeps, kills, drops, the workflow engine) and every server
+-- process counts, in the transaction that ends it, and purging old records never lowers a
+-- count, as a Prometheus counter must not go down. A job queued again by its retries counts
+-- each of its ends. Triggers are SQLite's dialect; PostgreSQL writes them as a function.
+CREATE TABLE IF NOT EXISTS job_ends (
+    state   TEXT NOT NULL,
+    jobtype TEXT NOT NULL,
+    n       INTEGER NOT NULL,
+    PRIMARY KEY (state, jobtype)
+);
+CREATE TRIGGER IF NOT EXISTS jobs_count_ends AFTER UPDATE OF state ON jobs
+ WHEN NEW.state IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed', 'stale',
+                    'dropped', 'cancelled')
+  AND OLD.state NOT IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed',
+                        'stale', 'dropped', 'cancelled')
+BEGIN
+    INSERT INTO job_ends (state, jobtype, n) VALUES (NEW.state, NEW.jobtype, 1)
+    ON CONFLICT (state, jobtype) DO UPDATE SET n = n + 1;
+END;
+
+CREATE TABLE IF NOT EXISTS workflow_ends (
+    state TEXT PRIMARY KEY,
+    n     INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS workflows_count_ends AFTER UPDATE OF state ON workflows
+ WHEN NEW.state IN ('finished', 'failed') AND OLD.state NOT IN ('finished', 'failed')
+BEGIN
+    INSERT INTO workflow_ends (state, n) VALUES (NEW.state, 1)
+    ON CONFLICT (state) DO UPDATE SET n = n + 1;
+END;
+
+-- Templates by type, for the jobs gauge (the other live states are in jobs_live_types).
+CREATE INDEX IF NOT EXISTS jobs_templates ON jobs (jobtype) WHERE state = 'template';
+
 PRAGMA user_version = 1;

@@ -28,7 +28,7 @@ JOBTYPES = ('reco', 'purity', 'evdisp', 'monitor', 'femb')
 PILOT_STATES = ('running', 'idle', 'stopped', 'lost', 'active')
 PAGES = ('/', '/api/summary', '/monitor/jobs', '/monitor/jobs?state=failed',
          '/monitor/jobs?state=error&sort=-stopped_at', '/monitor/jobs?jobtype=reco&page=20',
-         '/monitor/jobs?state=defined&sort=defined_at', '/monitor/pilots')
+         '/monitor/jobs?state=defined&sort=defined_at', '/monitor/pilots', '/metrics')
 
 WORKFLOW_PAGES = ('/monitor/workflows', '/monitor/workflows?state=defined&user=u3',
                   '/monitor/workflows?dag=diamond&sort=-name&page=20', '/monitor/dags',
