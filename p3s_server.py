@@ -283,23 +283,17 @@ def run_directory(db_path):
 
 class FileLock:
     """An exclusive lock shared by the processes that open the same file (flock): the kernel
-    wakes a waiter the moment the holder lets go, and drops the lock when the holder dies."""
+    drops it when its holder dies, however it dies."""
 
     def __init__(self, path):
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def acquire(self, blocking=True):
+    def try_acquire(self):
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         return True
-
-    def release(self):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    def close(self):
-        os.close(self.fd)
 
 
 class Store:
@@ -307,9 +301,9 @@ class Store:
 
     A connection is taken from the pool for one read or one transaction and given back, so
     any number of threads share a few connections. SQLite serialises writers anyway; taking a
-    thread lock and then a lock shared with the other server processes first keeps writers out
-    of SQLite's busy handler, which sleeps a millisecond or more before it tries again and costs
-    up to seconds of tail latency (docs/performance.md).
+    process lock first keeps an unlucky thread out of SQLite's busy-handler back-off, which
+    costs up to seconds of tail latency (docs/performance.md). Between processes that back-off
+    is what serialises them.
 
     `sync` is the promise made to clients: with 'full', a write that answers a client with a new
     fact (a submission, a dispatch, a job's end) is on disk before the answer; writes that can be
@@ -325,7 +319,6 @@ class Store:
         self.sync = sync
         self.wakeups = wakeups
         self.write_lock = threading.Lock()
-        self.process_lock = FileLock(os.path.join(run_directory(path), 'writer.lock'))
         self.idle = deque()               # connections not in use (append and pop are atomic)
         self.opened = []
         with self.connection() as db:
@@ -362,7 +355,7 @@ class Store:
         """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error.
         `durable`: the commit must survive a power loss (under --sync full)."""
         synced = durable and self.sync == 'full'
-        with self.write_lock, self.connection() as db, self.locked_between_processes():
+        with self.write_lock, self.connection() as db:
             if db.synced != synced:
                 db.execute('PRAGMA synchronous = ' + ('FULL' if synced else 'NORMAL'))
                 db.synced = synced
@@ -374,14 +367,6 @@ class Store:
                 raise
             db.execute('COMMIT')
 
-    @contextmanager
-    def locked_between_processes(self):
-        self.process_lock.acquire()
-        try:
-            yield
-        finally:
-            self.process_lock.release()
-
     def wake(self, jobs):
         """Pilots waiting for work, in any server process, may run these (jobtype, site) now."""
         if jobs and self.wakeups is not None:
@@ -392,7 +377,6 @@ class Store:
             db.close()
         self.opened.clear()
         self.idle.clear()
-        self.process_lock.close()
 
 
 def counts(store):
@@ -1329,7 +1313,7 @@ class Housekeeper(threading.Thread):
         """One pass: the sweep, and the retention purge when it is due (None: another process
         does the housekeeping)."""
         if not self.leading:
-            self.leading = self.leader.acquire(blocking=False)
+            self.leading = self.leader.try_acquire()
             if not self.leading:
                 return None
             log.info('process %d does the housekeeping', os.getpid())

@@ -58,8 +58,8 @@ def api(url, method, path, body=None, timeout=30):
 class Server:
     """A p3s_server.py process on a free port with a temporary database."""
 
-    def __init__(self, tmp_path, port=0, extra_args=()):
-        self.db = str(tmp_path / 'p3s.db')
+    def __init__(self, tmp_path, port=0, extra_args=(), db=None):
+        self.db = db or str(tmp_path / 'p3s.db')
         self.log_path = tmp_path / 'server.log'
         self.port = port
         self.extra_args = list(extra_args)

@@ -1,0 +1,263 @@
+"""The server's front, with real processes on real sockets: clients that cannot starve it,
+several worker processes on one port, exactly once across processes, and housekeeping done by
+one process at a time."""
+import collections
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import p3s_server as srv
+from conftest import Clients, Server, make_job, wait_for
+
+
+def children(pid):
+    with open('/proc/%d/task/%d/children' % (pid, pid)) as f:
+        return [int(p) for p in f.read().split()]
+
+
+def finished_count(server):
+    return len(server.jobs(state='finished'))
+
+
+def runs_of(path):
+    return collections.Counter(path.read_text().split()) if path.exists() else collections.Counter()
+
+
+@pytest.fixture
+def flooded(tmp_path):
+    """A server of two workers whose pilots are lost after 10 s of silence and whose clients
+    have 2 s to send a request's headers."""
+    server = Server(tmp_path, extra_args=['--workers', '2', '--pilot-timeout', '10',
+                                          '--request-timeout', '2']).start()
+    yield server
+    server.stop()
+
+
+class Slowloris(threading.Thread):
+    """Connections that send their request one byte at a time, every half second, for as long
+    as the server lets them; each remembers when the server closed it."""
+
+    def __init__(self, port, count, request):
+        super().__init__(daemon=True)
+        self.socks = [socket.create_connection(('127.0.0.1', port)) for _ in range(count)]
+        self.request = request
+        self.cut = {}                 # socket index -> seconds it lived
+        self.answers = {}
+        self.stopping = threading.Event()
+
+    def run(self):
+        born = time.monotonic()
+        sent = 0
+        while not self.stopping.wait(0.5) and len(self.cut) < len(self.socks):
+            byte = self.request[sent % len(self.request):][:1]
+            sent += 1
+            for i, sock in enumerate(self.socks):
+                if i in self.cut:
+                    continue
+                try:
+                    sock.sendall(byte)
+                    sock.setblocking(False)
+                    answer = sock.recv(4096)
+                    sock.setblocking(True)
+                except BlockingIOError:
+                    sock.setblocking(True)
+                    continue
+                except OSError:
+                    answer = b''
+                self.answers[i] = answer
+                self.cut[i] = time.monotonic() - born
+
+    def close(self):
+        self.stopping.set()
+        self.join(10)
+        for sock in self.socks:
+            sock.close()
+
+
+def test_idle_and_slow_clients_starve_nothing(flooded, tmp_path):
+    """300 sockets that send nothing and 25 that send their headers a byte at a time, and 5 that
+    send a body a byte at a time, held against the server while a pilot runs a job: every
+    submission is answered, the pilot's heartbeats go through (it is not lost), and the slow
+    requests are cut off."""
+    clients = Clients(tmp_path, flooded)
+    try:
+        [long_job] = clients.submit([make_job('sleep 14')])
+        pilot = clients.pilot('--cycles', '1', '--beat', '1', '--wait', '0')
+        wait_for(lambda: flooded.job(long_job)['state'] == 'running', what='the long job to run')
+        idle = [socket.create_connection(('127.0.0.1', flooded.port)) for _ in range(300)]
+        headers = Slowloris(flooded.port, 25, b'GET /api/jobs HTTP/1.1\r\nX-Slow: ' + b'a' * 64)
+        body = Slowloris(flooded.port, 5, b'x' * 1000)
+        for sock in body.socks:
+            sock.sendall(b'POST /api/jobs HTTP/1.1\r\nContent-Type: application/json\r\n'
+                         b'Content-Length: 1000\r\n\r\n')
+        headers.start()
+        body.start()
+        submitted = []
+        flood_ends = time.monotonic() + 12
+        while time.monotonic() < flood_ends:
+            status, reply = flooded.api('POST', '/api/jobs', [{'payload': '/bin/true'}],
+                                        timeout=5)
+            assert status == 200, reply
+            submitted += reply['uuids']
+            time.sleep(0.5)
+        assert len(submitted) >= 10
+        assert len(headers.cut) == 25 and max(headers.cut.values()) < 8, headers.cut
+        assert len(body.cut) == 5 and all(b'408' in a for a in body.answers.values()), \
+            body.answers
+        pilot.communicate(timeout=30)
+        assert pilot.returncode == 0
+        assert flooded.job(long_job)['state'] == 'finished'
+        [p] = flooded.api('GET', '/api/pilots')[1]['pilots']
+        assert p['state'] == 'stopped'                      # never lost
+        assert all(s.fileno() >= 0 for s in idle)
+        for sock in idle:
+            sock.close()
+        headers.close()
+        body.close()
+    finally:
+        clients.cleanup()
+
+
+def test_a_job_submitted_to_one_process_wakes_a_pilot_held_by_another(tmp_path):
+    """Two servers on one database (two processes, as two workers or two hosts would be): a
+    pilot held in a long poll by one starts a job submitted to the other at once, not when its
+    25 s wait ends."""
+    first = Server(tmp_path, extra_args=['--workers', '1']).start()
+    second = Server(tmp_path, extra_args=['--workers', '1'], db=first.db).start()
+    clients = Clients(tmp_path, first)
+    try:
+        pilot = clients.pilot('--cycles', '1', '--wait', '25')
+        wait_for(lambda: [p['state'] for p in first.api('GET', '/api/pilots')[1]['pilots']]
+                 == ['idle'], what='the pilot to wait')
+        time.sleep(0.5)                         # well inside its long poll
+        status, reply = second.api('POST', '/api/jobs', [{'payload': '/bin/true'}])
+        assert status == 200
+        started = time.monotonic()
+        pilot.communicate(timeout=60)
+        assert time.monotonic() - started < 15, 'the pilot was not woken by the other process'
+        assert first.job(reply['uuids'][0])['state'] == 'finished'
+    finally:
+        clients.cleanup()
+        first.stop()
+        second.stop()
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_run_twice(tmp_path):
+    runs = tmp_path / 'runs.log'
+    server = Server(tmp_path, extra_args=['--workers', '2']).start()
+    clients = Clients(tmp_path, server)
+    try:
+        job = make_job('/bin/sh -c "echo $P3S_JOB_UUID >> %s; sleep 0.01"' % runs)
+        uuids = clients.submit([job] * 300)
+        pilots = [clients.pilot('--cycles', '0', '--wait', '2', '--beat', '1')
+                  for _ in range(4)]
+        wait_for(lambda: finished_count(server) >= 60, 60, what='60 jobs finished')
+        workers = children(server.proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: len(children(server.proc.pid)) == 2
+                 and workers[0] not in children(server.proc.pid), what='a new worker')
+        wait_for(lambda: finished_count(server) == 300, 120, what='all 300 jobs finished')
+        for p in pilots:
+            p.send_signal(signal.SIGTERM)
+        for p in pilots:
+            p.communicate(timeout=60)
+            assert p.returncode == 0
+        assert {j['state'] for j in server.jobs()} == {'finished'}
+        ran = runs_of(runs)
+        assert set(ran) == set(uuids)
+        assert max(ran.values()) == 1, [u for u, n in ran.items() if n > 1]
+    finally:
+        clients.cleanup()
+        server.stop()
+
+
+def test_housekeeping_moves_to_another_worker_when_its_process_dies(tmp_path):
+    server = Server(tmp_path, extra_args=['--workers', '2', '--pilot-timeout', '2']).start()
+    try:
+        def leaders():
+            return [int(line.split('process ')[1].split()[0])
+                    for line in server.log_path.read_text().splitlines()
+                    if 'does the housekeeping' in line]
+        wait_for(leaders, what='a worker to take up the housekeeping')
+        time.sleep(1.5)                                    # three passes of the sweep
+        [leader] = leaders()                               # one, and only one
+        os.kill(leader, signal.SIGKILL)
+        status, reply = server.api('POST', '/api/pilots', {'host': 'silent'})
+        assert status == 200
+        wait_for(lambda: server.api('GET', '/api/pilots/' + reply['pilot']['uuid'])[1]['state']
+                 == 'lost', 30, what='the silent pilot to be lost')
+        assert len(leaders()) == 2 and leaders()[1] != leader
+    finally:
+        server.stop()
+
+
+# -- exactly once, raced by processes ------------------------------------------------------------
+
+
+def claim_all(path, pilots, done, finish):
+    """In a process of its own with a store of its own: each pilot asks for work until there
+    is none, finishing (or keeping) each job it gets; the uuids it got go to `done`."""
+    st = srv.configure(path, sync='normal')
+    got = []
+    for me in pilots:
+        report = None
+        while True:
+            reply, _ = srv.request_work(st, me, srv.utcnow(), report)
+            if reply['state'] != 'dispatched':
+                break
+            got.append(reply['job']['uuid'])
+            if not finish:
+                break
+            report = {'uuid': reply['job']['uuid'], 'state': 'finished', 'errcode': 0,
+                      'pid': 1, 'stdout': '', 'stderr': ''}
+        if report:
+            srv.report_job(st, me, report, srv.utcnow())
+    st.close()
+    done.put(got)
+
+
+def race(path, processes, pilots_each, finish):
+    st = srv.configure(path, sync='normal')
+    pilots = [[srv.register_pilot(st, {'host': 'h%d' % i}, srv.utcnow())['uuid']
+               for _ in range(pilots_each)] for i in range(processes)]
+    st.close()
+    ctx = multiprocessing.get_context('fork')
+    done = ctx.Queue()
+    procs = [ctx.Process(target=claim_all, args=(path, mine, done, finish)) for mine in pilots]
+    for p in procs:
+        p.start()
+    got = [done.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    return [u for mine in got for u in mine]
+
+
+def test_processes_racing_for_one_queue_never_share_a_job(tmp_path):
+    path = str(tmp_path / 'race.db')
+    st = srv.configure(path, sync='normal')
+    uuids = srv.submit_jobs(st, [{'payload': '/bin/true'}] * 600, srv.utcnow())
+    st.close()
+    got = race(path, processes=4, pilots_each=3, finish=True)
+    assert sorted(got) == sorted(uuids)                     # each once, none lost
+
+
+def test_processes_racing_for_the_last_slots_of_a_cap_take_no_more(tmp_path):
+    """Two claims can both see the last free slot of a type's cap unless the count and the take
+    are one transaction: 6 processes with 4 pilots each race for a type capped at 3, five
+    times over."""
+    for round_ in range(5):
+        path = str(tmp_path / ('cap%d.db' % round_))
+        st = srv.configure(path, sync='normal')
+        srv.set_cap(st, {'name': 'capped', 'cap': 3}, srv.utcnow())
+        srv.submit_jobs(st, [{'payload': '/bin/true', 'jobtype': 'capped'}] * 50, srv.utcnow())
+        st.close()
+        got = race(path, processes=6, pilots_each=4, finish=False)
+        assert len(got) == 3 and len(set(got)) == 3, got
