@@ -448,7 +448,7 @@ def report(args, result):
         print(json.dumps(result), flush=True)
     elif result['status'] == 'submitted':
         what = ('workflow ' + result['workflow']) if result.get('workflow') else \
-            '%d jobs' % len(result.get('jobs', []))
+            count_of(len(result.get('jobs', [])), 'job')
         print('submitted %s: %s' % (result['path'], what), flush=True)
     elif result['status'] == 'skipped':
         print('skipped %s (not in the sampled fraction)' % result['path'], flush=True)
@@ -483,6 +483,11 @@ def watch(args):
         if last:
             return EXIT_OK
         time.sleep(args.period)
+
+
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
 def warn(message):

@@ -335,8 +335,8 @@ def wait_jobs(args):
         print(json.dumps({'jobs': jobs}, indent=1))
     unfinished = [j for j in jobs if j['state'] != 'finished']
     if unfinished:
-        raise P3SError('%d of %d jobs did not finish: %s' % (
-            len(unfinished), len(jobs), ', '.join('%s %s' % (j['uuid'], j['state'])
+        raise P3SError('%d of %s did not finish: %s' % (
+            len(unfinished), count_of(len(jobs), 'job'), ', '.join('%s %s' % (j['uuid'], j['state'])
                                                   for j in unfinished)), EXIT_UNFINISHED)
     return EXIT_OK
 
@@ -390,6 +390,11 @@ def duration(seconds):
     return '%.1f h' % (seconds / 3600)
 
 
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
+
+
 def split(csv):
     return [x for x in (csv or '').split(',') if x]
 
@@ -424,8 +429,8 @@ def summary(args):
         counts = ', '.join('%s %d' % kv for kv in sorted(s.get(what, {}).items())) or 'none'
         print('%-7s %s' % (what + ':', counts))
     lat = s['latency']
-    print('latency: p50 %s s, p95 %s s (defined -> started, %d jobs started in the last hour)'
-          % (seconds(lat['p50']), seconds(lat['p95']), lat['n']))
+    print('latency: p50 %s s, p95 %s s (defined -> started, %s started in the last hour)'
+          % (seconds(lat['p50']), seconds(lat['p95']), count_of(lat['n'], 'job')))
     print('ended per minute, last 10 min: %s'
           % ' '.join(str(m['finished'] + m['other']) for m in s['throughput'][-10:]))
     print()
@@ -484,7 +489,7 @@ def drop(args):
         body['older'] = args.older
     reply = call(args.server, 'POST', '/api/jobs/drop', body)
     print(json.dumps(reply) if args.json else
-          'dropped %d queued %s jobs' % (reply['dropped'], reply['jobtype']))
+          'dropped %s' % count_of(reply['dropped'], 'queued %s job' % reply['jobtype']))
     return EXIT_OK
 
 

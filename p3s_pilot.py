@@ -727,8 +727,13 @@ def run_pilot(args):
     except P3SError as e:
         log.error('%s', e, extra={'terminal': False})      # run_command says it on the terminal
         raise
-    print('%s: left after %d jobs' % (PROG, pilot.jobs_run), flush=True)
+    print('%s: left after %s' % (PROG, count_of(pilot.jobs_run, 'job')), flush=True)
     return code
+
+
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
 def main(argv=None):

@@ -1251,9 +1251,9 @@ def pilot_kind(kind):
     return '%d %s taking %s' % (kind['n'], where, types)
 
 
-def count_of(n, thing):
-    """'1 pilot', '2 pilots'."""
-    return '%d %s%s' % (n, thing, '' if n == 1 else 's')
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
 def wait_for_work(store, pilot_uuid, wait, report=None, clock=time.monotonic, now=utcnow):
@@ -1702,8 +1702,8 @@ def parse_graphml(text):
     """A directed acyclic multigraph from GraphML text, or a 400 that says why not.
 
     The text is refused before parsing if it declares a DOCTYPE or entities (entity expansion
-    is the classic XML bomb) and read from the string itself (the original wrote a file in /tmp,
-    bug 8)."""
+    is the classic XML bomb) and read from the string itself (the original wrote it to a file in
+    /tmp first)."""
     if len(text.encode()) > MAX_GRAPHML:
         fail(413, 'GraphML larger than %d bytes' % MAX_GRAPHML)
     if XML_DECLARATIONS_RE.search(text):
@@ -3556,14 +3556,13 @@ def monitor_job(job_uuid):
                                                                      job['started_at']))),
              ('ran (started → stopped)', duration(seconds_between(job['started_at'],
                                                                   job['stopped_at'])))]
-    if waiting:
-        times.append(('waiting', '%s, since %s' % (duration(waiting['seconds']),
-                                                   local_time(waiting['since']))))
-        times += [('why it is not running', r['text']) for r in waiting['reasons']]
+    notice = waiting and {'title': 'Why it is not running: %s %s, since %s' % (
+        job['state'], duration(waiting['seconds']), local_time(waiting['since'])),
+        'lines': [r['text'] for r in waiting['reasons']]}
     links = {'pilot': '/monitor/pilots/%s', 'workflow': '/monitor/workflows/%s',
              'retry_of': '/monitor/jobs/%s', 'retried_by': '/monitor/jobs/%s'}
     return bottle.template('detail', page=page, fields=field_rows(page, job, links), extra=times,
-                           logs=logs, graph=None, tables=[])
+                           logs=logs, graph=None, tables=[], notice=notice)
 
 
 @app.get('/monitor/data/<data_uuid>')

@@ -231,7 +231,8 @@ def add_dag(args):
     if args.json:
         print(json.dumps(dag, indent=1))
     else:
-        print('%s: %d vertices, %d edges' % (dag['name'], dag['nvertices'], dag['nedges']))
+        print('%s: %s, %s' % (dag['name'], count_of(dag['nvertices'], 'vertex', 'vertices'),
+                              count_of(dag['nedges'], 'edge')))
     return EXIT_OK
 
 
@@ -293,8 +294,8 @@ def wait_workflows(args):
         print(json.dumps({'workflows': flows}, indent=1))
     unfinished = [wf for wf in flows if wf['state'] != 'finished']
     if unfinished:
-        raise P3SError('%d of %d workflows did not finish: %s' % (
-            len(unfinished), len(flows), '; '.join('%s %s (%s)' % (wf['uuid'], wf['state'],
+        raise P3SError('%d of %s did not finish: %s' % (
+            len(unfinished), count_of(len(flows), 'workflow'), '; '.join('%s %s (%s)' % (wf['uuid'], wf['state'],
                                                                   wf['comment'])
                                                    for wf in unfinished)), EXIT_UNFINISHED)
     return EXIT_OK
@@ -371,6 +372,11 @@ def get_dag(args):
     else:
         sys.stdout.write(dag['graphml'] if dag['graphml'].endswith('\n') else dag['graphml'] + '\n')
     return EXIT_OK
+
+
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
 def split(csv):
