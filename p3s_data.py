@@ -37,6 +37,7 @@ path, or a defined workflow of the DAG with the file on its source edges. --frac
 processes a stable portion of the files (a hash of the file name decides, so a file always
 gets the same answer); the others are registered as skipped. The server decides what is new:
 a file is submitted once, across scans, restarts and injectors watching the same directory.
+A DIR that does not exist or is not a directory is an error at once (exit 4).
 
 Exit codes (shared by every p3s client):
     0  success                        3  the server could not be reached or answered nonsense

@@ -4,6 +4,7 @@ commands."""
 import json
 import re
 import signal
+import threading
 
 import pytest
 
@@ -211,7 +212,51 @@ def test_a_workflow_job_is_retried_with_its_workflow(store):
         S.retry_workflow(store, wf['uuid'], T1)
 
 
+def test_two_operators_retrying_one_job_at_once_make_one_attempt(store):
+    """Nothing runs twice: racing retries of one job leave exactly one new attempt."""
+    job = submit(store, payload='/bin/false')
+    end(store, pilot(store), 'failed', 1)
+    outcomes, start = [], threading.Barrier(8)
+
+    def retry():
+        start.wait()
+        try:
+            outcomes.append(S.retry_job(store, job, T1)['uuid'])
+        except S.Refused as e:
+            outcomes.append(e.status)
+
+    threads = [threading.Thread(target=retry) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes, key=str)[1:] == [409] * 7, outcomes
+    assert [j['retry_of'] for j in S.list_jobs(store, {})].count(job) == 1
+
+
 # -- cancelling a workflow ---------------------------------------------------------------------
+
+
+def test_cancel_stops_what_still_runs_of_a_failed_workflow(store):
+    """A failed workflow's independent branch goes on; cancelling stops it, and the workflow
+    stays failed (it did fail). Once nothing is left to stop, cancelling is refused."""
+    S.add_datatype(store, {'name': 'TXT', 'ext': '.txt'}, T0)
+    nodes = {'a': shell_job('x', priority=3), 'b': shell_job('y', priority=2),
+             'c': shell_job('z', priority=1)}
+    S.add_dag(store, {'name': 'fork', 'graphml': graphml(
+        nodes, [('a', 'b', txt('f', 'F')), ('a', 'c', txt('g', 'G'))])}, T0)
+    wf = S.add_workflow(store, {'dag': 'fork', 'state': 'defined'}, T0)
+    first, second = pilot(store), pilot(store)
+    end(store, first)                                          # a finishes: b and c queued
+    S.request_work(store, second, T1)                          # b is dispatched ...
+    c = end(store, first, 'failed', 1)                         # ... and c fails
+    flow = S.get_workflow(store, wf['uuid'])
+    assert flow['state'] == 'failed' and c in flow['comment']
+    flow = S.cancel_workflow(store, wf['uuid'], T1)
+    assert flow['state'] == 'failed' and {j['name']: j['state'] for j in flow['jobs']} == {
+        'a': 'finished', 'b': 'killed', 'c': 'failed'}
+    with pytest.raises(S.Refused, match='none of its jobs is left to stop'):
+        S.cancel_workflow(store, wf['uuid'], T1)
 
 
 def test_cancel_stops_a_workflow_and_keeps_its_history(store):
