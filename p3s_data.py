@@ -37,6 +37,7 @@ path, or a defined workflow of the DAG with the file on its source edges. --frac
 processes a stable portion of the files (a hash of the file name decides, so a file always
 gets the same answer); the others are registered as skipped. The server decides what is new:
 a file is submitted once, across scans, restarts and injectors watching the same directory.
+A DIR that does not exist or is not a directory is an error at once (exit 4).
 
 Exit codes (shared by every p3s client):
     0  success                        3  the server could not be reached or answered nonsense
@@ -74,17 +75,23 @@ DEFAULT_SETTLE = 1.0         # seconds between the two looks at a file, which mu
 # ---------------------------------------------------------------------------------------------
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_UNFINISHED = 5                                # what --wait followed ended, but not finished
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SIGINT and SIGPIPE
 EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
-              'unreachable, 4 bad local file, 130 interrupted.')
+              'unreachable, 4 bad local file, 5 waited for a job or workflow that did not '
+              'finish, 130 interrupted.')
+GATEWAY_ERRORS = (502, 503, 504)   # a proxy in front of a server that is away for now
 
 
 class P3SError(Exception):
-    """A failure with a one-line message; `code` is the exit code it leads to."""
+    """A failure with a one-line message; `code` is the exit code it leads to. `transient`:
+    the same request may succeed later (the server is away or restarting), so it may be
+    retried; any other failure will not go away by asking again."""
 
-    def __init__(self, message, code=EXIT_REFUSED):
+    def __init__(self, message, code=EXIT_REFUSED, transient=False):
         super().__init__(message)
         self.code = code
+        self.transient = transient
 
 
 class Parser(argparse.ArgumentParser):
@@ -125,7 +132,7 @@ def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
-                       EXIT_UNREACHABLE) from None
+                       EXIT_UNREACHABLE, transient=True) from None
 
 
 def read_reply(server, reply):
@@ -143,11 +150,13 @@ def refusal(server, http_error):
         reason = json.loads(http_error.read().decode())['error']
     except Exception:
         return P3SError('%s answered HTTP %d %s: is it a p3s server?'
-                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE)
+                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE,
+                        transient=http_error.code in GATEWAY_ERRORS)
     if http_error.code == 401:
         reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
-    code = EXIT_UNREACHABLE if http_error.code >= 500 else EXIT_REFUSED
-    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code), code)
+    failed = http_error.code >= 500
+    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code),
+                    EXIT_UNREACHABLE if failed else EXIT_REFUSED, transient=failed)
 
 
 def quote(text):
@@ -402,7 +411,11 @@ def look(paths):
 
 def complete_files(args, done):
     """New matching files that did not change between two looks --settle seconds apart,
-    oldest first."""
+    oldest first. A directory that went away (an unmounted disk) is said, and looked at again
+    at the next scan."""
+    if not os.path.isdir(args.watch):
+        warn('%s is not a directory now; looking again at the next scan' % args.watch)
+        return []
     pattern = os.path.join(glob.escape(os.path.abspath(args.watch)), args.pattern)
     listed = sorted(glob.glob(pattern))
     done.intersection_update(listed)          # forget files that left the directory
@@ -436,18 +449,28 @@ def report(args, result):
         print(json.dumps(result), flush=True)
     elif result['status'] == 'submitted':
         what = ('workflow ' + result['workflow']) if result.get('workflow') else \
-            '%d jobs' % len(result.get('jobs', []))
+            count_of(len(result.get('jobs', [])), 'job')
         print('submitted %s: %s' % (result['path'], what), flush=True)
     elif result['status'] == 'skipped':
         print('skipped %s (not in the sampled fraction)' % result['path'], flush=True)
 
 
 def watch(args):
+    """The injector: scan DIR every --period seconds, --cycles times (0: for ever)."""
+    if not os.path.isdir(args.watch):
+        raise P3SError('%s is not a directory: --watch takes the directory the files arrive in'
+                       % args.watch if os.path.exists(args.watch) else
+                       'no such directory: %s' % args.watch, EXIT_INPUT)
     body = {'datatype': args.datatype or '', 'dedup': 'path', 'comment': 'injected'}
     if args.job:
         body['jobs'] = read_jobs(args.job)
     else:
         body.update(dag=args.dag, deadline=args.deadline, user=user_name())
+    if args.cycles != 1:
+        print('%s: watching %s for %s every %g s%s' % (
+            PROG, os.path.abspath(args.watch), args.pattern, args.period,
+            ', for ever (Ctrl-C stops)' if not args.cycles else ', %d times' % args.cycles),
+            file=sys.stderr, flush=True)
     done, cycle = set(), 0
     while True:
         cycle += 1
@@ -455,13 +478,21 @@ def watch(args):
         try:
             scan(args, body, done)
         except P3SError as e:
-            if e.code != EXIT_UNREACHABLE or last:
+            if not e.transient or last:
                 raise
-            print('p3s_data: warning: %s; scanning again in %g s' % (e, args.period),
-                  file=sys.stderr)
+            warn('%s; scanning again in %g s' % (e, args.period))
         if last:
             return EXIT_OK
         time.sleep(args.period)
+
+
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
+
+
+def warn(message):
+    print('%s: warning: %s' % (PROG, message), file=sys.stderr, flush=True)
 
 
 # -- service messages -------------------------------------------------------------------------

@@ -4,9 +4,13 @@
 usage:
   python p3s_job.py -j myjob.json [-f FILE[,FILE...]] [-N n] [-t]   submit (prints uuids)
   python p3s_job.py --list [-s STATE[,STATE]] [-T TYPE] [--user U] [--limit N]
-  python p3s_job.py --show UUID
+  python p3s_job.py --show UUID            a job; a queued one says why it is not running
+  python p3s_job.py --logs UUID            the tails of its stdout and stderr
+  python p3s_job.py --wait UUID[,UUID...]  follow jobs until they end (exit 5 unless finished)
   python p3s_job.py -a -u UUID[,UUID...] [-s defined|dropped] [-P PRIORITY]
   python p3s_job.py --kill UUID[,UUID...]
+  python p3s_job.py --retry -u UUID[,UUID...]      run ended jobs again, as new attempts
+  python p3s_job.py --retry -s STATE[,STATE] [-T TYPE] [--user U] [--since S] [--limit N]
   python p3s_job.py -d -u UUID[,UUID...]
   python p3s_job.py --drop -T TYPE [--older S]      drop the queued jobs of a type
   python p3s_job.py -l [-T TYPE]                    list job types and their caps
@@ -24,7 +28,8 @@ list, with env.P3S_INPUT_FILE set to it; -N makes n replicas of each.
 Exit codes (shared by every p3s client):
     0  success                        3  the server could not be reached or answered nonsense
     1  the server refused a request   4  a local file is missing or invalid
-    2  bad command line             130  interrupted (Ctrl-C)
+    2  bad command line               5  --wait: a job ended without finishing
+  130  interrupted (Ctrl-C)
 This file uses the Python standard library only: copy it alone onto any node.
 """
 import argparse
@@ -39,13 +44,18 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid as uuidlib
+from datetime import datetime
 
 PROG = 'p3s_job'                # the name in every message
 DEFAULT_SERVER = 'http://127.0.0.1:8080/'
 HTTP_TIMEOUT = 60.0
 TOKEN_VARIABLES = ('P3S_TOKEN',)   # the token, from the first that is set
 SUBMIT_ATTEMPTS = 5          # a submission is idempotent (uuids are made here), so retry it
-LIST_COLUMNS = ('uuid', 'state', 'jobtype', 'priority', 'name', 'defined_at')
+LIST_COLUMNS = ('uuid', 'state', 'jobtype', 'priority', 'name', 'host', 'exit', 'ran',
+                'defined_at')
+JOB_ENDED = ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed', 'stale',
+             'dropped', 'cancelled')
+POLL = (0.5, 1, 2, 3, 5)     # seconds between looks at what --wait follows
 JOBTYPE_COLUMNS = ('name', 'cap', 'active', 'queued', 'updated_at')
 
 
@@ -55,17 +65,23 @@ JOBTYPE_COLUMNS = ('name', 'cap', 'active', 'queued', 'updated_at')
 # ---------------------------------------------------------------------------------------------
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_UNFINISHED = 5                                # what --wait followed ended, but not finished
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SIGINT and SIGPIPE
 EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
-              'unreachable, 4 bad local file, 130 interrupted.')
+              'unreachable, 4 bad local file, 5 waited for a job or workflow that did not '
+              'finish, 130 interrupted.')
+GATEWAY_ERRORS = (502, 503, 504)   # a proxy in front of a server that is away for now
 
 
 class P3SError(Exception):
-    """A failure with a one-line message; `code` is the exit code it leads to."""
+    """A failure with a one-line message; `code` is the exit code it leads to. `transient`:
+    the same request may succeed later (the server is away or restarting), so it may be
+    retried; any other failure will not go away by asking again."""
 
-    def __init__(self, message, code=EXIT_REFUSED):
+    def __init__(self, message, code=EXIT_REFUSED, transient=False):
         super().__init__(message)
         self.code = code
+        self.transient = transient
 
 
 class Parser(argparse.ArgumentParser):
@@ -106,7 +122,7 @@ def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
-                       EXIT_UNREACHABLE) from None
+                       EXIT_UNREACHABLE, transient=True) from None
 
 
 def read_reply(server, reply):
@@ -124,11 +140,13 @@ def refusal(server, http_error):
         reason = json.loads(http_error.read().decode())['error']
     except Exception:
         return P3SError('%s answered HTTP %d %s: is it a p3s server?'
-                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE)
+                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE,
+                        transient=http_error.code in GATEWAY_ERRORS)
     if http_error.code == 401:
         reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
-    code = EXIT_UNREACHABLE if http_error.code >= 500 else EXIT_REFUSED
-    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code), code)
+    failed = http_error.code >= 500
+    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code),
+                    EXIT_UNREACHABLE if failed else EXIT_REFUSED, transient=failed)
 
 
 def quote(text):
@@ -256,7 +274,7 @@ def submit(args):
             uuids = call(args.server, 'POST', '/api/jobs', jobs)['uuids']
             break
         except P3SError as e:
-            if e.code != EXIT_UNREACHABLE or attempt == SUBMIT_ATTEMPTS - 1:
+            if not e.transient or attempt == SUBMIT_ATTEMPTS - 1:
                 raise
             time.sleep(0.5 * 2 ** attempt)
     print(json.dumps({'uuids': uuids}) if args.json else '\n'.join(uuids))
@@ -270,7 +288,7 @@ def list_jobs(args):
     if args.json:
         print(json.dumps({'jobs': jobs}, indent=1))
     else:
-        print_table(jobs, LIST_COLUMNS)
+        print_table([dict(j, exit=j['errcode'], ran=ran(j)) for j in jobs], LIST_COLUMNS)
     return EXIT_OK
 
 
@@ -285,9 +303,118 @@ def show_job(args):
     job = call(args.server, 'GET', '/api/jobs/%s' % quote(args.show))
     if args.json:
         print(json.dumps(job, indent=1))
+        return EXIT_OK
+    waiting = job.pop('waiting')
+    for key, value in dict(job, ran=ran(job)).items():
+        print('%-13s %s' % (key + ':', json.dumps(value) if key == 'env'
+                            else '' if value is None else value))
+    if waiting:
+        print('waiting:      %s, since %s' % (duration(waiting['seconds']), waiting['since']))
+        for why in waiting['reasons']:
+            print('  - %s' % why['text'])
+    return EXIT_OK
+
+
+def show_logs(args):
+    """--logs: the tails of a job's stdout and stderr, as its pilot sent them at its end."""
+    job = call(args.server, 'GET', '/api/jobs/%s?logs=1' % quote(args.logs))
+    if args.json:
+        print(json.dumps({k: job[k] for k in ('uuid', 'state', 'stdout', 'stderr')}, indent=1))
+        return EXIT_OK
+    for name in ('stdout', 'stderr'):
+        print('==> %s of job %s (%s; its last 64 KiB) <==' % (name, job['uuid'], job['state']))
+        print(job[name].rstrip('\n') if job[name] else '(empty, or not reported yet)')
+    return EXIT_OK
+
+
+def wait_jobs(args):
+    """--wait: follow jobs until each has ended, saying each change; fail unless all finished."""
+    jobs = follow(args, ['/api/jobs/%s' % quote(u) for u in split(args.wait)],
+                  lambda job: job['state'] in JOB_ENDED, job_changes)
+    if args.json:
+        print(json.dumps({'jobs': jobs}, indent=1))
+    unfinished = [j for j in jobs if j['state'] != 'finished']
+    if unfinished:
+        raise P3SError('%d of %s did not finish: %s' % (
+            len(unfinished), count_of(len(jobs), 'job'), ', '.join('%s %s' % (j['uuid'], j['state'])
+                                                  for j in unfinished)), EXIT_UNFINISHED)
+    return EXIT_OK
+
+
+def job_changes(old, job):
+    """The line to print when a followed job changed: its state, and why it waits or how it
+    ended."""
+    text = '%s %s' % (job['uuid'], job['state'])
+    if job.get('waiting') and job['waiting']['reasons']:
+        text += ': ' + '; '.join(r['text'] for r in job['waiting']['reasons'])
+    elif job['state'] in JOB_ENDED:
+        text += ' (exit %s, ran %s)' % (job['errcode'], ran(job) or '-')
+    return [] if old is not None and text == job_changes(None, old)[0] else [text]
+
+
+def follow(args, paths, ended, changes):
+    """Look at each object (an API path) until all have ended, printing with the time the
+    lines `changes(before, now)` gives (nothing with --json). A server away for a while is
+    waited out. Returns the objects as they ended."""
+    last = {}
+    for attempt in range(10 ** 9):
+        for path in [p for p in paths if p not in last or not ended(last[p])]:
+            try:
+                obj = call(args.server, 'GET', path)
+            except P3SError as e:
+                if not e.transient:
+                    raise
+                print('%s: warning: %s; looking again' % (PROG, e), file=sys.stderr, flush=True)
+                continue
+            for line in [] if args.json else changes(last.get(path), obj):
+                print('%s %s' % (time.strftime('%H:%M:%S'), line), flush=True)
+            last[path] = obj
+        if len(last) == len(paths) and all(ended(obj) for obj in last.values()):
+            return [last[p] for p in paths]
+        time.sleep(POLL[min(attempt, len(POLL) - 1)])
+
+
+def ran(row):
+    """How long a job or workflow ran, as text ('' until it has started and stopped)."""
+    if not row.get('started_at') or not row.get('stopped_at'):
+        return ''
+    return duration((datetime.fromisoformat(row['stopped_at'])
+                     - datetime.fromisoformat(row['started_at'])).total_seconds())
+
+
+def duration(seconds):
+    if seconds < 100:
+        return '%.1f s' % seconds
+    if seconds < 6000:
+        return '%.1f min' % (seconds / 60)
+    return '%.1f h' % (seconds / 3600)
+
+
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
+
+
+def split(csv):
+    return [x for x in (csv or '').split(',') if x]
+
+
+def retry_jobs(args):
+    """--retry: new attempts of the jobs of -u, or of those ended in the states of -s."""
+    if args.uuids:
+        body = {'uuids': split(args.uuids)}
     else:
-        for key, value in job.items():
-            print('%-13s %s' % (key + ':', json.dumps(value) if key == 'env' else value))
+        body = {k: v for k, v in (('state', args.state), ('jobtype', args.jobtype),
+                                  ('user', args.user), ('limit', args.limit),
+                                  ('since', args.since)) if v is not None}
+    retried = call(args.server, 'POST', '/api/jobs/retry', body)['retried']
+    if args.json:
+        print(json.dumps({'retried': retried}, indent=1))
+    else:
+        for r in retried:
+            print('%s retried as %s' % (r['uuid'], r['retry']))
+        if not retried:
+            print('no job to retry: none ended in that selection without a retry already')
     return EXIT_OK
 
 
@@ -302,8 +429,8 @@ def summary(args):
         counts = ', '.join('%s %d' % kv for kv in sorted(s.get(what, {}).items())) or 'none'
         print('%-7s %s' % (what + ':', counts))
     lat = s['latency']
-    print('latency: p50 %s s, p95 %s s (defined -> started, %d jobs started in the last hour)'
-          % (seconds(lat['p50']), seconds(lat['p95']), lat['n']))
+    print('latency: p50 %s s, p95 %s s (defined -> started, %s started in the last hour)'
+          % (seconds(lat['p50']), seconds(lat['p95']), count_of(lat['n'], 'job')))
     print('ended per minute, last 10 min: %s'
           % ' '.join(str(m['finished'] + m['other']) for m in s['throughput'][-10:]))
     print()
@@ -327,19 +454,20 @@ def seconds(value):
 
 
 
-def for_each_uuid(args, action, method, path, body=None):
-    """Apply one request to each uuid of -u/--kill; report each; fail if any failed."""
+def for_each(args, targets, method, path, done, key, body=None):
+    """One request for each target (`path` % target), one line for each (`done`, or the
+    error); --json prints {key: [answers]}. Returns the exit code of the worst failure."""
     code, results = EXIT_OK, []
-    for job_uuid in [u for u in args.uuids.split(',') if u]:
+    for target in targets:
         try:
-            results.append(call(args.server, method, path % quote(job_uuid), body))
+            results.append(call(args.server, method, path % quote(target), body))
             if not args.json:
-                print('%s %s' % (job_uuid, action))
+                print('%s %s' % (target, done))
         except P3SError as e:
-            print('%s: error: %s: %s' % (PROG, job_uuid, e), file=sys.stderr)
+            print('%s: error: %s: %s' % (PROG, target, e), file=sys.stderr)
             code = max(code, e.code)
     if args.json:
-        print(json.dumps({'jobs': results}, indent=1))
+        print(json.dumps({key: results}, indent=1))
     return code
 
 
@@ -351,7 +479,8 @@ def adjust(args):
         body['priority'] = args.priority
     if not body:
         raise P3SError('-a needs -s STATE and/or -P PRIORITY', EXIT_USAGE)
-    return for_each_uuid(args, 'adjusted', 'POST', '/api/jobs/%s/adjust', body)
+    return for_each(args, split(args.uuids), 'POST', '/api/jobs/%s/adjust', 'adjusted', 'jobs',
+                    body)
 
 
 def drop(args):
@@ -360,7 +489,7 @@ def drop(args):
         body['older'] = args.older
     reply = call(args.server, 'POST', '/api/jobs/drop', body)
     print(json.dumps(reply) if args.json else
-          'dropped %d queued %s jobs' % (reply['dropped'], reply['jobtype']))
+          'dropped %s' % count_of(reply['dropped'], 'queued %s job' % reply['jobtype']))
     return EXIT_OK
 
 
@@ -397,7 +526,13 @@ def parse_args(argv):
     do = ap.add_mutually_exclusive_group(required=True)
     do.add_argument('-j', '--jobs', dest='jobfile', metavar='FILE', help='submit the jobs in FILE')
     do.add_argument('--list', action='store_true', help='list jobs, newest first')
-    do.add_argument('--show', metavar='UUID', help='show one job')
+    do.add_argument('--show', metavar='UUID',
+                    help='show one job; a queued one says why it is not running')
+    do.add_argument('--logs', metavar='UUID', help="the tails of a job's stdout and stderr")
+    do.add_argument('--wait', metavar='UUID[,UUID]', help='follow jobs until they end; exit 0 '
+                    'if all finished, 5 if not')
+    do.add_argument('--retry', action='store_true', help='run ended jobs again as new '
+                    'attempts: those of -u, or those ended in the states of -s')
     do.add_argument('-a', '--adjust', action='store_true', help='adjust the jobs of -u')
     do.add_argument('-d', '--delete', action='store_true', help='delete the jobs of -u')
     do.add_argument('--kill', metavar='UUID[,UUID]', help='kill jobs (queued or running)')
@@ -408,16 +543,20 @@ def parse_args(argv):
     ap.add_argument('-f', '--files', metavar='FILE[,FILE]', help='input files: one job each')
     ap.add_argument('-N', '--replicas', type=int, default=1, help='copies of each job')
     ap.add_argument('-t', '--dry-run', action='store_true', help='print the jobs, submit nothing')
-    ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]', help='jobs for -a, -d')
-    ap.add_argument('-s', '--state', help='state filter (--list) or new state (-a)')
+    ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]',
+                    help='jobs for -a, -d, --retry')
+    ap.add_argument('-s', '--state', help='state filter (--list, --retry) or new state (-a)')
     ap.add_argument('-P', '--priority', type=int, help='new priority (-a)')
     ap.add_argument('-T', '--jobtype', help='job type (--list filter, --drop, -l)')
     ap.add_argument('-L', '--cap', metavar='N', help='with -l: most jobs of the type dispatched '
                     'or running at once; 0 pauses the type, none removes the cap')
     ap.add_argument('--older', type=float, metavar='S',
                     help='with --drop: only jobs queued for more than S seconds')
-    ap.add_argument('--user', help='user filter (--list)')
-    ap.add_argument('--limit', type=int, help='at most this many jobs (--list; default 1000)')
+    ap.add_argument('--since', type=float, metavar='S',
+                    help='with --retry -s: only jobs that ended in the last S seconds')
+    ap.add_argument('--user', help='user filter (--list, --retry)')
+    ap.add_argument('--limit', type=int,
+                    help='at most this many jobs (--list, --retry; default 1000)')
     ap.add_argument('--json', action='store_true', help='machine-readable output')
     ap.add_argument('-S', '--server', type=server_url,
                     default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
@@ -435,20 +574,25 @@ def parse_args(argv):
         ap.error('-L goes with -l')
     if args.older is not None and (not args.drop or args.older < 0):
         ap.error('--older S (S >= 0) goes with --drop')
+    if args.retry and not (args.uuids or args.state):
+        ap.error('--retry needs -u UUID[,UUID...], or -s STATE to select the ended jobs')
+    if args.since is not None and (not args.retry or args.uuids or args.since < 0):
+        ap.error('--since S (S >= 0) goes with --retry -s')
     return args
 
 
 def delete_jobs(args):
-    return for_each_uuid(args, 'deleted', 'DELETE', '/api/jobs/%s')
+    return for_each(args, split(args.uuids), 'DELETE', '/api/jobs/%s', 'deleted', 'jobs')
 
 
 def kill_jobs(args):
-    return for_each_uuid(args, 'killed', 'POST', '/api/jobs/%s/kill')
+    return for_each(args, split(args.uuids), 'POST', '/api/jobs/%s/kill', 'killed', 'jobs')
 
 
 def main(argv=None):
     args = parse_args(argv)
     commands = ((args.jobfile, submit), (args.list, list_jobs), (args.show, show_job),
+                (args.logs, show_logs), (args.wait, wait_jobs), (args.retry, retry_jobs),
                 (args.summary, summary), (args.adjust, adjust), (args.delete, delete_jobs),
                 (args.drop, drop), (args.jobtypes, jobtypes), (args.kill, kill_jobs))
     return run_command(next(run for given, run in commands if given), args)

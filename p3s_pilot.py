@@ -24,7 +24,12 @@ P3S_PILOT_UUID and P3S_SERVER; stdout and stderr go to <joblog>/<job uuid>.out a
 P3S_MODE=COPY in the job env copies the executable into a private sandbox (removed after the
 job; its path is P3S_SANDBOX); P3S_EXECMODE (any value) runs the payload through the shell.
 At the job's timelimit, or on a kill order, the whole group gets SIGTERM, then SIGKILL.
-The pilot's log is <pilotlog>/<pilot uuid>.log.
+The pilot's log is <pilotlog>/<pilot uuid>.log; its warnings and errors go to stderr too.
+
+While the server cannot be reached (or a proxy in front of it answers 502, 503 or 504) the
+pilot retries with back-off, at most 30 s apart; an answer that is not p3s's, or a refusal,
+ends it at once (exit 3 or 1). On SIGTERM or SIGINT it kills its payload, then tries for at
+most 20 s in all to deliver the last report and deregister.
 
 So that payloads cannot fill the node's disk, a job's .out and .err are each cut at
 --max-log-size bytes (default 1G), ending with a marker line, and job logs last written more
@@ -67,8 +72,11 @@ TOKEN_VARIABLES = ('P3S_PILOT_TOKEN', 'P3S_TOKEN')   # the token, from the first
 BEAT_TIMEOUT = 5.0           # a heartbeat must not hold up timelimit enforcement for long
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL of a payload's group
 LOG_TAIL = 64 * 1024         # bytes of stdout/stderr sent with the final report
-BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
-SHUTDOWN_PATIENCE = 30.0     # seconds a signalled pilot keeps trying to deliver its report
+BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)   # seconds between retries while the server is away ...
+BACKOFF_MAX = 30.0                    # ... jitter included, never more
+# Seconds a signalled pilot keeps trying to deliver its last report and say goodbye, in all:
+# a batch system kills it this long after SIGTERM (Slurm's KillWait is 30 s by default).
+SHUTDOWN_PATIENCE = 20.0
 # Settings a site may give; the pilot's own flags win, then the site's, then these.
 DEFAULTS = {'cycles': 1, 'period': 5.0, 'beat': 5.0, 'wait': 20.0}
 # Keys of the original site files, as the server names them ('server' is ignored, as it was).
@@ -94,17 +102,23 @@ log = logging.getLogger('p3s_pilot')
 # ---------------------------------------------------------------------------------------------
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_UNFINISHED = 5                                # what --wait followed ended, but not finished
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SIGINT and SIGPIPE
 EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
-              'unreachable, 4 bad local file, 130 interrupted.')
+              'unreachable, 4 bad local file, 5 waited for a job or workflow that did not '
+              'finish, 130 interrupted.')
+GATEWAY_ERRORS = (502, 503, 504)   # a proxy in front of a server that is away for now
 
 
 class P3SError(Exception):
-    """A failure with a one-line message; `code` is the exit code it leads to."""
+    """A failure with a one-line message; `code` is the exit code it leads to. `transient`:
+    the same request may succeed later (the server is away or restarting), so it may be
+    retried; any other failure will not go away by asking again."""
 
-    def __init__(self, message, code=EXIT_REFUSED):
+    def __init__(self, message, code=EXIT_REFUSED, transient=False):
         super().__init__(message)
         self.code = code
+        self.transient = transient
 
 
 class Parser(argparse.ArgumentParser):
@@ -145,7 +159,7 @@ def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
-                       EXIT_UNREACHABLE) from None
+                       EXIT_UNREACHABLE, transient=True) from None
 
 
 def read_reply(server, reply):
@@ -163,11 +177,13 @@ def refusal(server, http_error):
         reason = json.loads(http_error.read().decode())['error']
     except Exception:
         return P3SError('%s answered HTTP %d %s: is it a p3s server?'
-                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE)
+                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE,
+                        transient=http_error.code in GATEWAY_ERRORS)
     if http_error.code == 401:
         reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
-    code = EXIT_UNREACHABLE if http_error.code >= 500 else EXIT_REFUSED
-    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code), code)
+    failed = http_error.code >= 500
+    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code),
+                    EXIT_UNREACHABLE if failed else EXIT_REFUSED, transient=failed)
 
 
 def quote(text):
@@ -343,6 +359,8 @@ class Pilot:
         self.signalled = None
         self.gone = False             # the server told us to stop
         self.next_tidy = None         # when to remove old job logs again (by clock)
+        self.registered = False
+        self.jobs_run = 0
         self._interruptible = False
 
     # -- signals ------------------------------------------------------------------------------
@@ -370,23 +388,28 @@ class Pilot:
 
     # -- talking to the server ----------------------------------------------------------------
 
-    def call(self, method, path, body=None, timeout=HTTP_TIMEOUT, patience=None):
-        """A request retried with back-off while the server is unreachable (for ever, or for
-        `patience` seconds). A refusal is raised at once. `body` may be a function, called
-        for each attempt."""
-        give_up = None if patience is None else self.clock() + patience
+    def call(self, method, path, body=None, timeout=HTTP_TIMEOUT, until=None):
+        """A request retried with back-off while the server is away (for ever, or until the
+        clock reads `until`). Anything else (a refusal, a server that is not p3s) is raised at
+        once: asking again would not change it. `body` may be a function, called for each
+        attempt."""
         for attempt in range(10 ** 9):
+            left = None if until is None else until - self.clock()
             try:
                 return call(self.server, method, path, body() if callable(body) else body,
-                            timeout)
+                            timeout if left is None else max(min(timeout, left), 0.1))
             except P3SError as e:
-                if e.code != EXIT_UNREACHABLE or (give_up and self.clock() > give_up):
+                if not e.transient or (until is not None and self.clock() >= until):
                     raise
-                delay = BACKOFF[min(attempt, len(BACKOFF) - 1)] * random.uniform(0.8, 1.2)
-                log.warning('%s; retrying in %.1f s', e, delay)
-                if patience is None:
+                delay = min(BACKOFF[min(attempt, len(BACKOFF) - 1)] * random.uniform(0.8, 1.2),
+                            BACKOFF_MAX)
+                if until is None:
+                    log.warning('%s; retrying in %.1f s', e, delay)
                     self.sleep(delay)
                 else:
+                    delay = min(delay, max(until - self.clock(), 0))
+                    log.warning('%s; retrying in %.1f s (giving up in %.0f s)', e, delay,
+                                until - self.clock())
                     self.pause(delay)
 
     def take_site_defaults(self):
@@ -411,6 +434,7 @@ class Pilot:
         body = {'uuid': self.uuid, 'host': socket.gethostname(), 'site': self.args.site,
                 'pid': os.getpid(), 'extra': self.args.extra, 'jobtypes': self.args.jobtypes}
         reply = self.call('POST', '/api/pilots', body)
+        self.registered = True
         log.info('registered as %s with %s (site %r, jobtypes %s)', self.uuid, self.server,
                  self.args.site, ','.join(self.args.jobtypes) or 'any')
         self.fit_timeout(reply.get('pilot_timeout'))
@@ -583,6 +607,7 @@ class Pilot:
             return False
         if reply.get('state') == 'dispatched':
             self.pending = self.run_job(reply['job'])
+            self.jobs_run += 1
         elif not reply.get('waited'):
             self.sleep(self.args.period)          # the server did not hold the request
         if self.cycles_left is not None:
@@ -597,16 +622,21 @@ class Pilot:
             self.deliver_and_leave()          # signalled now, so its patience is bounded
 
     def deliver_and_leave(self):
-        patience = SHUTDOWN_PATIENCE if self.signalled else None
+        """A signalled pilot tries for SHUTDOWN_PATIENCE seconds in all; one that used up its
+        cycles tries until the server is back. A pilot that never registered has nothing to
+        say."""
+        if not self.registered:
+            return
+        until = self.clock() + SHUTDOWN_PATIENCE if self.signalled else None
         try:
             if self.pending:
                 self.call('POST', '/api/pilots/%s/report' % self.uuid, self.final_report,
-                          patience=patience)
+                          until=until)
                 self.pending = None
             if not self.gone:
                 state = 'killed' if self.signalled else 'stopped'
                 self.call('POST', '/api/pilots/%s/stop' % self.uuid, {'state': state},
-                          patience=SHUTDOWN_PATIENCE)
+                          until=until or self.clock() + SHUTDOWN_PATIENCE)
                 log.info('pilot %s %s', self.uuid, state)
         except P3SError as e:
             log.error('leaving without the server: %s', e)
@@ -714,8 +744,8 @@ def parse_args(argv):
     ap.add_argument('-b', '--beat', type=float,
                     help='seconds between heartbeats while a job runs (site, else 5)')
     ap.add_argument('-w', '--wait', type=float,
-                    help='seconds a request may wait on the server for a job (site, else 20; '
-                    '0 = plain polling)')
+                    help='seconds a request may wait on the server for a job, at most 30 '
+                    '(site, else 20; 0 = plain polling)')
     ap.add_argument('-j', '--jobtypes', default='',
                     help='comma-separated job types this pilot runs (default: any)')
     ap.add_argument('-e', '--extra', default='', help='free text stored with the pilot, '
@@ -749,26 +779,50 @@ def byte_size(text):
     return int(match.group(1)) * SIZE_UNITS[match.group(2)]
 
 
+class TerminalFormat(logging.Formatter):
+    """Warnings and errors on the terminal as one line each, in the clients' style."""
+
+    def format(self, record):
+        return '%s: %s: %s' % (PROG, record.levelname.lower(), record.getMessage())
+
+
 def setup_logging(pilotlog, pilot_uuid):
+    """Everything into <pilotlog>/<uuid>.log; warnings and errors on stderr too, so that
+    whoever started the pilot sees why it waits (a wrong --server, a server that is down)."""
     os.makedirs(pilotlog, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(pilotlog, pilot_uuid + '.log'))
+    path = os.path.join(pilotlog, pilot_uuid + '.log')
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
     log.addHandler(handler)
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setLevel(logging.WARNING)
+    terminal.setFormatter(TerminalFormat())
+    terminal.addFilter(lambda record: getattr(record, 'terminal', True))
+    log.addHandler(terminal)
     log.setLevel(logging.INFO)
+    return path
 
 
 def run_pilot(args):
     pilot = Pilot(args)
     try:
-        setup_logging(args.pilotlog, pilot.uuid)
+        path = setup_logging(args.pilotlog, pilot.uuid)
     except OSError as e:
         raise P3SError('cannot write the pilot log in %s: %s' % (args.pilotlog, e),
                        EXIT_INPUT) from None
+    print('%s: pilot %s of %s, its log %s' % (PROG, pilot.uuid, args.server, path), flush=True)
     try:
-        return pilot.run()
+        code = pilot.run()
     except P3SError as e:
-        log.error('%s', e)
+        log.error('%s', e, extra={'terminal': False})      # run_command says it on the terminal
         raise
+    print('%s: left after %s' % (PROG, count_of(pilot.jobs_run, 'job')), flush=True)
+    return code
+
+
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
 def main(argv=None):

@@ -65,7 +65,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_FILES = HERE if os.path.exists(os.path.join(HERE, 'schema.sql')) else os.path.join(
     HERE, 'p3s_server_files')
 SCHEMA_FILE = os.path.join(SERVER_FILES, 'schema.sql')
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
 
 DEFAULT_PORT = 8080
@@ -116,6 +116,9 @@ MAX_EXT = 16
 MAX_CAP = 10 ** 6
 MAX_MESSAGE = 64 * 1024
 MAX_INJECT_FILES = 100000
+# Why a queued job waits (job_waiting): what it looks at, at most.
+WAIT_PILOT_KINDS = 50            # kinds of live pilots (site, job types)
+WAIT_AHEAD_CAP = 10000           # queued jobs ahead of it, counted up to this many
 
 # States. A terminal state is final; every transition names the state it expects.
 JOB_STATES = ('template', 'defined', 'dispatched', 'running', 'finished', 'failed',
@@ -130,8 +133,8 @@ REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'ki
 PILOT_STATES = ('active', 'idle', 'dispatched', 'running', 'stopped', 'lost', 'killed')
 LIVE_PILOT_STATES = ('active', 'idle', 'dispatched', 'running')
 PILOT_GONE = ('stopped', 'lost', 'killed')
-WORKFLOW_STATES = ('template', 'defined', 'running', 'finished', 'failed')
-WORKFLOW_ENDED = ('finished', 'failed')
+WORKFLOW_STATES = ('template', 'defined', 'running', 'finished', 'failed', 'cancelled')
+WORKFLOW_ENDED = ('finished', 'failed', 'cancelled')
 # The engine's and the injector's data states; data clients may write others.
 DATA_STATES = ('template', 'defined', 'available', 'skipped')
 
@@ -165,12 +168,18 @@ NOOP = 'noop'                    # a vertex of this jobtype finishes on the serv
 MON_WINDOWS = (('1 min', 60), ('10 min', 600), ('1 h', 3600), ('2 h', 7200), ('24 h', 86400))
 MON_GRAPH_MAX = 300              # vertices drawn; a larger graph is shown as tables only
 MON_COUNT_CAP = 10000            # a listing counts its matches up to this many
+MON_LISTING_KEYS = ('sort', 'page', 'perpage', 'refresh')   # taken besides a listing's filters
 MON_PERPAGE = (25, 50, 100, 200, 400)
 MON_LATENCY_CAP = 20000          # starts used for the latency percentiles
 MON_WAIT_ALARM = 600             # seconds a queued job may wait before the checklist fails
-MON_REFRESH = ('', '5', '10', '30', '60')
+MON_FAIL_MIN, MON_FAIL_SHARE = 10, 0.5   # jobs that ended badly in an hour: when it is a failure
+# Throughput spans: (name, bars, seconds a bar, characters of a stored time that name its bar)
+MON_SPANS = (('1h', 60, 60, 16), ('24h', 24, 3600, 13), ('7d', 168, 3600, 13))
+MON_REFRESH = ('0', '5', '10', '30', '60')    # seconds between reloads; 0: never
+MON_DASHBOARD_REFRESH = '30'     # the dashboard hangs on wall screens: it reloads unless told not
 MON_MAX_TYPES = 100              # job types on the dashboard
 MON_DETAIL_ROWS = 200            # rows of a table on a detail page
+MON_CLIP = 16                    # characters of a listing's cell beyond which it may be clipped
 DASHBOARD_SERVICES = 10          # latest service messages on the dashboard
 CHART_W, CHART_H = 600, 120
 GRAPH_NODE_W, GRAPH_NODE_H = 150, 34
@@ -206,7 +215,8 @@ SQL_WORKFLOW_ENDED = sql_set(WORKFLOW_ENDED)
 # The columns each kind of object is read with, shared by the sections below.
 JOB_COLUMNS = ('uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, '
                'deadline, deadline_at, retries, site, infile, workflow, state, pilot, host, pid, '
-               'errcode, created_at, defined_at, dispatched_at, started_at, stopped_at')
+               'errcode, created_at, defined_at, dispatched_at, started_at, stopped_at, '
+               'retry_of, attempt')
 PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done, registered_at, '
                  'last_seen, stopped_at')
 WORKFLOW_COLUMNS = ('uuid, name, user, description, dag, state, comment, rootuuid, nvertices, '
@@ -262,13 +272,57 @@ def check_sqlite():
 
 
 def apply_schema(db):
-    """Create what is missing; refuse a database written by a newer p3s."""
+    """Bring a database of an older version up to date, then create what is missing; refuse a
+    database written by a newer p3s."""
     found = db.execute('PRAGMA user_version').fetchone()[0]
     if found > SCHEMA_VERSION:
         raise SystemExit('p3s_server: error: the database has schema version %d, newer than this '
                          'server (%d)' % (found, SCHEMA_VERSION))
+    schema, migrations = schema_parts()
+    if 0 < found < SCHEMA_VERSION:
+        migrate(db, migrations)
+    db.executescript(schema)
+
+
+MIGRATION_MARK = re.compile(r'^-- migrate to (\d+):.*$', re.M)
+
+
+def schema_parts():
+    """schema.sql as (the schema of a new database, [(version, the migration to it)])."""
     with open(SCHEMA_FILE) as f:
-        db.executescript(f.read())
+        parts = MIGRATION_MARK.split(f.read())
+    return parts[0], [(int(v), sql) for v, sql in zip(parts[1::2], parts[2::2])]
+
+
+def migrate(db, migrations):
+    """Run the migrations the database lacks, in order, in one transaction. The version is read
+    again under the write lock: another server process may have migrated it meanwhile."""
+    db.execute('BEGIN IMMEDIATE')
+    try:
+        found = db.execute('PRAGMA user_version').fetchone()[0]
+        for version, sql in migrations:
+            if found < version:
+                for statement in sql_statements(sql):
+                    db.execute(statement)
+                # PRAGMA takes no bound values; the version is this file's own integer.
+                db.execute('PRAGMA user_version = %d' % version)
+                log.info('database migrated from schema version %d to %d', found, version)
+                found = version
+    except BaseException:
+        db.execute('ROLLBACK')
+        raise
+    db.execute('COMMIT')
+
+
+def sql_statements(script):
+    """The statements of an SQL script one by one (executescript would commit each)."""
+    statements, current = [], ''
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ''
+    return statements
 
 
 def run_directory(db_path):
@@ -574,11 +628,16 @@ FILTER_KEYS = ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow', 'dag', 'd
                'dirpath')
 
 
-def filters_from(query, allowed):
+def filters_from(query, allowed, known_states=None, also=('limit',)):
     """A listing's WHERE clause from a query string: ({name: value}, ' WHERE …' or '').
 
     `state` may be repeated or comma-separated; `state=error` (jobs) means a non-zero exit code.
+    A typo must not look like an empty listing, so a query key that is neither one of the
+    listing's filters nor in `also`, and a state not in `known_states`, are refused (400);
+    `known_states` None takes any state (the data clients write states of their own).
     """
+    keys = [k for k in FILTER_KEYS if k in allowed] + ['state'] * ('state' in allowed)
+    check_query(query, keys + list(also))
     params, where = {}, []
     for key in FILTER_KEYS:
         if key in allowed and query.get(key):
@@ -586,6 +645,10 @@ def filters_from(query, allowed):
             where.append(allowed[key])
     states = [s for v in query_all(query, 'state') for s in v.split(',')
               if s and 'state' in allowed]
+    unknown = [s for s in states if known_states is not None and s not in known_states]
+    if unknown:
+        fail(400, 'unknown state %r: the states are %s' % (unknown[0][:32],
+                                                            ', '.join(known_states)))
     error = 'error' in states and 'error' in allowed
     states = [s for s in states if not (error and s == 'error')]
     if error and states:
@@ -600,6 +663,14 @@ def filters_from(query, allowed):
         params['states'] = json.dumps(states)
         where.append(allowed['states'])
     return params, ' WHERE ' + ' AND '.join(where) if where else ''
+
+
+def check_query(query, known):
+    """Refuse a query parameter the request cannot mean (a misspelt filter finds nothing)."""
+    unknown = sorted(set(query.keys()) - set(known))
+    if unknown:
+        fail(400, 'unknown query parameter %r: this listing takes %s'
+             % (unknown[0][:32], ', '.join(known) or 'none'))
 
 
 def query_all(query, key):
@@ -617,10 +688,10 @@ def limit_from(query):
     return limit
 
 
-def newest_rows(store, select, filters, query):
+def newest_rows(store, select, filters, query, known_states=None):
     """An API listing: `select` ('SELECT … FROM table') narrowed by the query's filters,
     newest first, at most ?limit= rows."""
-    params, where = filters_from(query, filters)
+    params, where = filters_from(query, filters, known_states)
     params['limit'] = limit_from(query)
     return store.query(select + where + ' ORDER BY id DESC LIMIT :limit', params)
 
@@ -673,6 +744,26 @@ UPDATE jobs SET state = 'dropped', stopped_at = :now
  WHERE uuid = :uuid AND state IN """ + SQL_QUEUED
 DELETE_JOB = """
 DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN """ + SQL_ACTIVE + """ AND workflow IS NULL
+"""
+# Retries on request: a new attempt of a job that ended, linked to it by retry_of; the old
+# attempt keeps its state and its history. Each attempt is retried at most once (a unique
+# index), so a retry repeated by mistake makes nothing new.
+INSERT_ATTEMPT = """
+INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
+                  infile, retries, workflow, state, created_at, defined_at, deadline,
+                  deadline_at, retry_of, attempt)
+VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
+        :infile, :retries, :workflow, :state, :now, :defined_at, :deadline, :deadline_at,
+        :retry_of, :attempt)
+"""
+GET_RETRY_OF = 'SELECT uuid, attempt FROM jobs WHERE retry_of = :uuid'
+NOT_RETRIED = 'NOT EXISTS (SELECT 1 FROM jobs AS retry WHERE retry.retry_of = jobs.uuid)'
+SELECT_RETRYABLE = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
+RETRYABLE_SELECTED = """
+   AND state IN """ + SQL_TERMINAL + """ AND workflow IS NULL
+   AND (:since IS NULL OR stopped_at >= :since)
+   AND """ + NOT_RETRIED + """
+ ORDER BY id LIMIT :limit
 """
 
 
@@ -737,13 +828,18 @@ def insert_jobs(db, rows):
     db.executemany(SEEN_JOBTYPE, [{'jobtype': t} for t in {r['jobtype'] for r in rows}])
 
 
-def get_job(store, job_uuid, logs=False):
+def get_job(store, job_uuid, logs=False, now=None):
+    """One job; a queued one says why it waits (`waiting`), an attempt that was retried names
+    its retry (`retried_by`)."""
     job_uuid = check_uuid(job_uuid, 'job')
     with store.read() as db:
         row = db.execute(GET_JOB, {'uuid': job_uuid}).fetchone()
         if row is None:
             fail(404, 'no such job: %s' % job_uuid)
         job = job_dict(row)
+        retry = db.execute(GET_RETRY_OF, job).fetchone()
+        job['retried_by'] = retry['uuid'] if retry else None
+        job['waiting'] = job_waiting(db, job, now or utcnow())
         if logs:
             tails = db.execute(GET_JOB_LOGS, {'uuid': job_uuid}).fetchone()
             job['stdout'], job['stderr'] = tuple(tails) if tails else ('', '')
@@ -751,7 +847,8 @@ def get_job(store, job_uuid, logs=False):
 
 
 def list_jobs(store, query):
-    return [job_dict(r) for r in newest_rows(store, LIST_JOBS, JOB_FILTERS, query)]
+    return [job_dict(r) for r in newest_rows(store, LIST_JOBS, JOB_FILTERS, query,
+                                             JOB_STATES + ('error',))]
 
 
 def job_conflict(db, job_uuid, action):
@@ -812,6 +909,76 @@ def delete_job(store, job_uuid):
             job_conflict(db, job_uuid, 'delete')
     return {'deleted': job_uuid}
 
+
+def retry_job(store, job_uuid, now):
+    """A new attempt of one job that ended: the new job."""
+    [retried] = retry_selection(store, {'uuids': [job_uuid]}, now)['retried']
+    return get_job(store, retried['retry'])
+
+
+def retry_selection(store, body, now):
+    """New attempts of ended jobs, in one transaction: those named in `uuids` (all of them or
+    none), or those a filter selects (`state`, required, and `jobtype`, `user`, `site`, `since`
+    seconds, `limit`) among the jobs not retried yet. A workflow's jobs are retried with
+    their workflow."""
+    check_object(body, 'retry')
+    check_known(body, {'uuids', 'state', 'jobtype', 'user', 'site', 'since', 'limit'}, 'retry')
+    with store.write() as db:
+        old = (named_attempts(db, body['uuids']) if 'uuids' in body
+               else selected_attempts(db, body, now))
+        new = insert_attempts(db, old, now, 'defined')
+    store.wake(runnable(new))
+    return {'retried': [{'uuid': o['uuid'], 'retry': n['uuid']} for o, n in zip(old, new)]}
+
+
+def named_attempts(db, uuids):
+    """The rows of the jobs named for a retry, each one checked: ended, alone, not retried."""
+    if not isinstance(uuids, list) or not 1 <= len(uuids) <= MAX_JOBS_PER_SUBMIT:
+        fail(400, 'uuids must be a list of 1 to %d job uuids' % MAX_JOBS_PER_SUBMIT)
+    rows = []
+    for raw in uuids:
+        job_uuid = uuid_field({'uuid': raw}, 'uuid', required=True)
+        row = db.execute(GET_JOB, {'uuid': job_uuid}).fetchone()
+        if row is None:
+            fail(404, 'no such job: %s' % job_uuid)
+        if row['workflow']:
+            fail(409, 'cannot retry job %s alone: it belongs to workflow %s; retry the workflow '
+                 '(p3s_workflow.py --retry -u %s)' % (job_uuid, row['workflow'], row['workflow']))
+        if row['state'] not in TERMINAL_STATES:
+            fail(409, 'cannot retry job %s: it is %s; only a job that ended is retried'
+                 % (job_uuid, row['state']))
+        retry = db.execute(GET_RETRY_OF, {'uuid': job_uuid}).fetchone()
+        if retry:
+            fail(409, 'job %s was retried already, as %s (attempt %d): retry that one'
+                 % (job_uuid, retry['uuid'], retry['attempt']))
+        rows.append(row)
+    return rows
+
+
+def selected_attempts(db, body, now):
+    """The jobs a retry's filter selects: ended in one of its states, not in a workflow, not
+    retried yet, oldest first."""
+    query = {k: text_field(body, k) for k in ('state', 'jobtype', 'user', 'site') if k in body}
+    if not query.get('state'):
+        fail(400, 'give the uuids of the jobs to retry, or a state (e.g. failed) to select them')
+    params, where = filters_from(query, JOB_FILTERS, TERMINAL_STATES + ('error',), also=())
+    since = number_field(body, 'since', None, 0, 10 ** 9)
+    params.update(since=None if since is None else seconds_before(now, since),
+                  limit=int_field(body, 'limit', DEFAULT_LIST, 1, MAX_LIST))
+    return db.execute(SELECT_RETRYABLE + where + RETRYABLE_SELECTED, params).fetchall()
+
+
+def insert_attempts(db, old_rows, now, state):
+    """A new attempt of each job, `defined` (queued at once) or `template` (released by its
+    workflow); its deadline, if it has one, counts from now."""
+    rows = [dict(old, uuid=str(uuidlib.uuid4()), state=state, now=now, retry_of=old['uuid'],
+                 attempt=old['attempt'] + 1, defined_at=now if state == 'defined' else None,
+                 deadline_at=None if old['deadline'] is None
+                 else seconds_before(now, -old['deadline']))
+            for old in old_rows]
+    db.executemany(INSERT_ATTEMPT, rows)
+    return rows
+
 # ---------------------------------------------------------------------------------------------
 # Brokerage: pilots, claims, reports, heartbeats, long polls
 # ---------------------------------------------------------------------------------------------
@@ -828,6 +995,13 @@ PILOT_FILTERS = {
     'site': 'site = :site',
     'host': 'host = :host',
 }
+# What a pilot may take. The claim statements below and the account of why a queued job waits
+# (job_waiting) are written with these same conditions, so that they cannot disagree. :site and
+# :jobtypes are the pilot's; TAKES_TYPE and NOT_BLOCKED are given the column of the job type.
+TAKES_SITE = "(site = '' OR site = :site)"
+IN_TIME = '(deadline_at IS NULL OR deadline_at > :now)'
+TAKES_TYPE = "(:jobtypes = '[]' OR %s IN (SELECT value FROM json_each(:jobtypes)))"
+NOT_BLOCKED = '%s NOT IN (SELECT value FROM json_each(:blocked))'
 # The claim: one statement takes the best queued job the pilot may run. It takes the write lock
 # before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
 # literal, and the queue index is named: with the (state, id) index the planner would read every
@@ -837,8 +1011,8 @@ CLAIM_JOB = """
 UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
  WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
               WHERE state = 'defined'
-                AND (site = '' OR site = :site)
-                AND (deadline_at IS NULL OR deadline_at > :now)
+                AND """ + TAKES_SITE + """
+                AND """ + IN_TIME + """
               ORDER BY priority DESC, defined_at, id
               LIMIT 1)
 RETURNING """ + JOB_COLUMNS
@@ -857,14 +1031,14 @@ WITH RECURSIVE queued (jobtype) AS (
 heads (id) AS (
     SELECT (SELECT id FROM jobs INDEXED BY jobs_type_queue
              WHERE state = 'defined' AND jobtype = queued.jobtype
-               AND (site = '' OR site = :site)
-               AND (deadline_at IS NULL OR deadline_at > :now)
+               AND """ + TAKES_SITE + """
+               AND """ + IN_TIME + """
              ORDER BY priority DESC, defined_at, id
              LIMIT 1)
       FROM queued
      WHERE queued.jobtype IS NOT NULL
-       AND queued.jobtype NOT IN (SELECT value FROM json_each(:blocked))
-       AND (:jobtypes = '[]' OR queued.jobtype IN (SELECT value FROM json_each(:jobtypes))))
+       AND """ + NOT_BLOCKED % 'queued.jobtype' + """
+       AND """ + TAKES_TYPE % 'queued.jobtype' + """)
 UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
  WHERE id = (SELECT head.id FROM heads JOIN jobs AS head ON head.id = heads.id
               ORDER BY head.priority DESC, head.defined_at, head.id
@@ -924,6 +1098,41 @@ PILOT_SEEN = 'UPDATE pilots SET last_seen = :now WHERE uuid = :pilot RETURNING s
 STOP_PILOT = """
 UPDATE pilots SET state = :state, stopped_at = :now, last_seen = :now
  WHERE uuid = :pilot AND state IN """ + SQL_LIVE_PILOT
+# Why a queued job waits: the claim's own conditions (TAKES_SITE, IN_TIME, TAKES_TYPE,
+# NOT_BLOCKED, BLOCKED_JOBTYPES and its queue order) asked about this one job.
+JOB_IN_TIME = 'SELECT ' + IN_TIME + ' AS in_time FROM jobs WHERE uuid = :uuid'
+JOB_PLACE = 'SELECT id, priority, defined_at FROM jobs WHERE uuid = :uuid'
+GET_JOBTYPE_CAP = """
+SELECT cap, (SELECT count(*) FROM jobs INDEXED BY jobs_active
+              WHERE state IN """ + SQL_ACTIVE + """ AND jobtype = :jobtype) AS active
+  FROM jobtypes WHERE name = :jobtype
+"""
+# The live pilots by what they may take; `free` are those not holding a job.
+LIVE_PILOT_KINDS = """
+SELECT site, jobtypes, count(*) AS n,
+       sum(CASE WHEN state IN ('active', 'idle') THEN 1 ELSE 0 END) AS free
+  FROM pilots WHERE state IN """ + SQL_LIVE_PILOT + """
+ GROUP BY site, jobtypes ORDER BY n DESC LIMIT :limit
+"""
+PILOT_MAY_TAKE = ('SELECT 1 FROM jobs WHERE uuid = :uuid AND ' + TAKES_SITE + ' AND '
+                  + TAKES_TYPE % 'jobtype')
+# The queued jobs such a pilot takes first: the claim's order is priority DESC, defined_at, id.
+COUNT_AHEAD = """
+SELECT count(*) FROM (
+  SELECT 1 FROM jobs
+   WHERE state = 'defined' AND """ + TAKES_SITE + ' AND ' + IN_TIME + """
+     AND """ + TAKES_TYPE % 'jobtype' + ' AND ' + NOT_BLOCKED % 'jobtype' + """
+     AND (-priority, defined_at, id) < (-:priority, :defined_at, :id)
+   LIMIT :cap)
+"""
+# A workflow's job waits for the parents that have not finished (PARENTS_FINISHED's test).
+WAITING_PARENTS = """
+SELECT DISTINCT parent.uuid, parent.name, parent.state
+  FROM data AS d JOIN jobs AS parent ON parent.uuid = d.sourceuuid
+ WHERE d.targetuuid = :uuid AND parent.state <> 'finished'
+ ORDER BY parent.name
+"""
+GET_WORKFLOW_STATE = 'SELECT state FROM workflows WHERE uuid = :workflow'
 
 
 def check_pilot(raw, now):
@@ -997,7 +1206,8 @@ def get_pilot(store, pilot_uuid):
 
 
 def list_pilots(store, query):
-    return [pilot_dict(r) for r in newest_rows(store, LIST_PILOTS, PILOT_FILTERS, query)]
+    return [pilot_dict(r) for r in newest_rows(store, LIST_PILOTS, PILOT_FILTERS, query,
+                                               PILOT_STATES)]
 
 
 def live_pilot(db, pilot_uuid):
@@ -1059,6 +1269,103 @@ def claim(db, params):
         process_metrics().claimed(job['jobtype'], seconds_between(job['defined_at'],
                                                                   job['dispatched_at']))
     return job
+
+
+def job_waiting(db, job, now):
+    """Why a queued job does not run yet, and since when: {since, seconds, reasons: [{code,
+    text}]}; None for a job that is not queued. The reasons are the claim's conditions asked
+    about this job, so they say what the claim does."""
+    if job['state'] not in QUEUED_STATES:
+        return None
+    since = job['defined_at'] or job['created_at']
+    reasons = (template_reasons(db, job) if job['state'] == 'template'
+               else queue_reasons(db, job, now))
+    return {'since': since, 'seconds': seconds_between(since, now), 'reasons': reasons}
+
+
+def reason(code, text):
+    return {'code': code, 'text': text}
+
+
+def template_reasons(db, job):
+    """A template waits for someone to define it, or for its workflow's engine."""
+    if not job['workflow']:
+        return [reason('template', 'it is a template: define it to queue it (p3s_job.py -a -u '
+                       '%s -s defined)' % job['uuid'])]
+    wf = db.execute(GET_WORKFLOW_STATE, job).fetchone()
+    if wf and wf['state'] == 'template':
+        return [reason('workflow', 'its workflow is a template: define it (p3s_workflow.py -m '
+                       '-u %s -s defined)' % job['workflow'])]
+    parents = db.execute(WAITING_PARENTS, job).fetchall()
+    return [reason('parents', 'it waits for its parents to finish: %s' % ', '.join(
+        '%s (%s)' % (p['name'], p['state']) for p in parents))] if parents else []
+
+
+def queue_reasons(db, job, now):
+    """A defined job: past its deadline, its type at its cap, no live pilot that may take it,
+    all of those busy, or other jobs first in the claim's order."""
+    params = dict(job, now=now, blocked=json.dumps([r['name'] for r in
+                                                     db.execute(BLOCKED_JOBTYPES)]))
+    reasons = []
+    if not db.execute(JOB_IN_TIME, params).fetchone()['in_time']:
+        reasons.append(reason('deadline', 'its deadline passed at %s: no pilot takes it, and '
+                              'housekeeping makes it stale' % job['deadline_at']))
+    if job['jobtype'] in json.loads(params['blocked']):
+        reasons.append(cap_reason(db, job['jobtype']))
+    kinds = db.execute(LIVE_PILOT_KINDS, {'limit': WAIT_PILOT_KINDS}).fetchall()
+    takers = [k for k in kinds
+              if db.execute(PILOT_MAY_TAKE, dict(params, site=k['site'],
+                                                 jobtypes=k['jobtypes'])).fetchone()]
+    if not takers:
+        return reasons + [no_pilot_reason(job, kinds)]
+    free = sum(k['free'] for k in takers)
+    if not free:
+        reasons.append(reason('busy', 'the %s that may run it %s busy with other jobs'
+                              % (count_of(sum(k['n'] for k in takers), 'live pilot'),
+                                 'is' if sum(k['n'] for k in takers) == 1 else 'are')))
+    params.update(db.execute(JOB_PLACE, params).fetchone(), cap=WAIT_AHEAD_CAP)
+    ahead = min(db.execute(COUNT_AHEAD, dict(params, site=k['site'], jobtypes=k['jobtypes']))
+                .fetchone()[0] for k in takers)
+    if ahead:
+        reasons.append(reason('behind', '%s%s first (higher priority, or defined earlier)'
+                              % ('more than ' * (ahead >= WAIT_AHEAD_CAP),
+                                 count_of(ahead, 'queued job') + (' comes' if ahead == 1
+                                                                  else ' come'))))
+    if not reasons:
+        reasons.append(reason('next', 'it is next: %s that may run it will take it at its next '
+                              'request' % count_of(free, 'free pilot')))
+    return reasons
+
+
+def cap_reason(db, jobtype):
+    cap = db.execute(GET_JOBTYPE_CAP, {'jobtype': jobtype}).fetchone()
+    if cap['cap'] == 0:
+        return reason('cap', 'its type %s is paused (cap 0; p3s_job.py -l -L N -T %s resumes it)'
+                      % (jobtype, jobtype))
+    return reason('cap', 'its type %s is at its cap: %d of %d dispatched or running '
+                  '(p3s_job.py -l -L N -T %s raises it)' % (jobtype, cap['active'], cap['cap'],
+                                                            jobtype))
+
+
+def no_pilot_reason(job, kinds):
+    needs = 'it needs a pilot %sthat takes type %s' % (
+        'of site %s ' % job['site'] if job['site'] else '', job['jobtype'])
+    if not kinds:
+        return reason('no_pilot', 'no pilot is live: %s (p3s_pilot.py starts one)' % needs)
+    return reason('no_pilot', 'no live pilot may run it: %s; the live ones: %s' % (
+        needs, '; '.join(pilot_kind(k) for k in kinds)))
+
+
+def pilot_kind(kind):
+    """'2 of site np04 taking reco, purity', '1 without a site taking any type'."""
+    types = ', '.join(json.loads(kind['jobtypes'])) or 'any type'
+    where = 'of site %s' % kind['site'] if kind['site'] else 'without a site'
+    return '%d %s taking %s' % (kind['n'], where, types)
+
+
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
 def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow):
@@ -1370,7 +1677,8 @@ VALUES (:uuid, :name, :dirpath, :datatype, :datatag, 'template', :comment, :work
         :sourceuuid, :target, :targetuuid, :now, :now)
 """
 GET_WORKFLOW_JOBS = """
-SELECT uuid, name, state, jobtype, priority, errcode, pilot, defined_at, started_at, stopped_at
+SELECT uuid, name, state, jobtype, priority, errcode, pilot, host, defined_at, started_at,
+       stopped_at, retry_of, attempt
   FROM jobs WHERE workflow = :workflow ORDER BY id
 """
 GET_WORKFLOW_DATA = ('SELECT ' + DATA_COLUMNS + ' FROM data WHERE workflow = :workflow'
@@ -1411,19 +1719,19 @@ UPDATE jobs SET state = CASE jobtype WHEN 'noop' THEN 'finished' ELSE 'defined' 
        stopped_at = CASE jobtype WHEN 'noop' THEN :now END,
        errcode = CASE jobtype WHEN 'noop' THEN 0 END
 """
-RELEASE_SOURCES = RELEASE_SET + """
- WHERE workflow = :workflow AND state = 'template'
-   AND NOT EXISTS (SELECT 1 FROM data WHERE targetuuid = jobs.uuid AND sourceuuid IS NOT NULL)
-RETURNING uuid, state, jobtype, site
-"""
-# AND-join: a child is released when the last of its parents has finished.
-RELEASE_CHILDREN = RELEASE_SET + """
- WHERE state = 'template'
-   AND uuid IN (SELECT targetuuid FROM data WHERE sourceuuid = :job)
+# AND-join: a job is released when the last of its parents has finished (a source at once).
+PARENTS_FINISHED = """
    AND NOT EXISTS (SELECT 1 FROM data AS d JOIN jobs AS parent ON parent.uuid = d.sourceuuid
                     WHERE d.targetuuid = jobs.uuid AND parent.state <> 'finished')
 RETURNING uuid, state, jobtype, site
 """
+# Every job of the workflow that may run now: its sources when it is defined; after a retry,
+# the new attempts whose parents have all finished.
+RELEASE_READY = RELEASE_SET + """
+ WHERE workflow = :workflow AND state = 'template'""" + PARENTS_FINISHED
+RELEASE_CHILDREN = RELEASE_SET + """
+ WHERE state = 'template'
+   AND uuid IN (SELECT targetuuid FROM data WHERE sourceuuid = :job)""" + PARENTS_FINISHED
 GET_FLOW_JOB = 'SELECT uuid, name, state, workflow FROM jobs WHERE uuid = :job'
 DATA_AVAILABLE = """
 UPDATE data SET state = 'available', updated_at = :now WHERE sourceuuid = :job AND state = 'defined'
@@ -1440,9 +1748,13 @@ FAIL_WORKFLOW = """
 UPDATE workflows SET state = 'failed', comment = :comment, stopped_at = :now
  WHERE uuid = :workflow AND state IN ('template', 'defined', 'running')
 """
+# A workflow started when its first job did, even when that job failed it at once (a short
+# job is reported only at its end, and the failure is applied first); defined becomes running.
 WORKFLOW_STARTED = """
-UPDATE workflows SET state = 'running', started_at = :now
- WHERE uuid = :workflow AND state = 'defined'
+UPDATE workflows SET state = CASE state WHEN 'defined' THEN 'running' ELSE state END,
+       started_at = (SELECT min(started_at) FROM jobs
+                      WHERE workflow = :workflow AND jobtype <> 'noop')
+ WHERE uuid = :workflow AND started_at IS NULL
    AND EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND jobtype <> 'noop'
                                     AND started_at IS NOT NULL)
 """
@@ -1451,10 +1763,44 @@ UPDATE workflows SET ndone = (SELECT count(*) FROM jobs WHERE workflow = :workfl
                                                       AND state = 'finished')
  WHERE uuid = :workflow
 """
+# Finished when every job has: an attempt that was retried counts through its retry.
 WORKFLOW_FINISHED = """
 UPDATE workflows SET state = 'finished', stopped_at = :now
  WHERE uuid = :workflow AND state IN ('defined', 'running')
-   AND NOT EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND state <> 'finished')
+   AND NOT EXISTS (SELECT 1 FROM jobs WHERE workflow = :workflow AND state <> 'finished'
+                                        AND """ + NOT_RETRIED + """)
+"""
+# Cancel: the workflow stops where it is and keeps its history. Queued jobs are cancelled;
+# running ones are killed, by their pilots at the next heartbeat.
+CANCEL_WORKFLOW = """
+UPDATE workflows SET state = 'cancelled', comment = :comment, stopped_at = :now
+ WHERE uuid = :workflow AND state IN ('template', 'defined', 'running')
+"""
+CANCEL_WORKFLOW_JOBS = """
+UPDATE jobs SET state = 'cancelled', stopped_at = :now
+ WHERE workflow = :workflow AND state IN """ + SQL_QUEUED
+KILL_WORKFLOW_JOBS = """
+UPDATE jobs SET state = 'killed', stopped_at = :now
+ WHERE workflow = :workflow AND state IN """ + SQL_ACTIVE + """
+RETURNING jobtype
+"""
+# Retry: a failed or cancelled workflow runs again. Each of its jobs that ended without
+# finishing (and has no retry yet) gets a new attempt, which takes the old one's place on the
+# workflow's data edges, so the engine sees the new attempts only.
+WORKFLOW_JOBS_TO_RETRY = 'SELECT ' + JOB_COLUMNS + """ FROM jobs
+ WHERE workflow = :workflow AND state IN """ + SQL_TERMINAL + """ AND state <> 'finished'
+   AND """ + NOT_RETRIED + """
+ ORDER BY id
+"""
+MOVE_DATA_SOURCE = 'UPDATE data SET sourceuuid = :uuid WHERE sourceuuid = :retry_of'
+MOVE_DATA_TARGET = 'UPDATE data SET targetuuid = :uuid WHERE targetuuid = :retry_of'
+MOVE_WORKFLOW_ROOT = """
+UPDATE workflows SET rootuuid = :uuid WHERE uuid = :workflow AND rootuuid = :retry_of
+"""
+RESUME_WORKFLOW = """
+UPDATE workflows SET state = CASE WHEN started_at IS NULL THEN 'defined' ELSE 'running' END,
+       comment = '', stopped_at = NULL, defined_at = coalesce(defined_at, :now)
+ WHERE uuid = :workflow AND state IN ('failed', 'cancelled')
 """
 
 
@@ -1471,8 +1817,8 @@ def parse_graphml(text):
     """A directed acyclic multigraph from GraphML text, or a 400 that says why not.
 
     The text is refused before parsing if it declares a DOCTYPE or entities (entity expansion
-    is the classic XML bomb) and read from the string itself (the original wrote a file in /tmp,
-    bug 8)."""
+    is the classic XML bomb) and read from the string itself (the original wrote it to a file in
+    /tmp first)."""
     if len(text.encode()) > MAX_GRAPHML:
         fail(413, 'GraphML larger than %d bytes' % MAX_GRAPHML)
     if XML_DECLARATIONS_RE.search(text):
@@ -1591,6 +1937,7 @@ def get_dag(store, name):
 
 
 def list_dags(store, query):
+    check_query(query, ('limit',))
     return [dict(r) for r in store.query(LIST_DAGS, {'limit': limit_from(query)})]
 
 
@@ -1683,6 +2030,9 @@ def workflow_data(wf, dag, jobs, policy, overrides, datatypes, now):
     rows = []
     for e in dag['edges']:
         key = '%s:%s' % (e['source'], e['target'])
+        if not e['datatype']:
+            fail(400, 'edge %s has no datatype: give every edge of the DAG a registered datatype '
+                 '(p3s_data.py -R registers one); nothing was created' % key)
         if e['datatype'] not in datatypes:
             fail(400, 'edge %s: unknown datatype %r: register it first (p3s_data.py -R); '
                  'nothing was created' % (key, e['datatype']))
@@ -1737,10 +2087,17 @@ def define_workflow(db, wf_uuid, now):
         fail(409, 'cannot define workflow %s: it is %s' % (wf_uuid, wf['state']))
     db.execute(SET_WORKFLOW_DEADLINE, params)
     db.execute(DEFINE_WORKFLOW_DATA, params)
-    sources = db.execute(RELEASE_SOURCES, params).fetchall()
-    woken = [(r['jobtype'], r['site']) for r in sources if r['state'] == 'defined']
-    woken += workflow_hook(db, [r['uuid'] for r in sources if r['state'] == 'finished'], now)
-    workflow_progress(db, wf_uuid, now)
+    return release_ready(db, params)
+
+
+def release_ready(db, params):
+    """Release the workflow's jobs whose parents have all finished (a released noop finishes
+    and releases its own children); returns who may be woken for the defined ones."""
+    ready = db.execute(RELEASE_READY, params).fetchall()
+    woken = [(r['jobtype'], r['site']) for r in ready if r['state'] == 'defined']
+    woken += workflow_hook(db, [r['uuid'] for r in ready if r['state'] == 'finished'],
+                           params['now'])
+    workflow_progress(db, params['workflow'], params['now'])
     return woken
 
 
@@ -1806,7 +2163,8 @@ def get_workflow(store, wf_uuid):
 
 
 def list_workflows(store, query):
-    return [dict(r) for r in newest_rows(store, LIST_WORKFLOWS, WORKFLOW_FILTERS, query)]
+    return [dict(r) for r in newest_rows(store, LIST_WORKFLOWS, WORKFLOW_FILTERS, query,
+                                         WORKFLOW_STATES)]
 
 
 def delete_workflow(store, wf_uuid, force=False):
@@ -1818,8 +2176,9 @@ def delete_workflow(store, wf_uuid, force=False):
             fail(404, 'no such workflow: %s' % wf_uuid)
         active = db.execute(COUNT_ACTIVE_WORKFLOW_JOBS, params).fetchone()[0]
         if active and not force:
-            fail(409, 'workflow %s has %d job(s) dispatched or running: give force to delete it '
-                 'anyway' % (wf_uuid, active))
+            fail(409, 'workflow %s has %d job(s) dispatched or running: cancel it to stop them '
+                 'and keep its history (p3s_workflow.py --cancel), or delete it anyway with '
+                 'force=1 (p3s_workflow.py -d --force)' % (wf_uuid, active))
         jobs, data = erase_workflow(db, params)
     return {'deleted': params['workflow'], 'jobs': jobs, 'data': data}
 
@@ -1830,6 +2189,52 @@ def erase_workflow(db, params):
     data = db.execute(DELETE_WORKFLOW_DATA, params).rowcount
     db.execute(DELETE_WORKFLOW, params)
     return jobs, data
+
+
+def cancel_workflow(store, wf_uuid, now):
+    """Stop a workflow and keep its history: its queued jobs are cancelled, its running ones
+    killed (their pilots stop the payloads at the next heartbeat), and it ends `cancelled`. A
+    workflow that failed already keeps its state; its jobs still live are stopped the same way."""
+    params = {'workflow': check_uuid(wf_uuid, 'workflow'), 'now': now}
+    with store.write() as db:
+        wf = db.execute(GET_WORKFLOW, params).fetchone()
+        if wf is None:
+            fail(404, 'no such workflow: %s' % wf_uuid)
+        if wf['state'] in ('finished', 'cancelled'):
+            fail(409, 'cannot cancel workflow %s: it is %s' % (wf_uuid, wf['state']))
+        cancelled = db.execute(CANCEL_WORKFLOW_JOBS, params).rowcount
+        killed = [r['jobtype'] for r in db.execute(KILL_WORKFLOW_JOBS, params)]
+        if wf['state'] == 'failed' and not (cancelled or killed):
+            fail(409, 'cannot cancel workflow %s: it failed, and none of its jobs is left to '
+                 'stop' % wf_uuid)
+        db.execute(CANCEL_WORKFLOW, dict(params, comment='cancelled on request: %s cancelled, '
+                                         '%s killed' % (count_of(cancelled, 'queued job'),
+                                                        count_of(len(killed), 'running job'))))
+    if killed:
+        wake_capped(store, names=sorted(set(killed)))
+    return get_workflow(store, wf_uuid)
+
+
+def retry_workflow(store, wf_uuid, now):
+    """Run a failed or cancelled workflow again: a new attempt of each job that ended without
+    finishing, in its place; those whose parents have all finished are released at once."""
+    params = {'workflow': check_uuid(wf_uuid, 'workflow'), 'now': now}
+    with store.write() as db:
+        wf = db.execute(GET_WORKFLOW, params).fetchone()
+        if wf is None:
+            fail(404, 'no such workflow: %s' % wf_uuid)
+        if wf['state'] not in ('failed', 'cancelled'):
+            fail(409, 'cannot retry workflow %s: it is %s; a failed or cancelled workflow is '
+                 'retried' % (wf_uuid, wf['state']))
+        old = db.execute(WORKFLOW_JOBS_TO_RETRY, params).fetchall()
+        for row in insert_attempts(db, old, now, 'template'):
+            for move in (MOVE_DATA_SOURCE, MOVE_DATA_TARGET, MOVE_WORKFLOW_ROOT):
+                db.execute(move, row)
+        db.execute(RESUME_WORKFLOW, params)
+        db.execute(DEFINE_WORKFLOW_DATA, params)
+        woken = release_ready(db, params)
+    store.wake(woken)
+    return get_workflow(store, wf_uuid)
 
 # ---------------------------------------------------------------------------------------------
 # DQM controls: dropping queued jobs, job type caps, sites, service messages
@@ -1990,6 +2395,7 @@ def add_service_message(store, raw, now):
 
 
 def list_service_messages(store, query):
+    check_query(query, ('name', 'limit'))
     params = {'name': query.get('name') or None, 'limit': limit_from(query)}
     return [dict(r) for r in store.query(LIST_SERVICES, params)]
 
@@ -2005,6 +2411,11 @@ INSERT INTO datatypes (name, ext, comment, created_at) VALUES (:name, :ext, :com
 ON CONFLICT (name) DO UPDATE SET ext = excluded.ext, comment = excluded.comment
 RETURNING """ + DATATYPE_COLUMNS
 DELETE_DATATYPE = 'DELETE FROM datatypes WHERE name = :name'
+# The DAGs whose edges name a datatype: workflows cannot be made from them without it.
+DAGS_USING_DATATYPE = """
+SELECT DISTINCT dags.name FROM dag_edges JOIN dags ON dags.id = dag_edges.dag
+ WHERE dag_edges.datatype = :name ORDER BY dags.name LIMIT :limit
+"""
 INSERT_DATA = """
 INSERT INTO data (uuid, name, dirpath, datatype, datatag, state, comment, workflow, source,
                   sourceuuid, target, targetuuid, created_at, updated_at)
@@ -2056,8 +2467,15 @@ def list_datatypes(store):
 
 
 def delete_datatype(store, name):
+    """Delete a datatype no DAG uses (a DAG that names a missing datatype is unusable)."""
+    params = {'name': name, 'limit': 6}
     with store.write() as db:
-        if not db.execute(DELETE_DATATYPE, {'name': name}).rowcount:
+        dags = [r['name'] for r in db.execute(DAGS_USING_DATATYPE, params)]
+        if dags:
+            fail(409, 'datatype %s is used by DAG %s%s: delete those DAGs first (p3s_workflow.py '
+                 '-d -w dag -n NAME) or replace them without it' % (
+                     name[:MAX_TEXT], ', '.join(dags[:5]), ' and others' if len(dags) > 5 else ''))
+        if not db.execute(DELETE_DATATYPE, params).rowcount:
             fail(404, 'no such datatype: %s' % name[:MAX_TEXT])
     return {'deleted': name}
 
@@ -2243,17 +2661,22 @@ MON_LATENCY = """
 SELECT (julianday(started_at) - julianday(defined_at)) * 86400.0 AS wait FROM jobs
  WHERE started_at >= :since AND defined_at IS NOT NULL ORDER BY started_at DESC LIMIT :cap
 """
+# Jobs ended per bucket: a bucket is the first :chars characters of a stored time (16: a
+# minute, 13: an hour).
 MON_THROUGHPUT = """
-SELECT substr(stopped_at, 1, 16) AS minute, sum(state = 'finished') AS finished,
+SELECT substr(stopped_at, 1, :chars) AS bucket, sum(state = 'finished') AS finished,
        sum(state <> 'finished') AS other
   FROM jobs INDEXED BY jobs_ended
- WHERE state IN (SELECT value FROM json_each(:states)) AND stopped_at >= :since GROUP BY minute
+ WHERE state IN (SELECT value FROM json_each(:states)) AND stopped_at >= :since GROUP BY bucket
 """
 MON_WAITING = """
 SELECT count(*) AS n, min(defined_at) AS oldest FROM jobs INDEXED BY jobs_queue
  WHERE state = 'defined' AND defined_at < :cutoff
 """
 MON_PILOTS_LOST = "SELECT count(*) FROM pilots WHERE state = 'lost' AND stopped_at >= :since"
+MON_WORKFLOWS_FAILED = """
+SELECT count(*) FROM workflows WHERE state = 'failed' AND stopped_at >= :since
+"""
 MON_JOBTYPE_CAPS = 'SELECT name, cap FROM jobtypes WHERE cap IS NOT NULL ORDER BY name'
 MON_COUNT_WORKFLOWS = 'SELECT state, count(*) AS n FROM workflows GROUP BY state'
 
@@ -2322,49 +2745,80 @@ def latency(db, now):
     return {'n': len(waits), 'p50': percentile(waits, 0.50), 'p95': percentile(waits, 0.95)}
 
 
-def throughput(db, now, minutes=60):
-    """Jobs ended per minute over the last hour, oldest first, with empty minutes as zeros."""
-    start = datetime.fromisoformat(seconds_before(now, (minutes - 1) * 60)).replace(second=0,
-                                                                             microsecond=0)
-    found = {r['minute']: r for r in db.execute(MON_THROUGHPUT, {
-        'since': start.isoformat(timespec='microseconds'), 'states': json.dumps(TERMINAL_STATES)})}
+def throughput(db, now, span=MON_SPANS[0][0]):
+    """Jobs ended per bucket over a span (a minute over the last hour, an hour over the last
+    24 h or 7 days), oldest first, with empty buckets as zeros: [{start, finished, other}]."""
+    spans = {name: rest for name, *rest in MON_SPANS}
+    if span not in spans:
+        fail(400, 'throughput is one of %s, not %r' % (', '.join(spans), span[:32]))
+    buckets, seconds, chars = spans[span]
+    start = datetime.fromisoformat(seconds_before(now, (buckets - 1) * seconds))
+    start = start.replace(second=0, microsecond=0, minute=start.minute if seconds < 3600 else 0)
+    found = {r['bucket']: r for r in db.execute(MON_THROUGHPUT, {
+        'since': start.isoformat(timespec='microseconds'), 'chars': chars,
+        'states': json.dumps(TERMINAL_STATES)})}
     out = []
-    for i in range(minutes):
-        minute = (start + timedelta(minutes=i)).isoformat()[:16]
-        r = found.get(minute)
-        out.append({'minute': minute, 'finished': r['finished'] if r else 0,
+    for i in range(buckets):
+        at = (start + timedelta(seconds=i * seconds)).isoformat(timespec='microseconds')
+        r = found.get(at[:chars])
+        out.append({'start': at, 'finished': r['finished'] if r else 0,
                     'other': r['other'] if r else 0})
     return out
 
 
-def checklist(db, now, jobs, pilots, types, caps):
-    """What is wrong, said plainly: a list of {check, status (ok|warn|fail), detail, link}."""
+def checklist(db, now, jobs, pilots, types, caps, ended):
+    """What is wrong, said plainly: a list of {check, status (ok|warn|fail), detail, link}.
+    `ended`: jobs ended in the last hour, by state."""
     live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
     queued = jobs.get('defined', 0)
     checks = []
     if live:
-        checks.append(check('Live pilots', 'ok', '%d live pilots, %d idle'
-                            % (live, pilots.get('idle', 0)), '/monitor/pilots?state=' +
-                            ','.join(LIVE_PILOT_STATES)))
+        checks.append(check('Live pilots', 'ok', '%s, %d idle'
+                            % (count_of(live, 'live pilot'), pilots.get('idle', 0)),
+                            '/monitor/pilots?state=' + ','.join(LIVE_PILOT_STATES)))
     else:
         checks.append(check('Live pilots', 'fail' if queued else 'warn',
-                            'No live pilots: %d queued jobs cannot run' % queued
+                            'No live pilots: %s cannot run' % count_of(queued, 'queued job')
                             if queued else 'No live pilots (no job is waiting either)',
                             '/monitor/pilots'))
     waiting = db.execute(MON_WAITING, {'cutoff': seconds_before(now, MON_WAIT_ALARM)}).fetchone()
     if waiting['n']:
-        checks.append(check('Queue', 'fail', '%d jobs have waited longer than %d min (the oldest '
-                            'since %s)' % (waiting['n'], MON_WAIT_ALARM // 60,
-                                           local_time(waiting['oldest'])),
+        checks.append(check('Queue', 'fail', '%s waited longer than %d min (the oldest since %s)'
+                            % (count_of(waiting['n'], 'job') + (' has' if waiting['n'] == 1
+                                                                 else ' have'),
+                               MON_WAIT_ALARM // 60, local_time(waiting['oldest'])),
                             '/monitor/jobs?state=defined&sort=defined_at'))
     else:
         checks.append(check('Queue', 'ok', 'no job has waited longer than %d min (%d queued)'
                             % (MON_WAIT_ALARM // 60, queued), '/monitor/jobs?state=defined'))
-    lost = db.execute(MON_PILOTS_LOST, {'since': seconds_before(now, 3600)}).fetchone()[0]
+    hour_ago = seconds_before(now, 3600)
+    lost = db.execute(MON_PILOTS_LOST, {'since': hour_ago}).fetchone()[0]
     checks.append(check('Lost pilots', 'warn' if lost else 'ok',
-                        '%d pilots lost in the last hour' % lost, '/monitor/pilots?state=lost'))
+                        '%s lost in the last hour' % count_of(lost, 'pilot'),
+                        '/monitor/pilots?state=lost'))
+    checks.append(failed_jobs_check(ended))
+    failed = db.execute(MON_WORKFLOWS_FAILED, {'since': hour_ago}).fetchone()[0]
+    checks.append(check('Failed workflows', 'warn' if failed else 'ok',
+                        '%s failed in the last hour' % count_of(failed, 'workflow'),
+                        '/monitor/workflows?state=failed&sort=-stopped_at'))
     checks.extend(cap_checks(types, caps))
     return checks
+
+
+def failed_jobs_check(ended):
+    """Jobs that ended badly in the last hour: a warning if any, a failure when they are many
+    and at least half of all that ended."""
+    bad = {s: ended.get(s, 0) for s in BAD_END_STATES if ended.get(s)}
+    n = sum(bad.values())
+    link = '/monitor/jobs?state=%s&sort=-stopped_at' % ','.join(BAD_END_STATES)
+    if not n:
+        return check('Failed jobs', 'ok', 'no job ended badly in the last hour (%d finished)'
+                     % ended.get('finished', 0), link)
+    share = n / (n + ended.get('finished', 0))
+    status = 'fail' if n >= MON_FAIL_MIN and share >= MON_FAIL_SHARE else 'warn'
+    return check('Failed jobs', status, '%s ended badly in the last hour (%s), %d%% of those '
+                 'that ended' % (count_of(n, 'job'), ', '.join('%d %s' % (bad[s], s) for s in bad),
+                                 round(100 * share)), link)
 
 
 def cap_checks(types, caps):
@@ -2384,24 +2838,28 @@ def check(name, status, detail, link):
     return {'check': name, 'status': status, 'detail': detail, 'link': link}
 
 
-def summary(store, now, started=None):
-    """The dashboard's numbers (and GET /api/summary): the original's /?out=json, extended."""
+def summary(store, now, started=None, span=None):
+    """The dashboard's numbers (and GET /api/summary): the original's /?out=json, extended.
+    `span`: the throughput's, 1h (the default), 24h or 7d."""
     base = counts(store)
     with store.read() as db:
-        return dashboard_numbers(db, base, now, started or now)
+        return dashboard_numbers(db, base, now, started or now, span or MON_SPANS[0][0])
 
 
-def dashboard_numbers(db, base, now, started):
+def dashboard_numbers(db, base, now, started, span):
     types = jobtype_counts(db, now)
     caps = jobtype_caps(db)
     workflows = {r['state']: r['n'] for r in db.execute(MON_COUNT_WORKFLOWS)}
+    rows = timeline(db, now)
+    hour = [w for w, _ in MON_WINDOWS].index('1 h')
+    ended = {state: n[hour] for state, n in rows.items()}
     return dict(base, workflows=workflows, time=now, timezone=local_zone(),
                 host=socket.gethostname(),
                 uptime=round(seconds_between(started, now) or 0),
-                windows=[w for w, _ in MON_WINDOWS], timeline=timeline(db, now),
+                windows=[w for w, _ in MON_WINDOWS], timeline=rows,
                 jobtypes=types, caps=caps, latency=latency(db, now),
-                throughput=throughput(db, now),
-                checks=checklist(db, now, base['jobs'], base['pilots'], types, caps))
+                throughput=throughput(db, now, span), throughput_span=span,
+                checks=checklist(db, now, base['jobs'], base['pilots'], types, caps, ended))
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
@@ -2618,6 +3076,16 @@ def api_delete_job(job_uuid):
     return delete_job(store(), job_uuid)
 
 
+@app.post('/api/jobs/<job_uuid>/retry')
+def api_retry_job(job_uuid):
+    return retry_job(store(), job_uuid, utcnow())
+
+
+@app.post('/api/jobs/retry')
+def api_retry_jobs():
+    return retry_selection(store(), json_body(), utcnow())
+
+
 @app.post('/api/pilots')
 def api_register_pilot():
     pilot = register_pilot(store(), json_body(), utcnow())
@@ -2713,6 +3181,16 @@ def api_get_workflow(wf_uuid):
 @app.post('/api/workflows/<wf_uuid>/state')
 def api_set_workflow_state(wf_uuid):
     return set_workflow_state(store(), wf_uuid, json_body(), utcnow())
+
+
+@app.post('/api/workflows/<wf_uuid>/cancel')
+def api_cancel_workflow(wf_uuid):
+    return cancel_workflow(store(), wf_uuid, utcnow())
+
+
+@app.post('/api/workflows/<wf_uuid>/retry')
+def api_retry_workflow(wf_uuid):
+    return retry_workflow(store(), wf_uuid, utcnow())
 
 
 @app.delete('/api/workflows/<wf_uuid>')
@@ -2812,7 +3290,8 @@ def api_delete_data(data_uuid):
 
 @app.get('/api/summary')
 def api_summary():
-    return summary(store(), utcnow(), app.config.get('p3s.started'))
+    return summary(store(), utcnow(), app.config.get('p3s.started'),
+                   request.query.get('throughput'))
 
 
 @app.get('/metrics')
@@ -2827,7 +3306,7 @@ def api_metrics():
 # only lay them out and escape them ({{x}} everywhere).
 
 MON_JOB_COLUMNS = ('uuid, name, user, jobtype, priority, state, site, pilot, host, errcode, '
-                   'workflow, defined_at, started_at, stopped_at')
+                   'workflow, defined_at, started_at, stopped_at, retry_of, attempt')
 MON_PILOT_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE pilot = :pilot'
                   ' ORDER BY id DESC LIMIT :limit')
 # Listing sorts: ?sort=KEY or ?sort=-KEY picks one of these fixed ORDER BY fragments.
@@ -2886,22 +3365,25 @@ class Page:
            ('Data', '/monitor/data'), ('Datatypes', '/monitor/datatypes'),
            ('Sites', '/monitor/sites'), ('Services', '/monitor/services'))
 
-    def __init__(self, title, query):
+    def __init__(self, title, query, refresh='0'):
+        """`refresh`: the page's own period when none was chosen. A choice (?refresh=) is
+        carried by every link; a value not offered means never."""
         self.title = title
         self.query = query
-        refresh = query.get('refresh', '')
-        self.refresh = refresh if refresh in MON_REFRESH else ''
+        given = query.get('refresh', '')
+        self.chosen = (given if given in MON_REFRESH else '0') if given else ''
+        self.refresh = self.chosen or refresh
         self.now = local_time(utcnow())
         self.zone = local_zone()
         self.nav = [(label, self.href(path)) for label, path in self.NAV]
-        self.refresh_links = [(r + ' s' if r else 'never', self.here(refresh=r), r == self.refresh)
-                              for r in MON_REFRESH]
+        self.refresh_links = [(r + ' s' if r != '0' else 'never', self.here(refresh=r),
+                               r == self.refresh) for r in MON_REFRESH]
 
     def href(self, path, **params):
         """A link that keeps the chosen refresh period."""
         params = {k: v for k, v in params.items() if v not in (None, '')}
-        if self.refresh:
-            params['refresh'] = self.refresh
+        if self.chosen:
+            params['refresh'] = self.chosen
         if not params:
             return path
         return path + ('&' if '?' in path else '?') + urllib.parse.urlencode(params)
@@ -2910,8 +3392,8 @@ class Page:
         """This page's own link with some query parameters changed."""
         items = [(k, v) for k, v in self.query.allitems() if k not in changes and k != 'refresh']
         items += [(k, v) for k, v in changes.items() if v not in (None, '')]
-        if self.refresh and 'refresh' not in changes:
-            items.append(('refresh', self.refresh))
+        if self.chosen and 'refresh' not in changes:
+            items.append(('refresh', self.chosen))
         qs = urllib.parse.urlencode(items)
         return request.path + ('?' + qs if qs else '')
 
@@ -2922,8 +3404,27 @@ def not_found(page, what, ident):
     raise bottle.HTTPResponse(body, status=404)
 
 
-def cell(text, href='', cls=''):
-    return {'text': '' if text is None else str(text), 'href': href, 'cls': cls}
+def refused_page(page, refusal):
+    """A monitor request that cannot be answered (an unknown state, filter or sort key): the
+    reason on an HTML page, with the status the API would give."""
+    page.title = 'Cannot show this'
+    body = bottle.template('refused', page=page, message=refusal.message)
+    raise bottle.HTTPResponse(body, status=refusal.status)
+
+
+def cell(text, href='', cls='', title=''):
+    """A table cell. A listing clips long text, so the whole of it is also its hover title."""
+    text = '' if text is None else str(text)
+    return {'text': text, 'href': href, 'cls': cls,
+            'title': title or (text if len(text) > MON_CLIP else '')}
+
+
+def time_cell(iso):
+    """A time in a listing, short: the clock time if it is today, else the day and minute;
+    the whole of it on hover."""
+    full = local_time(iso)
+    return cell(full[11:] if full[:10] == local_time(utcnow())[:10] else full[5:16],
+                cls='time', title=full)
 
 
 def short(uuid):
@@ -2963,7 +3464,9 @@ def dashboard_view(page, s):
                   for t, n in s['jobtypes'].items()],
         'caps': s['caps'],
         'latency': {k: duration(v) if k != 'n' else v for k, v in s['latency'].items()},
-        'chart': chart(s['throughput']),
+        'chart': chart(s['throughput'], s['throughput_span']),
+        'spans': [(name, page.here(throughput=name), name == s['throughput_span'])
+                  for name, *_ in MON_SPANS],
         'host': s['host'], 'uptime': duration(s['uptime']),
     }
 
@@ -2978,29 +3481,42 @@ def timeline_href(page, row):
 CHART_W, CHART_H = 600, 120
 
 
-def chart(minutes):
-    """Bars of jobs ended per minute (finished, and others stacked on top) as SVG geometry."""
-    top = max([m['finished'] + m['other'] for m in minutes] + [1])
-    step = CHART_W / len(minutes)
+# What the throughput chart of each span says: (caption, where a bar's time starts and ends
+# in a local time 'YYYY-MM-DD HH:MM:SS', its unit)
+CHART_SPANS = {'1h': ('per minute, last hour', 11, 16, 'min'),
+               '24h': ('per hour, last 24 h', 11, 16, 'h'),
+               '7d': ('per hour, last 7 days', 5, 16, 'h')}
+
+
+def chart(buckets, span):
+    """Bars of jobs ended per bucket (finished, and others stacked on top) as SVG geometry."""
+    caption, first, last, unit = CHART_SPANS[span]
+    top = max([m['finished'] + m['other'] for m in buckets] + [1])
+    step = CHART_W / len(buckets)
     bars = []
-    for i, m in enumerate(minutes):
+    for i, m in enumerate(buckets):
         hf = CHART_H * m['finished'] / top
         ho = CHART_H * m['other'] / top
-        when = local_time(m['minute'] + ':00+00:00')[11:16]
-        bars.append({'x': round(i * step + 1, 1), 'w': round(step - 2, 1),
+        when = local_time(m['start'])[first:last]
+        bars.append({'x': round(i * step + 0.5, 1), 'w': round(max(step - 1, 1), 1),
                      'yf': round(CHART_H - hf, 1), 'hf': round(hf, 1),
                      'yo': round(CHART_H - hf - ho, 1), 'ho': round(ho, 1),
                      'title': '%s: %d finished, %d other' % (when, m['finished'], m['other'])})
-    first = local_time(minutes[0]['minute'] + ':00+00:00')[11:16]
-    last = local_time(minutes[-1]['minute'] + ':00+00:00')[11:16]
-    return {'w': CHART_W, 'h': CHART_H, 'bars': bars, 'top': top, 'first': first, 'last': last,
-            'total': sum(m['finished'] for m in minutes)}
+    return {'w': CHART_W, 'h': CHART_H, 'bars': bars, 'top': top, 'unit': unit,
+            'caption': caption, 'first': local_time(buckets[0]['start'])[first:last],
+            'last': local_time(buckets[-1]['start'])[first:last],
+            'total': sum(m['finished'] for m in buckets),
+            'others': sum(m['other'] for m in buckets)}
 
 
 @app.get('/')
 def monitor_dashboard():
-    page = Page('Dashboard', request.query)
-    d = dashboard_view(page, summary(store(), utcnow(), app.config.get('p3s.started')))
+    page = Page('Dashboard', request.query, MON_DASHBOARD_REFRESH)
+    try:
+        d = dashboard_view(page, summary(store(), utcnow(), app.config.get('p3s.started'),
+                                         request.query.get('throughput')))
+    except Refused as e:
+        refused_page(page, e)
     d['services'] = [dict(m, when=local_time(m['created_at']),
                           href=page.href('/monitor/services', name=m['name']))
                      for m in list_service_messages(store(), {'limit': DASHBOARD_SERVICES})]
@@ -3012,20 +3528,25 @@ def monitor_dashboard():
 
 
 def page_number(query, key, default, allowed=None):
+    """?page= or ?perpage=: a whole number, at least 1 (or one of `allowed`)."""
+    text = query.get(key) or str(default)
     try:
-        value = int(query.get(key, default))
+        value = int(text)
     except ValueError:
-        value = default
-    if allowed is not None and value not in allowed:
-        return default
-    return max(value, 1)
+        fail(400, '%s must be a whole number, not %r' % (key, text[:32]))
+    if value < 1 or (allowed and value not in allowed):
+        fail(400, '%s must be %s' % (key, 'one of ' + ', '.join(map(str, allowed)) if allowed
+                                     else 'at least 1'))
+    return value
 
 
-def listing(db, table, columns, query, filters, orders):
+def listing(db, table, columns, query, filters, orders, known_states):
     """One page of a filtered, sorted table: (rows, matches up to MON_COUNT_CAP, paging)."""
-    params, where = filters_from(query, filters)
-    sort = query.get('sort', '-id')
-    sort = sort if sort in orders else '-id'
+    params, where = filters_from(query, filters, known_states, also=MON_LISTING_KEYS)
+    sort = query.get('sort') or '-id'
+    if sort not in orders:
+        fail(400, 'unknown sort key %r: this listing sorts by %s (a - in front: descending)'
+             % (sort[:32], ', '.join(k for k in orders if not k.startswith('-'))))
     perpage = page_number(query, 'perpage', 50, MON_PERPAGE)
     number = page_number(query, 'page', 1)
     params.update(limit=perpage, offset=(number - 1) * perpage, cap=MON_COUNT_CAP)
@@ -3036,16 +3557,33 @@ def listing(db, table, columns, query, filters, orders):
     return rows, matches, {'sort': sort, 'perpage': perpage, 'page': number}
 
 
+# A listing's table fits its page: its columns share the width, the short ones (a width each,
+# static/p3s.css) by kind, and a long text is clipped, all of it on hover. Kinds by header label:
+COLUMN_KINDS = dict([(label, 'id') for label in ('job', 'pilot', 'workflow', 'data', 'from',
+                                                  'to')]
+                    + [(label, 'num') for label in ('prio', 'exit', 'vertices', 'edges',
+                                                    'period', 'cycles', 'beat', 'wait',
+                                                    'timelimit', 'priority')]
+                    + [(label, 'time') for label in ('defined', 'started', 'stopped', 'created',
+                                                     'updated', 'registered', 'last seen',
+                                                     'time')]
+                    + [(label, 'duration') for label in ('ran', 'life', 'lifetime',
+                                                         'jobs done', 'pilots (nominal)')]
+                    + [(label, 'short') for label in ('user', 'type', 'tag', 'site', 'ext',
+                                                      'batch id', 'jobtype', 'datatype',
+                                                      'datatag', 'service')]
+                    + [('state', 'state')])
+
+
 def sort_headers(page, columns, sort):
     """Column headers; a sortable one links to its sort, descending first."""
     heads = []
     for key, label in columns:
-        if key is None:
-            heads.append({'label': label, 'href': '', 'mark': ''})
-            continue
-        mark = '▼' if sort == '-' + key else '▲' if sort == key else ''
-        heads.append({'label': label, 'mark': mark,
-                      'href': page.here(sort=key if sort == '-' + key else '-' + key, page='')})
+        head = {'label': label, 'href': '', 'mark': '', 'cls': COLUMN_KINDS.get(label, '')}
+        if key is not None:
+            head.update(mark='▼' if sort == '-' + key else '▲' if sort == key else '',
+                        href=page.here(sort=key if sort == '-' + key else '-' + key, page=''))
+        heads.append(head)
     return heads
 
 
@@ -3064,45 +3602,60 @@ def filter_form(page, states, fields, paging):
             'states': [(s, s in checked) for s in states],
             'fields': [(f, page.query.get(f, '')) for f in fields],
             'perpage': [(n, n == paging['perpage']) for n in MON_PERPAGE],
-            'hidden': [(k, v) for k, v in (('sort', paging['sort']), ('refresh', page.refresh))
+            'hidden': [(k, v) for k, v in (('sort', paging['sort']), ('refresh', page.chosen))
                        if v]}
 
 
 JOB_LIST_HEADS = (('id', 'job'), ('name', 'name'), ('user', 'user'), ('jobtype', 'type'),
                   ('priority', 'prio'), ('state', 'state'), ('errcode', 'exit'), ('site', 'site'),
-                  (None, 'pilot'), ('defined_at', 'defined'), ('started_at', 'started'),
-                  ('stopped_at', 'stopped'), (None, 'ran'))
+                  (None, 'workflow'), (None, 'pilot'), (None, 'host'), ('defined_at', 'defined'),
+                  ('started_at', 'started'), ('stopped_at', 'stopped'), (None, 'ran'))
 
 
 def job_cells(page, r):
     return [cell(short(r['uuid']), page.href('/monitor/jobs/' + r['uuid'])),
-            cell(r['name']), cell(r['user']), cell(r['jobtype']), cell(r['priority'], cls='num'),
+            cell(r['name'] + (' (attempt %d)' % r['attempt'] if r['attempt'] > 1 else '')),
+            cell(r['user']), cell(r['jobtype']), cell(r['priority'], cls='num'),
             cell(r['state'], cls='state ' + r['state']),
             cell(r['errcode'], cls='num' + (' bad' if r['errcode'] else '')), cell(r['site']),
-            cell(short(r['pilot']), page.href('/monitor/pilots/' + r['pilot']) if r['pilot'] else ''),
-            cell(local_time(r['defined_at'])), cell(local_time(r['started_at'])),
-            cell(local_time(r['stopped_at'])),
+            link_cell(page, '/monitor/workflows/', r['workflow']),
+            link_cell(page, '/monitor/pilots/', r['pilot']), cell(r['host']),
+            time_cell(r['defined_at']), time_cell(r['started_at']), time_cell(r['stopped_at']),
             cell(duration(seconds_between(r['started_at'], r['stopped_at'])), cls='num')]
 
 
-PILOT_LIST_HEADS = (('id', 'pilot'), ('host', 'host'), ('site', 'site'), ('state', 'state'),
-                    (None, 'job'), ('jobs_done', 'jobs done'), ('registered_at', 'registered'),
-                    ('last_seen', 'last seen'), ('stopped_at', 'stopped'), (None, 'life'))
+def link_cell(page, path, uuid, text=None):
+    """A short uuid (or `text`) linking to its page; empty without a uuid."""
+    return cell(text or short(uuid), page.href(path + uuid) if uuid else '', title=uuid or '')
+
+
+PILOT_LIST_HEADS = (('id', 'pilot'), ('host', 'host'), ('site', 'site'), (None, 'batch id'),
+                    ('state', 'state'), (None, 'job'), ('jobs_done', 'jobs done'),
+                    ('registered_at', 'registered'), ('last_seen', 'last seen'),
+                    ('stopped_at', 'stopped'), (None, 'life'))
 
 
 def pilot_cells(page, r):
     return [cell(short(r['uuid']), page.href('/monitor/pilots/' + r['uuid'])),
-            cell(r['host']), cell(r['site']), cell(r['state'], cls='state ' + r['state']),
-            cell(short(r['job']), page.href('/monitor/jobs/' + r['job']) if r['job'] else ''),
-            cell(r['jobs_done'], cls='num'), cell(local_time(r['registered_at'])),
-            cell(local_time(r['last_seen'])), cell(local_time(r['stopped_at'])),
+            cell(r['host']), cell(r['site']), cell(r['extra']),
+            cell(r['state'], cls='state ' + r['state']),
+            link_cell(page, '/monitor/jobs/', r['job']),
+            cell(r['jobs_done'], cls='num'), time_cell(r['registered_at']),
+            time_cell(r['last_seen']), time_cell(r['stopped_at']),
             cell(duration(seconds_between(r['registered_at'], r['last_seen'])), cls='num')]
 
 
-def list_page(title, table, columns, filters, orders, heads, cells, states, fields):
+def list_page(title, table, columns, filters, orders, heads, cells, states, fields,
+              free_states=False):
+    """A listing page; `states` are offered in its form and are the only ones it takes, unless
+    `free_states` (data, whose clients add states of their own)."""
     page = Page(title, request.query)
-    with store().read() as db:
-        rows, matches, paging = listing(db, table, columns, request.query, filters, orders)
+    try:
+        with store().read() as db:
+            rows, matches, paging = listing(db, table, columns, request.query, filters, orders,
+                                            None if free_states else states)
+    except Refused as e:
+        refused_page(page, e)
     return bottle.template('list', page=page, heads=sort_headers(page, heads, paging['sort']),
                            rows=[cells(page, r) for r in rows],
                            pager=pager(page, matches, paging, len(rows)),
@@ -3129,12 +3682,11 @@ WORKFLOW_LIST_HEADS = (('id', 'workflow'), ('name', 'name'), ('user', 'user'), (
 
 
 def workflow_cells(page, r):
-    return [cell(short(r['uuid']), page.href('/monitor/workflows/' + r['uuid'])),
+    return [link_cell(page, '/monitor/workflows/', r['uuid']),
             cell(r['name']), cell(r['user']), cell(r['dag'], dag_href(page, r['dag'])),
             cell(r['state'], cls='state ' + r['state']),
             cell('%d of %d' % (r['ndone'], r['nvertices']), cls='num'),
-            cell(local_time(r['created_at'])), cell(local_time(r['started_at'])),
-            cell(local_time(r['stopped_at'])),
+            time_cell(r['created_at']), time_cell(r['started_at']), time_cell(r['stopped_at']),
             cell(duration(seconds_between(r['started_at'], r['stopped_at'])), cls='num'),
             cell(r['comment'])]
 
@@ -3151,7 +3703,7 @@ DAG_LIST_HEADS = (('name', 'name'), ('user', 'user'), (None, 'description'),
 def dag_cells(page, r):
     return [cell(r['name'], dag_href(page, r['name'])), cell(r['user']), cell(r['description']),
             cell(r['nvertices'], cls='num'), cell(r['nedges'], cls='num'), cell(r['root']),
-            cell(local_time(r['created_at'])),
+            time_cell(r['created_at']),
             cell('its workflows', page.href('/monitor/workflows', dag=r['name']))]
 
 
@@ -3162,17 +3714,15 @@ DATA_LIST_HEADS = (('id', 'data'), ('name', 'name'), (None, 'dirpath'), ('dataty
 
 
 def data_cells(page, r):
-    def job_href(job_uuid):
-        return page.href('/monitor/jobs/' + job_uuid) if job_uuid else ''
-    return [cell(short(r['uuid'])), cell(r['name']), cell(r['dirpath']),
+    """A data file; its jobs are named by their vertex, or (a file injected for jobs) by uuid."""
+    return [link_cell(page, '/monitor/data/', r['uuid']), cell(r['name']), cell(r['dirpath']),
             cell(r['datatype'], page.href('/monitor/datatypes', name=r['datatype'])
                  if r['datatype'] else ''),
             cell(r['datatag']), cell(r['state'], cls='state ' + r['state']),
-            cell(short(r['workflow']), page.href('/monitor/workflows/' + r['workflow'])
-                 if r['workflow'] else ''),
-            cell(r['source'], job_href(r['sourceuuid'])),
-            cell(r['target'], job_href(r['targetuuid'])), cell(local_time(r['created_at'])),
-            cell(local_time(r['updated_at'])), cell(r['comment'])]
+            link_cell(page, '/monitor/workflows/', r['workflow']),
+            link_cell(page, '/monitor/jobs/', r['sourceuuid'], r['source']),
+            link_cell(page, '/monitor/jobs/', r['targetuuid'], r['target']),
+            time_cell(r['created_at']), time_cell(r['updated_at']), cell(r['comment'])]
 
 
 DATATYPE_LIST_HEADS = (('name', 'name'), ('ext', 'ext'), (None, 'comment'),
@@ -3180,7 +3730,7 @@ DATATYPE_LIST_HEADS = (('name', 'name'), ('ext', 'ext'), (None, 'comment'),
 
 
 def datatype_cells(page, r):
-    return [cell(r['name']), cell(r['ext']), cell(r['comment']), cell(local_time(r['created_at'])),
+    return [cell(r['name']), cell(r['ext']), cell(r['comment']), time_cell(r['created_at']),
             cell('its data', page.href('/monitor/data', datatype=r['name']))]
 
 
@@ -3201,7 +3751,7 @@ def monitor_dags():
 def monitor_data():
     return list_page('Data', 'data', DATA_COLUMNS, DATA_FILTERS, MON_DATA_ORDER,
                      DATA_LIST_HEADS, data_cells, DATA_STATES,
-                     ('workflow', 'datatype', 'name'))
+                     ('workflow', 'datatype', 'name'), free_states=True)
 
 
 @app.get('/monitor/datatypes')
@@ -3220,7 +3770,7 @@ def site_cells(page, r):
     return [cell(r['name']), cell(r['period'], cls='num'), cell(r['cycles'], cls='num'),
             cell(r['beat'], cls='num'), cell(r['wait'], cls='num'), cell(r['pilots'], cls='num'),
             cell(duration(r['lifetime']), cls='num'), cell(r['env']), cell(r['comment']),
-            cell(local_time(r['updated_at'])),
+            time_cell(r['updated_at']),
             cell('pilots', page.href('/monitor/pilots', site=r['name'])),
             cell('jobs', page.href('/monitor/jobs', site=r['name']))]
 
@@ -3229,7 +3779,7 @@ SERVICE_LIST_HEADS = (('created_at', 'time'), ('name', 'service'), (None, 'messa
 
 
 def service_cells(page, r):
-    return [cell(local_time(r['created_at'])),
+    return [time_cell(r['created_at']),
             cell(r['name'], page.href('/monitor/services', name=r['name'])),
             cell(r['message'], cls='wrap')]
 
@@ -3265,22 +3815,42 @@ def field_rows(page, obj, links):
 
 @app.get('/monitor/jobs/<job_uuid>')
 def monitor_job(job_uuid):
+    """Every field of a job, how long it waited and ran, why it waits if it is queued (the
+    claim's own reasons), its attempts, and the tails of its output."""
     page = Page('Job', request.query)
-    row = store().one(GET_JOB, {'uuid': job_uuid.lower()})
-    if row is None:
+    try:
+        job = get_job(store(), job_uuid, logs=True)
+    except Refused:
         not_found(page, 'job', job_uuid)
-    job = job_dict(row)
-    tails = store().one(GET_JOB_LOGS, {'uuid': job['uuid']})
+    logs = [(name, job.pop(name)) for name in ('stdout', 'stderr')]
+    waiting = job.pop('waiting')
     page.title = 'Job %s' % (job['name'] or short(job['uuid']))
     times = [('waited (defined → started)', duration(seconds_between(job['defined_at'],
                                                                      job['started_at']))),
              ('ran (started → stopped)', duration(seconds_between(job['started_at'],
                                                                   job['stopped_at'])))]
-    links = {'pilot': '/monitor/pilots/%s', 'workflow': '/monitor/workflows/%s'}
+    notice = waiting and {'title': 'Why it is not running: %s %s, since %s' % (
+        job['state'], duration(waiting['seconds']), local_time(waiting['since'])),
+        'lines': [r['text'] for r in waiting['reasons']]}
+    links = {'pilot': '/monitor/pilots/%s', 'workflow': '/monitor/workflows/%s',
+             'retry_of': '/monitor/jobs/%s', 'retried_by': '/monitor/jobs/%s'}
     return bottle.template('detail', page=page, fields=field_rows(page, job, links), extra=times,
-                           logs=[('stdout', tails['stdout'] if tails else ''),
-                                 ('stderr', tails['stderr'] if tails else '')],
-                           graph=None, tables=[])
+                           logs=logs, graph=None, tables=[], notice=notice)
+
+
+@app.get('/monitor/data/<data_uuid>')
+def monitor_data_file(data_uuid):
+    """A data file: every field, its workflow, the jobs that write and read it, its type."""
+    page = Page('Data', request.query)
+    try:
+        data = get_data(store(), data_uuid)
+    except Refused:
+        not_found(page, 'data file', data_uuid)
+    page.title = 'Data %s' % data['name']
+    links = {'workflow': '/monitor/workflows/%s', 'sourceuuid': '/monitor/jobs/%s',
+             'targetuuid': '/monitor/jobs/%s', 'datatype': '/monitor/datatypes?name=%s'}
+    return bottle.template('detail', page=page, fields=field_rows(page, data, links), extra=[],
+                           logs=[], graph=None, tables=[])
 
 
 @app.get('/monitor/pilots/<pilot_uuid>')
@@ -3304,7 +3874,7 @@ def monitor_pilot(pilot_uuid):
 def plain_table(page, title, more, heads, cells, rows):
     """A table of a detail page: unsorted headers, with a link to the full listing."""
     return {'title': title, 'more': more,
-            'heads': [{'label': label, 'href': '', 'mark': ''} for _, label in heads],
+            'heads': sort_headers(page, [(None, label) for _, label in heads], None),
             'rows': [cells(page, r) for r in rows]}
 
 
@@ -3392,7 +3962,10 @@ def monitor_static(path):
 # ---------------------------------------------------------------------------------------------
 
 def workflow_graph(page, jobs, data):
-    """Nodes are the jobs, coloured by state and linking to their pages; edges are the data."""
+    """Nodes are the jobs (the latest attempt of each), coloured by state and linking to their
+    pages; edges are the data."""
+    retried = {j['retry_of'] for j in jobs}
+    jobs = [j for j in jobs if j['uuid'] not in retried]
     nodes = {j['name']: {'cls': j['state'], 'href': page.href('/monitor/jobs/' + j['uuid']),
                          'title': '%s: %s (job %s)' % (j['name'], j['state'], j['uuid'])}
              for j in jobs}

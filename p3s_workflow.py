@@ -8,6 +8,10 @@ usage:
   python p3s_workflow.py -m -u UUID -s defined                     start a template workflow
   python p3s_workflow.py --list [-w workflow|dag] [-s STATE[,STATE]] [--limit N]
   python p3s_workflow.py --show UUID                               a workflow, its jobs and data
+  python p3s_workflow.py --wait UUID[,UUID...]   follow workflows until they end (5: not finished)
+  python p3s_workflow.py --cancel -u UUID[,UUID...]   stop workflows, keeping their history
+  python p3s_workflow.py --retry -u UUID[,UUID...]    run the unfinished jobs of failed or
+                                                      cancelled workflows again
   python p3s_workflow.py -G DAG                                    print a DAG's GraphML
   python p3s_workflow.py -d -w dag -n NAME[,NAME...]
   python p3s_workflow.py -d -w workflow -u UUID[,UUID...] [--force]
@@ -25,7 +29,8 @@ file (env is merged into the vertex's env). See docs/workflows.md.
 Exit codes (shared by every p3s client):
     0  success                        3  the server could not be reached or answered nonsense
     1  the server refused a request   4  a local file is missing or invalid
-    2  bad command line             130  interrupted (Ctrl-C)
+    2  bad command line               5  --wait: a workflow ended without finishing
+  130  interrupted (Ctrl-C)
 This file uses the Python standard library only: copy it alone onto any node.
 """
 import argparse
@@ -34,17 +39,21 @@ import http.client
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 
 PROG = 'p3s_workflow'                # the name in every message
 DEFAULT_SERVER = 'http://127.0.0.1:8080/'
 HTTP_TIMEOUT = 60.0
 TOKEN_VARIABLES = ('P3S_TOKEN',)   # the token, from the first that is set
-WORKFLOW_COLUMNS = ('uuid', 'state', 'name', 'dag', 'ndone', 'nvertices', 'created_at')
+WORKFLOW_COLUMNS = ('uuid', 'state', 'name', 'dag', 'ndone', 'nvertices', 'ran', 'created_at')
 DAG_COLUMNS = ('name', 'nvertices', 'nedges', 'root', 'user', 'created_at')
-JOB_COLUMNS = ('uuid', 'name', 'state', 'jobtype', 'errcode')
+JOB_COLUMNS = ('uuid', 'name', 'state', 'jobtype', 'errcode', 'attempt', 'ran')
+WORKFLOW_ENDED = ('finished', 'failed', 'cancelled')
+POLL = (0.5, 1, 2, 3, 5)     # seconds between looks at what --wait follows
 DATA_COLUMNS = ('state', 'source', 'target', 'datatag', 'dirpath', 'name')
 
 
@@ -54,17 +63,23 @@ DATA_COLUMNS = ('state', 'source', 'target', 'datatag', 'dirpath', 'name')
 # ---------------------------------------------------------------------------------------------
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INPUT = 0, 1, 2, 3, 4
+EXIT_UNFINISHED = 5                                # what --wait followed ended, but not finished
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SIGINT and SIGPIPE
 EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
-              'unreachable, 4 bad local file, 130 interrupted.')
+              'unreachable, 4 bad local file, 5 waited for a job or workflow that did not '
+              'finish, 130 interrupted.')
+GATEWAY_ERRORS = (502, 503, 504)   # a proxy in front of a server that is away for now
 
 
 class P3SError(Exception):
-    """A failure with a one-line message; `code` is the exit code it leads to."""
+    """A failure with a one-line message; `code` is the exit code it leads to. `transient`:
+    the same request may succeed later (the server is away or restarting), so it may be
+    retried; any other failure will not go away by asking again."""
 
-    def __init__(self, message, code=EXIT_REFUSED):
+    def __init__(self, message, code=EXIT_REFUSED, transient=False):
         super().__init__(message)
         self.code = code
+        self.transient = transient
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,7 +120,7 @@ def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
-                       EXIT_UNREACHABLE) from None
+                       EXIT_UNREACHABLE, transient=True) from None
 
 
 def read_reply(server, reply):
@@ -123,11 +138,13 @@ def refusal(server, http_error):
         reason = json.loads(http_error.read().decode())['error']
     except Exception:
         return P3SError('%s answered HTTP %d %s: is it a p3s server?'
-                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE)
+                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE,
+                        transient=http_error.code in GATEWAY_ERRORS)
     if http_error.code == 401:
         reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
-    code = EXIT_UNREACHABLE if http_error.code >= 500 else EXIT_REFUSED
-    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code), code)
+    failed = http_error.code >= 500
+    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code),
+                    EXIT_UNREACHABLE if failed else EXIT_REFUSED, transient=failed)
 
 
 def quote(text):
@@ -214,7 +231,8 @@ def add_dag(args):
     if args.json:
         print(json.dumps(dag, indent=1))
     else:
-        print('%s: %d vertices, %d edges' % (dag['name'], dag['nvertices'], dag['nedges']))
+        print('%s: %s, %s' % (dag['name'], count_of(dag['nvertices'], 'vertex', 'vertices'),
+                              count_of(dag['nedges'], 'edge')))
     return EXIT_OK
 
 
@@ -248,7 +266,7 @@ def list_things(args):
     if args.json:
         print(json.dumps({key: rows}, indent=1))
     else:
-        print_table(rows, columns)
+        print_table([dict(r, ran=ran(r)) for r in rows], columns)
     return EXIT_OK
 
 
@@ -257,14 +275,94 @@ def show_workflow(args):
     if args.json:
         print(json.dumps(wf, indent=1))
         return EXIT_OK
-    for key, value in wf.items():
+    for key, value in dict(wf, ran=ran(wf)).items():
         if key not in ('jobs', 'data'):
             print('%-12s %s' % (key + ':', '' if value is None else value))
     print('\njobs:')
-    print_table(wf['jobs'], JOB_COLUMNS)
+    print_table([dict(j, ran=ran(j)) for j in wf['jobs']], JOB_COLUMNS)
     print('\ndata:')
     print_table(wf['data'], DATA_COLUMNS)
     return EXIT_OK
+
+
+def wait_workflows(args):
+    """--wait: follow workflows until each has ended, saying each change of it and of its
+    jobs; fail unless all finished."""
+    flows = follow(args, ['/api/workflows/%s' % quote(u) for u in split(args.wait)],
+                   lambda wf: wf['state'] in WORKFLOW_ENDED, workflow_changes)
+    if args.json:
+        print(json.dumps({'workflows': flows}, indent=1))
+    unfinished = [wf for wf in flows if wf['state'] != 'finished']
+    if unfinished:
+        raise P3SError('%d of %s did not finish: %s' % (
+            len(unfinished), count_of(len(flows), 'workflow'), '; '.join('%s %s (%s)' % (wf['uuid'], wf['state'],
+                                                                  wf['comment'])
+                                                   for wf in unfinished)), EXIT_UNFINISHED)
+    return EXIT_OK
+
+
+def workflow_changes(before, wf):
+    """The lines to print when a followed workflow changed: its state, and its jobs' states."""
+    lines = []
+    if before is None or (before['state'], before['comment']) != (wf['state'], wf['comment']):
+        lines.append('workflow %s %s%s' % (wf['uuid'], wf['state'],
+                                           ': ' + wf['comment'] if wf['comment'] else ''))
+    was = {j['uuid']: j['state'] for j in (before or {}).get('jobs', [])}
+    for job in wf['jobs']:
+        if was.get(job['uuid'], 'template') != job['state']:
+            lines.append('  %s %s (job %s%s)' % (job['name'], job['state'], job['uuid'],
+                                                 ', exit %s' % job['errcode']
+                                                 if job['errcode'] else ''))
+    return lines
+
+
+def follow(args, paths, ended, changes):
+    """Look at each object (an API path) until all have ended, printing with the time the
+    lines `changes(before, now)` gives (nothing with --json). A server away for a while is
+    waited out. Returns the objects as they ended."""
+    last = {}
+    for attempt in range(10 ** 9):
+        for path in [p for p in paths if p not in last or not ended(last[p])]:
+            try:
+                obj = call(args.server, 'GET', path)
+            except P3SError as e:
+                if not e.transient:
+                    raise
+                print('%s: warning: %s; looking again' % (PROG, e), file=sys.stderr, flush=True)
+                continue
+            for line in [] if args.json else changes(last.get(path), obj):
+                print('%s %s' % (time.strftime('%H:%M:%S'), line), flush=True)
+            last[path] = obj
+        if len(last) == len(paths) and all(ended(obj) for obj in last.values()):
+            return [last[p] for p in paths]
+        time.sleep(POLL[min(attempt, len(POLL) - 1)])
+
+
+def ran(row):
+    """How long a job or workflow ran, as text ('' until it has started and stopped)."""
+    if not row.get('started_at') or not row.get('stopped_at'):
+        return ''
+    return duration((datetime.fromisoformat(row['stopped_at'])
+                     - datetime.fromisoformat(row['started_at'])).total_seconds())
+
+
+def duration(seconds):
+    if seconds < 100:
+        return '%.1f s' % seconds
+    if seconds < 6000:
+        return '%.1f min' % (seconds / 60)
+    return '%.1f h' % (seconds / 3600)
+
+
+
+def cancel_workflows(args):
+    return for_each(args, split(args.uuids), 'POST', '/api/workflows/%s/cancel', 'cancelled',
+                    'workflows', {})
+
+
+def retry_workflows(args):
+    return for_each(args, split(args.uuids), 'POST', '/api/workflows/%s/retry', 'retried',
+                    'workflows', {})
 
 
 def get_dag(args):
@@ -274,6 +372,11 @@ def get_dag(args):
     else:
         sys.stdout.write(dag['graphml'] if dag['graphml'].endswith('\n') else dag['graphml'] + '\n')
     return EXIT_OK
+
+
+def count_of(n, one, many=None):
+    """'1 job', '2 jobs'; '1 vertex', '3 vertices'."""
+    return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
 def split(csv):
@@ -288,17 +391,23 @@ def delete(args):
         targets, path = split(args.uuids), '/api/workflows/%s' + ('?force=1' if args.force else '')
     if not targets:
         raise P3SError('-d -w dag needs -n NAME; -d -w workflow needs -u UUID', EXIT_USAGE)
+    return for_each(args, targets, 'DELETE', path, 'deleted', 'deleted')
+
+
+def for_each(args, targets, method, path, done, key, body=None):
+    """One request for each target (`path` % target), one line for each (`done`, or the
+    error); --json prints {key: [answers]}. Returns the exit code of the worst failure."""
     code, results = EXIT_OK, []
     for target in targets:
         try:
-            results.append(call(args.server, 'DELETE', path % quote(target)))
+            results.append(call(args.server, method, path % quote(target), body))
             if not args.json:
-                print('%s deleted' % target)
+                print('%s %s' % (target, done))
         except P3SError as e:
             print('%s: error: %s: %s' % (PROG, target, e), file=sys.stderr)
             code = max(code, e.code)
     if args.json:
-        print(json.dumps({'deleted': results}, indent=1))
+        print(json.dumps({key: results}, indent=1))
     return code
 
 
@@ -311,6 +420,12 @@ def parse_args(argv):
     do.add_argument('-m', '--modify', action='store_true', help='define the workflows of -u')
     do.add_argument('--list', action='store_true', help='list workflows (or DAGs with -w dag)')
     do.add_argument('--show', metavar='UUID', help='show a workflow with its jobs and data')
+    do.add_argument('--wait', metavar='UUID[,UUID]', help='follow workflows until they end; '
+                    'exit 0 if all finished, 5 if not')
+    do.add_argument('--cancel', action='store_true', help='stop the workflows of -u, keeping '
+                    'their history (queued jobs cancelled, running ones killed)')
+    do.add_argument('--retry', action='store_true', help='run again the jobs that did not '
+                    'finish in the failed or cancelled workflows of -u')
     do.add_argument('-G', '--getdag', metavar='DAG', help="print a DAG's GraphML")
     do.add_argument('-d', '--delete', action='store_true',
                     help='delete DAGs (-n) or workflows (-u)')
@@ -321,7 +436,8 @@ def parse_args(argv):
                     help='file names: sticky, inherit:NAME, or JSON (inline or a .json file)')
     ap.add_argument('-j', '--jobinfo', metavar='JSON',
                     help='vertex overrides: JSON (inline or a .json file)')
-    ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]', help='workflows (-m, -d)')
+    ap.add_argument('-u', '--uuid', dest='uuids', metavar='UUID[,UUID]',
+                    help='workflows (-m, -d, --cancel, --retry)')
     ap.add_argument('--deadline', type=int, metavar='S', help="-a: the workflow's jobs must be "
                     'dispatched within S seconds of its definition, or go stale')
     ap.add_argument('-w', '--what', choices=('workflow', 'dag'), default='workflow',
@@ -336,6 +452,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.modify and not args.uuids:
         ap.error('-m needs -u UUID and -s defined')
+    if (args.cancel or args.retry) and not args.uuids:
+        ap.error('--cancel and --retry need -u UUID[,UUID...]')
     if args.state and args.add and args.state not in ('template', 'defined'):
         ap.error('-a -s takes template or defined')
     return args
@@ -345,7 +463,8 @@ def main(argv=None):
     args = parse_args(argv)
     commands = ((args.graphml, add_dag), (args.add, add_workflow), (args.modify, define_workflow),
                 (args.list, list_things), (args.show, show_workflow), (args.getdag, get_dag),
-                (args.delete, delete))
+                (args.delete, delete), (args.wait, wait_workflows),
+                (args.cancel, cancel_workflows), (args.retry, retry_workflows))
     return run_command(next(run for given, run in commands if given), args)
 
 

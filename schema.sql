@@ -1,6 +1,8 @@
 -- p3s database schema. Applied idempotently at every server start.
 -- Times are ISO 8601 UTC text with microseconds ('2026-11-21T11:42:38.123456+00:00'):
 -- fixed width, so they sort and compare as text.
+-- A new database is made whole by this script. A database of an older version is first brought
+-- up to date by the migrations at the end of the file (the server runs those it lacks).
 
 CREATE TABLE IF NOT EXISTS jobs (
     id            INTEGER PRIMARY KEY,
@@ -30,7 +32,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     defined_at    TEXT,
     dispatched_at TEXT,
     started_at    TEXT,
-    stopped_at    TEXT
+    stopped_at    TEXT,
+    retry_of      TEXT,                              -- uuid of the attempt this one retries
+    attempt       INTEGER NOT NULL DEFAULT 1         -- 1, then one more for each retry
 );
 
 -- The brokerage queue: only queued jobs, in dispatch order. The claim walks it from the top,
@@ -51,6 +55,9 @@ CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started_at, defined_at) WHERE s
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (state, stopped_at) WHERE stopped_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_type_ended ON jobs (jobtype, state, stopped_at)
     WHERE stopped_at IS NOT NULL;
+-- A job is retried at most once: its retry, if any, is found here, and two operators retrying
+-- it at once cannot make two new attempts.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_retry_of ON jobs (retry_of) WHERE retry_of IS NOT NULL;
 -- Queued and running jobs per type (the dashboard, jobtype caps): only live jobs are indexed.
 CREATE INDEX IF NOT EXISTS jobs_live_types ON jobs (jobtype, state)
     WHERE state IN ('defined', 'dispatched', 'running');
@@ -134,8 +141,8 @@ CREATE TABLE IF NOT EXISTS workflows (
     description TEXT NOT NULL DEFAULT '',
     dag         TEXT NOT NULL,                     -- name of the DAG it was made from
     state       TEXT NOT NULL CHECK (state IN ('template', 'defined', 'running', 'finished',
-                    'failed')),
-    comment     TEXT NOT NULL DEFAULT '',          -- why it failed
+                    'failed', 'cancelled')),
+    comment     TEXT NOT NULL DEFAULT '',          -- why it failed or was cancelled
     rootuuid    TEXT,                              -- job made from the DAG's root
     nvertices   INTEGER NOT NULL,
     ndone       INTEGER NOT NULL DEFAULT 0,        -- jobs finished
@@ -145,6 +152,9 @@ CREATE TABLE IF NOT EXISTS workflows (
     stopped_at  TEXT
 );
 CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state, id);
+-- Workflows that ended, by when (the dashboard's failures of the last hour).
+CREATE INDEX IF NOT EXISTS workflows_ended ON workflows (state, stopped_at)
+    WHERE stopped_at IS NOT NULL;
 -- The monitor's workflow filters, newest first.
 CREATE INDEX IF NOT EXISTS workflows_user ON workflows (user, id);
 CREATE INDEX IF NOT EXISTS workflows_dag ON workflows (dag, id);
@@ -265,7 +275,8 @@ CREATE TABLE IF NOT EXISTS workflow_ends (
     n     INTEGER NOT NULL
 );
 CREATE TRIGGER IF NOT EXISTS workflows_count_ends AFTER UPDATE OF state ON workflows
- WHEN NEW.state IN ('finished', 'failed') AND OLD.state NOT IN ('finished', 'failed')
+ WHEN NEW.state IN ('finished', 'failed', 'cancelled')
+  AND OLD.state NOT IN ('finished', 'failed', 'cancelled')
 BEGIN
     INSERT INTO workflow_ends (state, n) VALUES (NEW.state, 1)
     ON CONFLICT (state) DO UPDATE SET n = n + 1;
@@ -274,4 +285,35 @@ END;
 -- Templates by type, for the jobs gauge (the other live states are in jobs_live_types).
 CREATE INDEX IF NOT EXISTS jobs_templates ON jobs (jobtype) WHERE state = 'template';
 
-PRAGMA user_version = 1;
+
+PRAGMA user_version = 2;
+
+-- -- migrations ------------------------------------------------------------------------------
+-- Each block brings a database of the version before it to its own version, inside one
+-- transaction, before the script above runs (which then adds the new indexes). These steps
+-- are SQLite's: ALTER TABLE cannot change a CHECK constraint there, so a table is rebuilt.
+
+-- migrate to 2: retries as new attempts, and cancelled workflows.
+ALTER TABLE jobs ADD COLUMN retry_of TEXT;
+ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE workflows RENAME TO workflows_version_1;
+CREATE TABLE workflows (
+    id          INTEGER PRIMARY KEY,
+    uuid        TEXT NOT NULL UNIQUE,
+    name        TEXT NOT NULL DEFAULT '',
+    user        TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    dag         TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('template', 'defined', 'running', 'finished',
+                    'failed', 'cancelled')),
+    comment     TEXT NOT NULL DEFAULT '',
+    rootuuid    TEXT,
+    nvertices   INTEGER NOT NULL,
+    ndone       INTEGER NOT NULL DEFAULT 0,
+    created_at  TEXT NOT NULL,
+    defined_at  TEXT,
+    started_at  TEXT,
+    stopped_at  TEXT
+);
+INSERT INTO workflows SELECT * FROM workflows_version_1;
+DROP TABLE workflows_version_1;

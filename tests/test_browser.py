@@ -146,3 +146,50 @@ def test_a_workflow_page_draws_its_graph(server, clients, page, tmp_path):
     page.click('svg.graph a.node[href="/monitor/jobs/%s"]' % jobs['calibrate']['uuid'])
     assert page.url.endswith('/monitor/jobs/' + jobs['calibrate']['uuid'])
     assert page.inner_text('#stderr').strip() == 'no <calibration>'
+
+
+LISTINGS = ('/monitor/jobs', '/monitor/pilots', '/monitor/workflows', '/monitor/dags',
+            '/monitor/data', '/monitor/datatypes', '/monitor/sites', '/monitor/services')
+
+
+def test_every_listing_fits_a_1400_px_window_with_long_values(tmp_path, browser):
+    """Long names, hosts, paths and comments in every column: each listing still fits the
+    window and its panel (a long value is clipped, all of it on hover), on a laptop and on a
+    wall display."""
+    import sqlite3
+    from conftest import api
+    from synthetic import fill_workflows
+    srv = Server(tmp_path)
+    fill(srv.db, 300, pilots=12)
+    fill_workflows(srv.db, 12)
+    long = 'np04_raw_run005077_0001_dl1_evdisplay_reconstruction_'
+    db = sqlite3.connect(srv.db)
+    db.execute("UPDATE jobs SET name = ?, user = ?, jobtype = ?, site = ?, host = ?, "
+               "workflow = (SELECT uuid FROM workflows LIMIT 1)",
+               (long, 'shifter_' + long, 'evdisp_' + long, 'np04-' + long, 'worker-' + long))
+    db.execute("UPDATE workflows SET name = ?, user = ?, dag = ?, state = 'failed', comment = ?",
+               (long, 'shifter_' + long, 'dag_' + long, 'job D (%s) ended failed' % long))
+    db.execute('UPDATE pilots SET host = ?, site = ?, extra = ?',
+               ('worker-' + long, 'np04-' + long, 'slurm:' + long))
+    db.execute('UPDATE data SET name = ?, dirpath = ?, comment = ?, datatag = ?',
+               (long + '.root', '/eos/experiment/' + long, 'injected ' + long, 'TAG_' + long))
+    db.commit()
+    db.close()
+    srv.start()
+    try:
+        api(srv.url, 'POST', '/api/sites', {'name': 'np04-' + long, 'comment': long,
+                                            'env': {'DQM': long}})
+        api(srv.url, 'POST', '/api/services', {'name': 'purge-' + long, 'message': long * 3})
+        for width in (1400, 2560):
+            context = browser.new_context(viewport={'width': width, 'height': 900})
+            pg = context.new_page()
+            for path in LISTINGS:
+                pg.goto(srv.url.rstrip('/') + path)
+                assert pg.locator('table.list tbody tr').count() >= 1, path
+                sideways = pg.evaluate('[document.documentElement.scrollWidth, Math.max(...[...'
+                                       'document.querySelectorAll(".panel")].map(e => '
+                                       'e.scrollWidth - e.clientWidth))]')
+                assert sideways[0] <= width and sideways[1] <= 0, (width, path, sideways)
+            context.close()
+    finally:
+        srv.stop()

@@ -138,10 +138,15 @@ def foreign_server():
     httpd.server_close()
 
 
-@pytest.mark.parametrize('name', ['p3s_job.py', 'p3s_workflow.py', 'p3s_data.py'])
-def test_a_server_that_is_not_p3s_is_named_as_such(name, foreign_server):
-    stderr = one_line_error(run(name, *READ_ONLY[name], '-S', foreign_server), name, 3)
-    assert 'is it a p3s server?' in stderr and 'HTTP 404' in stderr
+@pytest.mark.parametrize('name', CLIENTS)
+def test_a_server_that_is_not_p3s_is_named_as_such(name, foreign_server, tmp_path):
+    """Every client, the pilot too, gives up at once on a server that is not p3s: asking again
+    would not make it one."""
+    proc = run(name, *READ_ONLY[name], '-S', foreign_server,
+               env={'P3S_JOBLOG': str(tmp_path / 'j'), 'P3S_PILOTLOG': str(tmp_path / 'p')})
+    stderr = one_line_error(proc, name, 3)
+    status = 'HTTP 501' if name == 'p3s_pilot.py' else 'HTTP 404'     # the pilot first POSTs
+    assert 'is it a p3s server?' in stderr and status in stderr
 
 
 def test_a_refused_token_names_where_the_token_comes_from(tmp_path):
@@ -205,4 +210,6 @@ def test_ctrl_c_ends_a_client_with_one_line(server, tmp_path):
     finally:
         proc.kill()
         proc.communicate()
-    assert proc.returncode == 130 and re.fullmatch(r'p3s_data: interrupted\n', err), err
+    # What it watches, said when it started, then one line for the interruption.
+    assert proc.returncode == 130 and re.fullmatch(r'p3s_data: watching .*\n'
+                                                   r'p3s_data: interrupted\n', err), err

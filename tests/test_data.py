@@ -224,6 +224,35 @@ def test_injector_refusals_and_unreachable_server(clients, inbox, tmp_path):
     assert proc.stderr.startswith('p3s_data: error: cannot reach the server')
 
 
+def test_the_injector_refuses_a_directory_that_is_not_one(clients, server, tmp_path):
+    """A wrong --watch is said at once (exit 4), even when asked to scan for ever; a directory
+    that goes away while watching is said at each scan."""
+    template(tmp_path)
+    for where, reason in ((tmp_path / 'no-such-dir', 'no such directory: '),
+                          (tmp_path / 'template.json', 'is not a directory: --watch takes')):
+        proc = clients.run('data', '--watch', str(where), '--job', template(tmp_path),
+                           '--cycles', '0', timeout=30)
+        assert proc.returncode == 4 and proc.stdout == '', proc
+        assert proc.stderr.startswith('p3s_data: error: ') and reason in proc.stderr
+        assert proc.stderr.count('\n') == 1
+    gone = tmp_path / 'gone'
+    gone.mkdir()
+    injector = subprocess.Popen(
+        [sys.executable, '-S', os.path.join(ROOT, 'p3s_data.py'), '--watch', str(gone),
+         '--job', template(tmp_path), '--cycles', '0', '--period', '0.1', '--settle', '0',
+         '-S', server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert injector.stderr.readline().startswith('p3s_data: watching %s for * every 0.1 s'
+                                                     % gone)
+        gone.rmdir()
+        line = injector.stderr.readline()
+        assert line == 'p3s_data: warning: %s is not a directory now; looking again at the ' \
+            'next scan\n' % gone, line
+    finally:
+        injector.kill()
+        injector.communicate()
+
+
 def test_service_messages_from_the_client(clients, server):
     clients.run('data', '--service', 'merge', '-m', 'merged 12 files', check=0)
     clients.run('data', '--service', 'merge', '-m', 'merged 3 files', check=0)

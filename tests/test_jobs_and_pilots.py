@@ -401,3 +401,85 @@ def test_pilot_steps_on_an_injected_clock(server, tmp_path):
     stopped = datetime.fromisoformat(job['stopped_at'].replace('Z', '+00:00'))
     assert 95 <= (before - stopped).total_seconds() <= 105, (before, stopped)
     assert server.api('GET', '/api/pilots/' + pilot.uuid)[1]['state'] == 'stopped'
+
+
+class SteppedTime(PilotTime):
+    """Pilot time in which a sleep advances the clock (nothing is slept); after `sleeps`
+    sleeps it raises StopPilot, to end a loop that would retry for ever."""
+
+    def __init__(self, sleeps=None):
+        super().__init__()
+        self.most = sleeps
+
+    def sleep(self, seconds):
+        super().sleep(seconds)
+        self.offset += seconds
+        if self.most is not None and len(self.sleeps) >= self.most:
+            raise StopPilot()
+
+
+class StopPilot(Exception):
+    pass
+
+
+def unreachable_pilot(tmp_path, t):
+    """An in-process pilot whose server is a port nobody listens on."""
+    import p3s_pilot
+    args = p3s_pilot.parse_args(['-S', '127.0.0.1:%d' % free_port(), '-L', str(tmp_path / 'j'),
+                                 '-l', str(tmp_path)])
+    pilot = p3s_pilot.Pilot(args, clock=t.clock, sleep=t.sleep)
+    pilot.take_site_defaults()
+    return pilot
+
+
+def test_retries_back_off_to_at_most_30_s(tmp_path, monkeypatch):
+    """While the server is away the pilot retries with a growing, jittered back-off that never
+    exceeds the 30 s the README promises, even at the top of the jitter."""
+    import p3s_pilot
+    monkeypatch.setattr(p3s_pilot.random, 'uniform', lambda low, high: high)
+    t = SteppedTime(sleeps=10)
+    with pytest.raises(StopPilot):
+        unreachable_pilot(tmp_path, t).register()
+    assert t.sleeps[:4] == pytest.approx([0.6, 1.2, 2.4, 4.8])
+    assert max(t.sleeps) == 30 and t.sleeps[-3:] == [30, 30, 30]
+
+
+def test_a_signalled_pilot_gives_up_on_an_absent_server_within_20_s(tmp_path):
+    """SIGTERM while the server is down: the pilot tries to deliver its last report and to
+    deregister for SHUTDOWN_PATIENCE (20 s) in all, well inside a batch system's kill wait (30 s
+    for Slurm), then leaves."""
+    import p3s_pilot
+    assert p3s_pilot.SHUTDOWN_PATIENCE <= 20
+    for pending in (True, False):                   # a report to deliver, or only goodbye
+        t = SteppedTime()
+        pilot = unreachable_pilot(tmp_path, t)
+        pilot.registered = True
+        now = t.clock()
+        if pending:
+            pilot.pending = {'job': '00000000-0000-0000-0000-000000000001', 'state': 'finished',
+                             'errcode': 0, 'pid': 1, 'stdout': '', 'stderr': '',
+                             'started': now, 'ended': now}
+        pilot.signalled = signal.SIGTERM
+        pilot.finish()
+        spent = t.clock() - now
+        assert len(t.sleeps) >= 4 and spent <= p3s_pilot.SHUTDOWN_PATIENCE + 1, (spent, t.sleeps)
+
+
+def test_the_pilot_says_on_its_terminal_why_it_waits(clients, tmp_path):
+    """A wrong --server: the pilot says so on stderr at each retry (not only in its log);
+    never registered, it leaves at once on SIGTERM."""
+    wrong = '127.0.0.1:%d' % free_port()
+    pilot = clients.pilot('--server', wrong, '--cycles', '1')
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(pilot.stderr), daemon=True)
+    reader.start()
+    wait_for(lambda: len(lines) >= 2, what='two retries said on the terminal')
+    pilot.send_signal(signal.SIGTERM)
+    assert pilot.wait(30) == 0
+    reader.join(10)
+    out = pilot.stdout.read()
+    assert out.startswith('p3s_pilot: pilot ') and 'left after 0 jobs' in out
+    for line in lines:
+        assert line.startswith('p3s_pilot: warning: cannot reach the server at http://%s'
+                               % wrong), line
+        assert 'retrying in' in line

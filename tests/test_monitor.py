@@ -1,5 +1,6 @@
 """The monitor in-process: every page on an empty and a busy database, filters, sorting,
 paging, 404s, escaping, the checklist, the refresh period, and the query plans."""
+import html
 import json
 import os
 import re
@@ -95,7 +96,7 @@ def test_dashboard_queries_read_indexes_only(store):
     db = sql_db(store)
     params = {'since': ago(60), 'state': 'failed', 'jobtype': 'reco', 'cap': 10, 'limit': 10,
               'cutoff': ago(600), 'states': '["failed"]', 'pilot': 'x', 'name': 'jobtypes',
-              'workflow': 'w', 'dag': 'd'}
+              'workflow': 'w', 'dag': 'd', 'chars': 13}
     names = [n for n in dir(srv) if n.startswith('MON_') and isinstance(getattr(srv, n), str)
              and 'SELECT' in getattr(srv, n) and n != 'MON_JOBTYPE_CAPS']
     assert len(names) >= 10
@@ -131,6 +132,33 @@ def test_job_filters(store):
     assert set(job_uuids(get('/monitor/jobs?state=defined&state=dropped'))) == {a, b, c}
 
 
+def test_a_typo_in_a_listing_is_an_error_not_an_empty_list(store):
+    """An unknown state, filter or sort key answers 400 with the reason, on the monitor (HTML)
+    and in the API (JSON), instead of an empty listing that reads as "no jobs"."""
+    submit(store, {'name': 'a'})
+    for path, reason in (('/monitor/jobs?state=finshed', "unknown state 'finshed'"),
+                         ('/monitor/jobs?state=defined,bogus', "unknown state 'bogus'"),
+                         ('/monitor/jobs?jobtyp=reco', "unknown query parameter 'jobtyp'"),
+                         ('/monitor/pilots?state=defined', "unknown state 'defined'"),
+                         ('/monitor/workflows?state=error', "unknown state 'error'"),
+                         ('/monitor/dags?state=defined', "unknown query parameter 'state'"),
+                         ('/monitor/pilots?sort=priority', "unknown sort key 'priority'")):
+        body = html.unescape(get(path, 400))
+        assert reason in body and '<html' in body, (path, body[-600:])
+    for path, reason in (('/api/jobs?state=bogus', "unknown state 'bogus'"),
+                         ('/api/jobs?jobtyp=reco', "unknown query parameter 'jobtyp'"),
+                         ('/api/pilots?state=finished', "unknown state 'finished'"),
+                         ('/api/workflows?dag=x', "unknown query parameter 'dag'"),
+                         ('/api/dags?name=x', "unknown query parameter 'name'"),
+                         ('/api/services?user=x', "unknown query parameter 'user'")):
+        code, headers, body = wsgi_get(srv.app, path)
+        assert code == 400 and reason in json.loads(body)['error'], (path, body)
+    # Data states are free text (the data clients write their own), so any state is a filter.
+    assert 'nothing to show' in get('/monitor/data?state=merged')
+    assert get_json('/api/data?state=merged') == {'data': []}
+    assert len(get_json('/api/jobs?state=defined,error&limit=5')['jobs']) == 1
+
+
 def test_state_error_means_a_non_zero_exit_code(store):
     ok, bad, killed = submit(store, {'name': 'ok'}, {'name': 'bad'}, {'name': 'killed'})
     srv.kill_job(store, killed, srv.utcnow())
@@ -150,8 +178,10 @@ def test_sorting_is_whitelisted_and_paging_walks_everything(store):
     by_prio = job_uuids(get('/monitor/jobs?sort=-priority&perpage=100'))
     prios = {u: i % 7 for i, u in enumerate(uuids)}
     assert [prios[u] for u in by_prio] == sorted(prios.values(), reverse=True)
-    assert job_uuids(get('/monitor/jobs?sort=name;DROP TABLE jobs&perpage=25')) == first
-    assert job_uuids(get('/monitor/jobs?perpage=7&page=x')) == job_uuids(get('/monitor/jobs'))[:50]
+    assert 'unknown sort key' in get('/monitor/jobs?sort=name;DROP TABLE jobs', 400)
+    assert 'perpage must be one of 25, 50' in get('/monitor/jobs?perpage=7', 400)
+    assert 'page must be a whole number' in get('/monitor/jobs?page=x', 400)
+    assert job_uuids(get('/monitor/jobs?perpage=25')) == first
     seen = []
     for page in (1, 2, 3):
         body = get('/monitor/jobs?perpage=25&page=%d' % page)
@@ -178,6 +208,52 @@ def test_job_page_shows_every_field_its_pilot_workflow_and_logs(store):
     assert job in get('/monitor/pilots/' + pilot)
 
 
+def test_a_queued_job_page_says_why_it_waits_and_attempts_link_each_other(store):
+    [job] = submit(store, {'name': 'evd', 'jobtype': 'evdisp', 'site': 'np04'})
+    body = html.unescape(get('/monitor/jobs/' + job))
+    assert re.search(r'<h2>Why it is not running: defined [0-9.]+ s, since ', body)
+    assert '<li>no pilot is live: it needs a pilot of site np04 that takes type evdisp' in body
+    srv.adjust_job(store, job, {'state': 'dropped'}, srv.utcnow())
+    body = get('/monitor/jobs/' + job)
+    assert 'Why it is not running' not in body
+    again = srv.retry_job(store, job, srv.utcnow())['uuid']
+    assert 'href="/monitor/jobs/%s"' % again in get('/monitor/jobs/' + job)      # retried_by
+    body = get('/monitor/jobs/' + again)
+    assert 'href="/monitor/jobs/%s"' % job in body and '<th>attempt</th>\n<td>2</td>' in body
+    assert 'evd (attempt 2)' in get('/monitor/jobs')
+
+
+def test_listings_show_host_workflow_and_batch_id(store):
+    [job] = submit(store, {'name': 'reco'})
+    sql_db(store).execute("UPDATE jobs SET workflow = '11111111-2222-3333-4444-555555555555'")
+    pilot = srv.register_pilot(store, {'host': 'worker7.cern.ch', 'extra': 'slurm:4242'},
+                               srv.utcnow())['uuid']
+    srv.request_work(store, pilot, srv.utcnow())
+    body = get('/monitor/jobs')
+    assert '<td class="">worker7.cern.ch</td>' in body
+    assert 'href="/monitor/workflows/11111111-2222-3333-4444-555555555555"' in body
+    assert '<td class="">slurm:4242</td>' in get('/monitor/pilots')
+
+
+def test_a_data_file_has_a_page_and_its_jobs_are_links_with_text(store):
+    """An injected file's record names its job by uuid only: the link shows it, not nothing."""
+    reply = srv.inject(store, {'files': [{'path': '/eos/np04/raw/run5077.root'}],
+                               'jobs': [{'payload': '/bin/true'}], 'datatype': 'ROOT'},
+                       srv.utcnow())
+    [result] = reply['files']
+    [job] = result['jobs']
+    body = get('/monitor/data')
+    assert '<a href="/monitor/data/%s" title="%s">%s</a>' % (result['data'], result['data'],
+                                                            result['data'][:8]) in body
+    assert '<a href="/monitor/jobs/%s" title="%s">%s</a>' % (job, job, job[:8]) in body
+    page = get('/monitor/data/' + result['data'])
+    assert '<th>name</th>\n<td>run5077.root</td>' in page
+    assert 'href="/monitor/jobs/%s"' % job in page
+    assert 'href="/monitor/datatypes?name=ROOT"' in page
+    assert 'There is no data file' in get('/monitor/data/00000000-0000-0000-0000-000000000000',
+                                          404)
+
+
 def test_unknown_ids_answer_404(store):
     for path in ('/monitor/jobs/00000000-0000-0000-0000-000000000000', '/monitor/jobs/nope',
                  '/monitor/pilots/00000000-0000-0000-0000-000000000000', '/monitor/pilots/x'):
@@ -200,7 +276,8 @@ def test_every_value_is_escaped(store):
              '/monitor/jobs?user=%22%3E%3Cscript%3E', '/monitor/jobs/%3Cscript%3E',
              '/?refresh=%3Cscript%3E', '/monitor/jobs?sort=%3Cscript%3E']
     for path in pages:
-        body = get(path, 404 if '%3Cscript' in path and '/jobs/' in path else 200)
+        body = get(path, 404 if '%3Cscript' in path and '/jobs/' in path
+                   else 400 if 'sort=' in path else 200)
         if path == '/api/summary':
             continue
         assert '<script' not in body.lower(), path
@@ -221,7 +298,7 @@ def test_refresh_period_is_kept_in_every_link(store):
         body = get(path + ('&' if '?' in path else '?') + 'refresh=10')
         assert '<meta http-equiv="refresh" content="10">' in body
         chooser = re.search(r'<span class="refresh">.*?</span>', body, re.S).group(0)
-        assert re.findall(r'href="[^"]*?refresh=(\d+)"', chooser) == ['5', '10', '30', '60']
+        assert re.findall(r'href="[^"]*?refresh=(\d+)"', chooser) == ['0', '5', '10', '30', '60']
         links = [h for h in re.findall(r'href="([^"]*)"', body.replace(chooser, ''))
                  if h.startswith('/') and not h.startswith('/static/')]
         assert len(links) > 4 and all(re.search(r'[?&;]refresh=10(&|$)', h) for h in links), \
@@ -229,7 +306,19 @@ def test_refresh_period_is_kept_in_every_link(store):
         assert ('action="%s"' % path.split('?')[0]) not in body or \
             '<input type="hidden" name="refresh" value="10">' in body
     assert 'http-equiv="refresh"' not in get('/?refresh=7')
-    assert 'http-equiv="refresh"' not in get('/')
+    assert 'http-equiv="refresh"' not in get('/?refresh=0')
+
+
+def test_the_dashboard_reloads_by_default_and_other_pages_do_not(store):
+    """A wall screen shows the dashboard: it reloads unless told not to; a listing with its
+    filter form does not, unless asked. The default is not carried to other pages."""
+    body = get('/')
+    assert '<meta http-equiv="refresh" content="30">' in body
+    assert re.search(r'<a href="/\?refresh=30" class="on">30 s</a>', body)
+    assert 'href="/monitor/jobs"' in body                  # the default is not passed on
+    assert 'http-equiv="refresh"' not in get('/monitor/jobs')
+    body = get('/?refresh=0')
+    assert 'http-equiv="refresh"' not in body and 'href="/monitor/jobs?refresh=0"' in body
 
 
 def test_times_are_shown_in_the_local_zone_with_its_name(store, monkeypatch):
@@ -257,15 +346,71 @@ def test_checklist_says_what_is_wrong(store):
     [live] = checks('Live pilots')
     assert live['status'] == 'fail' and 'No live pilots: 1 queued' in live['detail']
     [queue] = checks('Queue')
-    assert queue['status'] == 'fail' and '1 jobs have waited longer than 10 min' in queue['detail']
+    assert queue['status'] == 'fail' and '1 job has waited longer than 10 min' in queue['detail']
     pilot = srv.register_pilot(store, {'host': 'h'}, ago(3000))['uuid']
     assert checks('Live pilots')[0]['status'] == 'ok'
     srv.sweep(store, srv.utcnow(), 600)
     [lost] = checks('Lost pilots')
-    assert lost['status'] == 'warn' and lost['detail'].startswith('1 pilots lost')
+    assert lost['status'] == 'warn' and lost['detail'].startswith('1 pilot lost')
     assert srv.get_pilot(store, pilot)['state'] == 'lost'
     body = get('/')
     assert 'FAIL' in body and 'No live pilots' in body
+
+
+def test_failed_jobs_and_workflows_of_the_last_hour_are_on_the_checklist(store):
+    """Failures are not green: a warning when some jobs or workflows failed in the last hour,
+    a failure when many jobs did and they are at least half of those that ended."""
+    assert [c['status'] for c in checks('Failed jobs') + checks('Failed workflows')] == ['ok'] * 2
+
+    def ended(n, state='finished', errcode=0):
+        for _ in range(n):
+            run_job(store, submit(store, {'name': state})[0], state, errcode)
+
+    ended(3, 'failed', 1)
+    ended(12)
+    [jobs] = checks('Failed jobs')
+    assert jobs['status'] == 'warn', jobs
+    assert jobs['detail'] == '3 jobs ended badly in the last hour (3 failed), 20% of those that ended'
+    assert jobs['link'] == '/monitor/jobs?state=failed,timelimit,nonstarter,lost&sort=-stopped_at'
+    ended(6, 'failed', 2)
+    ended(1, 'timelimit', None)
+    assert checks('Failed jobs')[0]['status'] == 'warn'            # 10 of 22: under half
+    ended(2, 'failed', 3)
+    [jobs] = checks('Failed jobs')
+    assert jobs['status'] == 'fail', jobs
+    assert jobs['detail'].startswith('12 jobs ended badly in the last hour (11 failed, '
+                                     '1 timelimit), 50%')
+    db = sql_db(store)
+    db.execute("INSERT INTO workflows (uuid, dag, state, nvertices, created_at, stopped_at) "
+               "VALUES ('w1', 'd', 'failed', 1, ?, ?), ('w2', 'd', 'failed', 1, ?, ?)",
+               (ago(100), ago(50), ago(9000), ago(8000)))
+    [flows] = checks('Failed workflows')
+    assert flows['status'] == 'warn' and flows['detail'] == '1 workflow failed in the last hour'
+    body = html.unescape(get('/?refresh=0'))
+    assert 'Failed jobs' in body and '12 jobs ended badly' in body
+    assert 'href="/monitor/workflows?state=failed&sort=-stopped_at&refresh=0"' in body
+
+
+def test_throughput_over_an_hour_a_day_and_a_week(store):
+    [recent, yesterday, last_week] = submit(store, {'name': 'a'}, {'name': 'b'}, {'name': 'c'})
+    for job in (recent, yesterday, last_week):
+        run_job(store, job)
+    db = sql_db(store)
+    db.execute('UPDATE jobs SET stopped_at = ? WHERE uuid = ?', (ago(5 * 3600), yesterday))
+    db.execute('UPDATE jobs SET stopped_at = ? WHERE uuid = ?', (ago(5 * 86400), last_week))
+    for span, bars, total in (('1h', 60, 1), ('24h', 24, 2), ('7d', 168, 3)):
+        s = get_json('/api/summary?throughput=' + span)
+        assert s['throughput_span'] == span and len(s['throughput']) == bars
+        assert sum(b['finished'] for b in s['throughput']) == total, span
+        assert s['throughput'][0]['start'] < ago(0.95 * {'1h': 3600, '24h': 86400,
+                                                          '7d': 7 * 86400}[span])
+        assert s['throughput'][-1]['start'] <= srv.utcnow()
+    body = get('/?throughput=7d')
+    assert 'jobs ended per hour, last 7 days' in body and '3 finished (green)' in body
+    assert 'href="/?throughput=24h"' in body
+    assert 'throughput is one of 1h, 24h, 7d' in html.unescape(get('/?throughput=2d', 400))
+    code, headers, body = wsgi_get(srv.app, '/api/summary?throughput=1w')
+    assert code == 400 and 'throughput is one of' in json.loads(body)['error']
 
 
 def test_caps_are_shown_and_a_capped_type_is_paused(store):

@@ -20,7 +20,7 @@ def readme_commands(prefix):
     """The README's command lines (in code blocks) that start with `prefix`; a line with
     [optional arguments] is a synopsis, not a command."""
     with open(os.path.join(ROOT, 'README.md')) as f:
-        blocks = re.findall(r'^```\n(.*?)^```', f.read(), re.M | re.S)
+        blocks = re.findall(r'^```\w*\n(.*?)^```', f.read(), re.M | re.S)
     return [line for block in blocks for line in block.splitlines()
             if line.startswith(prefix) and '[' not in line]
 

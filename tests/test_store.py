@@ -214,6 +214,36 @@ def test_a_newer_schema_is_refused(tmp_path):
         srv.configure(path)
 
 
+def test_a_version_1_database_is_migrated_with_its_records(tmp_path):
+    """A database written before retries and cancelled workflows: the server brings it up to
+    date at start, keeping every record, and what the new version needs then works."""
+    path = str(tmp_path / 'old.db')
+    db = sqlite3.connect(path)
+    with open(os.path.join(ROOT, 'tests', 'data', 'schema_version_1.sql')) as f:
+        db.executescript(f.read())
+    db.execute("INSERT INTO jobs (uuid, payload, state, created_at, stopped_at) VALUES "
+               "('00000000-0000-0000-0000-00000000000a', '/bin/false', 'failed', 't', 't')")
+    db.execute("INSERT INTO workflows (uuid, dag, state, nvertices, created_at) VALUES "
+               "('00000000-0000-0000-0000-00000000000b', 'g', 'running', 1, 't')")
+    db.commit()
+    db.close()
+    st = srv.configure(path)
+    try:
+        assert st.one('PRAGMA user_version')[0] == srv.SCHEMA_VERSION == 2
+        old = srv.get_job(st, '00000000-0000-0000-0000-00000000000a')
+        assert old['state'] == 'failed' and old['attempt'] == 1 and old['retry_of'] is None
+        [again] = srv.retry_selection(st, {'uuids': [old['uuid']]}, srv.utcnow())['retried']
+        assert srv.get_job(st, again['retry'])['retry_of'] == old['uuid']
+        wf = srv.cancel_workflow(st, '00000000-0000-0000-0000-00000000000b', srv.utcnow())
+        assert wf['state'] == 'cancelled'
+        indexes = {r[0] for r in st.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {'workflows_state', 'workflows_ended', 'jobs_retry_of'} <= indexes
+        assert st.one('PRAGMA integrity_check')[0] == 'ok'
+    finally:
+        st.close()
+    srv.configure(path).close()                    # once migrated, starting again is harmless
+
+
 def test_schema_is_idempotent_and_wal(store, tmp_path):
     srv.apply_schema(sql_db(store))
     assert sql_db(store).execute('PRAGMA journal_mode').fetchone()[0] == 'wal'

@@ -164,3 +164,17 @@ def test_workflow_jobs_are_managed_by_their_workflow_and_purged_with_it(store):
     db = sql_db(store)
     assert [db.execute('SELECT count(*) FROM %s' % t).fetchone()[0]
             for t in ('jobs', 'data', 'workflows')] == [0, 0, 0]
+
+
+def test_a_workflow_failed_by_its_first_job_still_started(store):
+    """A short job is reported once, at its end: when it fails, the workflow fails in the same
+    report, and it still records when that job started, so how long it ran is known."""
+    wf = make(store, *CHAIN)
+    pilot = S.register_pilot(store, {'host': 'h'}, T0)['uuid']
+    reply, _ = S.request_work(store, pilot, T0)
+    S.report_job(store, pilot, S.check_report({'job': reply['job']['uuid'], 'state': 'failed',
+                                               'errcode': 2, 'elapsed': 3600}), LATER)
+    done = S.get_workflow(store, wf['uuid'])
+    assert done['state'] == 'failed'
+    assert done['started_at'] == T0 and done['stopped_at'] == LATER
+    assert S.seconds_between(done['started_at'], done['stopped_at']) == 3600

@@ -231,7 +231,8 @@ def test_wfmulti1_parallel_edges(flows, server):
     assert "vertex 'adc' has no payload" in refused.stderr
     jobinfo = json.dumps({v: {'payload': '/bin/true'} for v in ('adc', 'adcViz', 'stats')})
     refused = flows.run('workflow', '-a', 'wfmulti1', '-j', jobinfo, check=1)
-    assert "unknown datatype ''" in refused.stderr and refused.stderr.count('\n') == 1
+    assert "edge adc:adcViz has no datatype" in refused.stderr
+    assert refused.stderr.count('\n') == 1
     assert flows.counts() == before
 
 
@@ -367,7 +368,8 @@ def test_replace_and_delete(flows, clients, server, tmp_path):
     assert server.api('GET', '/api/dags/twostep')[0] == 404
     assert flows.counts()['dag_vertices'] == 0
     refused = flows.run('workflow', '-d', '-w', 'workflow', '-u', running, check=1)
-    assert 'running' in refused.stderr and 'force' in refused.stderr
+    assert 'running' in refused.stderr and '--force' in refused.stderr
+    assert '--cancel' in refused.stderr
     flows.run('workflow', '-d', '-w', 'workflow', '-u', waiting)
     job = flows.get(running)['jobs'][0]['uuid']
     flows.run('workflow', '-d', '-w', 'workflow', '-u', running, '--force')
@@ -394,3 +396,17 @@ def test_datatypes_client(flows, server):
     assert 'takes JSON text or a JSON file' in flows.run('data', '-R', '-j', '{bad', check=2).stderr
     assert 'name is required' in flows.run('data', '-R', '-j', '{"ext":".x"}', check=1).stderr
     assert flows.run('data', '-R', check=2).returncode == 2
+
+
+def test_a_datatype_in_use_cannot_be_deleted(flows, server):
+    """A DAG whose edges name a missing datatype cannot make workflows: the datatype stays
+    while a DAG uses it, and goes once the DAG has gone."""
+    flows.register_txt()
+    flows.dag('twostep.graphml')
+    refused = flows.run('data', '-D', 'TXT', check=1)
+    assert 'datatype TXT is used by DAG twostep' in refused.stderr
+    assert refused.stderr.count('\n') == 1
+    flows.add('twostep')                                  # still usable
+    flows.run('workflow', '-d', '-w', 'dag', '-n', 'twostep')
+    flows.run('data', '-D', 'TXT')
+    assert server.api('GET', '/api/datatypes')[1]['datatypes'] == []

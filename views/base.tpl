@@ -4,7 +4,7 @@
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{page.title}} · p3s</title>
-% if page.refresh:
+% if page.refresh != '0':
 <meta http-equiv="refresh" content="{{page.refresh}}">
 % end
 <link rel="stylesheet" href="/static/p3s.css">

@@ -56,7 +56,11 @@
 </table>
 </section>
 <section class="panel">
-<h2>Throughput <small>jobs ended per minute, last hour</small></h2>
+<h2>Throughput <small>jobs ended {{d['chart']['caption']}} ·
+% for name, href, on in d['spans']:
+<a href="{{href}}" class="{{'on' if on else ''}}">{{name}}</a>
+% end
+</small></h2>
 <svg class="chart" width="{{d['chart']['w']}}" height="{{d['chart']['h'] + 18}}" viewBox="0 0 {{d['chart']['w']}} {{d['chart']['h'] + 18}}" role="img" aria-label="jobs ended per minute">
 <line x1="0" y1="{{d['chart']['h']}}" x2="{{d['chart']['w']}}" y2="{{d['chart']['h']}}" class="axis"/>
 % for b in d['chart']['bars']:
@@ -66,9 +70,9 @@
 % end
 <text x="0" y="{{d['chart']['h'] + 14}}">{{d['chart']['first']}}</text>
 <text x="{{d['chart']['w']}}" y="{{d['chart']['h'] + 14}}" text-anchor="end">{{d['chart']['last']}}</text>
-<text x="4" y="12">max {{d['chart']['top']}}/min</text>
+<text x="4" y="12">max {{d['chart']['top']}}/{{d['chart']['unit']}}</text>
 </svg>
-<p>{{d['chart']['total']}} finished in the last hour (green); other endings in red.</p>
+<p>{{d['chart']['total']}} finished (green), {{d['chart']['others']}} other endings (red).</p>
 <h2>Queue latency <small>defined → started, last hour</small></h2>
 <table class="counts">
 <tr><th>p50</th><td>{{d['latency']['p50'] or '–'}}</td></tr>

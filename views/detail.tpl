@@ -1,4 +1,15 @@
 % rebase('base', page=page)
+% notice = get('notice')
+% if notice:
+<section class="panel wide notice">
+<h2>{{notice['title']}}</h2>
+<ul>
+% for line in notice['lines']:
+<li>{{line}}</li>
+% end
+</ul>
+</section>
+% end
 <section class="panel">
 <table class="fields">
 % for name, text, href in fields:

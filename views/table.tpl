@@ -2,9 +2,9 @@
 <thead><tr>
 % for h in heads:
 % if h['href']:
-<th><a href="{{h['href']}}">{{h['label']}}</a> {{h['mark']}}</th>
+<th class="{{h['cls']}}"><a href="{{h['href']}}">{{h['label']}}</a> {{h['mark']}}</th>
 % else:
-<th>{{h['label']}}</th>
+<th class="{{h['cls']}}">{{h['label']}}</th>
 % end
 % end
 </tr></thead>
@@ -13,7 +13,9 @@
 <tr>
 % for c in row:
 % if c['href']:
-<td class="{{c['cls']}}"><a href="{{c['href']}}">{{c['text']}}</a></td>
+<td class="{{c['cls']}}"><a href="{{c['href']}}" title="{{c['title']}}">{{c['text']}}</a></td>
+% elif c['title']:
+<td class="{{c['cls']}}" title="{{c['title']}}">{{c['text']}}</td>
 % else:
 <td class="{{c['cls']}}">{{c['text']}}</td>
 % end
