@@ -5,15 +5,19 @@ import collections
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 import p3s_server as srv
-from conftest import Clients, Server, make_job, wait_for
+from conftest import ROOT, Clients, Server, make_job, wait_for
 
 
 def children(pid):
@@ -261,3 +265,87 @@ def test_processes_racing_for_the_last_slots_of_a_cap_take_no_more(tmp_path):
         st.close()
         got = race(path, processes=6, pilots_each=4, finish=False)
         assert len(got) == 3 and len(set(got)) == 3, got
+
+
+# -- running it ----------------------------------------------------------------------------------
+
+
+def test_a_port_in_use_is_one_line(tmp_path, server):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'p3s_server.py'), '--port',
+                           str(server.port), '--db', str(tmp_path / 'other.db')],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert re.fullmatch(r'p3s_server: error: cannot listen on 127\.0\.0\.1:\d+: Address already '
+                        r'in use\n', proc.stderr), proc.stderr
+
+
+def test_sigterm_answers_held_polls_and_sighup_reopens_the_log(tmp_path):
+    log = tmp_path / 'server.log'
+    server = Server(tmp_path, extra_args=['--workers', '2', '--log', str(log)]).start()
+    try:
+        wait_for(lambda: 'does the housekeeping' in log.read_text(), what='a first log line')
+        log.rename(tmp_path / 'server.log.1')               # what logrotate does
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(log.exists, what='the log to be opened again')
+        _, reply = server.api('POST', '/api/pilots', {'host': 'h'})
+        held = {}
+        poll = threading.Thread(target=lambda: held.update(reply=server.api(
+            'POST', '/api/pilots/%s/work' % reply['pilot']['uuid'], {'wait': 25})))
+        poll.start()
+        wait_for(lambda: server.api('GET', '/api/pilots/' + reply['pilot']['uuid'])[1]['state']
+                 == 'idle', what='the pilot to be held')
+        server.proc.send_signal(signal.SIGTERM)
+        poll.join(15)
+        assert held['reply'] == (200, {'status': 'OK', 'state': 'idle', 'waited': True})
+        assert server.proc.wait(15) == 0
+    finally:
+        server.stop()
+
+
+# -- durable where it matters --------------------------------------------------------------------
+
+STRACE = shutil.which('strace')
+
+
+def syscalls_between(trace, request, reply):
+    """The sync calls a worker made after it read `request` and before it sent `reply`."""
+    lines = trace.splitlines()
+    start = next(i for i, line in enumerate(lines) if request in line and 'recv' in line)
+    end = next(i for i, line in enumerate(lines[start:], start)
+               if 'send' in line and reply in line)
+    return [line for line in lines[start:end] if 'sync(' in line]
+
+
+@pytest.mark.skipif(not STRACE, reason='strace is not installed: the durability of commits '
+                    'cannot be traced (CI installs it)')
+@pytest.mark.parametrize('sync', ['full', 'normal'])
+def test_a_submission_is_on_disk_before_its_answer_and_a_heartbeat_is_not(tmp_path, sync):
+    """Under --sync full the commit of a submission is synced before the client hears of it;
+    a heartbeat, which can be lost without harm, is never synced; --sync normal syncs none."""
+    server = Server(tmp_path, extra_args=['--workers', '1', '--sync', sync]).start()
+    trace = tmp_path / 'strace.log'
+    tracer = subprocess.Popen([STRACE, '-f', '-s', '200', '-e', 'trace=fsync,fdatasync,recvfrom,'
+                               'sendto', '-o', str(trace), '-p', str(server.proc.pid)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: server.api('GET', '/api/ping')[0] == 200 and trace.exists()
+                 and 'GET /api/ping' in trace.read_text(), what='strace to follow the server')
+        _, jobs = server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'durable'}])
+        _, reg = server.api('POST', '/api/pilots', {'host': 'h'})
+        me = reg['pilot']['uuid']
+        _, work = server.api('POST', '/api/pilots/%s/work' % me, {'wait': 0})
+        assert work['job']['uuid'] == jobs['uuids'][0]
+        server.api('POST', '/api/pilots/%s/heartbeat' % me, {'job': work['job']['uuid']})
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+        server.stop()
+    text = trace.read_text()
+    submit = syscalls_between(text, 'POST /api/jobs', jobs['uuids'][0])
+    claim = syscalls_between(text, '/work HTTP', work['job']['uuid'])
+    beat = syscalls_between(text, '/heartbeat HTTP', 'status')
+    assert beat == []
+    if sync == 'full':
+        assert submit and claim, text[-3000:]
+    else:
+        assert submit == [] and claim == []
