@@ -140,9 +140,9 @@ def run_once(server, pilots, duration, start_report=False):
     for go in gos:
         go.put((start_at, start_at + duration))
     time.sleep(0.5)
-    cpu0 = common.cpu_seconds(server.pid)
+    cpu0 = common.server_cpu_seconds(server.pid)
     got = [results.get(timeout=duration + 120) for _ in procs]
-    cpu = common.cpu_seconds(server.pid) - cpu0
+    cpu = common.server_cpu_seconds(server.pid) - cpu0
     for p in procs:
         p.join(30)
         if p.is_alive():

@@ -93,9 +93,9 @@ def idle_cpu(pilots, windows):
         time.sleep(settle)
         per_window = []
         for _ in range(windows):
-            c0, t0 = common.cpu_seconds(server.pid), time.monotonic()
+            c0, t0 = common.server_cpu_seconds(server.pid), time.monotonic()
             time.sleep(WINDOW)
-            per_window.append(100.0 * (common.cpu_seconds(server.pid) - c0)
+            per_window.append(100.0 * (common.server_cpu_seconds(server.pid) - c0)
                               / (time.monotonic() - t0))
         pilots_seen = server.api('GET', '/api/summary')['pilots']
         for p in procs:
@@ -111,7 +111,7 @@ def server_rss_1m(quick):
     with server:
         server.api('GET', '/api/jobs?state=defined&limit=100')
         common.request(server.port, 'GET', '/')
-        return common.rss_mb(server.pid), size
+        return common.server_rss_mb(server.pid), size
 
 
 def run(quick=False, pilots=IDLE_PILOTS, server_rss=None):

@@ -128,7 +128,7 @@ def run(quick=False):
     with common.Server(db=big_db) as server:
         listing = timed_get(server, '/api/jobs?state=defined&limit=100', HTTP_RUNS)
         dash = timed_get(server, '/', HTTP_RUNS)
-        rss = common.rss_mb(server.pid)
+        rss = common.server_rss_mb(server.pid)
     with common.Server(db=hist_db) as server:
         hist_listing = timed_get(server, '/api/jobs?state=defined&limit=100', HTTP_RUNS)
         hist_dash = timed_get(server, '/', HTTP_RUNS)

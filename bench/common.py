@@ -209,6 +209,32 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
+def process_tree(pid):
+    """A process and its descendants (a server of several workers is its supervisor and
+    them)."""
+    try:
+        with open('/proc/%d/task/%d/children' % (pid, pid)) as f:
+            children = [int(p) for p in f.read().split()]
+    except OSError:
+        return [pid]
+    return [pid] + [p for child in children for p in process_tree(child)]
+
+
+def server_cpu_seconds(pid):
+    """CPU of a server: its process and its live workers."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass                    # it ended between the listing and the reading
+    return total
+
+
+def server_rss_mb(pid):
+    return sum(rss_mb(p) or 0 for p in process_tree(pid))
+
+
 # ---------------------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------------------

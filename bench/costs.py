@@ -2,7 +2,7 @@
 """Where the CPU goes (a development tool behind NOTES.md, not run by `make bench`).
 
 1. Server CPU per request, by kind, for one sequential client (no concurrency): a ping (the
-   bare bottle + waitress + TCP cost), an idle work request, a heartbeat, and a complete job
+   bare bottle + gevent + TCP cost), an idle work request, a heartbeat, and a complete job
    cycle: a work request carrying the previous final report (a short job), and the same plus
    a start report (a job of 0.2 s or more).
 2. CPU per job of a real 8-pilot run, split between the server, the pilot processes and the
@@ -53,11 +53,11 @@ def per_request(sync):
             if name.startswith('job cycle'):
                 server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': str(i)}
                                                  for i in range(N + 1)])
-            c0, t0 = common.cpu_seconds(server.pid), time.perf_counter()
+            c0, t0 = common.server_cpu_seconds(server.pid), time.perf_counter()
             for _ in range(N):
                 fn()
             wall = (time.perf_counter() - t0) / N * 1e6
-            rows.append([name, '%.0f' % ((common.cpu_seconds(server.pid) - c0) / N * 1e6),
+            rows.append([name, '%.0f' % ((common.server_cpu_seconds(server.pid) - c0) / N * 1e6),
                          '%.0f' % wall])
     return common.table('Server CPU per request, one sequential client (`--sync %s`)' % sync,
                         ['request', 'server CPU µs', 'wall µs (round trip)'], rows)
@@ -72,15 +72,20 @@ def proc_times(pid):
             (int(fields[13]) + int(fields[14])) / tck)
 
 
+def tree_times(pid):
+    """proc_times of a server's supervisor and its workers, added up."""
+    return [sum(x) for x in zip(*[proc_times(p) for p in common.process_tree(pid)])]
+
+
 def per_job(sync, jobs):
     with common.Server(args=['--sync', sync]) as server:
         server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': str(i)}
                                          for i in range(jobs)])
-        s0 = proc_times(server.pid)
+        s0 = tree_times(server.pid)
         pilots = common.start_pilots(server, 8, '--cycles', '0')
         common.wait_for(lambda: server.api('GET', '/api/summary')['jobs'].get('finished', 0)
                         >= jobs, 300, 'the jobs to finish', 0.25)
-        srv = [b - a for a, b in zip(s0, proc_times(server.pid))]
+        srv = [b - a for a, b in zip(s0, tree_times(server.pid))]
         pil = [sum(x) for x in zip(*[proc_times(p.pid) for p in pilots])]
     ms = lambda x: '%.2f' % (x / jobs * 1000)  # noqa: E731
     total = srv[0] + srv[1] + sum(pil)
