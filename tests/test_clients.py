@@ -96,7 +96,8 @@ def one_line_error(proc, name, code):
 
 # One command of each client that talks to the server and changes nothing.
 READ_ONLY = {'p3s_job.py': ['--list'], 'p3s_workflow.py': ['--list'],
-             'p3s_data.py': ['--list'], 'p3s_pilot.py': ['--cycles', '1', '--wait', '0']}
+             'p3s_data.py': ['--list'], 'p3s_pilot.py': ['--cycles', '1', '--wait', '0'],
+             'p3s_batch.py': ['--list']}
 
 
 @pytest.mark.parametrize('name', CLIENTS)
