@@ -451,10 +451,9 @@ class Pilot:
         return self.ends - END_MARGIN - self.clock()
 
     def request_work(self):
-        left = self.time_left()
-
         def body():
             request = {'wait': self.args.wait, 'report': self.final_report()}
+            left = self.time_left()               # now: a retried request has less of it
             if left is not None:
                 request.update(left=int(max(left, 0)), wait=min(self.args.wait, max(left, 0)))
             return request
@@ -610,8 +609,7 @@ class Pilot:
             self.sleep(self.args.period if left is None else min(self.args.period, left))
         if self.cycles_left is not None:
             self.cycles_left -= 1
-        return (not self.gone and not self.signalled and not self.draining
-                and self.cycles_left != 0)
+        return not self.gone and not self.signalled and self.cycles_left != 0
 
     def finish(self):
         """Deliver the last report and leave: `stopped`, or `killed` after a signal."""

@@ -2009,7 +2009,7 @@ INSERT INTO batchjobs (site, system, batchid, state, submitted_at)
 VALUES (:site, :system, :batchid, 'pending', :now)
 ON CONFLICT (site, system, batchid) DO NOTHING
 """
-GET_BATCHJOB_BY_ID = ('SELECT ' + BATCH_COLUMNS + ' FROM batchjobs'
+GET_BATCHJOB_OF = ('SELECT ' + BATCH_COLUMNS + ' FROM batchjobs'
                       ' WHERE site = :site AND system = :system AND batchid = :batchid')
 # A pilot may register before its submission is recorded (a free node starts it at once): the
 # record then adopts it. Must repeat the condition of the partial index pilots_extra.
@@ -2066,12 +2066,19 @@ SELECT count(*) AS live,
    AND NOT EXISTS (SELECT 1 FROM pilot_drains WHERE pilot = pilots.uuid)
 """
 # Queued jobs the site's pilots could run (their site, a time limit their wall time allows, a
-# deadline not passed), counted up to :cap: no more pilots than that are ever wanted.
+# deadline not passed, a type not held at its cap), counted up to :cap: no more pilots than that
+# are ever wanted. The held types are the claim's BLOCKED_JOBTYPES.
 POOL_QUEUED = """
 SELECT count(*) AS n FROM (
     SELECT 1 FROM jobs
      WHERE state = 'defined' AND (site = '' OR site = :site) AND timelimit <= :longest
        AND (deadline_at IS NULL OR deadline_at > :now)
+       AND jobtype NOT IN (
+           SELECT name FROM jobtypes
+            WHERE cap IS NOT NULL
+              AND cap <= (SELECT count(*) FROM jobs AS held
+                           WHERE held.state IN """ + SQL_ACTIVE + """
+                             AND held.jobtype = jobtypes.name))
      LIMIT :cap)
 """
 POOL_BATCHJOBS = """
@@ -2138,7 +2145,7 @@ def record_batchjobs(store, raw, now):
     with store.write() as db:
         db.executemany(INSERT_BATCHJOB, rows)
         db.executemany(ADOPT_EARLY_PILOT, rows)
-        return [dict(db.execute(GET_BATCHJOB_BY_ID, r).fetchone()) for r in rows]
+        return [dict(db.execute(GET_BATCHJOB_OF, r).fetchone()) for r in rows]
 
 
 def check_observation(raw, req, now):

@@ -164,8 +164,11 @@ def test_a_batch_job_becomes_its_pilot_whichever_is_first(store):
     early = pilot(store, 'np04', 'slurm:102')                  # registered before the record
     [job] = record(store, '102', now=at(1))
     assert (job['state'], job['pilot']) == ('running', early)
-    assert pilot(store, 'other', 'slurm:103') and not record(store, '103')[0]['pilot']
+    pilot(store, 'other', 'slurm:103')                         # another site's
+    assert record(store, '103')[0]['state'] == 'pending'
     assert record(store, '101')[0]['pilot'] == late           # recorded again: no change
+    pilot(store, 'np04', 'slurm:101', now=at(9))               # another pilot in the same job
+    assert batchjob(store, '101')['pilot'] == late
 
 
 def test_batch_job_states_name_the_states_they_leave(store):
@@ -219,6 +222,26 @@ def test_the_pool_wants_a_pilot_per_busy_pilot_and_runnable_job(store):
     assert late['cancel'] == ['2'] and late['submit'] == 1      # cancelled, replaced at once
     srv.drain_pilot(store, me, T0)
     assert pool(store)['pilots'] == {'live': 0, 'busy': 0}      # a drained pilot is leaving
+
+
+def test_jobs_held_by_their_type_s_cap_want_no_pilot(store):
+    site(store, pilots=5)
+    for jobtype in ('paused', 'paused', 'capped', 'capped', 'free'):
+        submit(store, jobtype=jobtype, timelimit=10)
+    srv.set_cap(store, {'name': 'paused', 'cap': 0}, T0)
+    srv.set_cap(store, {'name': 'capped', 'cap': 1}, T0)
+    assert pool(store)['queued'] == 3                         # the free one, and both capped
+    srv.request_work(store, pilot(store, 'np04'), T0)          # takes a capped one: now held
+    numbers = pool(store)
+    assert (numbers['queued'], numbers['pilots']['busy'], numbers['wanted']) == (1, 1, 2)
+
+
+def test_ended_batch_jobs_are_purged_with_the_rest(store):
+    record(store, '1', '2')
+    see(store, '1', 'cancelled', at(10))
+    assert srv.purge(store, at(3600), 3600)['batchjobs'] == 0
+    assert srv.purge(store, at(3611), 3600)['batchjobs'] == 1
+    assert [j['batchid'] for j in srv.list_batchjobs(store, {})] == ['2']
 
 
 def test_a_started_batch_job_counts_until_its_pilot_should_have_come(store):
@@ -388,7 +411,7 @@ def test_a_pilot_with_a_lifetime_takes_only_jobs_that_fit_and_leaves_in_time(cli
     long_job, short_job = clients.submit([make_job('/bin/true', timeout='100', priority='9'),
                                           make_job('/bin/sleep 0.5', timeout='4')])
     started = time.monotonic()
-    clients.run_pilot('--cycles', '0', '--wait', '5', '--lifetime', '16', timeout=60)
+    clients.run_pilot('--cycles', '0', '--wait', '20', '--lifetime', '16', timeout=60)
     assert time.monotonic() - started < 16
     assert server.job(short_job)['state'] == 'finished'
     assert server.job(long_job)['state'] == 'defined'

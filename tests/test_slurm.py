@@ -22,8 +22,8 @@ CLUSTER = os.path.join(ROOT, 'tools', 'slurm-single-node.sh')
 JOB_END_TIMEOUT = 90         # seconds for a cancelled batch job to leave the node (KillWait 30)
 
 
-def slurm(*argv, check=True):
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+def slurm(*argv, check=True, env=None):
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env=env)
     if check:
         assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
     return proc.stdout
@@ -201,6 +201,36 @@ def test_a_broken_environment_is_flagged_and_a_pending_pilot_cancelled(pools, cl
     assert 'pending for more than 1 s' in held.batchjob(first)['reason']
     assert held.in_slurm()[first] == 'CANCELLED'
     assert [j['state'] for j in held.batchjobs()].count('pending') == 1   # its replacement
+
+
+def test_the_pool_manager_finds_what_the_server_and_slurm_do_not_share(pools, clients, server):
+    """A batch job of the site's pilots that the server never heard of (a pool manager stopped
+    between sbatch and the record) is recorded; one the server knows but Slurm no longer does
+    (gone from squeue, and no accounting here for sacct) is judged by its pilot: none came."""
+    pool = pools(unique('stray'), pilots=1, lifetime=600)
+    stray = slurm('sbatch', '--parsable', '--hold', '--job-name=p3s-' + pool.name,
+                  '--output=/dev/null', '--wrap', 'true').strip()
+    server.api('POST', '/api/batchjobs', {'site': pool.name, 'system': 'slurm',
+                                          'batchids': ['999999']})
+    proc = pool.manage(check=None)
+    done = json.loads(proc.stdout)
+    assert done['recorded'] == [stray] and pool.batchjob(stray)['state'] == 'pending'
+    assert [(j['batchid'], j['state']) for j in done['ended']] == [('999999', 'never_registered')]
+    assert 'no Slurm accounting' in proc.stderr
+
+
+def test_a_pilot_started_by_hand_in_slurm_knows_its_batch_job_and_its_end(
+        pools, clients, server, tmp_path):
+    pool = pools(unique('byhand'))
+    pilot = ' '.join([sys.executable, '-S', os.path.join(ROOT, 'p3s_pilot.py'), '--site',
+                      pool.name, '--cycles', '1', '--wait', '0', '--period', '0'])
+    batchid = slurm('sbatch', '--parsable', '--time=3', '--job-name=p3s-' + pool.name,
+                    '--output=%s/%%j.out' % tmp_path, '--wrap', pilot, env=clients.env()).strip()
+    wait_for(lambda: pool.in_slurm().get(batchid) == 'COMPLETED', 60, 0.5, what='the pilot')
+    [registered] = pool.pilots()
+    assert registered['extra'] == 'slurm:' + batchid           # from SLURM_JOB_ID
+    [end] = re.findall(r'leaves within (\d+) s', clients.pilot_logs())
+    assert 120 <= int(end) <= 180                              # squeue's end of its 3 minutes
 
 
 # -- the examples of docs/batch.md, as written ---------------------------------------------------
