@@ -216,7 +216,7 @@ def pilot_argv(args, pool, pilot, extra=()):
     """The pilot's command line in a batch job (`pilot`: the file as the node sees it)."""
     argv = [args.python, pilot, '--server', args.server, '--site', args.site]
     settings = pool['settings']
-    if settings.get('cycles') is None:
+    if settings['cycles'] is None:          # else the pilot takes the site's
         argv += ['--cycles', '0']           # a batch pilot lives until its end or a drain
     if settings['lifetime']:
         argv += ['--lifetime', str(settings['lifetime'])]
@@ -287,15 +287,13 @@ class Slurm:
                                       self.script(pool))
 
     def submit(self, pool, count):
-        """sbatch, once per pilot; the batch ids."""
-        ids = []
+        """sbatch, once per pilot: each batch id as soon as it is known."""
         for _ in range(count):
             out = run_batch(self.sbatch_argv(pool), stdin=self.script(pool))
-            batchid = out.strip().split(';')[0]
+            batchid = out.strip().split(';')[0]          # 'id' or 'id;cluster'
             if not re.match(r'^\d+(_\d+)?$', batchid):
                 raise P3SError('sbatch answered %r, not a job id' % out.strip()[:100])
-            ids.append(batchid)
-        return ids
+            yield batchid
 
     def observe(self, site):
         """Every batch job of the site's pilots that Slurm still knows, ended ones included
@@ -502,9 +500,10 @@ def cycle(args, system):
         except P3SError as e:
             warn('%s: no replacement submitted' % e)
             submit = max(0, submit - len(pool['cancel']))
-    submitted = system.submit(pool, submit) if submit else []
-    if submitted:
-        record(args, submitted)
+    submitted = []
+    for batchid in system.submit(pool, submit) if submit else ():
+        record(args, [batchid])                    # at once: a later failure loses none
+        submitted.append(batchid)
     return {'site': args.site, 'system': args.system, 'pilots': pool['pilots'],
             'queued': pool['queued'], 'pending': pool['pending'], 'starting': pool['starting'],
             'wanted': pool['wanted'], 'submitted': submitted, 'cancelled': cancelled,
@@ -513,9 +512,10 @@ def cycle(args, system):
 
 
 def cycle_line(done):
-    line = ('site %(site)s (%(system)s): %(live)d live pilots (%(busy)d busy), %(queued)d '
-            'queued jobs they could run, %(pending)d pending and %(starting)d starting batch '
-            'jobs; wanted %(wanted)d' % dict(done, **done['pilots']))
+    line = ('%(time)s site %(site)s (%(system)s): %(live)d live pilots (%(busy)d busy), '
+            '%(queued)d queued jobs they could run, %(pending)d pending and %(starting)d '
+            'starting batch jobs; wanted %(wanted)d'
+            % dict(done, time=time.strftime('%Y-%m-%d %H:%M:%S'), **done['pilots']))
     for what in ('submitted', 'cancelled', 'recorded'):
         if done[what]:
             line += '; %s %s' % (what, ' '.join(done[what]))

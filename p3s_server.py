@@ -1996,7 +1996,7 @@ BATCH_COLUMNS = ('id, site, system, batchid, state, pilot, host, reason, submitt
                  'started_at, ended_at')
 GET_BATCHJOB = 'SELECT ' + BATCH_COLUMNS + ', output FROM batchjobs WHERE id = :id'
 LIST_BATCHJOBS = 'SELECT ' + BATCH_COLUMNS + ' FROM batchjobs'
-BATCH_FILTERS = {
+BATCH_FILTERS = {                 # json_each is SQLite's, as in the other listings' filters
     'state': 'state = :state',
     'states': 'state IN (SELECT value FROM json_each(:states))',
     'site': 'site = :site',
@@ -2079,7 +2079,7 @@ SELECT count(*) AS n FROM (
               AND cap <= (SELECT count(*) FROM jobs AS held
                            WHERE held.state IN """ + SQL_ACTIVE + """
                              AND held.jobtype = jobtypes.name))
-     LIMIT :cap)
+     LIMIT :cap) AS runnable
 """
 POOL_BATCHJOBS = """
 SELECT id, batchid, state, pilot, submitted_at, started_at FROM batchjobs
@@ -2194,7 +2194,8 @@ def get_batchjob(store, batchjob_id):
 
 def pool_settings(site):
     """The pool manager's settings of a site, with the defaults filled in."""
-    return {'lifetime': site['lifetime'], 'partition': site['partition'],
+    return {'lifetime': site['lifetime'], 'cycles': site['cycles'],
+            'partition': site['partition'],
             'account': site['account'], 'options': site['options'],
             'max_pending': DEFAULT_MAX_PENDING if site['max_pending'] is None
             else site['max_pending'],
@@ -2202,45 +2203,53 @@ def pool_settings(site):
             else site['pending_timeout']}
 
 
-def pool_status(store, name, system, keep, now):
-    """How a site's pool stands and what the pool manager should do now: how many batch jobs to
-    submit, and which pending ones to cancel (pending longer than the site allows).
-
-    The pool wants a pilot for each busy pilot and each queued job its pilots could run (at
-    least `keep`, at most the site's `pilots`); it has its live pilots, its pending batch jobs
-    and the batch jobs just started that have not registered yet. It submits the difference,
-    keeping at most `max_pending` batch jobs pending."""
+def pool_site(store, name, system):
+    """The site whose pool is asked for, if it has one."""
     if system not in BATCH_SYSTEMS:
         fail(400, 'system must be one of %s' % ', '.join(BATCH_SYSTEMS))
     sites = list_sites(store, name)
     if not sites:
         fail(404, 'no such site: %s' % name[:MAX_TEXT])
-    site = sites[0]
-    if site['pilots'] is None:
+    if sites[0]['pilots'] is None:
         fail(409, 'site %s has no target number of pilots: define it with "pilots"' % name)
-    settings = pool_settings(site)
-    target = site['pilots']
-    longest = (site['lifetime'] - PILOT_END_MARGIN) if site['lifetime'] else MAX_TIMELIMIT
-    params = {'site': name, 'system': system, 'now': now, 'cap': target, 'longest': longest}
+    return sites[0]
+
+
+def pool_status(store, name, system, keep, now):
+    """How a site's pool stands, and what the pool manager should do now (pool_plan)."""
+    site = pool_site(store, name, system)
+    lifetime = site['lifetime']
+    params = {'site': name, 'system': system, 'now': now, 'cap': site['pilots'],
+              'longest': lifetime - PILOT_END_MARGIN if lifetime else MAX_TIMELIMIT}
     with store.read() as db:
         pilots = dict(db.execute(POOL_PILOTS, params).fetchone())
         queued = db.execute(POOL_QUEUED, params).fetchone()['n']
-        batch = [dict(r) for r in db.execute(POOL_BATCHJOBS, params)]
-    for b in batch:
-        b['age'] = seconds_between(b['submitted_at'], now)
+        batch = [dict(r, age=seconds_between(r['submitted_at'], now))
+                 for r in db.execute(POOL_BATCHJOBS, params)]
+    pool = {'site': name, 'system': system, 'target': site['pilots'], 'keep': keep,
+            'settings': pool_settings(site), 'pilots': pilots, 'queued': queued,
+            'batchjobs': batch}
+    return dict(pool, **pool_plan(pool, now))
+
+
+def pool_plan(pool, now):
+    """The pool wants a pilot for each busy pilot and each queued job its pilots could run (at
+    least `keep`, at most the site's `pilots`); it has its live pilots, its pending batch jobs
+    and the batch jobs just started that have not registered yet. It submits the difference,
+    keeping at most `max_pending` batch jobs pending, and cancels those pending for longer than
+    `pending_timeout` (0: never)."""
+    settings, batch = pool['settings'], pool['batchjobs']
     pending = [b for b in batch if b['state'] == 'pending']
     cancel = [b['batchid'] for b in pending
               if settings['pending_timeout'] and b['age'] > settings['pending_timeout']]
     starting = [b for b in batch if b['state'] == 'running' and b['pilot'] is None
                 and seconds_between(b['started_at'] or b['submitted_at'], now) < REGISTER_GRACE]
     waiting = len(pending) - len(cancel)
-    wanted = min(target, max(keep, pilots['busy'] + queued))
-    have = pilots['live'] + len(starting) + waiting
-    submit = max(0, min(wanted - have, settings['max_pending'] - waiting))
-    return {'site': name, 'system': system, 'target': target, 'keep': keep,
-            'settings': settings, 'pilots': pilots, 'queued': queued,
-            'starting': len(starting), 'pending': len(pending), 'wanted': wanted,
-            'submit': submit, 'cancel': cancel, 'batchjobs': batch}
+    wanted = min(pool['target'], max(pool['keep'], pool['pilots']['busy'] + pool['queued']))
+    have = pool['pilots']['live'] + len(starting) + waiting
+    return {'starting': len(starting), 'pending': len(pending), 'wanted': wanted,
+            'submit': max(0, min(wanted - have, settings['max_pending'] - waiting)),
+            'cancel': cancel}
 
 # ---------------------------------------------------------------------------------------------
 # Data

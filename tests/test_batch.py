@@ -2,7 +2,6 @@
 jobs and the pool's numbers on the server; draining and lifetimes of real pilot processes;
 p3s_batch.py's commands and its parsing of Slurm's and HTCondor's output. The same against a
 real Slurm is in test_slurm.py."""
-import io
 import json
 import os
 import re
@@ -455,8 +454,11 @@ def test_dry_run_prints_the_submission_for_slurm_and_htcondor(clients, server, t
             in out)
     assert re.search(r"exec python3 \S*p3s_pilot.py --server \S+ --site np04 --cycles 0 "
                      r"--lifetime 7200\n", out)
+    define(clients, tmp_path, name='np04', pilots=3, lifetime=7200, account='dune',
+           options=['--qos=high'], pilotcycles='10')
     out = clients.run('batch', '--site', 'np04', '--system', 'htcondor', '--dry-run',
                       '--python', '/opt/py/bin/python3', check=0).stdout
+    assert "'--site' 'np04' '--lifetime' '7200'" in out            # the site's 10 cycles
     assert "arguments = \"'/opt/py/bin/python3' 'p3s_pilot.py' '--server'" in out
     assert "'--extra' 'htcondor:$(ClusterId).$(ProcId)'\"" in out
     for line in ('batch_name = p3s-np04', '+MaxRuntime = 7200', 'accounting_group = dune',
@@ -545,3 +547,62 @@ def test_htcondor_output_is_parsed():
         '"\'one\' \'two with spaces\' \'3\'"'
     assert p3s_batch.condor_quote(['"two"', "spacey 'quoted' argument"]) == \
         '"\'""two""\' \'spacey \'\'quoted\'\' argument\'"'
+
+
+# HTCondor cannot run here. These stand-ins for its commands print what real pools print (the
+# samples above) and log how they were called, so that the pool manager's HTCondor cycle runs
+# end to end; that a real pool accepts the submit description is not shown by this.
+STAND_IN = """#!/bin/sh
+echo "$(basename "$0") $*" >> %(dir)s/calls
+case "$(basename "$0")" in
+    condor_submit) cat %(dir)s/submit.out ;;
+    condor_q) cat %(dir)s/queue ;;
+    condor_rm) echo "Job $1 marked for removal" ;;
+esac
+"""
+
+
+def test_the_htcondor_cycle_with_stand_ins_for_its_commands(clients, server, tmp_path):
+    fake = tmp_path / 'condor'
+    fake.mkdir()
+    for name in ('condor_submit', 'condor_q', 'condor_rm'):
+        (fake / name).write_text(STAND_IN % {'dir': fake})
+        (fake / name).chmod(0o755)
+    env = {'PATH': '%s:%s' % (fake, os.environ['PATH'])}
+    batchlog = tmp_path / 'batch'
+    define(clients, tmp_path, name='np04', pilots=1, lifetime=3600, pending_timeout=0)
+    clients.submit([make_job('/bin/true', site='np04')])
+
+    def cycle(queue='', submitted=None):
+        (fake / 'queue').write_text(queue)
+        if submitted:
+            (fake / 'submit.out').write_text(
+                'Submitting job(s).\n1 job(s) submitted to cluster %s.\n' % submitted)
+        out = clients.run('batch', '--site', 'np04', '--system', 'htcondor', '--once',
+                          '--json', '--batchlog', str(batchlog), env=env, check=0).stdout
+        return json.loads(out)
+
+    def state(batchid):
+        [job] = [j for j in server.api('GET', '/api/batchjobs')[1]['batchjobs']
+                 if j['batchid'] == batchid]
+        return job
+
+    assert cycle(submitted='4242')['submitted'] == ['4242.0']
+    calls = (fake / 'calls').read_text().splitlines()
+    assert calls == ['condor_q -constraint JobBatchName == "p3s-np04" -af:j JobStatus RemoteHost',
+                     'condor_submit %s/p3s-np04.sub' % batchlog]
+    assert 'queue 1\n' in (batchlog / 'p3s-np04.sub').read_text()
+    assert state('4242.0')['state'] == 'pending'
+    cycle('4242.0 2 slot1@node7.example.org\n')
+    assert (state('4242.0')['state'], state('4242.0')['host']) == ('running', 'node7.example.org')
+    (batchlog / 'p3s-pilot-4242.0.err').write_text('/usr/bin/env: python3: not found\n')
+    done = cycle('', submitted='4243')                         # gone: no pilot ever came
+    assert [(j['batchid'], j['state']) for j in done['ended']] == [('4242.0', 'never_registered')]
+    assert 'python3: not found' in server.api('GET', '/api/batchjobs/%d'
+                                              % state('4242.0')['id'])[1]['output']
+    assert done['submitted'] == ['4243.0']                     # the job still wants a pilot
+    define(clients, tmp_path, name='np04', pilots=1, lifetime=3600, pending_timeout=1)
+    wait_for(lambda: cycle('4243.0 5 undefined\n', '4244')['cancelled'] == ['4243.0'], 30, 0.5,
+             what='the held pilot to be removed')
+    assert 'condor_rm 4243.0' in (fake / 'calls').read_text()
+    assert state('4243.0')['state'] == 'cancelled'

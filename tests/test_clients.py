@@ -139,7 +139,7 @@ def foreign_server():
     httpd.server_close()
 
 
-@pytest.mark.parametrize('name', ['p3s_job.py', 'p3s_workflow.py', 'p3s_data.py'])
+@pytest.mark.parametrize('name', ['p3s_job.py', 'p3s_workflow.py', 'p3s_data.py', 'p3s_batch.py'])
 def test_a_server_that_is_not_p3s_is_named_as_such(name, foreign_server):
     stderr = one_line_error(run(name, *READ_ONLY[name], '-S', foreign_server), name, 3)
     assert 'is it a p3s server?' in stderr and 'HTTP 404' in stderr
@@ -148,7 +148,7 @@ def test_a_server_that_is_not_p3s_is_named_as_such(name, foreign_server):
 def test_a_refused_token_names_where_the_token_comes_from(tmp_path):
     srv = Server(tmp_path, extra_args=['--token', 'secret', '--private']).start()
     try:
-        for name in ('p3s_job.py', 'p3s_workflow.py', 'p3s_data.py'):
+        for name in ('p3s_job.py', 'p3s_workflow.py', 'p3s_data.py', 'p3s_batch.py'):
             stderr = one_line_error(run(name, *READ_ONLY[name], '-S', srv.url), name, 1)
             assert 'HTTP 401' in stderr and 'P3S_TOKEN' in stderr
             proc = run(name, *READ_ONLY[name], '-S', srv.url, env={'P3S_TOKEN': 'secret'})
