@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -30,10 +31,14 @@ def slurm(*argv, check=True, env=None):
 
 
 def cannot_run(reason):
+    """Skip loudly (a warning in the summary, whatever the -r flags), or fail under CI."""
     if os.environ.get('P3S_REQUIRE_SLURM'):
         pytest.fail('P3S_REQUIRE_SLURM is set but Slurm cannot run: ' + reason)
-    pytest.skip('NO SLURM: ' + reason + ' (tools/slurm-single-node.sh starts a one-node cluster '
-                'as root once slurm-wlm and munge are installed; .ci/run does both)')
+    message = ('NO SLURM: the Slurm tests are skipped: ' + reason + ' (tools/slurm-single-node.sh '
+               'starts a one-node cluster as root once slurm-wlm and munge are installed; '
+               '.ci/run does both)')
+    warnings.warn(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope='module')
