@@ -124,7 +124,8 @@ def test_the_pool_runs_jobs_loses_a_pilot_to_scancel_and_fills_up_again(pools, c
     assert len(done['submitted']) == 2 and done['wanted'] == 2
     wait_for(lambda: all(server.job(u)['state'] == 'finished' for u in jobs), 60,
              what='the pilots of two batch jobs to run three jobs')
-    pilots = pool.pilots(LIVE)
+    pilots = wait_for(lambda: len(pool.pilots(LIVE)) == 2 and pool.pilots(LIVE), 60,
+                      what='both pilots to register')
     assert sorted(p['extra'] for p in pilots) == sorted('slurm:' + b for b in done['submitted'])
     assert {(j['state'], j['pilot']) for j in pool.batchjobs()} == {
         ('running', p['uuid']) for p in pilots}
