@@ -4,7 +4,9 @@
 usage: python p3s_pilot.py [--server URL] [--site NAME] [--joblog DIR] [--pilotlog DIR]
                            [--cycles N] [--period S] [--beat S] [--wait S]
                            [--jobtypes a,b] [--extra TEXT] [--keep-logs DAYS] [--max-log-size N]
+                           [--lifetime S]
        python p3s_pilot.py --define-site site.json      define or replace a site, then exit
+       python p3s_pilot.py --drain UUID[,UUID...]       order pilots to drain, then exit
 
 Defaults come from the environment: P3S_SERVER (http://127.0.0.1:8080/), P3S_SITE,
 P3S_JOBLOG (/tmp/$USER/p3s/jobs), P3S_PILOTLOG (/tmp/$USER/p3s/pilots); P3S_PILOT_TOKEN or
@@ -35,6 +37,13 @@ So that payloads cannot fill the node's disk, a job's .out and .err are each cut
 --max-log-size bytes (default 1G), ending with a marker line, and job logs last written more
 than --keep-logs days ago (default 7) are removed from the job log folder at the pilot's start
 and every few hours. Only files named <uuid>.out or <uuid>.err are ever removed.
+
+SIGTERM or SIGINT: the payload is killed (its job ends `killed`) and the pilot leaves. SIGUSR1,
+or a drain order from the server (--drain): the pilot drains: it lets its job finish, takes no
+more and leaves (`stopped`). A pilot of a batch job knows its end: --lifetime seconds after its
+start, SLURM_JOB_END_TIME, or what squeue says of SLURM_JOB_ID; it takes no job whose timelimit
+would outlast it and leaves before the batch system kills it. Its --extra is then
+slurm:<SLURM_JOB_ID> (or htcondor:<cluster>.<proc>) unless given.
 
 Exit codes (shared by every p3s client):
   0  success                        2  bad command line
@@ -92,6 +101,10 @@ CUT_MARKER = '\n[p3s_pilot: output cut at %d bytes (--max-log-size); the rest wa
 JOB_LOG_NAME = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
                           r'\.(out|err)$')
 SIZE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
+# A batch pilot keeps this much of its wall time free: a job killed at its timelimit still has
+# the kill grace and its final report before the end (the server counts with the same margin).
+END_MARGIN = 10.0
+SQUEUE_TIMEOUT = 10.0        # seconds to ask Slurm when this pilot's batch job ends
 
 log = logging.getLogger('p3s_pilot')
 
@@ -335,6 +348,41 @@ def command_for(job, env):
 
 
 # ---------------------------------------------------------------------------------------------
+# The batch job around the pilot
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_id_from_environment(env=os.environ):
+    """'slurm:<job id>' or 'htcondor:<cluster>.<proc>' when run by a batch system, else ''."""
+    if env.get('SLURM_JOB_ID'):
+        return 'slurm:' + env['SLURM_JOB_ID']
+    ad = {}
+    try:
+        with open(env.get('_CONDOR_JOB_AD') or '') as f:
+            ad = dict(line.split(' = ', 1) for line in f.read().splitlines() if ' = ' in line)
+    except OSError:
+        pass
+    if ad.get('ClusterId', '').isdigit() and ad.get('ProcId', '').isdigit():
+        return 'htcondor:%s.%s' % (ad['ClusterId'], ad['ProcId'])
+    return ''
+
+
+def batch_end(env=os.environ):
+    """The end of this pilot's Slurm job (seconds since the epoch), or None. Newer Slurm sets
+    SLURM_JOB_END_TIME; 22.05 (Debian 12's) does not, and squeue tells."""
+    if env.get('SLURM_JOB_END_TIME', '').isdigit():
+        return float(env['SLURM_JOB_END_TIME'])
+    if not env.get('SLURM_JOB_ID'):
+        return None
+    try:
+        out = subprocess.run(['squeue', '-h', '-j', env['SLURM_JOB_ID'], '-o', '%e'],
+                             capture_output=True, text=True, timeout=SQUEUE_TIMEOUT).stdout
+        return time.mktime(time.strptime(out.strip(), '%Y-%m-%dT%H:%M:%S'))   # local time
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None                  # no squeue here, or no time limit ('Unknown', 'N/A')
+
+
+# ---------------------------------------------------------------------------------------------
 # The pilot
 # ---------------------------------------------------------------------------------------------
 
@@ -361,6 +409,9 @@ class Pilot:
         self.next_tidy = None         # when to remove old job logs again (by clock)
         self.registered = False
         self.jobs_run = 0
+        self.draining = False         # SIGUSR1 or a drain order: finish the job, take no more
+        self.leaving = False
+        self.ends = None              # by the clock: when a batch pilot must be gone
         self._interruptible = False
 
     # -- signals ------------------------------------------------------------------------------
@@ -368,6 +419,13 @@ class Pilot:
     def on_signal(self, signum, frame):
         self.signalled = signum
         if self._interruptible:
+            self._interruptible = False
+            raise Interrupted()
+
+    def on_drain(self, signum, frame):
+        """SIGUSR1 (Slurm's warning before the wall time): the job runs on, no other starts."""
+        self.draining = True
+        if self._interruptible and not self.leaving:
             self._interruptible = False
             raise Interrupted()
 
@@ -451,9 +509,32 @@ class Pilot:
                          name, most, pilot_timeout)
                 setattr(self.args, name, most)
 
+    def find_end(self, wall_clock=time.time):
+        """A batch pilot's end: --lifetime from now, or its batch job's end, whichever is first
+        (Slurm is asked only when no --lifetime is given)."""
+        now = self.clock()
+        ends = [now + self.args.lifetime] if self.args.lifetime else []
+        end = batch_end() if not ends or os.environ.get('SLURM_JOB_END_TIME') else None
+        if end is not None:
+            ends.append(now + end - wall_clock())
+        self.ends = min(ends) if ends else None
+        if self.ends is not None:
+            log.info('this pilot leaves within %.0f s (its batch job ends then)',
+                     self.ends - now)
+
+    def time_left(self):
+        """Seconds a job may run and still end before this pilot must be gone; None: no end."""
+        if self.ends is None:
+            return None
+        return self.ends - END_MARGIN - self.clock()
+
     def request_work(self):
         def body():
-            return {'wait': self.args.wait, 'report': self.final_report()}
+            request = {'wait': self.args.wait, 'report': self.final_report()}
+            left = self.time_left()               # now: a retried request has less of it
+            if left is not None:
+                request.update(left=int(max(left, 0)), wait=min(self.args.wait, max(left, 0)))
+            return request
         with self.interruptible():
             reply = self.call('POST', '/api/pilots/%s/work' % self.uuid, body,
                               timeout=self.args.wait + HTTP_TIMEOUT)
@@ -493,6 +574,14 @@ class Pilot:
         except P3SError as e:
             log.warning('heartbeat not delivered (the payload goes on): %s', e)
             return {'status': 'OK'}
+
+    def beat(self, job_uuid):
+        """A heartbeat; returns its order (OK, KILL, STOP) and takes note of a drain order."""
+        reply = self.heartbeat(job_uuid)
+        if reply.get('drain') and not self.draining:
+            log.info('drain ordered: job %s runs to its end, then this pilot leaves', job_uuid)
+            self.draining = True
+        return reply.get('status')
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -572,7 +661,7 @@ class Pilot:
                                     elapsed=now - started).get('status')
             elif now >= next_beat:
                 next_beat = now + self.args.beat
-                order = self.heartbeat(job['uuid']).get('status')
+                order = self.beat(job['uuid'])
             if order in ('KILL', 'STOP', 'signal'):
                 log.warning('job %s killed: %s', job['uuid'], order)
                 self.gone = self.gone or order == 'STOP'
@@ -599,35 +688,43 @@ class Pilot:
     def step(self):
         """One cycle: ask for work (delivering the last report), run what comes. Returns whether
         the pilot goes on."""
+        left = self.time_left()
+        if self.draining or (left is not None and left < 1):
+            log.info('%s: leaving', 'drained' if self.draining else 'end of its lifetime')
+            return False
         self.tidy_when_due()
         reply = self.request_work()
         if reply.get('status') == 'STOP':
-            log.warning('server says stop: this pilot is %s', reply.get('state'))
+            log.warning('server says stop: this pilot is %s%s', reply.get('state'),
+                        ' (drained)' if reply.get('drain') else '')
             self.gone = True
             return False
         if reply.get('state') == 'dispatched':
             self.pending = self.run_job(reply['job'])
             self.jobs_run += 1
-        elif not reply.get('waited'):
-            self.sleep(self.args.period)          # the server did not hold the request
+        elif not reply.get('waited'):             # the server did not hold the request
+            self.sleep(self.args.period if left is None else min(self.args.period, left))
         if self.cycles_left is not None:
             self.cycles_left -= 1
         return not self.gone and not self.signalled and self.cycles_left != 0
 
     def finish(self):
         """Deliver the last report and leave: `stopped`, or `killed` after a signal."""
+        self.leaving = True
         try:
             self.deliver_and_leave()
         except Interrupted:
             self.deliver_and_leave()          # signalled now, so its patience is bounded
 
     def deliver_and_leave(self):
-        """A signalled pilot tries for SHUTDOWN_PATIENCE seconds in all; one that used up its
-        cycles tries until the server is back. A pilot that never registered has nothing to
-        say."""
+        """A signalled pilot tries for SHUTDOWN_PATIENCE seconds in all, a batch pilot until its
+        end; one that used up its cycles tries until the server is back. A pilot that never
+        registered has nothing to say."""
         if not self.registered:
             return
         until = self.clock() + SHUTDOWN_PATIENCE if self.signalled else None
+        if until is None and self.ends is not None:
+            until = max(self.ends, self.clock() + SHUTDOWN_PATIENCE)
         try:
             if self.pending:
                 self.call('POST', '/api/pilots/%s/report' % self.uuid, self.final_report,
@@ -644,13 +741,15 @@ class Pilot:
     def run(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+        signal.signal(signal.SIGUSR1, self.on_drain)
         try:
             self.take_site_defaults()
+            self.find_end()
             self.register()
             while self.step():
                 pass
         except Interrupted:
-            log.info('signal %s: stopping', self.signalled)
+            log.info('signal %s: stopping', self.signalled or 'SIGUSR1 (drain)')
         self.finish()
         return EXIT_OK
 
@@ -686,7 +785,8 @@ def read_site(path):
         key = SITE_KEYS.get(key, key)
         if key == 'server':
             continue
-        if key in ('period', 'beat', 'wait', 'cycles', 'pilots', 'lifetime'):
+        if key in ('period', 'beat', 'wait', 'cycles', 'pilots', 'lifetime', 'max_pending',
+                   'pending_timeout'):
             value = as_number(value, key, path)
         site[key] = value
     site['env'] = env_object(site.get('env'), path)
@@ -725,6 +825,16 @@ def define_site(args):
     return EXIT_OK
 
 
+def drain_pilots(args):
+    """Order each pilot to drain: it finishes its job, takes no more, and leaves."""
+    for pilot_uuid in [u for u in args.drain.split(',') if u]:
+        pilot = call(args.server, 'POST', '/api/pilots/%s/drain' % quote(pilot_uuid), {},
+                     token=os.environ.get('P3S_TOKEN'))['pilot']
+        print('pilot %s (%s on %s) drains: it leaves after its job' % (
+            pilot['uuid'], pilot['state'], pilot['host'] or '?'))
+    return EXIT_OK
+
+
 def parse_args(argv):
     env = os.environ.get
     ap = Parser(prog='p3s_pilot.py', description='The p3s pilot.', epilog=EXIT_CODES)
@@ -748,8 +858,10 @@ def parse_args(argv):
                     '(site, else 20; 0 = plain polling)')
     ap.add_argument('-j', '--jobtypes', default='',
                     help='comma-separated job types this pilot runs (default: any)')
-    ap.add_argument('-e', '--extra', default='', help='free text stored with the pilot, '
-                    'e.g. a batch job id')
+    ap.add_argument('-e', '--extra', default=None, help='free text stored with the pilot, '
+                    'e.g. a batch job id (default: slurm:$SLURM_JOB_ID in a Slurm job)')
+    ap.add_argument('--lifetime', type=float, help='seconds this pilot may live: it takes no '
+                    'job that would outlast them (default: its Slurm job\'s end, else none)')
     ap.add_argument('--keep-logs', type=float, default=DEFAULT_KEEP_LOGS, metavar='DAYS',
                     help='remove job logs last written more than DAYS ago from the job log '
                     'folder, at start and every %d hours (default %g; 0 keeps them)'
@@ -759,15 +871,20 @@ def parse_args(argv):
                     'with a marker line (default %s; 0: no limit)' % DEFAULT_MAX_LOG_SIZE)
     ap.add_argument('--define-site', metavar='SITE.JSON',
                     help='define (or replace) the site in SITE.JSON on the server, then exit')
+    ap.add_argument('--drain', metavar='UUID[,UUID...]',
+                    help='order these pilots to finish their job, take no more and leave')
     args = ap.parse_args(argv)
     if ((args.cycles is not None and args.cycles < 0) or (args.period or 0) < 0
             or (args.beat is not None and args.beat <= 0)
-            or (args.wait is not None and not 0 <= args.wait <= 30) or args.keep_logs < 0):
-        ap.error('--cycles, --period and --keep-logs must be >= 0, --beat > 0, --wait between '
-                 '0 and 30')
+            or (args.wait is not None and not 0 <= args.wait <= 30) or args.keep_logs < 0
+            or (args.lifetime is not None and args.lifetime <= 0)):
+        ap.error('--cycles, --period and --keep-logs must be >= 0, --beat and --lifetime > 0, '
+                 '--wait between 0 and 30')
     if 0 < args.max_log_size < SIZE_UNITS['k']:
         ap.error('--max-log-size must be 0 (no limit) or at least 1k')
     args.jobtypes = [t for t in args.jobtypes.split(',') if t]
+    if args.extra is None:
+        args.extra = batch_id_from_environment()
     return args
 
 
@@ -827,7 +944,8 @@ def count_of(n, one, many=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    return run_command(define_site if args.define_site else run_pilot, args)
+    command = define_site if args.define_site else drain_pilots if args.drain else run_pilot
+    return run_command(command, args)
 
 
 if __name__ == '__main__':

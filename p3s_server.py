@@ -14,8 +14,9 @@ single `UPDATE ... RETURNING` statement.
 
 The file reads top-down, in these sections (tests/test_layout.py keeps them in this order):
 configuration, database, wake-ups, validation, jobs, brokerage, housekeeping, workflows, DQM
-controls, data, dashboard numbers, metrics, API routes, monitor routes, monitor graph layout,
-authorization, errors, front, processes, main. Each domain section starts with the SQL it runs.
+controls, batch systems, data, dashboard numbers, metrics, API routes, monitor routes, monitor
+graph layout, authorization, errors, front, processes, main. Each domain section starts with
+the SQL it runs.
 """
 import argparse
 import ctypes
@@ -93,6 +94,12 @@ TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is 
 PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
 PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per transaction
 PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
+# The pool manager's defaults (p3s_batch.py). DIRAC keeps at most 10 pilots waiting per queue;
+# Balsam cancels a batch job pending for 10 minutes (results go stale sooner than that).
+DEFAULT_MAX_PENDING = 10
+DEFAULT_PENDING_TIMEOUT = 600
+REGISTER_GRACE = 300             # seconds a started batch job may take to become a pilot
+PILOT_END_MARGIN = 10            # seconds a batch pilot keeps free before its end (the pilot's)
 BUSY_TIMEOUT_MS = 10000
 
 # Limits of what a request may carry.
@@ -119,6 +126,8 @@ MAX_INJECT_FILES = 100000
 # Why a queued job waits (job_waiting): what it looks at, at most.
 WAIT_PILOT_KINDS = 50            # kinds of live pilots (site, job types)
 WAIT_AHEAD_CAP = 10000           # queued jobs ahead of it, counted up to this many
+MAX_BATCH_OPTIONS = 100          # extra sbatch options or submit-description lines of a site
+MAX_BATCH_UPDATE = 10000         # batch jobs in one submission or update
 
 # States. A terminal state is final; every transition names the state it expects.
 JOB_STATES = ('template', 'defined', 'dispatched', 'running', 'finished', 'failed',
@@ -137,6 +146,12 @@ WORKFLOW_STATES = ('template', 'defined', 'running', 'finished', 'failed', 'canc
 WORKFLOW_ENDED = ('finished', 'failed', 'cancelled')
 # The engine's and the injector's data states; data clients may write others.
 DATA_STATES = ('template', 'defined', 'available', 'skipped')
+# A pilot submitted to a batch system: pending and running are live, the others final;
+# never_registered ended without its pilot ever registering (a broken node or environment).
+BATCH_SYSTEMS = ('slurm', 'htcondor')
+BATCH_STATES = ('pending', 'running', 'finished', 'failed', 'cancelled', 'never_registered')
+BATCH_LIVE = ('pending', 'running')
+BATCH_ENDS = ('finished', 'failed', 'cancelled', 'ended')    # 'ended': gone, outcome unknown
 
 UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
 ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
@@ -151,11 +166,16 @@ DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
 WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo',
                    'deadline'}
 EDGE_ATTRS = ('name', 'dirpath', 'datatype', 'datatag', 'comment')
-SITE_FIELDS = {'name', 'period', 'cycles', 'beat', 'wait', 'pilots', 'lifetime', 'env', 'comment'}
-# field: (integer?, lowest, highest) -- the pilot's own limits for the same settings
+SITE_FIELDS = {'name', 'period', 'cycles', 'beat', 'wait', 'pilots', 'lifetime', 'env', 'comment',
+               'max_pending', 'pending_timeout', 'partition', 'account', 'options'}
+# field: (integer?, lowest, highest) -- the pilot's own limits for the same settings, and the
+# pool manager's (a site's batch jobs pending at once, and for how long)
 SITE_NUMBERS = {'period': (False, 0, 86400), 'cycles': (True, 0, 10 ** 9),
                 'beat': (False, 0.1, 86400), 'wait': (False, 0, MAX_WAIT),
-                'pilots': (True, 0, 10 ** 6), 'lifetime': (True, 0, 10 ** 9)}
+                'pilots': (True, 0, 10 ** 6), 'lifetime': (True, 0, 10 ** 9),
+                'max_pending': (True, 0, 10 ** 6), 'pending_timeout': (True, 0, 10 ** 9)}
+BATCH_FIELDS = {'site', 'system', 'batchids', 'jobs'}
+BATCH_OBSERVATION = {'batchid', 'state', 'host', 'reason', 'output'}
 DATA_FIELDS = {'uuid', 'name', 'dirpath', 'datatype', 'datatag', 'state', 'comment', 'workflow',
                'source', 'sourceuuid', 'target', 'targetuuid'}
 DATA_ADJUSTABLE = {'name', 'dirpath', 'datatype', 'state', 'comment', 'targetuuid'}
@@ -207,6 +227,7 @@ SQL_TERMINAL = sql_set(TERMINAL_STATES)
 SQL_LIVE_PILOT = sql_set(LIVE_PILOT_STATES)
 SQL_PILOT_GONE = sql_set(PILOT_GONE)
 SQL_WORKFLOW_ENDED = sql_set(WORKFLOW_ENDED)
+SQL_BATCH_LIVE = sql_set(BATCH_LIVE)
 
 # ---------------------------------------------------------------------------------------------
 # Database
@@ -224,7 +245,9 @@ WORKFLOW_COLUMNS = ('uuid, name, user, description, dag, state, comment, rootuui
 DATA_COLUMNS = ('uuid, name, dirpath, datatype, datatag, state, comment, workflow, source, '
                 'sourceuuid, target, targetuuid, created_at, updated_at')
 GET_JOB = 'SELECT ' + JOB_COLUMNS + ' FROM jobs WHERE uuid = :uuid'
-GET_PILOT = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots WHERE uuid = :uuid'
+# A pilot is read with its drain order, if any (the time it was given, else NULL).
+PILOT_DRAIN = '(SELECT requested_at FROM pilot_drains WHERE pilot = pilots.uuid) AS drain'
+GET_PILOT = 'SELECT ' + PILOT_COLUMNS + ', ' + PILOT_DRAIN + ' FROM pilots WHERE uuid = :uuid'
 GET_WORKFLOW = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows WHERE uuid = :workflow'
 COUNT_JOBS_BY_STATE = 'SELECT state, count(*) AS n FROM jobs GROUP BY state'
 COUNT_PILOTS_BY_STATE = 'SELECT state, count(*) AS n FROM pilots GROUP BY state'
@@ -625,7 +648,7 @@ def check_uuid(value, what='uuid'):
 # Listing filters: a query string narrows a listing by fixed SQL fragments, chosen by which
 # filters it gives; the values are bound.
 FILTER_KEYS = ('jobtype', 'user', 'site', 'pilot', 'host', 'workflow', 'dag', 'datatype', 'name',
-               'dirpath')
+               'dirpath', 'system')
 
 
 def filters_from(query, allowed, known_states=None, also=('limit',)):
@@ -988,7 +1011,7 @@ INSERT INTO pilots (uuid, host, site, pid, extra, jobtypes, state, registered_at
 VALUES (:uuid, :host, :site, :pid, :extra, :jobtypes, 'active', :now, :now)
 ON CONFLICT (uuid) DO NOTHING
 """
-LIST_PILOTS = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots'
+LIST_PILOTS = 'SELECT ' + PILOT_COLUMNS + ', ' + PILOT_DRAIN + ' FROM pilots'
 PILOT_FILTERS = {
     'state': 'state = :state',
     'states': 'state IN (SELECT value FROM json_each(:states))',
@@ -1006,13 +1029,16 @@ NOT_BLOCKED = '%s NOT IN (SELECT value FROM json_each(:blocked))'
 # before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
 # literal, and the queue index is named: with the (state, id) index the planner would read every
 # queued job and sort them, and INDEXED BY makes that an error instead. Jobs past their deadline
-# are skipped (the sweep makes them stale).
+# are skipped (the sweep makes them stale). :left is the seconds the pilot has left (a batch
+# pilot's wall time; MAX_TIMELIMIT for the others): a job that might outlast it is left for
+# another pilot. It only filters the walk, so the plan stays the same.
 CLAIM_JOB = """
 UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
  WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
               WHERE state = 'defined'
                 AND """ + TAKES_SITE + """
                 AND """ + IN_TIME + """
+                AND timelimit <= :left
               ORDER BY priority DESC, defined_at, id
               LIMIT 1)
 RETURNING """ + JOB_COLUMNS
@@ -1033,6 +1059,7 @@ heads (id) AS (
              WHERE state = 'defined' AND jobtype = queued.jobtype
                AND """ + TAKES_SITE + """
                AND """ + IN_TIME + """
+               AND timelimit <= :left                         -- as in CLAIM_JOB
              ORDER BY priority DESC, defined_at, id
              LIMIT 1)
       FROM queued
@@ -1095,6 +1122,7 @@ PILOT_JOB_DONE = """
 UPDATE pilots SET state = 'active', jobs_done = jobs_done + 1, last_seen = :now WHERE uuid = :pilot
 """
 PILOT_SEEN = 'UPDATE pilots SET last_seen = :now WHERE uuid = :pilot RETURNING state'
+DRAIN_ORDER = 'SELECT requested_at FROM pilot_drains WHERE pilot = :pilot'
 STOP_PILOT = """
 UPDATE pilots SET state = :state, stopped_at = :now, last_seen = :now
  WHERE uuid = :pilot AND state IN """ + SQL_LIVE_PILOT
@@ -1190,11 +1218,13 @@ def pilot_dict(row):
 
 
 def register_pilot(store, raw, now):
-    """Create the pilot, or return it as it is if it registered before (a retried request)."""
+    """Create the pilot, or return it as it is if it registered before (a retried request).
+    A pilot of a batch job (`extra` 'slurm:1234') is linked to that batch job."""
     row = check_pilot(raw, now)
     with store.write() as db:
         db.execute(INSERT_PILOT, row)
         pilot = db.execute(GET_PILOT, row).fetchone()
+        link_batch_pilot(db, pilot, now)
     return pilot_dict(pilot)
 
 
@@ -1221,16 +1251,21 @@ def stop_reply(pilot):
     return {'status': 'STOP', 'state': pilot['state']}
 
 
-def request_work(store, pilot_uuid, now, report=None):
+def request_work(store, pilot_uuid, now, report=None, left=None):
     """One brokerage attempt for a pilot, applying first the report it carries (in the same
-    transaction: one commit per short job). Returns (reply, pilot row)."""
+    transaction: one commit per short job). Returns (reply, pilot row). `left`: the seconds the
+    pilot has left; a drained pilot is stopped instead."""
     woken = []
     with store.write() as db:
         pilot = live_pilot(db, pilot_uuid)
         note = None
         if report is not None:
             note, woken = apply_report(db, pilot, report, now)
-        reply = claim_for(db, pilot, now, store.idle_touch)
+        if pilot['drain'] and pilot['state'] not in PILOT_GONE:
+            reply, released = leave_drained(db, pilot, now)
+            woken += released
+        else:
+            reply = claim_for(db, pilot, now, store.idle_touch, left)
     store.wake(woken)
     if note is not None:
         wake_after_report(store, report, note)
@@ -1238,13 +1273,14 @@ def request_work(store, pilot_uuid, now, report=None):
     return reply, pilot
 
 
-def claim_for(db, pilot, now, idle_touch):
+def claim_for(db, pilot, now, idle_touch, left=None):
     """The pilot's undelivered job, else the best queued job it may run, else idle. An idle
     pilot seen within the last `idle_touch` seconds is not written again."""
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot)
     params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
-              'jobtypes': pilot['jobtypes'], 'now': now}
+              'jobtypes': pilot['jobtypes'], 'now': now,
+              'left': MAX_TIMELIMIT if left is None else left}
     job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
            or claim(db, params))
     if job is None:
@@ -1368,19 +1404,21 @@ def count_of(n, one, many=None):
     return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
-def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow):
+def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow, left=None):
     """Brokerage with a long poll: one attempt now. If it finds nothing and the pilot may wait,
     `poll` (given by the server's front, which holds requests without a thread) may take the
     request over: it keeps the connection open, and asks again when a job may have arrived or
     the wait is over. Without a front the pilot is answered at once (`waited: false`) and polls
-    again after its period."""
-    reply, pilot = request_work(store, pilot_uuid, now(), report)
+    again after its period. `left`: the seconds a batch pilot has before it must be gone."""
+    if poll is not None:
+        left = poll.time_left(left)          # counted down while the request is held
+    reply, pilot = request_work(store, pilot_uuid, now(), report, left)
     if poll is not None:
         reply = poll.carry_note(reply)
     if reply['state'] != 'idle':
         return reply
     if wait > 0 and poll is not None and poll.hold(wait, pilot['site'],
-                                                   json.loads(pilot['jobtypes'])):
+                                                   json.loads(pilot['jobtypes']), left):
         return reply                    # not sent: the front asks again
     return dict(reply, waited=poll is not None and poll.held)
 
@@ -1448,33 +1486,48 @@ def retry_jobs(db, job_uuids):
 
 
 def heartbeat(store, pilot_uuid, job_uuid, now):
-    """A running pilot is alive; tell it to kill its payload if its job was killed or lost."""
+    """A running pilot is alive; tell it to kill its payload if its job was killed or lost,
+    and that it is drained (it finishes the job and leaves) if it is."""
     with store.write(durable=False) as db:
         row = db.execute(PILOT_SEEN, {'pilot': pilot_uuid, 'now': now}).fetchone()
         if row is None:
             fail(404, 'no such pilot: %s' % pilot_uuid)
         if row['state'] in PILOT_GONE:
             return stop_reply(row)
+        drain = {'drain': True} if db.execute(DRAIN_ORDER, {'pilot': pilot_uuid}).fetchone() \
+            else {}
         if job_uuid is None:
-            return {'status': 'OK'}
+            return dict({'status': 'OK'}, **drain)
         held = db.execute(GET_JOB_HOLDER, {'uuid': job_uuid}).fetchone()
     if held is None or held['pilot'] != pilot_uuid or held['state'] not in ACTIVE_STATES:
         return {'status': 'KILL', 'state': held['state'] if held else 'deleted'}
-    return {'status': 'OK', 'state': held['state']}
+    return dict({'status': 'OK', 'state': held['state']}, **drain)
 
 
 def stop_pilot(store, pilot_uuid, state, now):
     """The pilot leaves: `stopped` (cycles used up) or `killed` (signalled). Jobs still
     dispatched to it were never started, so they go back to the queue."""
-    params = {'pilot': pilot_uuid, 'state': state, 'now': now}
     with store.write() as db:
         live_pilot(db, pilot_uuid)
-        released = []
-        if db.execute(STOP_PILOT, params).rowcount:
-            released = [tuple(r) for r in db.execute(RELEASE_PILOT_JOBS, params).fetchall()]
+        released = release_pilot(db, pilot_uuid, state, now)
         pilot = db.execute(GET_PILOT, {'uuid': pilot_uuid}).fetchone()
     store.wake(released)
     return dict(pilot_dict(pilot), released=len(released))
+
+
+def release_pilot(db, pilot_uuid, state, now):
+    """Mark a live pilot gone in `state`; returns (jobtype, site) of the jobs it gave back."""
+    params = {'pilot': pilot_uuid, 'state': state, 'now': now}
+    if not db.execute(STOP_PILOT, params).rowcount:
+        return []
+    return [tuple(r) for r in db.execute(RELEASE_PILOT_JOBS, params).fetchall()]
+
+
+def leave_drained(db, pilot, now):
+    """A drained pilot asking for work gets none: it is stopped here, and its undelivered job
+    (a reply that never reached it) goes back to the queue. Returns (reply, jobs released)."""
+    released = release_pilot(db, pilot['uuid'], 'stopped', now)
+    return {'status': 'STOP', 'state': 'stopped', 'drain': pilot['drain']}, released
 
 # ---------------------------------------------------------------------------------------------
 # Housekeeping: lost pilots, overdue jobs, deadlines, retention
@@ -1530,6 +1583,13 @@ DELETE FROM pilots WHERE id IN (
      AND stopped_at < :cutoff
    LIMIT :batch)
 """
+PURGE_BATCHJOBS = """
+DELETE FROM batchjobs WHERE id IN (
+  SELECT id FROM batchjobs
+   WHERE state NOT IN """ + SQL_BATCH_LIVE + """ AND (:state IS NULL OR state = :state)
+     AND ended_at < :cutoff
+   LIMIT :batch)
+"""
 
 
 def sweep(store, now, pilot_timeout, lose_pilots=True):
@@ -1564,10 +1624,10 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
 
 
 def purge(store, now, older, state=None):
-    """Delete terminal jobs and departed pilots older than `older` seconds, in small batches
-    so that brokerage waits for one batch at most."""
+    """Delete terminal jobs, departed pilots and ended batch jobs older than `older` seconds, in
+    small batches so that brokerage waits for one batch at most."""
     params = {'cutoff': seconds_before(now, older), 'state': state, 'batch': PURGE_BATCH}
-    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0}
+    removed = {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0, 'batchjobs': 0}
     while True:
         with store.write(durable=False) as db:
             old = db.execute(OLD_WORKFLOWS, dict(params, batch=PURGE_WORKFLOW_BATCH)).fetchall()
@@ -1577,7 +1637,7 @@ def purge(store, now, older, state=None):
         if len(old) < PURGE_WORKFLOW_BATCH:
             break
     for what, sql in (('jobs', PURGE_JOBS), ('pilots', PURGE_PILOTS),
-                      ('services', PURGE_SERVICES)):
+                      ('services', PURGE_SERVICES), ('batchjobs', PURGE_BATCHJOBS)):
         while True:
             with store.write(durable=False) as db:
                 n = db.execute(sql, params).rowcount
@@ -2271,8 +2331,19 @@ ON CONFLICT (name) DO UPDATE SET
     wait = excluded.wait, pilots = excluded.pilots, lifetime = excluded.lifetime,
     env = excluded.env, comment = excluded.comment, updated_at = excluded.updated_at
 """
-GET_SITE = 'SELECT ' + SITE_COLUMNS + ' FROM sites WHERE name = :name'
-LIST_SITES = 'SELECT ' + SITE_COLUMNS + ' FROM sites ORDER BY name'
+# A site's settings for the pool manager live beside it (site_batch), read with it.
+SITE_BATCH_COLUMNS = 'max_pending, pending_timeout, partition, account, options'
+UPSERT_SITE_BATCH = """
+INSERT INTO site_batch (site, max_pending, pending_timeout, partition, account, options)
+VALUES (:name, :max_pending, :pending_timeout, :partition, :account, :options)
+ON CONFLICT (site) DO UPDATE SET
+    max_pending = excluded.max_pending, pending_timeout = excluded.pending_timeout,
+    partition = excluded.partition, account = excluded.account, options = excluded.options
+"""
+SITES_WITH_BATCH = ('SELECT ' + SITE_COLUMNS + ', ' + SITE_BATCH_COLUMNS
+                    + ' FROM sites LEFT JOIN site_batch ON site_batch.site = sites.name')
+GET_SITE = SITES_WITH_BATCH + ' WHERE name = :name'
+LIST_SITES = SITES_WITH_BATCH + ' ORDER BY name'
 DELETE_SITE = 'DELETE FROM sites WHERE name = :name'
 SERVICE_COLUMNS = 'id, name, message, created_at'
 INSERT_SERVICE = """
@@ -2345,6 +2416,8 @@ def wake_after_report(store, rep, note):
 def site_dict(row):
     site = dict(row)
     site['env'] = json.loads(site['env'])
+    site['options'] = json.loads(site['options'] or '[]')
+    site['partition'], site['account'] = site['partition'] or '', site['account'] or ''
     return site
 
 
@@ -2361,15 +2434,33 @@ def site_number(d, key):
 
 
 def define_site(store, raw, now):
-    """Create or replace a site: the defaults its pilots take (their own flags win)."""
+    """Create or replace a site: the defaults its pilots take (their own flags win), and what
+    the pool manager needs to submit them to a batch system."""
     site = check_object(raw, 'site')
     check_known(site, SITE_FIELDS, 'site')
     row = {key: site_number(site, key) for key in SITE_NUMBERS}
     row.update(name=text_field(site, 'name', required=True), env=json.dumps(env_field(site)),
-               comment=text_field(site, 'comment', maxlen=4096), now=now)
+               comment=text_field(site, 'comment', maxlen=4096),
+               partition=text_field(site, 'partition'), account=text_field(site, 'account'),
+               options=json.dumps(batch_options(site)), now=now)
     with store.write() as db:
         db.execute(UPSERT_SITE, row)
+        db.execute(UPSERT_SITE_BATCH, row)
         return site_dict(db.execute(GET_SITE, row).fetchone())
+
+
+def batch_options(site):
+    """Extra sbatch options, or lines of an HTCondor submit description: a list of strings,
+    each on one line (a line break would smuggle in another submit command)."""
+    options = site.get('options') or []
+    if not isinstance(options, list) or len(options) > MAX_BATCH_OPTIONS:
+        fail(400, 'options must be a list of at most %d strings' % MAX_BATCH_OPTIONS)
+    for option in options:
+        if not isinstance(option, str) or not option.strip() or len(option) > MAX_TEXT * 4 \
+                or any(c in option for c in '\n\r\x00'):
+            fail(400, 'each option must be one non-empty line of at most %d characters'
+                 % (MAX_TEXT * 4))
+    return options
 
 
 def list_sites(store, name=None):
@@ -2399,6 +2490,276 @@ def list_service_messages(store, query):
     params = {'name': query.get('name') or None, 'limit': limit_from(query)}
     return [dict(r) for r in store.query(LIST_SERVICES, params)]
 
+
+# ---------------------------------------------------------------------------------------------
+# Batch systems: drain orders, pilots submitted by the pool manager, the pool's numbers
+# ---------------------------------------------------------------------------------------------
+# p3s_batch.py keeps a site's pool of pilots full: it asks for the pool's numbers, tells what the
+# batch system says of its batch jobs, and records what it submits. Each pilot names its batch
+# job in `extra` ('slurm:1234'), which links the two.
+
+INSERT_DRAIN = """
+INSERT INTO pilot_drains (pilot, requested_at) VALUES (:pilot, :now)
+ON CONFLICT (pilot) DO NOTHING
+"""
+BATCH_COLUMNS = ('id, site, system, batchid, state, pilot, host, reason, submitted_at, '
+                 'started_at, ended_at')
+GET_BATCHJOB = 'SELECT ' + BATCH_COLUMNS + ', output FROM batchjobs WHERE id = :id'
+LIST_BATCHJOBS = 'SELECT ' + BATCH_COLUMNS + ' FROM batchjobs'
+BATCH_FILTERS = {                 # json_each is SQLite's, as in the other listings' filters
+    'state': 'state = :state',
+    'states': 'state IN (SELECT value FROM json_each(:states))',
+    'site': 'site = :site',
+    'system': 'system = :system',
+    'pilot': 'pilot = :pilot',
+    'host': 'host = :host',
+}
+INSERT_BATCHJOB = """
+INSERT INTO batchjobs (site, system, batchid, state, submitted_at)
+VALUES (:site, :system, :batchid, 'pending', :now)
+ON CONFLICT (site, system, batchid) DO NOTHING
+"""
+GET_BATCHJOB_OF = ('SELECT ' + BATCH_COLUMNS + ' FROM batchjobs'
+                      ' WHERE site = :site AND system = :system AND batchid = :batchid')
+# A pilot may register before its submission is recorded (a free node starts it at once): the
+# record then adopts it. Must repeat the condition of the partial index pilots_extra.
+ADOPT_EARLY_PILOT = """
+UPDATE batchjobs
+   SET pilot = (SELECT uuid FROM pilots
+                 WHERE extra = :extra AND extra <> '' AND site = :site ORDER BY id LIMIT 1),
+       state = 'running', started_at = coalesce(started_at, :now)
+ WHERE site = :site AND system = :system AND batchid = :batchid AND pilot IS NULL
+   AND state = 'pending'
+   AND EXISTS (SELECT 1 FROM pilots WHERE extra = :extra AND extra <> '' AND site = :site)
+"""
+# A registering pilot names its batch job: that batch job is running and became this pilot.
+LINK_BATCH_PILOT = """
+UPDATE batchjobs
+   SET pilot = :uuid, state = CASE state WHEN 'pending' THEN 'running' ELSE state END,
+       started_at = coalesce(started_at, :now), host = CASE host WHEN '' THEN :host ELSE host END
+ WHERE site = :site AND system = :system AND batchid = :batchid AND pilot IS NULL
+"""
+# What the batch system says of a live batch job: still pending, or running (where).
+SEE_BATCHJOB = """
+UPDATE batchjobs
+   SET state = :state, reason = :reason, host = CASE :host WHEN '' THEN host ELSE :host END,
+       started_at = CASE WHEN :state = 'running' THEN coalesce(started_at, :now)
+                         ELSE started_at END
+ WHERE site = :site AND system = :system AND batchid = :batchid
+   AND state IN """ + SQL_BATCH_LIVE + """
+RETURNING """ + BATCH_COLUMNS
+# A batch job that ended. One that never became a pilot is never_registered, and keeps its
+# output's tail (unless it was cancelled before it ever ran); one whose outcome the batch
+# system no longer knows ('ended': no accounting) ends as its pilot did.
+END_BATCHJOB = """
+UPDATE batchjobs
+   SET state = CASE
+           WHEN pilot IS NULL AND :state = 'cancelled' AND started_at IS NULL THEN 'cancelled'
+           WHEN pilot IS NULL THEN 'never_registered'
+           WHEN :state <> 'ended' THEN :state
+           ELSE coalesce((SELECT CASE p.state WHEN 'stopped' THEN 'finished'
+                                              WHEN 'killed' THEN 'cancelled' ELSE 'failed' END
+                            FROM pilots AS p WHERE p.uuid = batchjobs.pilot), 'failed') END,
+       output = CASE WHEN pilot IS NULL THEN :output ELSE output END,
+       reason = :reason, host = CASE :host WHEN '' THEN host ELSE :host END, ended_at = :now
+ WHERE site = :site AND system = :system AND batchid = :batchid
+   AND state IN """ + SQL_BATCH_LIVE + """
+RETURNING """ + BATCH_COLUMNS
+# The pool's numbers. Live pilots of the site, and how many of them hold a job; a drained pilot
+# is leaving and counts no more.
+POOL_PILOTS = """
+SELECT count(*) AS live,
+       coalesce(sum(CASE WHEN state IN """ + sql_set(ACTIVE_STATES) + """ THEN 1 ELSE 0 END), 0)
+           AS busy
+  FROM pilots
+ WHERE state IN """ + SQL_LIVE_PILOT + """ AND site = :site
+   AND NOT EXISTS (SELECT 1 FROM pilot_drains WHERE pilot = pilots.uuid)
+"""
+# Queued jobs the site's pilots could run (their site, a time limit their wall time allows, a
+# deadline not passed, a type not held at its cap), counted up to :cap: no more pilots than that
+# are ever wanted. The held types are the claim's BLOCKED_JOBTYPES.
+POOL_QUEUED = """
+SELECT count(*) AS n FROM (
+    SELECT 1 FROM jobs
+     WHERE state = 'defined' AND (site = '' OR site = :site) AND timelimit <= :longest
+       AND (deadline_at IS NULL OR deadline_at > :now)
+       AND jobtype NOT IN (
+           SELECT name FROM jobtypes
+            WHERE cap IS NOT NULL
+              AND cap <= (SELECT count(*) FROM jobs AS held
+                           WHERE held.state IN """ + SQL_ACTIVE + """
+                             AND held.jobtype = jobtypes.name))
+     LIMIT :cap) AS runnable
+"""
+POOL_BATCHJOBS = """
+SELECT id, batchid, state, pilot, submitted_at, started_at FROM batchjobs
+ WHERE site = :site AND system = :system AND state IN """ + SQL_BATCH_LIVE + """
+ ORDER BY id
+"""
+
+
+def batch_of(extra):
+    """(system, batch id) named by a pilot's `extra` ('slurm:1234'), or None."""
+    system, _, batchid = (extra or '').partition(':')
+    return (system, batchid) if system in BATCH_SYSTEMS and batchid else None
+
+
+def link_batch_pilot(db, pilot, now):
+    """A pilot of a batch job (by its `extra`) is that batch job's pilot."""
+    named = batch_of(pilot['extra'])
+    if named:
+        db.execute(LINK_BATCH_PILOT, {'uuid': pilot['uuid'], 'site': pilot['site'],
+                                      'host': pilot['host'], 'system': named[0],
+                                      'batchid': named[1], 'now': now})
+
+
+def drain_pilot(store, pilot_uuid, now):
+    """Order a live pilot to finish its job, take no more and leave: it hears of it in its next
+    heartbeat or work request. Ordering it again changes nothing."""
+    params = {'pilot': check_uuid(pilot_uuid, 'pilot'), 'now': now}
+    with store.write() as db:
+        pilot = live_pilot(db, params['pilot'])
+        if pilot['state'] in PILOT_GONE:
+            fail(409, 'pilot %s is %s already' % (pilot['uuid'], pilot['state']))
+        db.execute(INSERT_DRAIN, params)
+        return pilot_dict(db.execute(GET_PILOT, {'uuid': params['pilot']}).fetchone())
+
+
+def batch_request(raw, items):
+    """The common part of a submission record and an update: site, system and a list."""
+    body = check_object(raw, 'request')
+    check_known(body, BATCH_FIELDS, 'batch')
+    system = text_field(body, 'system', required=True)
+    if system not in BATCH_SYSTEMS:
+        fail(400, 'system must be one of %s' % ', '.join(BATCH_SYSTEMS))
+    listed = body.get(items)
+    if not isinstance(listed, list) or not listed:
+        fail(400, '%s must be a non-empty list' % items)
+    if len(listed) > MAX_BATCH_UPDATE:
+        fail(413, 'at most %d %s in one request' % (MAX_BATCH_UPDATE, items))
+    return {'site': text_field(body, 'site', required=True), 'system': system}, listed
+
+
+def batch_id(value):
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT \
+            or any(c.isspace() or c == '\x00' for c in value):
+        fail(400, 'a batch id is a non-empty word, not %r' % (str(value)[:64],))
+    return value
+
+
+def record_batchjobs(store, raw, now):
+    """The pool manager submitted these batch jobs (pending). Recording one again is harmless."""
+    req, batchids = batch_request(raw, 'batchids')
+    rows = [dict(req, batchid=batch_id(b), now=now, extra='%s:%s' % (req['system'], b))
+            for b in batchids]
+    with store.write() as db:
+        db.executemany(INSERT_BATCHJOB, rows)
+        db.executemany(ADOPT_EARLY_PILOT, rows)
+        return [dict(db.execute(GET_BATCHJOB_OF, r).fetchone()) for r in rows]
+
+
+def check_observation(raw, req, now):
+    obs = check_object(raw, 'batch job')
+    check_known(obs, BATCH_OBSERVATION, 'batch job')
+    state = text_field(obs, 'state', required=True)
+    if state not in BATCH_LIVE + BATCH_ENDS:
+        fail(400, 'a batch job is seen %s, not %r' % (', '.join(BATCH_LIVE + BATCH_ENDS),
+                                                      state[:32]))
+    output = obs.get('output') or ''
+    if not isinstance(output, str):
+        fail(400, 'output must be a string')
+    return dict(req, batchid=batch_id(obs.get('batchid')), state=state, now=now,
+                host=text_field(obs, 'host'), reason=text_field(obs, 'reason', maxlen=4096),
+                output=output[-MAX_LOG_TAIL:].replace('\x00', '\ufffd'))
+
+
+def update_batchjobs(store, raw, now):
+    """What the batch system says of live batch jobs. Only a live batch job changes (each
+    statement names the states it expects), so a late or repeated word changes nothing.
+    Returns the batch jobs that changed."""
+    req, listed = batch_request(raw, 'jobs')
+    seen = [check_observation(obs, req, now) for obs in listed]
+    changed = []
+    with store.write() as db:
+        for obs in seen:
+            sql = SEE_BATCHJOB if obs['state'] in BATCH_LIVE else END_BATCHJOB
+            changed += [dict(r) for r in db.execute(sql, obs)]
+    for job in changed:
+        if job['state'] == 'never_registered':
+            log.warning('%s batch job %s of site %s ended without its pilot ever registering '
+                        '(%s)', job['system'], job['batchid'], job['site'], job['reason'] or '?')
+    return changed
+
+
+def list_batchjobs(store, query):
+    return [dict(r) for r in newest_rows(store, LIST_BATCHJOBS, BATCH_FILTERS, query)]
+
+
+def get_batchjob(store, batchjob_id):
+    row = store.one(GET_BATCHJOB, {'id': batchjob_id})
+    if row is None:
+        fail(404, 'no such batch job: %d' % batchjob_id)
+    return dict(row)
+
+
+def pool_settings(site):
+    """The pool manager's settings of a site, with the defaults filled in."""
+    return {'lifetime': site['lifetime'], 'cycles': site['cycles'],
+            'partition': site['partition'],
+            'account': site['account'], 'options': site['options'],
+            'max_pending': DEFAULT_MAX_PENDING if site['max_pending'] is None
+            else site['max_pending'],
+            'pending_timeout': DEFAULT_PENDING_TIMEOUT if site['pending_timeout'] is None
+            else site['pending_timeout']}
+
+
+def pool_site(store, name, system):
+    """The site whose pool is asked for, if it has one."""
+    if system not in BATCH_SYSTEMS:
+        fail(400, 'system must be one of %s' % ', '.join(BATCH_SYSTEMS))
+    sites = list_sites(store, name)
+    if not sites:
+        fail(404, 'no such site: %s' % name[:MAX_TEXT])
+    if sites[0]['pilots'] is None:
+        fail(409, 'site %s has no target number of pilots: define it with "pilots"' % name)
+    return sites[0]
+
+
+def pool_status(store, name, system, keep, now):
+    """How a site's pool stands, and what the pool manager should do now (pool_plan)."""
+    site = pool_site(store, name, system)
+    lifetime = site['lifetime']
+    params = {'site': name, 'system': system, 'now': now, 'cap': site['pilots'],
+              'longest': lifetime - PILOT_END_MARGIN if lifetime else MAX_TIMELIMIT}
+    with store.read() as db:
+        pilots = dict(db.execute(POOL_PILOTS, params).fetchone())
+        queued = db.execute(POOL_QUEUED, params).fetchone()['n']
+        batch = [dict(r, age=seconds_between(r['submitted_at'], now))
+                 for r in db.execute(POOL_BATCHJOBS, params)]
+    pool = {'site': name, 'system': system, 'target': site['pilots'], 'keep': keep,
+            'settings': pool_settings(site), 'pilots': pilots, 'queued': queued,
+            'batchjobs': batch}
+    return dict(pool, **pool_plan(pool, now))
+
+
+def pool_plan(pool, now):
+    """The pool wants a pilot for each busy pilot and each queued job its pilots could run (at
+    least `keep`, at most the site's `pilots`); it has its live pilots, its pending batch jobs
+    and the batch jobs just started that have not registered yet. It submits the difference,
+    keeping at most `max_pending` batch jobs pending, and cancels those pending for longer than
+    `pending_timeout` (0: never)."""
+    settings, batch = pool['settings'], pool['batchjobs']
+    pending = [b for b in batch if b['state'] == 'pending']
+    cancel = [b['batchid'] for b in pending
+              if settings['pending_timeout'] and b['age'] > settings['pending_timeout']]
+    starting = [b for b in batch if b['state'] == 'running' and b['pilot'] is None
+                and seconds_between(b['started_at'] or b['submitted_at'], now) < REGISTER_GRACE]
+    waiting = len(pending) - len(cancel)
+    wanted = min(pool['target'], max(pool['keep'], pool['pilots']['busy'] + pool['queued']))
+    have = pool['pilots']['live'] + len(starting) + waiting
+    return {'starting': len(starting), 'pending': len(pending), 'wanted': wanted,
+            'submit': max(0, min(wanted - have, settings['max_pending'] - waiting)),
+            'cancel': cancel}
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -2678,6 +3039,9 @@ MON_WORKFLOWS_FAILED = """
 SELECT count(*) FROM workflows WHERE state = 'failed' AND stopped_at >= :since
 """
 MON_JOBTYPE_CAPS = 'SELECT name, cap FROM jobtypes WHERE cap IS NOT NULL ORDER BY name'
+MON_BATCH_NO_PILOT = """
+SELECT count(*) FROM batchjobs WHERE state = 'never_registered' AND ended_at >= :since
+"""
 MON_COUNT_WORKFLOWS = 'SELECT state, count(*) AS n FROM workflows GROUP BY state'
 
 
@@ -2802,6 +3166,7 @@ def checklist(db, now, jobs, pilots, types, caps, ended):
                         '%s failed in the last hour' % count_of(failed, 'workflow'),
                         '/monitor/workflows?state=failed&sort=-stopped_at'))
     checks.extend(cap_checks(types, caps))
+    checks.extend(batch_checks(db, now))
     return checks
 
 
@@ -2819,6 +3184,16 @@ def failed_jobs_check(ended):
     return check('Failed jobs', status, '%s ended badly in the last hour (%s), %d%% of those '
                  'that ended' % (count_of(n, 'job'), ', '.join('%d %s' % (bad[s], s) for s in bad),
                                  round(100 * share)), link)
+
+
+def batch_checks(db, now):
+    """Batch jobs that ended without their pilot ever registering: a broken node or environment
+    (their output's tail is on their page)."""
+    broken = db.execute(MON_BATCH_NO_PILOT, {'since': seconds_before(now, 3600)}).fetchone()[0]
+    if not broken:
+        return []
+    return [check('Batch pilots', 'fail', '%d batch jobs ended in the last hour without their '
+                  'pilot ever registering' % broken, '/monitor/batchjobs?state=never_registered')]
 
 
 def cap_checks(types, caps):
@@ -3108,16 +3483,18 @@ def api_request_work(pilot_uuid):
     """Ask for a job, optionally delivering the final report of the previous one with it."""
     pilot_uuid = check_uuid(pilot_uuid, 'pilot')
     body = check_object(json_body(), 'request')
-    check_known(body, {'wait', 'report'}, 'request')
+    check_known(body, {'wait', 'report', 'left'}, 'request')
     # A held pilot sends nothing, so it must be answered well within the pilot timeout.
     wait = number_field(body, 'wait', 0, 0, min(MAX_WAIT, app.config['p3s.pilot_timeout'] / 3))
+    left = number_field(body, 'left', None, 0, MAX_TIMELIMIT)      # a batch pilot's time left
     report, refusal = None, None
     if body.get('report') is not None:
         try:
             report = check_report(body['report'])
         except Refused as e:           # a bad report must not cost the pilot its next job
             refusal = {'status': 'REFUSED', 'error': e.message}
-    reply = wait_for_work(store(), pilot_uuid, wait, report, request.environ.get('p3s.poll'))
+    reply = wait_for_work(store(), pilot_uuid, wait, report, request.environ.get('p3s.poll'),
+                          left=left)
     return dict(reply, report=refusal) if refusal else reply
 
 
@@ -3255,6 +3632,44 @@ def api_add_service_message():
     return {'service': add_service_message(store(), json_body(), utcnow())}
 
 
+# -- batch systems --
+
+
+@app.post('/api/pilots/<pilot_uuid>/drain')
+def api_drain_pilot(pilot_uuid):
+    return {'pilot': drain_pilot(store(), pilot_uuid, utcnow())}
+
+
+@app.get('/api/sites/<name>/pool')
+def api_pool_status(name):
+    try:
+        keep = int(request.query.get('keep') or 0)
+    except ValueError:
+        fail(400, 'keep must be an integer')
+    if keep < 0:
+        fail(400, 'keep must be 0 or more')
+    return pool_status(store(), name, request.query.get('system') or 'slurm', keep, utcnow())
+
+
+@app.get('/api/batchjobs')
+def api_list_batchjobs():
+    return {'batchjobs': list_batchjobs(store(), request.query)}
+
+
+@app.get('/api/batchjobs/<batchjob_id:int>')
+def api_get_batchjob(batchjob_id):
+    return get_batchjob(store(), batchjob_id)
+
+
+@app.post('/api/batchjobs')
+def api_record_batchjobs():
+    return {'batchjobs': record_batchjobs(store(), json_body(), utcnow())}
+
+
+@app.post('/api/batchjobs/update')
+def api_update_batchjobs():
+    return {'batchjobs': update_batchjobs(store(), json_body(), utcnow())}
+
 # -- data and injection --
 
 
@@ -3322,6 +3737,7 @@ MON_DATA_SORTS = ('id', 'name', 'datatype', 'datatag', 'state', 'source', 'targe
 MON_DATATYPE_SORTS = ('id', 'name', 'ext', 'created_at')
 MON_SITE_SORTS = ('id', 'name', 'pilots', 'lifetime', 'updated_at')
 MON_SERVICE_SORTS = ('id', 'name', 'created_at')
+MON_BATCH_SORTS = ('id', 'site', 'state', 'host', 'submitted_at', 'started_at', 'ended_at')
 
 
 def order_fragments(columns, rowid='id'):
@@ -3344,6 +3760,11 @@ MON_DATA_ORDER = order_fragments(MON_DATA_SORTS)
 MON_DATATYPE_ORDER = order_fragments(MON_DATATYPE_SORTS, rowid='rowid')
 MON_SITE_ORDER = order_fragments(MON_SITE_SORTS, rowid='rowid')
 MON_SERVICE_ORDER = order_fragments(MON_SERVICE_SORTS)
+MON_BATCH_ORDER = order_fragments(MON_BATCH_SORTS)
+# A batch job beside the pilot it became: the pilot's state is read with it.
+BATCH_LIST_COLUMNS = (BATCH_COLUMNS + ', (SELECT state FROM pilots'
+                     ' WHERE pilots.uuid = batchjobs.pilot) AS pilot_state')
+MON_PILOT_BATCHJOBS = 'SELECT ' + BATCH_LIST_COLUMNS + ' FROM batchjobs WHERE pilot = :pilot'
 # The workflow and data listings' filters: the API's, and the columns the monitor filters on.
 MON_WORKFLOW_FILTERS = dict(WORKFLOW_FILTERS, dag='dag = :dag', name='name = :name')
 MON_DAG_FILTERS = {'user': 'user = :user', 'name': 'name = :name'}
@@ -3363,7 +3784,8 @@ class Page:
     NAV = (('Dashboard', '/'), ('Jobs', '/monitor/jobs'), ('Pilots', '/monitor/pilots'),
            ('Workflows', '/monitor/workflows'), ('DAGs', '/monitor/dags'),
            ('Data', '/monitor/data'), ('Datatypes', '/monitor/datatypes'),
-           ('Sites', '/monitor/sites'), ('Services', '/monitor/services'))
+           ('Sites', '/monitor/sites'), ('Batch', '/monitor/batchjobs'),
+           ('Services', '/monitor/services'))
 
     def __init__(self, title, query, refresh='0'):
         """`refresh`: the page's own period when none was chosen. A choice (?refresh=) is
@@ -3763,7 +4185,7 @@ def monitor_datatypes():
 SITE_LIST_HEADS = (('name', 'site'), (None, 'period'), (None, 'cycles'), (None, 'beat'),
                    (None, 'wait'), ('pilots', 'pilots (nominal)'), ('lifetime', 'lifetime'),
                    (None, 'env'), (None, 'comment'), ('updated_at', 'updated'),
-                   (None, 'its pilots'), (None, 'its jobs'))
+                   (None, 'its pilots'), (None, 'its jobs'), (None, 'its batch jobs'))
 
 
 def site_cells(page, r):
@@ -3772,7 +4194,27 @@ def site_cells(page, r):
             cell(duration(r['lifetime']), cls='num'), cell(r['env']), cell(r['comment']),
             time_cell(r['updated_at']),
             cell('pilots', page.href('/monitor/pilots', site=r['name'])),
-            cell('jobs', page.href('/monitor/jobs', site=r['name']))]
+            cell('jobs', page.href('/monitor/jobs', site=r['name'])),
+            cell('batch jobs', page.href('/monitor/batchjobs', site=r['name']))]
+
+
+BATCH_LIST_HEADS = (('id', 'batch job'), ('site', 'site'), ('state', 'state'), (None, 'pilot'),
+                    (None, 'pilot state'), ('host', 'host'), (None, 'reason'),
+                    ('submitted_at', 'submitted'), ('started_at', 'started'),
+                    ('ended_at', 'ended'), (None, 'waited'))
+
+
+def batch_cells(page, r):
+    bad = ' bad' if r['state'] in ('failed', 'never_registered') else ''
+    return [cell('%s:%s' % (r['system'], r['batchid']),
+                 page.href('/monitor/batchjobs/%d' % r['id'])),
+            cell(r['site']), cell(r['state'], cls='state ' + r['state'] + bad),
+            cell(short(r['pilot']),
+                 page.href('/monitor/pilots/' + r['pilot']) if r['pilot'] else ''),
+            cell(r['pilot_state'], cls='state ' + (r['pilot_state'] or '')), cell(r['host']),
+            cell(r['reason'], cls='wrap'), cell(local_time(r['submitted_at'])),
+            cell(local_time(r['started_at'])), cell(local_time(r['ended_at'])),
+            cell(duration(seconds_between(r['submitted_at'], r['started_at'])), cls='num')]
 
 
 SERVICE_LIST_HEADS = (('created_at', 'time'), ('name', 'service'), (None, 'message'))
@@ -3788,6 +4230,13 @@ def service_cells(page, r):
 def monitor_sites():
     return list_page('Sites', 'sites', MON_SITE_COLUMNS, MON_NAME_FILTER, MON_SITE_ORDER,
                      SITE_LIST_HEADS, site_cells, (), ('name',))
+
+
+@app.get('/monitor/batchjobs')
+def monitor_batchjobs():
+    return list_page('Batch jobs', 'batchjobs', BATCH_LIST_COLUMNS, BATCH_FILTERS,
+                     MON_BATCH_ORDER, BATCH_LIST_HEADS, batch_cells, BATCH_STATES,
+                     ('site', 'system', 'host'))
 
 
 @app.get('/monitor/services')
@@ -3867,8 +4316,31 @@ def monitor_pilot(pilot_uuid):
                         JOB_LIST_HEADS, job_cells, jobs)
     life = [('life (registered → last seen)',
              duration(seconds_between(pilot['registered_at'], pilot['last_seen'])))]
-    return bottle.template('detail', page=page, extra=life, logs=[], graph=None, tables=[table],
+    batch = store().query(MON_PILOT_BATCHJOBS, {'pilot': pilot['uuid']})
+    tables = [plain_table(page, 'Its batch job', '', BATCH_LIST_HEADS, batch_cells, batch)] \
+        if batch else []
+    return bottle.template('detail', page=page, extra=life, logs=[], graph=None,
+                           tables=tables + [table],
                            fields=field_rows(page, pilot, {'job': '/monitor/jobs/%s'}))
+
+
+@app.get('/monitor/batchjobs/<batchjob_id:int>')
+def monitor_batchjob(batchjob_id):
+    page = Page('Batch job', request.query)
+    row = store().one(GET_BATCHJOB, {'id': batchjob_id})
+    if row is None:
+        not_found(page, 'batch job', str(batchjob_id))
+    job = dict(row)
+    output = job.pop('output')
+    page.title = 'Batch job %s:%s of %s' % (job['system'], job['batchid'], job['site'])
+    times = [('waited (submitted → started)',
+              duration(seconds_between(job['submitted_at'], job['started_at']))),
+             ('ran (started → ended)', duration(seconds_between(job['started_at'],
+                                                                job['ended_at'])))]
+    links = {'pilot': '/monitor/pilots/%s', 'site': '/monitor/batchjobs?site=%s'}
+    logs = [('output', output)] if job['state'] == 'never_registered' else []
+    return bottle.template('detail', page=page, fields=field_rows(page, job, links), extra=times,
+                           logs=logs, graph=None, tables=[])
 
 
 def plain_table(page, title, more, heads, cells, rows):
@@ -4275,11 +4747,12 @@ class FrontServer(gevent.pywsgi.WSGIServer):
 
 
 class Waiter:
-    __slots__ = ('site', 'jobtypes', 'event')
+    __slots__ = ('site', 'jobtypes', 'ends', 'event')
 
-    def __init__(self, site, jobtypes):
+    def __init__(self, site, jobtypes, ends=None):
         self.site = site
         self.jobtypes = jobtypes
+        self.ends = ends              # when a batch pilot must be gone (the clock's time), or None
         self.event = gevent.event.Event()
 
     def accepts(self, jobtype, site):
@@ -4298,10 +4771,14 @@ class Waiters:
         self.waiting = []
         self.seq = 0
 
-    def wait(self, site, jobtypes, timeout, seq):
-        """Wait for a job for this pilot, unless a wake-up came since `seq`."""
-        waiter = Waiter(site, set(jobtypes))
-        self.waiting.append(waiter)
+    def wait(self, site, jobtypes, timeout, seq, ends=None):
+        """Wait for a job for this pilot, unless a wake-up came since `seq`. The pilots that
+        will be gone later are woken first (those without an end before all): a woken pilot
+        with too little time left for the job would leave it for the next poll."""
+        waiter = Waiter(site, set(jobtypes), ends)
+        at = next((i for i, w in enumerate(self.waiting)
+                   if w.ends is not None and (ends is None or w.ends < ends)), len(self.waiting))
+        self.waiting.insert(at, waiter)
         process_metrics().long_polls_held(+1)
         try:
             if self.seq == seq:
@@ -4336,9 +4813,10 @@ class HeldPoll:
     def __init__(self, front):
         self.front = front
         self.deadline = None
+        self.ends = None            # when a batch pilot must be gone (by the front's clock)
         self.held = False           # it has waited at least once
         self.note = None            # the first attempt's answer on the report it carried
-        self.asked = None           # (site, jobtypes): the last attempt asked to be held
+        self.asked = None           # (site, jobtypes, ends): the last attempt asked to be held
 
     def carry_note(self, reply):
         """The answer on the report travels with the final reply, whichever attempt gives it."""
@@ -4348,15 +4826,22 @@ class HeldPoll:
             reply = dict(reply, report=self.note)
         return reply
 
-    def hold(self, wait, site, jobtypes):
+    def time_left(self, left):
+        """A batch pilot's time left: as it said at first, less the time it has been held."""
+        if self.ends is None:
+            return left
+        return max(self.ends - self.front.clock(), 0.0)
+
+    def hold(self, wait, site, jobtypes, left=None):
         if self.deadline is None:
             self.deadline = self.front.clock() + wait
+            self.ends = None if left is None else self.front.clock() + left
         if self.front.closing or self.remaining() <= 0:
             return False
         if len(self.front.waiters) >= self.front.waiters.limit:
             process_metrics().long_polls_refused.inc()
             return False
-        self.asked = (site, jobtypes)
+        self.asked = (site, jobtypes, self.ends)
         return True
 
     def remaining(self):
@@ -4457,9 +4942,9 @@ class Front:
             answer = self.run(self.writers, environ, body)
             if poll.asked is None:
                 return answer
-            site, jobtypes = poll.asked
+            site, jobtypes, ends = poll.asked
             poll.asked = None
-            self.waiters.wait(site, jobtypes, poll.remaining(), seq)
+            self.waiters.wait(site, jobtypes, poll.remaining(), seq, ends)
             poll.held = True
             environ = dict(first)
             body = json.dumps({'wait': max(poll.remaining(), 0)}).encode()

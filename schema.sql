@@ -86,6 +86,8 @@ CREATE TABLE IF NOT EXISTS pilots (
     stopped_at    TEXT
 );
 
+-- The pilot a batch job became: its batch id is its `extra` ('slurm:1234', 'htcondor:77.0').
+CREATE INDEX IF NOT EXISTS pilots_extra ON pilots (extra) WHERE extra <> '';
 -- Live pilots by silence, for the lost-pilot sweep.
 CREATE INDEX IF NOT EXISTS pilots_live ON pilots (last_seen)
     WHERE state IN ('active', 'idle', 'dispatched', 'running');
@@ -285,6 +287,51 @@ END;
 -- Templates by type, for the jobs gauge (the other live states are in jobs_live_types).
 CREATE INDEX IF NOT EXISTS jobs_templates ON jobs (jobtype) WHERE state = 'template';
 
+-- -- batch systems ------------------------------------------------------------------------
+
+-- A drain order: the pilot finishes its job, takes no more and leaves (`stopped`).
+CREATE TABLE IF NOT EXISTS pilot_drains (
+    pilot        TEXT PRIMARY KEY REFERENCES pilots (uuid) ON DELETE CASCADE,
+    requested_at TEXT NOT NULL
+);
+
+-- What the pool manager (p3s_batch.py) needs of a site besides its `pilots` (the target) and
+-- `lifetime` (the pilots' wall time).
+CREATE TABLE IF NOT EXISTS site_batch (
+    site            TEXT PRIMARY KEY REFERENCES sites (name) ON DELETE CASCADE,
+    max_pending     INTEGER,                        -- batch jobs pending at once
+    pending_timeout INTEGER,                        -- seconds pending before it is cancelled
+    partition       TEXT NOT NULL DEFAULT '',       -- Slurm partition
+    account         TEXT NOT NULL DEFAULT '',       -- Slurm account, HTCondor accounting group
+    options         TEXT NOT NULL DEFAULT '[]'      -- JSON list: sbatch options, submit lines
+);
+
+-- A pilot submitted to a batch system, from its submission to its end. The batch ids of two
+-- clusters may meet, so a batch job is known by its site too.
+CREATE TABLE IF NOT EXISTS batchjobs (
+    id           INTEGER PRIMARY KEY,
+    site         TEXT NOT NULL,
+    system       TEXT NOT NULL CHECK (system IN ('slurm', 'htcondor')),
+    batchid      TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'running', 'finished', 'failed',
+                     'cancelled', 'never_registered')),
+    pilot        TEXT,                              -- uuid of the pilot it became
+    host         TEXT NOT NULL DEFAULT '',          -- where it ran
+    reason       TEXT NOT NULL DEFAULT '',          -- the batch system's word on it
+    output       TEXT NOT NULL DEFAULT '',          -- its output's tail, when no pilot came of it
+    submitted_at TEXT NOT NULL,
+    started_at   TEXT,
+    ended_at     TEXT,
+    UNIQUE (site, system, batchid)
+);
+-- The pool manager's cycle reads the live ones of a site; the listings go newest first.
+CREATE INDEX IF NOT EXISTS batchjobs_live ON batchjobs (site, system)
+    WHERE state IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS batchjobs_pilot ON batchjobs (pilot) WHERE pilot IS NOT NULL;
+CREATE INDEX IF NOT EXISTS batchjobs_state ON batchjobs (state, id);
+CREATE INDEX IF NOT EXISTS batchjobs_site ON batchjobs (site, id);
+CREATE INDEX IF NOT EXISTS batchjobs_ended ON batchjobs (state, ended_at)
+    WHERE ended_at IS NOT NULL;
 
 PRAGMA user_version = 2;
 
@@ -317,3 +364,4 @@ CREATE TABLE workflows (
 );
 INSERT INTO workflows SELECT * FROM workflows_version_1;
 DROP TABLE workflows_version_1;
+

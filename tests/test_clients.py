@@ -96,7 +96,8 @@ def one_line_error(proc, name, code):
 
 # One command of each client that talks to the server and changes nothing.
 READ_ONLY = {'p3s_job.py': ['--list'], 'p3s_workflow.py': ['--list'],
-             'p3s_data.py': ['--list'], 'p3s_pilot.py': ['--cycles', '1', '--wait', '0']}
+             'p3s_data.py': ['--list'], 'p3s_pilot.py': ['--cycles', '1', '--wait', '0'],
+             'p3s_batch.py': ['--list']}
 
 
 @pytest.mark.parametrize('name', CLIENTS)
@@ -152,7 +153,7 @@ def test_a_server_that_is_not_p3s_is_named_as_such(name, foreign_server, tmp_pat
 def test_a_refused_token_names_where_the_token_comes_from(tmp_path):
     srv = Server(tmp_path, extra_args=['--token', 'secret', '--private']).start()
     try:
-        for name in ('p3s_job.py', 'p3s_workflow.py', 'p3s_data.py'):
+        for name in ('p3s_job.py', 'p3s_workflow.py', 'p3s_data.py', 'p3s_batch.py'):
             stderr = one_line_error(run(name, *READ_ONLY[name], '-S', srv.url), name, 1)
             assert 'HTTP 401' in stderr and 'P3S_TOKEN' in stderr
             proc = run(name, *READ_ONLY[name], '-S', srv.url, env={'P3S_TOKEN': 'secret'})

@@ -1,7 +1,8 @@
 """The documents keep their word: every command they show works as written.
 
 Every fenced block of README.md and docs/*.md says what it is: `sh` (commands that run as
-written from the repository's root), `text` (a synopsis with placeholders such as UUID), or
+written from the repository's root), `slurm` (commands that need a Slurm cluster:
+tests/test_slurm.py runs them), `text` (a synopsis with placeholders such as UUID), or
 the data it shows (`json`, `xml`). The `sh` blocks of each document run, in order, in one bash
 shell (so a variable set by one block serves the next), in a copy of the repository, against a
 real server of their own: P3S_SERVER points the clients at it, as it would point them at the
@@ -24,7 +25,7 @@ from conftest import ROOT, Server
 DOCS = ['README.md'] + sorted(os.path.relpath(p, ROOT)
                               for p in glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 FENCE = re.compile(r'^```([^\n`]*)\n(.*?)^```[ \t]*$', re.M | re.S)
-KINDS = ('sh', 'text', 'json', 'xml', 'yaml', 'ini')
+KINDS = ('sh', 'slurm', 'text', 'json', 'xml', 'yaml', 'ini')
 RUN_TIMEOUT = 300               # seconds for all the commands of one document
 STARTS_THE_SERVER = re.compile(r'^\s*make run\b')
 # Where the copy of the repository leaves out what the documents do not run.

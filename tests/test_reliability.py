@@ -150,8 +150,10 @@ def test_purge_removes_old_terminal_records_in_batches(store, monkeypatch):
     srv.add_service_message(store, {'name': 'cron', 'message': 'old note'}, srv.utcnow())
     srv.stop_pilot(store, pilot(store), 'stopped', srv.utcnow())
     now = srv.utcnow()
-    assert srv.purge(store, now, 3600) == {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0}
-    assert srv.purge(store, later(now, 7200), 3600) == {'jobs': 25, 'pilots': 1, 'workflows': 0, 'services': 1}
+    assert srv.purge(store, now, 3600) == {'jobs': 0, 'pilots': 0, 'workflows': 0, 'services': 0,
+                                           'batchjobs': 0}
+    assert srv.purge(store, later(now, 7200), 3600) == {'jobs': 25, 'pilots': 1, 'workflows': 0,
+                                                        'services': 1, 'batchjobs': 0}
     left = sql_db(store).execute('SELECT state, count(*) FROM jobs GROUP BY state').fetchall()
     assert dict(map(tuple, left)) == {'defined': 4, 'dispatched': 1}
     assert sql_db(store).execute('SELECT count(*) FROM joblogs').fetchone()[0] == 0

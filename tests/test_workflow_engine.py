@@ -160,7 +160,7 @@ def test_workflow_jobs_are_managed_by_their_workflow_and_purged_with_it(store):
     [standalone] = S.submit_jobs(store, [{'payload': '/bin/true', 'state': 'template'}], T0)
     S.adjust_job(store, standalone, {'state': 'dropped'}, T0)
     removed = S.purge(store, '2026-01-03T00:00:00.000000+00:00', 86400)
-    assert removed == {'workflows': 1, 'jobs': 1, 'pilots': 0, 'services': 0}
+    assert removed == {'workflows': 1, 'jobs': 1, 'pilots': 0, 'services': 0, 'batchjobs': 0}
     db = sql_db(store)
     assert [db.execute('SELECT count(*) FROM %s' % t).fetchone()[0]
             for t in ('jobs', 'data', 'workflows')] == [0, 0, 0]
