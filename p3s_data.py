@@ -115,47 +115,92 @@ def server_url(text):
     return url
 
 
+KEEP_ALIVE = 30.0      # seconds a connection stays in use between two requests (the server: 75)
+CONNECTIONS = {}       # (scheme, host:port) -> (the connection kept for it, when last used)
+PROXIED = {}           # (scheme, host:port) -> whether a proxy stands between
+
+
 def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
-    """One JSON request to the server. The only code that touches urllib."""
+    """One JSON request to the server. The only code that touches the network."""
     url = server.rstrip('/') + path
     headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
     token = token or next(filter(None, map(os.environ.get, TOKEN_VARIABLES)), None)
     if token:
         headers['Authorization'] = 'Bearer ' + token
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as reply:
-            return read_reply(server, reply)
-    except urllib.error.HTTPError as e:
-        raise refusal(server, e) from None
+        status, reason, raw = send(url, method, data, headers, timeout)
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
                        EXIT_UNREACHABLE, transient=True) from None
-
-
-def read_reply(server, reply):
+    if status >= 400:
+        raise refusal(server, status, reason, raw)
     try:
-        return json.loads(reply.read().decode() or '{}')
+        return json.loads(raw.decode() or '{}')
     except ValueError:
         raise P3SError('%s answered HTTP %d with no JSON: is it a p3s server?'
-                       % (server, reply.status), EXIT_UNREACHABLE) from None
+                       % (server, status), EXIT_UNREACHABLE) from None
 
 
-def refusal(server, http_error):
+def send(url, method, data, headers, timeout):
+    """(status, reason, body) of one request, on the connection kept for its server: a pilot
+    asks many times, and a new connection for each would cost both sides. Through a proxy
+    (http_proxy and the like), urllib makes each request, as it knows proxies."""
+    parts = urllib.parse.urlsplit(url)
+    key = (parts.scheme, parts.netloc)
+    if key not in PROXIED:
+        PROXIED[key] = (parts.scheme in urllib.request.getproxies()
+                        and not urllib.request.proxy_bypass(parts.hostname))
+    if PROXIED[key]:
+        return send_by_urllib(url, method, data, headers, timeout)
+    conn, used = CONNECTIONS.pop(key, (None, 0.0))
+    if conn is not None and time.monotonic() - used > KEEP_ALIVE:
+        conn.close()
+        conn = None
+    if conn is None:
+        kind = http.client.HTTPSConnection if parts.scheme == 'https' else \
+            http.client.HTTPConnection
+        conn = kind(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        conn.request(method, parts.path + ('?' + parts.query if parts.query else ''), data,
+                     headers)
+        reply = conn.getresponse()
+        raw = reply.read()
+    except BaseException:
+        conn.close()
+        raise
+    if reply.will_close:
+        conn.close()
+    else:
+        CONNECTIONS[key] = (conn, time.monotonic())
+    return reply.status, reply.reason, raw
+
+
+def send_by_urllib(url, method, data, headers, timeout):
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as reply:
+            return reply.status, reply.reason, reply.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.reason, e.read()
+
+
+def refusal(server, status, reason, raw):
     """The error for an HTTP error reply: the server's one-line reason, or the suspicion that
     what answered is not a p3s server (every p3s error is JSON with an `error` field)."""
     try:
-        reason = json.loads(http_error.read().decode())['error']
+        why = json.loads(raw.decode())['error']
     except Exception:
-        return P3SError('%s answered HTTP %d %s: is it a p3s server?'
-                        % (server, http_error.code, http_error.reason), EXIT_UNREACHABLE,
-                        transient=http_error.code in GATEWAY_ERRORS)
-    if http_error.code == 401:
-        reason += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
-    failed = http_error.code >= 500
-    return P3SError('server: %s (HTTP %d)' % (reason, http_error.code),
+        return P3SError('%s answered HTTP %d %s: is it a p3s server?' % (server, status, reason),
+                        EXIT_UNREACHABLE, transient=status in GATEWAY_ERRORS)
+    if status == 401:
+        why += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
+    failed = status >= 500
+    return P3SError('server: %s (HTTP %d)' % (why, status),
                     EXIT_UNREACHABLE if failed else EXIT_REFUSED, transient=failed)
 
 

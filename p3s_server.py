@@ -734,7 +734,10 @@ ON CONFLICT (uuid) DO NOTHING
 """
 SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
 GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
-GET_JOB_HOLDER = 'SELECT state, pilot, workflow, jobtype FROM jobs WHERE uuid = :uuid'
+# With its type's cap: a job of a capped type that ends frees a slot for a waiting pilot.
+GET_JOB_HOLDER = ('SELECT state, pilot, workflow, jobtype,'
+                  ' (SELECT cap FROM jobtypes WHERE name = jobs.jobtype) AS cap'
+                  ' FROM jobs WHERE uuid = :uuid')
 LIST_JOBS = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
 JOB_FILTERS = {
     'state': 'state = :state',
@@ -1265,15 +1268,16 @@ def request_work(store, pilot_uuid, now, report=None, left=None):
             reply, released = leave_drained(db, pilot, now)
             woken += released
         else:
-            reply = claim_for(db, pilot, now, store.idle_touch, left)
+            # The job a report was just given on is not one to deliver again.
+            redeliver = report is None or report['uuid'] != pilot['job']
+            reply = claim_for(db, pilot, now, store.idle_touch, left, redeliver)
     store.wake(woken)
     if note is not None:
-        wake_after_report(store, report, note)
         reply['report'] = note
     return reply, pilot
 
 
-def claim_for(db, pilot, now, idle_touch, left=None):
+def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True):
     """The pilot's undelivered job, else the best queued job it may run, else idle. An idle
     pilot seen within the last `idle_touch` seconds is not written again."""
     if pilot['state'] in PILOT_GONE:
@@ -1281,8 +1285,10 @@ def claim_for(db, pilot, now, idle_touch, left=None):
     params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
               'jobtypes': pilot['jobtypes'], 'now': now,
               'left': MAX_TIMELIMIT if left is None else left}
-    job = (db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
-           or claim(db, params))
+    redelivered = None
+    if redeliver and pilot['state'] == 'dispatched':
+        redelivered = db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
+    job = redelivered or claim(db, params)
     if job is None:
         if pilot['state'] != 'idle' or pilot['last_seen'] < seconds_before(now, idle_touch):
             db.execute(PILOT_IDLE, params)
@@ -1429,7 +1435,6 @@ def report_job(store, pilot_uuid, rep, now):
     with store.write(durable=rep['state'] != 'running') as db:
         note, woken = apply_report(db, live_pilot(db, pilot_uuid), rep, now)
     store.wake(woken)
-    wake_after_report(store, rep, note)
     if note['status'] == 'REFUSED':
         fail(409, note['error'])
     return note
@@ -1469,6 +1474,8 @@ def apply_report(db, pilot, rep, now):
                 process_metrics().ran(held['jobtype'], elapsed - params['ago'])
             if rep['state'] == 'nonstarter':
                 woken = retry_jobs(db, [rep['uuid']])
+            if held['cap'] is not None:
+                woken += free_slots(db, [held['jobtype']])
         if rep['stdout'] or rep['stderr']:
             db.execute(SAVE_JOB_LOGS, params)
     if changed:
@@ -2399,18 +2406,19 @@ def wake_capped(store, job_uuid=None, names=None, uncapped=False):
         if row is None:
             return
         names = [row['jobtype']]
+    with store.read() as db:
+        store.wake(free_slots(db, names, uncapped))
+
+
+def free_slots(db, names=None, uncapped=False):
+    """(type, '') once for each free slot of the named (or all) capped types, as many as
+    waiting pilots to wake; of uncapped types too when asked."""
     slots = []
-    for row in store.query(FREE_SLOTS, {'names': None if names is None else json.dumps(names)}):
+    for row in db.execute(FREE_SLOTS, {'names': None if names is None else json.dumps(names)}):
         if row['free'] is not None or uncapped:
             free = MAX_WAKE_SLOTS if row['free'] is None else max(row['free'], 0)
             slots += [(row['name'], '')] * min(free, MAX_WAKE_SLOTS)
-    store.wake(slots)
-
-
-def wake_after_report(store, rep, note):
-    """A job that just ended freed a slot of its type's cap (if any) for a waiting pilot."""
-    if note.get('changed') and rep['state'] != 'running':
-        wake_capped(store, job_uuid=rep['uuid'])
+    return slots
 
 
 def site_dict(row):
