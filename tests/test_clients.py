@@ -214,3 +214,38 @@ def test_ctrl_c_ends_a_client_with_one_line(server, tmp_path):
     # What it watches, said when it started, then one line for the interruption.
     assert proc.returncode == 130 and re.fullmatch(r'p3s_data: watching .*\n'
                                                    r'p3s_data: interrupted\n', err), err
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """An HTTP proxy that answers every request itself, as a p3s server would, and remembers
+    what it was asked."""
+    asked = []
+
+    def do_GET(self):
+        ProxyHandler.asked.append(self.path)
+        body = json.dumps({'jobs': []}).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_proxy_in_the_environment_is_used():
+    """On a node whose http_proxy leads out, the clients reach the server through it (the
+    kept-alive connection is for servers reached directly)."""
+    proxy = http.server.ThreadingHTTPServer(('127.0.0.1', 0), ProxyHandler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        proc = run('p3s_job.py', '--list', '-S', 'http://p3s.invalid:8080/',
+                   env={'http_proxy': 'http://127.0.0.1:%d' % proxy.server_address[1],
+                        'no_proxy': ''})
+        assert proc.returncode == 0, proc.stderr
+        assert ProxyHandler.asked and ProxyHandler.asked[0].startswith(
+            'http://p3s.invalid:8080/api/jobs')
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
