@@ -120,7 +120,9 @@ EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141      # what a shell reports for SI
 EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 server '
               'unreachable, 4 bad local file, 5 waited for a job or workflow that did not '
               'finish, 130 interrupted.')
-GATEWAY_ERRORS = (502, 503, 504)   # a proxy in front of a server that is away for now
+# A proxy in front of a server that is away for now, or a server stopping or in trouble: the
+# same request may succeed later, even if the answer is not p3s's JSON.
+GATEWAY_ERRORS = (500, 502, 503, 504)
 
 
 class P3SError(Exception):

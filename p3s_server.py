@@ -13,10 +13,10 @@ processes on one port. Every write is one short `BEGIN IMMEDIATE` transaction; b
 single `UPDATE ... RETURNING` statement.
 
 The file reads top-down, in these sections (tests/test_layout.py keeps them in this order):
-configuration, database, wake-ups, validation, jobs, brokerage, housekeeping, workflows, DQM
-controls, batch systems, data, dashboard numbers, metrics, API routes, monitor routes, monitor
-graph layout, authorization, errors, front, processes, main. Each domain section starts with
-the SQL it runs.
+configuration, database, wake-ups, postgresql, validation, jobs, brokerage, housekeeping,
+workflows, DQM controls, batch systems, data, dashboard numbers, metrics, API routes, monitor
+routes, monitor graph layout, authorization, errors, front, processes, main. Each domain
+section starts with the SQL it runs.
 """
 import argparse
 import ctypes
@@ -42,7 +42,7 @@ import time
 import urllib.parse
 import uuid as uuidlib
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta, timezone
 
 import bottle
@@ -234,13 +234,13 @@ SQL_BATCH_LIVE = sql_set(BATCH_LIVE)
 # ---------------------------------------------------------------------------------------------
 
 # The columns each kind of object is read with, shared by the sections below.
-JOB_COLUMNS = ('uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, '
+JOB_COLUMNS = ('uuid, name, "user", subhost, jobtype, payload, env, priority, timelimit, '
                'deadline, deadline_at, retries, site, infile, workflow, state, pilot, host, pid, '
                'errcode, created_at, defined_at, dispatched_at, started_at, stopped_at, '
                'retry_of, attempt')
 PILOT_COLUMNS = ('uuid, host, site, pid, extra, jobtypes, state, job, jobs_done, registered_at, '
                  'last_seen, stopped_at')
-WORKFLOW_COLUMNS = ('uuid, name, user, description, dag, state, comment, rootuuid, nvertices, '
+WORKFLOW_COLUMNS = ('uuid, name, "user", description, dag, state, comment, rootuuid, nvertices, '
                     'ndone, created_at, defined_at, started_at, stopped_at')
 DATA_COLUMNS = ('uuid, name, dirpath, datatype, datatag, state, comment, workflow, source, '
                 'sourceuuid, target, targetuuid, created_at, updated_at')
@@ -271,8 +271,16 @@ def seconds_between(earlier, later):
     return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
 
 
+def seconds_after(then, seconds):
+    """SQL's p3s_seconds_after: the stored time `seconds` after `then` (NULL if either is)."""
+    if then is None or seconds is None:
+        return None
+    return seconds_before(then, -seconds)
+
+
 class Connection(sqlite3.Connection):
     synced = False                  # PRAGMA synchronous is FULL (see Store.write)
+    serial_writes = True            # one writer at a time: what it read stays true till COMMIT
 
 
 def connect(path):
@@ -281,6 +289,8 @@ def connect(path):
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                          timeout=BUSY_TIMEOUT_MS / 1000, factory=Connection)
     db.row_factory = sqlite3.Row
+    db.create_function('p3s_seconds_after', 2, seconds_after, deterministic=True)
+    db.create_function('p3s_seconds_between', 2, seconds_between, deterministic=True)
     db.execute('PRAGMA journal_mode = WAL')
     db.execute('PRAGMA synchronous = NORMAL')
     db.execute('PRAGMA foreign_keys = ON')
@@ -301,20 +311,27 @@ def apply_schema(db):
     if found > SCHEMA_VERSION:
         raise SystemExit('p3s_server: error: the database has schema version %d, newer than this '
                          'server (%d)' % (found, SCHEMA_VERSION))
-    schema, migrations = schema_parts()
+    schema, migrations = schema_parts('sqlite')
     if 0 < found < SCHEMA_VERSION:
         migrate(db, migrations)
     db.executescript(schema)
 
 
 MIGRATION_MARK = re.compile(r'^-- migrate to (\d+):.*$', re.M)
+DIALECT_MARK = re.compile(r'^-- \[(all|sqlite|postgresql)\]$', re.M)
 
 
-def schema_parts():
-    """schema.sql as (the schema of a new database, [(version, the migration to it)])."""
+def schema_parts(dialect, common=lambda text: text):
+    """schema.sql for one dialect, as (the schema of a new database, [(version, the migration
+    to it)]). Lines after `-- [sqlite]` or `-- [postgresql]` are that database's alone, up to
+    `-- [all]`; `common` turns the rest into the dialect's. The migrations are SQLite's (a
+    PostgreSQL schema starts at this version)."""
     with open(SCHEMA_FILE) as f:
         parts = MIGRATION_MARK.split(f.read())
-    return parts[0], [(int(v), sql) for v, sql in zip(parts[1::2], parts[2::2])]
+    marked = DIALECT_MARK.split('-- [all]\n' + parts[0])
+    schema = ''.join(common(text) if mark == 'all' else text
+                     for mark, text in zip(marked[1::2], marked[2::2]) if mark in ('all', dialect))
+    return schema, [(int(v), sql) for v, sql in zip(parts[1::2], parts[2::2])]
 
 
 def migrate(db, migrations):
@@ -348,11 +365,55 @@ def sql_statements(script):
     return statements
 
 
-def run_directory(db_path):
+class SQLite:
+    """The embedded database: a file, one writer at a time."""
+
+    name = 'sqlite'
+    serial_writes = True          # a thread lock before SQLite's own (see Store)
+    conflicts = (sqlite3.IntegrityError,)
+    unavailable = (sqlite3.OperationalError,)
+
+    def __init__(self, path):
+        self.path = path
+        self.version = sqlite3.sqlite_version
+
+    def connect(self):
+        return connect(self.path)
+
+    def begin(self, db, synced):
+        if db.synced != synced:
+            db.execute('PRAGMA synchronous = ' + ('FULL' if synced else 'NORMAL'))
+            db.synced = synced
+        db.execute('BEGIN IMMEDIATE')
+
+    def apply_schema(self, db):
+        apply_schema(db)
+
+    def integrity(self, db):
+        return [r[0] for r in db.execute(INTEGRITY_CHECK)]
+
+    def leader_lock(self, rundir):
+        return FileLock(os.path.join(rundir, 'housekeeper.lock'))
+
+    def wakeups(self, rundir):
+        return Wakeups(rundir)
+
+
+def is_postgres(db):
+    return db.startswith(('postgresql://', 'postgres://'))
+
+
+def database(db):
+    """The database a --db names: a PostgreSQL URL, or an SQLite file."""
+    return PostgreSQL(db) if is_postgres(db) else SQLite(db)
+
+
+def run_directory(db):
     """The directory where the server processes that share a database meet: their wake-up
-    sockets and locks. Named after the database's real path, so every process finds it; in the
-    temporary directory, because a socket's path must be short."""
-    key = hashlib.sha1(os.path.realpath(db_path).encode()).hexdigest()[:16]
+    sockets and locks. Named after the database (an SQLite file's real path), so every process
+    finds it; in the temporary directory, because a socket's path must be short."""
+    name = db if is_postgres(db) else os.path.realpath(db)
+    key = hashlib.sha1(name.encode()).hexdigest()[:16]
     path = os.path.join(tempfile.gettempdir(), 'p3s-%d-%s' % (os.getuid(), key))
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
@@ -390,28 +451,41 @@ class Store:
 
     def __init__(self, path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, wakeups=None):
         self.path = path
+        self.db = database(path)
         # An idle pilot's heartbeat is written at most this often, so that an idle poll that
         # finds nothing commits nothing (no fsync); the sweep still sees it alive.
         self.idle_touch = pilot_timeout / 6
         self.sync = sync
         self.wakeups = wakeups
-        self.write_lock = threading.Lock()
+        self.write_lock = threading.Lock() if self.db.serial_writes else nullcontext()
         self.idle = deque()               # connections not in use (append and pop are atomic)
         self.opened = []
         with self.connection() as db:
-            apply_schema(db)
+            self.db.apply_schema(db)
 
     @contextmanager
     def connection(self):
         try:
             db = self.idle.pop()
         except IndexError:
-            db = connect(self.path)
+            db = self.db.connect()
             self.opened.append(db)
         try:
             yield db
-        finally:
+        except self.db.unavailable:
+            self.discard(db)              # it may be broken (a database restart): a new one next
+            raise
+        except BaseException:
             self.idle.append(db)
+            raise
+        self.idle.append(db)
+
+    def discard(self, db):
+        try:
+            self.opened.remove(db)
+            db.close()
+        except Exception:
+            pass
 
     def read(self):
         """A connection for reads outside a transaction: each statement sees the last commit."""
@@ -429,14 +503,11 @@ class Store:
 
     @contextmanager
     def write(self, durable=True):
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error.
-        `durable`: the commit must survive a power loss (under --sync full)."""
-        synced = durable and self.sync == 'full'
+        """One write transaction: BEGIN (IMMEDIATE: SQLite's write lock first) ... COMMIT,
+        rolled back on any error. `durable`: the commit must survive a power loss (under
+        --sync full)."""
         with self.write_lock, self.connection() as db:
-            if db.synced != synced:
-                db.execute('PRAGMA synchronous = ' + ('FULL' if synced else 'NORMAL'))
-                db.synced = synced
-            db.execute('BEGIN IMMEDIATE')
+            self.db.begin(db, durable and self.sync == 'full')
             try:
                 yield db
             except BaseException:
@@ -467,6 +538,7 @@ def counts(store):
 # ---------------------------------------------------------------------------------------------
 
 WAKE_MESSAGE_MAX = 60000        # bytes in one datagram; a larger wake-up becomes "anything"
+WAKE_ALL = b'[[null, null, 1000000000]]'   # any held pilot, all of them
 
 
 def wake_message(jobs):
@@ -476,9 +548,7 @@ def wake_message(jobs):
     for key in jobs:
         counted[tuple(key)] = counted.get(tuple(key), 0) + 1
     message = json.dumps([[t, s, n] for (t, s), n in counted.items()]).encode()
-    if len(message) > WAKE_MESSAGE_MAX:
-        message = json.dumps([[None, None, len(jobs)]]).encode()
-    return message
+    return message if len(message) <= WAKE_MESSAGE_MAX else WAKE_ALL
 
 
 class Wakeups:
@@ -546,6 +616,272 @@ def read_wake_message(data):
         return [(t, s, int(n)) for t, s, n in json.loads(data)]
     except (ValueError, TypeError):
         return []
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: the same statements on several servers' shared database
+# ---------------------------------------------------------------------------------------------
+
+# The statements of this file are written once, in the SQL both databases take: an identifier
+# that is a keyword in quotes ("user"), times through the p3s_ functions (connect() gives them
+# to SQLite, schema.sql to PostgreSQL). What stays SQLite's is rewritten here, and only here:
+PG_REWRITES = (
+    (re.compile(r'\bINDEXED BY \w+'), ''),                  # SQLite's planner pin
+    (re.compile(r'json_each\(([^()]*)\)'),                  # a JSON list as rows of `value`
+     r'json_array_elements_text(CAST(\1 AS json)) AS value'),
+    (re.compile(r'/\*(FOR UPDATE[^*]*)\*/'), r'\1'),        # row locks: SQLite has one writer
+)
+PG_PARAM = re.compile(r'(?<![:\w]):(\w+)')                  # :name -> %(name)s
+# ... and schema.sql's column types: 64-bit integers, numbered rows, and text compared byte by
+# byte as SQLite does (stored times sort as text).
+PG_TYPES = (
+    (re.compile(r'\bINTEGER PRIMARY KEY\b'), 'BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY'),
+    (re.compile(r'\bINTEGER\b'), 'BIGINT'),
+    (re.compile(r'\bREAL\b'), 'DOUBLE PRECISION'),
+    (re.compile(r'\bTEXT\b'), 'TEXT COLLATE "C"'),
+)
+PG_MIN_VERSION = 140000             # CREATE OR REPLACE TRIGGER
+PG_SCHEMA_LOCK = 7103001            # advisory lock keys: applying the schema,
+PG_HOUSEKEEPER_LOCK = 7103002       # and the one process that does the housekeeping
+PG_WAKE_CHANNEL = 'p3s_wake'
+PG_WAKE_MAX = 7900                  # bytes of a NOTIFY payload (PostgreSQL takes 8000)
+PG_CONNECT_TIMEOUT = 10
+PG_RETRY = 1.0                      # seconds before a listener or a lock asks again
+
+
+@functools.lru_cache(maxsize=None)
+def postgres_sql(sql):
+    """A statement of this file as PostgreSQL's (psycopg's %(name)s parameters)."""
+    for pattern, replacement in PG_REWRITES:
+        sql = pattern.sub(replacement, sql)
+    return PG_PARAM.sub(r'%(\1)s', sql.replace('%', '%%'))
+
+
+def postgres_schema(script):
+    """schema.sql's common part with PostgreSQL's column types."""
+    for pattern, replacement in PG_TYPES:
+        script = pattern.sub(replacement, script)
+    return script
+
+
+class Row:
+    """A PostgreSQL row as sqlite3.Row is: by position or by name, and dict(row)."""
+
+    __slots__ = ('values', 'names')
+
+    def __init__(self, values, names):
+        self.values, self.names = values, names
+
+    def __getitem__(self, key):
+        return self.values[self.names[key] if isinstance(key, str) else key]
+
+    def keys(self):
+        return list(self.names)
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self):
+        return len(self.values)
+
+    def __repr__(self):
+        return 'Row(%r)' % dict(zip(self.names, self.values))
+
+
+def pg_rows(cursor):
+    names = {c.name: i for i, c in enumerate(cursor.description or ())}
+    return lambda values: Row(values, names)
+
+
+class PostgresConnection:
+    """A psycopg connection in autocommit mode (transactions are the Store's BEGIN ... COMMIT)
+    that takes the statements as written here and gives rows as sqlite3 does."""
+
+    synced = None
+    serial_writes = False           # others write at once: lock what a decision rests on
+
+    def __init__(self, dsn):
+        import psycopg
+        from psycopg.types.numeric import NumericLoader
+
+        class NumberLoader(NumericLoader):
+            """sum() and count() of big integers come as numeric: give ints and floats, which
+            JSON takes."""
+
+            def load(self, data):
+                value = super().load(data)
+                return int(value) if value == value.to_integral_value() else float(value)
+
+        # The driver binds the values into the statement text (client-side binding): the
+        # server then types a value by where it stands, as SQLite does, instead of wanting one
+        # type for a parameter used both as a number and as NULL.
+        self.raw = psycopg.connect(dsn, autocommit=True, row_factory=pg_rows,
+                                   cursor_factory=psycopg.ClientCursor,
+                                   connect_timeout=PG_CONNECT_TIMEOUT)
+        self.raw.adapters.register_loader('numeric', NumberLoader)
+
+    def execute(self, sql, params=None):
+        return self.raw.execute(postgres_sql(sql), params or {})
+
+    def executemany(self, sql, seq):
+        cursor = self.raw.cursor()
+        cursor.executemany(postgres_sql(sql), list(seq))
+        return cursor
+
+    def executescript(self, script):
+        self.raw.execute(script)
+
+    def close(self):
+        self.raw.close()
+
+
+class PostgreSQL:
+    """PostgreSQL (psycopg 3, an optional package): several servers, on several hosts, share
+    it. Transactions are READ COMMITTED; the statements that read before they write lock what
+    they read (the claim skips the jobs others are taking; see CLAIM_JOB)."""
+
+    name = 'postgresql'
+    serial_writes = False
+
+    def __init__(self, dsn):
+        try:
+            import psycopg
+        except ImportError:
+            raise SystemExit('p3s_server: error: %s needs psycopg 3: pip install -r '
+                             'requirements-postgresql.txt' % redact(dsn))
+        self.dsn = dsn
+        self.psycopg = psycopg
+        self.conflicts = (psycopg.IntegrityError,)
+        self.unavailable = (psycopg.OperationalError, psycopg.InterfaceError)
+        self.retryable = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+        self.version = None
+
+    def connect(self):
+        db = PostgresConnection(self.dsn)
+        self.version = db.raw.info.server_version
+        if self.version < PG_MIN_VERSION:
+            db.close()
+            raise SystemExit('p3s_server: error: PostgreSQL %d is too old: p3s needs 14 or '
+                             'newer' % (self.version // 10000))
+        return db
+
+    def begin(self, db, synced):
+        db.execute('BEGIN')
+        if not synced:
+            db.execute('SET LOCAL synchronous_commit = off')
+
+    def apply_schema(self, db):
+        """Create what is missing, one server at a time; refuse a newer schema."""
+        schema, _ = schema_parts('postgresql', postgres_schema)
+        db.execute('BEGIN')
+        try:
+            db.execute('SELECT pg_advisory_xact_lock(%d)' % PG_SCHEMA_LOCK)
+            db.executescript(schema)
+            found = db.execute('SELECT max(version) AS v FROM p3s_version').fetchone()['v']
+            if found is not None and found > SCHEMA_VERSION:
+                raise SystemExit('p3s_server: error: the database has schema version %d, newer '
+                                 'than this server (%d)' % (found, SCHEMA_VERSION))
+            if found != SCHEMA_VERSION:
+                db.execute('DELETE FROM p3s_version')
+                db.execute('INSERT INTO p3s_version (version) VALUES (:v)', {'v': SCHEMA_VERSION})
+        except BaseException:
+            db.execute('ROLLBACK')
+            raise
+        db.execute('COMMIT')
+
+    def integrity(self, db):
+        return ['ok (PostgreSQL keeps its own)']
+
+    def leader_lock(self, rundir):
+        return AdvisoryLock(self.dsn, PG_HOUSEKEEPER_LOCK)
+
+    def wakeups(self, rundir):
+        return PostgresWakeups(rundir, self.dsn)
+
+
+def shown_database(db):
+    return redact(db) if is_postgres(db) else os.path.abspath(db)
+
+
+def redact(dsn):
+    """A database URL without its password, for messages."""
+    return re.sub(r'(://[^:/@]*):[^@]*@', r'\1:***@', dsn)
+
+
+class AdvisoryLock:
+    """A lock held by a session of the database, as FileLock is by a process: PostgreSQL drops
+    it when the session ends, when its process dies or its host goes."""
+
+    def __init__(self, dsn, key):
+        self.dsn, self.key, self.db = dsn, key, None
+
+    def try_acquire(self):
+        try:
+            if self.db is None:
+                self.db = PostgresConnection(self.dsn)
+            return bool(self.db.execute('SELECT pg_try_advisory_lock(:key) AS held',
+                                        {'key': self.key}).fetchone()['held'])
+        except Exception as e:
+            log.warning('housekeeping lock: %s', e)
+            self.close()
+            return False
+
+    def close(self):
+        if self.db is not None:
+            try:
+                self.db.close()
+            except Exception:
+                pass
+            self.db = None
+
+
+class PostgresWakeups(Wakeups):
+    """Wake-ups between servers that share PostgreSQL, on any host: NOTIFY, which every
+    server's listening session receives at the commit. A thread of each process listens and
+    hands what it hears to the process's own datagram socket, which its front reads."""
+
+    def __init__(self, rundir, dsn):
+        super().__init__(rundir)
+        self.dsn = dsn
+        self.sender = None
+        self.sending = threading.Lock()
+        self.stopping = threading.Event()
+        self.listener = threading.Thread(target=self.listen, name='p3s-listen', daemon=True)
+        self.listener.start()
+
+    def publish(self, jobs):
+        message = wake_message(jobs)
+        if len(message) > PG_WAKE_MAX:
+            message = WAKE_ALL
+        with self.sending:
+            try:
+                if self.sender is None:
+                    self.sender = PostgresConnection(self.dsn)
+                self.sender.execute('SELECT pg_notify(:channel, :message)',
+                                    {'channel': PG_WAKE_CHANNEL, 'message': message.decode()})
+            except Exception as e:
+                log.warning('wake-up not sent: %s', e)
+                self.sender = None
+
+    def listen(self):
+        """LISTEN, and after a lost session listen again and wake every held pilot: a job
+        may have come meanwhile."""
+        while not self.stopping.is_set():
+            try:
+                db = PostgresConnection(self.dsn)
+                db.execute('LISTEN ' + PG_WAKE_CHANNEL)
+                self.outbox.sendto(WAKE_ALL, self.path)
+                for note in db.raw.notifies():
+                    self.outbox.sendto(note.payload.encode(), self.path)
+                    if self.stopping.is_set():
+                        break
+            except Exception as e:
+                if not self.stopping.is_set():
+                    log.warning('wake-ups: %s; listening again in %g s', e, PG_RETRY)
+                    self.stopping.wait(PG_RETRY)
+
+    def close(self):
+        self.stopping.set()
+        super().close()
 
 # ---------------------------------------------------------------------------------------------
 # Validation
@@ -723,13 +1059,12 @@ def newest_rows(store, select, filters, query, known_states=None):
 # ---------------------------------------------------------------------------------------------
 
 INSERT_JOB = """
-INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
+INSERT INTO jobs (uuid, name, "user", subhost, jobtype, payload, env, priority, timelimit, site,
                   infile, retries, state, created_at, defined_at, deadline, deadline_at)
 VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
         :infile, :retries, :state, :now, CASE WHEN :state = 'defined' THEN :now END, :deadline,
         CASE WHEN :state = 'defined' AND :deadline IS NOT NULL
-             THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || :deadline || ' seconds')
-                  || substr(:now, 20) END)
+             THEN p3s_seconds_after(:now, :deadline) END)
 ON CONFLICT (uuid) DO NOTHING
 """
 SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
@@ -746,7 +1081,7 @@ JOB_FILTERS = {
     'states_or_error': '(state IN (SELECT value FROM json_each(:states)) OR errcode <> 0)',
     'workflow': 'workflow = :workflow',
     'jobtype': 'jobtype = :jobtype',
-    'user': 'user = :user',
+    'user': '"user" = :user',
     'site': 'site = :site',
     'pilot': 'pilot = :pilot',
 }
@@ -760,8 +1095,7 @@ UPDATE jobs SET priority = :priority
 DEFINE_JOB = """
 UPDATE jobs SET state = 'defined', defined_at = :now,
        deadline_at = CASE WHEN deadline IS NOT NULL
-                          THEN strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
-                               || substr(:now, 20) END
+                          THEN p3s_seconds_after(:now, deadline) END
  WHERE uuid = :uuid AND state = 'template' AND workflow IS NULL
 RETURNING jobtype, site
 """
@@ -775,7 +1109,7 @@ DELETE FROM jobs WHERE uuid = :uuid AND state NOT IN """ + SQL_ACTIVE + """ AND 
 # attempt keeps its state and its history. Each attempt is retried at most once (a unique
 # index), so a retry repeated by mistake makes nothing new.
 INSERT_ATTEMPT = """
-INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
+INSERT INTO jobs (uuid, name, "user", subhost, jobtype, payload, env, priority, timelimit, site,
                   infile, retries, workflow, state, created_at, defined_at, deadline,
                   deadline_at, retry_of, attempt)
 VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
@@ -952,7 +1286,12 @@ def retry_selection(store, body, now):
     with store.write() as db:
         old = (named_attempts(db, body['uuids']) if 'uuids' in body
                else selected_attempts(db, body, now))
-        new = insert_attempts(db, old, now, 'defined')
+        try:
+            new = insert_attempts(db, old, now, 'defined')
+        except store.db.conflicts:
+            # Where writers run at once (PostgreSQL) the unique index on retry_of is what
+            # finds a retry made meanwhile by another.
+            fail(409, 'a job of these was retried meanwhile: nothing was retried')
     store.wake(runnable(new))
     return {'retried': [{'uuid': o['uuid'], 'retry': n['uuid']} for o, n in zip(old, new)]}
 
@@ -1028,8 +1367,10 @@ TAKES_SITE = "(site = '' OR site = :site)"
 IN_TIME = '(deadline_at IS NULL OR deadline_at > :now)'
 TAKES_TYPE = "(:jobtypes = '[]' OR %s IN (SELECT value FROM json_each(:jobtypes)))"
 NOT_BLOCKED = '%s NOT IN (SELECT value FROM json_each(:blocked))'
-# The claim: one statement takes the best queued job the pilot may run. It takes the write lock
-# before it reads, so two pilots can never get the same job. `state = 'defined'` is written as a
+# The claim: one statement takes the best queued job the pilot may run. On SQLite it takes the
+# write lock before it reads, so two pilots can never get the same job; on PostgreSQL the row it
+# picks is locked as it is read, and a row another claim holds is skipped (FOR UPDATE SKIP
+# LOCKED, in a comment SQLite ignores: see PG_REWRITES). `state = 'defined'` is written as a
 # literal, and the queue index is named: with the (state, id) index the planner would read every
 # queued job and sort them, and INDEXED BY makes that an error instead. Jobs past their deadline
 # are skipped (the sweep makes them stale). :left is the seconds the pilot has left (a batch
@@ -1043,7 +1384,7 @@ UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_a
                 AND """ + IN_TIME + """
                 AND timelimit <= :left
               ORDER BY priority DESC, defined_at, id
-              LIMIT 1)
+              LIMIT 1 /*FOR UPDATE SKIP LOCKED*/)
 RETURNING """ + JOB_COLUMNS
 # When some types are blocked (at their cap, or paused with cap 0) or the pilot takes only some
 # types, the queue's top may hold thousands of jobs this pilot cannot take, and walking past them
@@ -1071,17 +1412,23 @@ heads (id) AS (
        AND """ + TAKES_TYPE % 'queued.jobtype' + """)
 UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
  WHERE id = (SELECT head.id FROM heads JOIN jobs AS head ON head.id = heads.id
+              WHERE head.state = 'defined'
               ORDER BY head.priority DESC, head.defined_at, head.id
-              LIMIT 1)
+              LIMIT 1 /*FOR UPDATE OF head SKIP LOCKED*/)
 RETURNING """ + JOB_COLUMNS
 # The types at their cap, read in the claim's own transaction (so two pilots cannot both take
 # the last slot of a cap), counting the active jobs through the jobs_active index.
-BLOCKED_JOBTYPES = """
-SELECT name FROM jobtypes
- WHERE cap IS NOT NULL
-   AND cap <= (SELECT count(*) FROM jobs AS held INDEXED BY jobs_active
-                WHERE held.state IN """ + SQL_ACTIVE + """ AND held.jobtype = jobtypes.name)
-"""
+ACTIVE_OF_TYPE = """(SELECT count(*) FROM jobs AS held INDEXED BY jobs_active
+                  WHERE held.state IN """ + SQL_ACTIVE + """ AND held.jobtype = jobtypes.name)"""
+BLOCKED_JOBTYPES = 'SELECT name FROM jobtypes WHERE cap IS NOT NULL AND cap <= ' + ACTIVE_OF_TYPE
+CAPPED_JOBTYPES = ('SELECT name, cap <= ' + ACTIVE_OF_TYPE + ' AS blocked FROM jobtypes'
+                   ' WHERE cap IS NOT NULL')
+# Where writers run at once (PostgreSQL), two claims may each see a last free slot: a claim of a
+# capped type locks the type's row (waiting for the other claims of it to commit), then counts
+# again, in a statement of its own so that it sees what they committed.
+LOCK_JOBTYPE = 'SELECT cap FROM jobtypes WHERE name = :jobtype /*FOR UPDATE*/'
+COUNT_ACTIVE_OF_TYPE = ('SELECT cap, ' + ACTIVE_OF_TYPE + ' AS active FROM jobtypes'
+                        ' WHERE name = :jobtype')
 # A pilot asking for work while its job is still dispatched never got the reply that carried it.
 REDELIVER_JOB = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
                  " WHERE uuid = :job AND pilot = :pilot AND state = 'dispatched'")
@@ -1154,7 +1501,7 @@ SELECT count(*) FROM (
    WHERE state = 'defined' AND """ + TAKES_SITE + ' AND ' + IN_TIME + """
      AND """ + TAKES_TYPE % 'jobtype' + ' AND ' + NOT_BLOCKED % 'jobtype' + """
      AND (-priority, defined_at, id) < (-:priority, :defined_at, :id)
-   LIMIT :cap)
+   LIMIT :cap) AS ahead
 """
 # A workflow's job waits for the parents that have not finished (PARENTS_FINISHED's test).
 WAITING_PARENTS = """
@@ -1300,17 +1647,37 @@ def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True):
 def claim(db, params):
     """Take the best queued job the pilot may run (None if there is none): the plain walk of
     the queue when nothing is in the way, else the walk by type."""
-    blocked = [r['name'] for r in db.execute(BLOCKED_JOBTYPES)]
-    if not blocked and params['jobtypes'] == '[]':
-        job = db.execute(CLAIM_JOB, params).fetchone()
-    else:
-        job = db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
+    caps = db.execute(CAPPED_JOBTYPES).fetchall()
+    blocked = [r['name'] for r in caps if r['blocked']]
+    checked = not db.serial_writes and caps
+    while True:
+        if checked:
+            db.execute('SAVEPOINT claim')
+        job = take_job(db, params, blocked)
+        if job is None or not checked or within_cap(db, job['jobtype']):
+            break
+        db.execute('ROLLBACK TO SAVEPOINT claim')   # another claim took the last slot first
+        blocked.append(job['jobtype'])
     if job is not None:
         # Counted before the commit: only a failed commit, which ends the request in an
         # error, would make the count one too high.
         process_metrics().claimed(job['jobtype'], seconds_between(job['defined_at'],
                                                                   job['dispatched_at']))
     return job
+
+
+def take_job(db, params, blocked):
+    if not blocked and params['jobtypes'] == '[]':
+        return db.execute(CLAIM_JOB, params).fetchone()
+    return db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
+
+
+def within_cap(db, jobtype):
+    """The type's active jobs, this claim's among them, are no more than its cap."""
+    if db.execute(LOCK_JOBTYPE, {'jobtype': jobtype}).fetchone()['cap'] is None:
+        return True
+    row = db.execute(COUNT_ACTIVE_OF_TYPE, {'jobtype': jobtype}).fetchone()
+    return row['active'] <= row['cap']
 
 
 def job_waiting(db, job, now):
@@ -1555,7 +1922,7 @@ RETURNING uuid
 # the pilot's next heartbeat is answered KILL.
 KILL_OVERDUE_JOBS = """
 UPDATE jobs SET state = 'timelimit', stopped_at = :now
- WHERE state = 'running' AND (julianday(:now) - julianday(started_at)) * 86400 > timelimit + :grace
+ WHERE state = 'running' AND p3s_seconds_between(started_at, :now) > timelimit + :grace
 RETURNING uuid
 """
 # Must repeat the condition of the partial index jobs_deadline to use it.
@@ -1704,11 +2071,11 @@ class Housekeeper(threading.Thread):
 # Workflows: DAGs, the workflows made from them, and the engine that runs them
 # ---------------------------------------------------------------------------------------------
 
-DAG_COLUMNS = 'name, user, description, nvertices, nedges, root, created_at'
+DAG_COLUMNS = 'name, "user", description, nvertices, nedges, root, created_at'
 VERTEX_COLUMNS = 'name, jobtype, payload, env, timelimit, priority'
 EDGE_COLUMNS = 'source, target, name, dirpath, datatype, datatag, comment'
 INSERT_DAG = """
-INSERT INTO dags (name, user, description, nvertices, nedges, root, graphml, created_at)
+INSERT INTO dags (name, "user", description, nvertices, nedges, root, graphml, created_at)
 VALUES (:name, :user, :description, :nvertices, :nedges, :root, :graphml, :now)
 RETURNING id
 """
@@ -1728,11 +2095,11 @@ GET_DAG_EDGES = 'SELECT ' + EDGE_COLUMNS + ' FROM dag_edges WHERE dag = :dag ORD
 DELETE_DAG = 'DELETE FROM dags WHERE name = :name'        # vertices and edges cascade
 
 INSERT_WORKFLOW = """
-INSERT INTO workflows (uuid, name, user, description, dag, state, rootuuid, nvertices, created_at)
+INSERT INTO workflows (uuid, name, "user", description, dag, state, rootuuid, nvertices, created_at)
 VALUES (:uuid, :name, :user, :description, :dag, 'template', :rootuuid, :nvertices, :now)
 """
 INSERT_WORKFLOW_JOB = """
-INSERT INTO jobs (uuid, name, user, jobtype, payload, env, priority, timelimit, workflow, state,
+INSERT INTO jobs (uuid, name, "user", jobtype, payload, env, priority, timelimit, workflow, state,
                   created_at, deadline)
 VALUES (:uuid, :name, :user, :jobtype, :payload, :env, :priority, :timelimit, :workflow,
         'template', :now, :deadline)
@@ -1759,7 +2126,7 @@ LIST_WORKFLOWS = 'SELECT ' + WORKFLOW_COLUMNS + ' FROM workflows'
 WORKFLOW_FILTERS = {
     'state': 'state = :state',
     'states': 'state IN (SELECT value FROM json_each(:states))',
-    'user': 'user = :user',
+    'user': '"user" = :user',
 }
 
 # The engine. Dependencies are the data edges: a job's parents are the producers of its inputs.
@@ -1774,8 +2141,7 @@ UPDATE data SET state = 'defined', updated_at = :now
 """
 # A workflow's deadline counts from its definition, for every job of it, whenever released.
 SET_WORKFLOW_DEADLINE = """
-UPDATE jobs SET deadline_at = strftime('%Y-%m-%dT%H:%M:%S', :now, '+' || deadline || ' seconds')
-                              || substr(:now, 20)
+UPDATE jobs SET deadline_at = p3s_seconds_after(:now, deadline)
  WHERE workflow = :workflow AND deadline IS NOT NULL
 """
 RELEASE_SET = """
@@ -1800,6 +2166,10 @@ RELEASE_CHILDREN = RELEASE_SET + """
  WHERE state = 'template'
    AND uuid IN (SELECT targetuuid FROM data WHERE sourceuuid = :job)""" + PARENTS_FINISHED
 GET_FLOW_JOB = 'SELECT uuid, name, state, workflow FROM jobs WHERE uuid = :job'
+# Where writers run at once (PostgreSQL), two parents ending together would each see the other
+# unfinished and neither would release their child: the engine takes its workflow's row first,
+# so the second waits for the first's commit and then sees both finished.
+LOCK_WORKFLOW = 'SELECT uuid FROM workflows WHERE uuid = :workflow /*FOR UPDATE*/'
 DATA_AVAILABLE = """
 UPDATE data SET state = 'available', updated_at = :now WHERE sourceuuid = :job AND state = 'defined'
 """
@@ -2193,8 +2563,10 @@ def workflow_hook(db, job_uuids, now):
         job = db.execute(GET_FLOW_JOB, {'job': todo.pop()}).fetchone()
         if job is None or job['workflow'] is None:
             continue
-        workflows.add(job['workflow'])
         params = {'job': job['uuid'], 'workflow': job['workflow'], 'now': now}
+        if job['workflow'] not in workflows and not db.serial_writes:
+            db.execute(LOCK_WORKFLOW, params)
+        workflows.add(job['workflow'])
         if job['state'] == 'finished':
             db.execute(DATA_AVAILABLE, params)
             for child in db.execute(RELEASE_CHILDREN, params).fetchall():
@@ -3022,19 +3394,20 @@ WITH RECURSIVE t (jobtype) AS (
     UNION ALL
     SELECT (SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_ended
              WHERE stopped_at IS NOT NULL AND jobtype > t.jobtype)
-      FROM t WHERE t.jobtype IS NOT NULL LIMIT :limit)
-SELECT jobtype FROM t WHERE jobtype IS NOT NULL
+      FROM t WHERE t.jobtype IS NOT NULL)
+SELECT jobtype FROM t WHERE jobtype IS NOT NULL LIMIT :limit
 """
 # Queue latency: the newest starts of the window, at most :cap of them.
 MON_LATENCY = """
-SELECT (julianday(started_at) - julianday(defined_at)) * 86400.0 AS wait FROM jobs
+SELECT p3s_seconds_between(defined_at, started_at) AS wait FROM jobs
  WHERE started_at >= :since AND defined_at IS NOT NULL ORDER BY started_at DESC LIMIT :cap
 """
 # Jobs ended per bucket: a bucket is the first :chars characters of a stored time (16: a
 # minute, 13: an hour).
 MON_THROUGHPUT = """
-SELECT substr(stopped_at, 1, :chars) AS bucket, sum(state = 'finished') AS finished,
-       sum(state <> 'finished') AS other
+SELECT substr(stopped_at, 1, :chars) AS bucket,
+       sum(CASE WHEN state = 'finished' THEN 1 ELSE 0 END) AS finished,
+       sum(CASE WHEN state = 'finished' THEN 0 ELSE 1 END) AS other
   FROM jobs INDEXED BY jobs_ended
  WHERE state IN (SELECT value FROM json_each(:states)) AND stopped_at >= :since GROUP BY bucket
 """
@@ -3262,7 +3635,7 @@ METRICS_TEMPLATES = """
 SELECT jobtype, 'template' AS state, count(*) AS n FROM jobs WHERE state = 'template'
  GROUP BY jobtype
 """
-METRICS_JOB_ENDS = 'SELECT state, jobtype, n FROM job_ends'
+METRICS_JOB_ENDS = 'SELECT state, jobtype, sum(n) AS n FROM job_ends GROUP BY state, jobtype'
 METRICS_PILOTS = """
 SELECT state, site, count(*) AS n FROM pilots WHERE state IN """ + SQL_LIVE_PILOT + """
  GROUP BY state, site
@@ -3271,7 +3644,7 @@ METRICS_SITES = 'SELECT name FROM sites'
 METRICS_LIVE_WORKFLOW_STATES = tuple(s for s in WORKFLOW_STATES if s not in WORKFLOW_ENDED)
 METRICS_WORKFLOWS = ('SELECT state, count(*) AS n FROM workflows WHERE state IN '
                      + sql_set(METRICS_LIVE_WORKFLOW_STATES) + ' GROUP BY state')
-METRICS_WORKFLOW_ENDS = 'SELECT state, n FROM workflow_ends'
+METRICS_WORKFLOW_ENDS = 'SELECT state, sum(n) AS n FROM workflow_ends GROUP BY state'
 METRICS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'   # what every Prometheus reads
 # Seconds. DQM jobs wait milliseconds on an idle pool and run from seconds to an hour or so.
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
@@ -3349,12 +3722,12 @@ def metrics_text(store):
     """The whole exposition: the processes' own counts, then what the database holds."""
     own = process_metrics()
     with store.read() as db:
-        families = database_families(db, own.prom.core)
+        families = database_families(db, own.prom.core, store.db)
     return (own.prom.generate_latest(own.own_registry())
             + own.prom.generate_latest(Families(families)))
 
 
-def database_families(db, core):
+def database_families(db, core, dialect):
     """Gauges of the live jobs, pilots and workflows, counters of the ended ones, and the
     server's description. A live state with nothing in it is a 0, not a missing series."""
     jobs = core.GaugeMetricFamily('p3s_jobs', 'Jobs not yet ended, by state and type',
@@ -3371,7 +3744,8 @@ def database_families(db, core):
         ended.add_metric([state, jobtype], n)
     return [jobs, ended, pilot_family(db, core)] + workflow_families(db, core) + [
         core.InfoMetricFamily('p3s_server', 'The server: its version and database', value={
-            'version': VERSION, 'database': 'sqlite', 'sqlite_version': sqlite3.sqlite_version,
+            'version': VERSION, 'database': dialect.name,
+            'database_version': str(dialect.version),
             'python_version': '%d.%d.%d' % sys.version_info[:3]})]
 
 
@@ -3728,7 +4102,7 @@ def api_metrics():
 # The monitor computes everything in Python and hands the templates plain values: the templates
 # only lay them out and escape them ({{x}} everywhere).
 
-MON_JOB_COLUMNS = ('uuid, name, user, jobtype, priority, state, site, pilot, host, errcode, '
+MON_JOB_COLUMNS = ('uuid, name, "user", jobtype, priority, state, site, pilot, host, errcode, '
                    'workflow, defined_at, started_at, stopped_at, retry_of, attempt')
 MON_PILOT_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE pilot = :pilot'
                   ' ORDER BY id DESC LIMIT :limit')
@@ -3750,10 +4124,11 @@ MON_BATCH_SORTS = ('id', 'site', 'state', 'host', 'submitted_at', 'started_at', 
 
 def order_fragments(columns, rowid='id'):
     """{'col': 'ORDER BY col, id', '-col': 'ORDER BY col DESC, id DESC'} for whitelisted columns.
-    The key `id` stands for `rowid` in a table without an id column (datatypes)."""
+    The key `id` stands for `rowid` in a table without an id column: the time its rows were made
+    or changed (datatypes, sites)."""
     frags = {}
     for col in columns:
-        sql_col = rowid if col == 'id' else col
+        sql_col = rowid if col == 'id' else '"user"' if col == 'user' else col
         tie = '' if col == 'id' else ', ' + rowid
         frags[col] = ' ORDER BY %s%s' % (sql_col, tie)
         frags['-' + col] = ' ORDER BY %s DESC%s' % (sql_col, tie and tie + ' DESC')
@@ -3765,8 +4140,8 @@ MON_PILOT_ORDER = order_fragments(MON_PILOT_SORTS)
 MON_WORKFLOW_ORDER = order_fragments(MON_WORKFLOW_SORTS)
 MON_DAG_ORDER = order_fragments(MON_DAG_SORTS)
 MON_DATA_ORDER = order_fragments(MON_DATA_SORTS)
-MON_DATATYPE_ORDER = order_fragments(MON_DATATYPE_SORTS, rowid='rowid')
-MON_SITE_ORDER = order_fragments(MON_SITE_SORTS, rowid='rowid')
+MON_DATATYPE_ORDER = order_fragments(MON_DATATYPE_SORTS, rowid='created_at')
+MON_SITE_ORDER = order_fragments(MON_SITE_SORTS, rowid='updated_at')
 MON_SERVICE_ORDER = order_fragments(MON_SERVICE_SORTS)
 MON_BATCH_ORDER = order_fragments(MON_BATCH_SORTS)
 # A batch job beside the pilot it became: the pilot's state is read with it.
@@ -3775,10 +4150,10 @@ BATCH_LIST_COLUMNS = (BATCH_COLUMNS + ', (SELECT state FROM pilots'
 MON_PILOT_BATCHJOBS = 'SELECT ' + BATCH_LIST_COLUMNS + ' FROM batchjobs WHERE pilot = :pilot'
 # The workflow and data listings' filters: the API's, and the columns the monitor filters on.
 MON_WORKFLOW_FILTERS = dict(WORKFLOW_FILTERS, dag='dag = :dag', name='name = :name')
-MON_DAG_FILTERS = {'user': 'user = :user', 'name': 'name = :name'}
+MON_DAG_FILTERS = {'user': '"user" = :user', 'name': 'name = :name'}
 MON_NAME_FILTER = {'name': 'name = :name'}        # datatypes, sites, services
-MON_DATATYPE_COLUMNS = 'rowid AS id, ' + DATATYPE_COLUMNS
-MON_SITE_COLUMNS = 'rowid AS id, ' + SITE_COLUMNS
+MON_DATATYPE_COLUMNS = DATATYPE_COLUMNS
+MON_SITE_COLUMNS = SITE_COLUMNS
 MON_SERVICE_COLUMNS = 'id, name, message, created_at'
 MON_WORKFLOW_JOBS = ('SELECT ' + MON_JOB_COLUMNS + ' FROM jobs WHERE workflow = :workflow'
                      ' ORDER BY id')
@@ -3983,7 +4358,7 @@ def listing(db, table, columns, query, filters, orders, known_states):
     rows = db.execute('SELECT ' + columns + ' FROM ' + table + where + orders[sort]
                       + ' LIMIT :limit OFFSET :offset', params).fetchall()
     matches = db.execute('SELECT count(*) FROM (SELECT 1 FROM ' + table + where
-                         + ' LIMIT :cap)', params).fetchone()[0]
+                         + ' LIMIT :cap) AS matching', params).fetchone()[0]
     return rows, matches, {'sort': sort, 'perpage': perpage, 'page': number}
 
 
@@ -4900,8 +5275,10 @@ def run_wsgi(app, environ):
     return started[0], started[1], body
 
 
-def json_reply(start_response, status, message, close=False):
+def json_reply(start_response, status, message, close=False, retry_after=None):
     headers = [('Content-Type', 'application/json')] + ([('Connection', 'close')] if close else [])
+    if retry_after is not None:
+        headers.append(('Retry-After', str(retry_after)))
     start_response(status, headers)
     return [json.dumps({'error': message}).encode()]
 
@@ -4927,11 +5304,19 @@ class Front:
         except BadBody as e:
             return json_reply(start_response, e.status, str(e), close=True)
         reading = environ['REQUEST_METHOD'] in ('GET', 'HEAD')
-        if not reading and WORK_PATH.match(path):
-            status, headers, out = self.serve_work(environ, body)
-        else:
-            status, headers, out = self.run(self.readers if reading else self.writers,
-                                            environ, body)
+        try:
+            if not reading and WORK_PATH.match(path):
+                status, headers, out = self.serve_work(environ, body)
+            else:
+                status, headers, out = self.run(self.readers if reading else self.writers,
+                                                environ, body)
+        except Exception:
+            # The app answers its own errors; this is the front failing (a process stopping,
+            # its threads gone): the client may ask again, of this server or another.
+            log.exception('request %s %s not served', environ['REQUEST_METHOD'], path)
+            return json_reply(start_response, '503 Service Unavailable', 'the server could '
+                              'not serve this request now; ask again', close=True,
+                              retry_after=1)
         start_response(status, headers)
         return [out]
 
@@ -5187,11 +5572,17 @@ def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, token=N
 
 
 def prepare_database(db_path):
-    """Create or check the schema once, before any worker starts."""
+    """Create or check the schema once, before any worker starts (and fail here, once, if the
+    database cannot be reached)."""
     check_sqlite()
-    db = connect(db_path)
+    dialect = database(db_path)
     try:
-        apply_schema(db)
+        db = dialect.connect()
+    except dialect.unavailable as e:
+        raise SystemExit('p3s_server: error: cannot open the database %s: %s'
+                         % (redact(db_path), str(e).strip().splitlines()[0]))
+    try:
+        dialect.apply_schema(db)
     finally:
         db.close()
 
@@ -5269,7 +5660,7 @@ def serve(argv):
     prepare_database(args.db)
     started = time.monotonic()
     print('p3s server listening on http://%s:%s/ (database %s, %d worker%s)'
-          % (args.host, listener.getsockname()[1], os.path.abspath(args.db), args.workers,
+          % (args.host, listener.getsockname()[1], shown_database(args.db), args.workers,
              '' if args.workers == 1 else 's'), flush=True)
     if args.workers == 1:
         return serve_worker(listener, args, started)
@@ -5277,20 +5668,21 @@ def serve(argv):
 
 
 def check_command(argv):
-    """SQLite's integrity check and the counts per state; exit 1 if the check fails."""
+    """The database's integrity check and the counts per state; exit 1 if the check fails."""
     ap = argparse.ArgumentParser(prog='p3s_server.py check')
     ap.add_argument('--db', default=DEFAULT_DB)
     args = ap.parse_args(argv)
-    if not os.path.exists(args.db):
+    if not is_postgres(args.db) and not os.path.exists(args.db):
         ap.exit(1, 'p3s_server: error: no database at %s\n' % args.db)
     st = configure(args.db)
-    verdict = [r[0] for r in st.query(INTEGRITY_CHECK)]
+    with st.read() as db:
+        verdict = st.db.integrity(db)
     print('integrity: %s' % '; '.join(verdict))
     for what, by_state in counts(st).items():
         print('%s: %s' % (what, ', '.join('%s %d' % kv for kv in sorted(by_state.items()))
                           or 'none'))
     st.close()
-    return 0 if verdict == ['ok'] else 1
+    return 0 if verdict[0].startswith('ok') else 1
 
 
 def purge_command(argv):

@@ -3,12 +3,15 @@
 -- fixed width, so they sort and compare as text.
 -- A new database is made whole by this script. A database of an older version is first brought
 -- up to date by the migrations at the end of the file (the server runs those it lacks).
+-- The same script makes a PostgreSQL database: lines after `-- [sqlite]` or `-- [postgresql]`
+-- are that database's alone, up to `-- [all]`; the server gives the common part PostgreSQL's
+-- column types (see PG_TYPES in p3s_server.py). An identifier that is a keyword is quoted.
 
 CREATE TABLE IF NOT EXISTS jobs (
     id            INTEGER PRIMARY KEY,
     uuid          TEXT NOT NULL UNIQUE,
     name          TEXT NOT NULL DEFAULT '',
-    user          TEXT NOT NULL DEFAULT '',
+    "user"          TEXT NOT NULL DEFAULT '',
     subhost       TEXT NOT NULL DEFAULT '',          -- host the job was submitted from
     jobtype       TEXT NOT NULL DEFAULT 'default',
     payload       TEXT NOT NULL CHECK (payload <> ''),
@@ -99,7 +102,7 @@ CREATE INDEX IF NOT EXISTS pilots_state ON pilots (state, id);
 CREATE TABLE IF NOT EXISTS dags (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
-    user        TEXT NOT NULL DEFAULT '',
+    "user"        TEXT NOT NULL DEFAULT '',
     description TEXT NOT NULL DEFAULT '',
     nvertices   INTEGER NOT NULL,
     nedges      INTEGER NOT NULL,
@@ -139,7 +142,7 @@ CREATE TABLE IF NOT EXISTS workflows (
     id          INTEGER PRIMARY KEY,
     uuid        TEXT NOT NULL UNIQUE,
     name        TEXT NOT NULL DEFAULT '',          -- not unique
-    user        TEXT NOT NULL DEFAULT '',
+    "user"        TEXT NOT NULL DEFAULT '',
     description TEXT NOT NULL DEFAULT '',
     dag         TEXT NOT NULL,                     -- name of the DAG it was made from
     state       TEXT NOT NULL CHECK (state IN ('template', 'defined', 'running', 'finished',
@@ -158,7 +161,7 @@ CREATE INDEX IF NOT EXISTS workflows_state ON workflows (state, id);
 CREATE INDEX IF NOT EXISTS workflows_ended ON workflows (state, stopped_at)
     WHERE stopped_at IS NOT NULL;
 -- The monitor's workflow filters, newest first.
-CREATE INDEX IF NOT EXISTS workflows_user ON workflows (user, id);
+CREATE INDEX IF NOT EXISTS workflows_user ON workflows ("user", id);
 CREATE INDEX IF NOT EXISTS workflows_dag ON workflows (dag, id);
 CREATE INDEX IF NOT EXISTS workflows_name ON workflows (name, id);
 -- The jobs of a workflow (its engine, its page, its deletion).
@@ -256,6 +259,7 @@ CREATE TABLE IF NOT EXISTS injections (
 -- process counts, in the transaction that ends it, and purging old records never lowers a
 -- count, as a Prometheus counter must not go down. A job queued again by its retries counts
 -- each of its ends. Triggers are SQLite's dialect; PostgreSQL writes them as a function.
+-- [sqlite]
 CREATE TABLE IF NOT EXISTS job_ends (
     state   TEXT NOT NULL,
     jobtype TEXT NOT NULL,
@@ -283,6 +287,47 @@ BEGIN
     INSERT INTO workflow_ends (state, n) VALUES (NEW.state, 1)
     ON CONFLICT (state) DO UPDATE SET n = n + 1;
 END;
+-- [postgresql]
+-- Each counter is kept in a row per server session (`shard`), summed when read: transactions
+-- that end jobs at once on several servers do not wait for one another's counter row.
+CREATE TABLE IF NOT EXISTS job_ends (
+    state   TEXT COLLATE "C" NOT NULL,
+    jobtype TEXT COLLATE "C" NOT NULL,
+    shard   INTEGER NOT NULL DEFAULT 0,
+    n       BIGINT NOT NULL,
+    PRIMARY KEY (state, jobtype, shard)
+);
+CREATE OR REPLACE FUNCTION p3s_count_job_end() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO job_ends (state, jobtype, shard, n)
+    VALUES (NEW.state, NEW.jobtype, pg_backend_pid() % 64, 1)
+    ON CONFLICT (state, jobtype, shard) DO UPDATE SET n = job_ends.n + 1;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER jobs_count_ends AFTER UPDATE OF state ON jobs FOR EACH ROW
+ WHEN (NEW.state IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed', 'stale',
+                     'dropped', 'cancelled')
+       AND OLD.state NOT IN ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed',
+                             'stale', 'dropped', 'cancelled'))
+ EXECUTE FUNCTION p3s_count_job_end();
+
+CREATE TABLE IF NOT EXISTS workflow_ends (
+    state TEXT COLLATE "C" NOT NULL,
+    shard INTEGER NOT NULL DEFAULT 0,
+    n     BIGINT NOT NULL,
+    PRIMARY KEY (state, shard)
+);
+CREATE OR REPLACE FUNCTION p3s_count_workflow_end() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO workflow_ends (state, shard, n) VALUES (NEW.state, pg_backend_pid() % 64, 1)
+    ON CONFLICT (state, shard) DO UPDATE SET n = workflow_ends.n + 1;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER workflows_count_ends AFTER UPDATE OF state ON workflows FOR EACH ROW
+ WHEN (NEW.state IN ('finished', 'failed', 'cancelled')
+       AND OLD.state NOT IN ('finished', 'failed', 'cancelled'))
+ EXECUTE FUNCTION p3s_count_workflow_end();
+-- [all]
 
 -- Templates by type, for the jobs gauge (the other live states are in jobs_live_types).
 CREATE INDEX IF NOT EXISTS jobs_templates ON jobs (jobtype) WHERE state = 'template';
@@ -333,7 +378,23 @@ CREATE INDEX IF NOT EXISTS batchjobs_site ON batchjobs (site, id);
 CREATE INDEX IF NOT EXISTS batchjobs_ended ON batchjobs (state, ended_at)
     WHERE ended_at IS NOT NULL;
 
+-- [sqlite]
 PRAGMA user_version = 2;
+-- [postgresql]
+CREATE TABLE IF NOT EXISTS p3s_version (version INTEGER NOT NULL);
+-- Times as SQLite's p3s_ functions give them (connect() in p3s_server.py): the stored text of
+-- `then` plus `seconds`, and the seconds from one stored time to another.
+CREATE OR REPLACE FUNCTION p3s_seconds_after(then_ TEXT, seconds BIGINT)
+RETURNS TEXT LANGUAGE sql STABLE AS $$
+    SELECT to_char((CAST(then_ AS timestamptz) + seconds * interval '1 second')
+                   AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00'
+$$;
+CREATE OR REPLACE FUNCTION p3s_seconds_between(earlier TEXT, later TEXT)
+RETURNS DOUBLE PRECISION LANGUAGE sql STABLE AS $$
+    SELECT CAST(extract(epoch FROM CAST(later AS timestamptz) - CAST(earlier AS timestamptz))
+                AS DOUBLE PRECISION)
+$$;
+-- [all]
 
 -- -- migrations ------------------------------------------------------------------------------
 -- Each block brings a database of the version before it to its own version, inside one
@@ -348,7 +409,7 @@ CREATE TABLE workflows (
     id          INTEGER PRIMARY KEY,
     uuid        TEXT NOT NULL UNIQUE,
     name        TEXT NOT NULL DEFAULT '',
-    user        TEXT NOT NULL DEFAULT '',
+    "user"        TEXT NOT NULL DEFAULT '',
     description TEXT NOT NULL DEFAULT '',
     dag         TEXT NOT NULL,
     state       TEXT NOT NULL CHECK (state IN ('template', 'defined', 'running', 'finished',

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import pytest
 
@@ -18,6 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SERVER_START_TIMEOUT = 20
+# The database the whole suite runs on: SQLite files (the default), or, with
+# P3S_TEST_DB=postgresql, a new database of a private PostgreSQL cluster for each test.
+ON_POSTGRES = os.environ.get('P3S_TEST_DB', 'sqlite') == 'postgresql'
+sqlite_only = pytest.mark.skipif(ON_POSTGRES, reason='this test reads SQLite itself (its '
+                                 'files, pragmas or query plans)')
 
 
 def script(name):
@@ -59,7 +65,7 @@ class Server:
     """A p3s_server.py process on a free port with a temporary database."""
 
     def __init__(self, tmp_path, port=0, extra_args=(), db=None):
-        self.db = db or str(tmp_path / 'p3s.db')
+        self.db = db or fresh_database(tmp_path)
         self.log_path = tmp_path / 'server.log'
         self.port = port
         self.extra_args = list(extra_args)
@@ -177,24 +183,119 @@ def clients(tmp_path, server):
     c.cleanup()
 
 
+def fresh_database(tmp_path, name='p3s.db'):
+    """A test's database: a file in its temporary directory, or a new PostgreSQL database."""
+    return postgres().new_database() if ON_POSTGRES else str(tmp_path / name)
+
+
 @pytest.fixture
 def store(tmp_path):
-    """An in-process server's database (p3s_server.configure) in a temporary file."""
+    """An in-process server's database (p3s_server.configure), new for the test."""
     import p3s_server
-    st = p3s_server.configure(str(tmp_path / 'p3s.db'))
+    st = p3s_server.configure(fresh_database(tmp_path))
     yield st
     st.close()
     while OPENED:
         OPENED.pop().close()
 
 
-def sql_db(store):
-    """A connection of the test's own to a store's database file, outside the server's pool:
-    reads see the last commit, and each write commits at once."""
+def database_connection(db):
+    """A connection of the test's own to a server's database (its --db), taking the statements
+    as the server's own do; each write commits at once. Close it."""
     import p3s_server
-    db = p3s_server.connect(store.path)
+    return p3s_server.database(db).connect()
+
+
+def sql_db(store):
+    """A connection of the test's own to a store's database, outside the server's pool: reads
+    see the last commit, and each write commits at once. It takes the statements as the
+    server's own do (on PostgreSQL, translated the same way)."""
+    db = store.db.connect()
     OPENED.append(db)
     return db
+
+
+class Postgres:
+    """A private PostgreSQL cluster for the tests: initdb and pg_ctl of Debian's `postgresql`
+    package in a temporary directory, a Unix socket only, no fsync; as the `postgres` user when
+    the tests run as root (PostgreSQL refuses root). Stopped when the tests end."""
+
+    def __init__(self):
+        import shutil
+        import tempfile
+        self.bin = self.find_binaries()
+        self.dir = tempfile.mkdtemp(prefix='p3s-pg-')
+        self.port = free_port()
+        self.count = 0
+        self.as_user = ['runuser', '-u', 'postgres', '--'] if os.getuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, 'postgres')
+        data = os.path.join(self.dir, 'data')
+        self.run('initdb', '-D', data, '-A', 'trust', '-U', 'p3s', '--no-sync', '-E', 'UTF8',
+                 '--locale=C')
+        self.run('pg_ctl', '-D', data, '-l', os.path.join(self.dir, 'log'), '-w', '-o',
+                 '-c listen_addresses= -k %s -p %d -c fsync=off -c synchronous_commit=off '
+                 '-c full_page_writes=off -c max_connections=500' % (self.dir, self.port),
+                 'start')
+        self.data = data
+
+    @staticmethod
+    def find_binaries():
+        import glob
+        found = sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'))
+        if not found:
+            raise RuntimeError('PostgreSQL\'s server binaries are not installed (Debian: '
+                               'apt-get install postgresql)')
+        return os.path.dirname(found[-1])
+
+    def run(self, tool, *args):
+        subprocess.run(self.as_user + [os.path.join(self.bin, tool)] + list(args), check=True,
+                       capture_output=True, cwd=self.dir, timeout=120)
+
+    def dsn(self, name):
+        return 'postgresql://p3s@/%s?host=%s&port=%d' % (name, self.dir, self.port)
+
+    def new_database(self):
+        import psycopg
+        self.count += 1
+        name = 'p3s_%d_%d' % (os.getpid(), self.count)
+        with psycopg.connect(self.dsn('postgres'), autocommit=True) as admin:
+            admin.execute('CREATE DATABASE %s' % name)
+        return self.dsn(name)
+
+    def stop(self):
+        import shutil
+        try:
+            self.run('pg_ctl', '-D', self.data, '-m', 'immediate', 'stop')
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_POSTGRES = []
+
+
+def postgres():
+    """The tests' PostgreSQL cluster, started at the first call; a test that needs it skips
+    (loudly) where it cannot start, unless P3S_REQUIRE_POSTGRES is set (CI), which fails it."""
+    if not _POSTGRES:
+        try:
+            import psycopg  # noqa: F401
+            _POSTGRES.append(Postgres())
+        except Exception as e:
+            _POSTGRES.append(e)
+    found = _POSTGRES[0]
+    if isinstance(found, Exception):
+        message = 'PostgreSQL cannot start here: %s' % found
+        if os.environ.get('P3S_REQUIRE_POSTGRES'):
+            pytest.fail(message)
+        warnings.warn(message)
+        pytest.skip(message)
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _POSTGRES and isinstance(_POSTGRES[0], Postgres):
+        _POSTGRES[0].stop()
 
 
 OPENED = []     # closed by the store fixture
@@ -222,7 +323,10 @@ class PlanStep:
 
 
 def query_plan(db, sql, params=None):
-    """The steps of a statement's query plan (PlanStep)."""
+    """The steps of a statement's query plan (PlanStep). The plans are SQLite's: on PostgreSQL
+    the test is skipped (its planner picks its own; the benchmarks measure it)."""
+    if not db.serial_writes:
+        pytest.skip("this test checks SQLite's query plans")
     return [PlanStep(r[3]) for r in db.execute('EXPLAIN QUERY PLAN ' + sql, params or {})]
 
 

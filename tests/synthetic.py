@@ -9,7 +9,6 @@ Also imported by the tests: fill() for a busy database, wsgi_get() to call the a
 import argparse
 import os
 import random
-import sqlite3
 import statistics
 import sys
 import time
@@ -50,16 +49,20 @@ GRAPHML = """<?xml version="1.0" encoding="utf-8"?>
 </graphml>
 """
 
+JOB_FIELDS = ('uuid', 'name', 'jobtype', 'priority', 'state', 'pilot', 'host', 'pid', 'errcode',
+              'created_at', 'defined_at', 'dispatched_at', 'started_at', 'stopped_at')
 INSERT = """
-INSERT INTO jobs (uuid, name, user, subhost, jobtype, payload, env, priority, timelimit, site,
+INSERT INTO jobs (uuid, name, "user", subhost, jobtype, payload, env, priority, timelimit, site,
                   infile, state, pilot, host, pid, errcode, created_at, defined_at,
                   dispatched_at, started_at, stopped_at)
-VALUES (?, ?, 'shifter', 'np04', ?, '/bin/true', '{}', ?, 1000, '', '', ?, ?, ?, ?, ?, ?, ?, ?,
-        ?, ?)
+VALUES (:uuid, :name, 'shifter', 'np04', :jobtype, '/bin/true', '{}', :priority, 1000, '', '',
+        :state, :pilot, :host, :pid, :errcode, :created_at, :defined_at, :dispatched_at,
+        :started_at, :stopped_at)
 """
+PILOT_FIELDS = ('uuid', 'host', 'state', 'registered_at', 'last_seen', 'stopped_at')
 INSERT_PILOT = """
 INSERT INTO pilots (uuid, host, site, pid, state, jobs_done, registered_at, last_seen, stopped_at)
-VALUES (?, ?, 'np04', 1, ?, 0, ?, ?, ?)
+VALUES (:uuid, :host, 'np04', 1, :state, 0, :registered_at, :last_seen, :stopped_at)
 """
 
 
@@ -77,34 +80,34 @@ def job_row(rnd, now, span, pilots, states, weights):
         stopped = now
     pilot = rnd.choice(pilots) if state not in ('template', 'defined', 'dropped') else None
     ran = ended and state not in ('dropped', 'killed')
-    return (str(uuidlib.uuid4()), 'job%d' % rnd.randrange(1000), rnd.choice(JOBTYPES),
-            rnd.randrange(5), state, pilot, 'node1' if pilot else None, 1 if pilot else None,
-            {'failed': 1, 'finished': 0}.get(state), iso(defined),
-            None if state == 'template' else iso(defined),
-            iso(started) if pilot else None,
-            iso(started) if ran or state == 'running' else None,
-            iso(stopped) if ended else None)
+    return dict(zip(JOB_FIELDS, (
+        str(uuidlib.uuid4()), 'job%d' % rnd.randrange(1000), rnd.choice(JOBTYPES),
+        rnd.randrange(5), state, pilot, 'node1' if pilot else None, 1 if pilot else None,
+        {'failed': 1, 'finished': 0}.get(state), iso(defined),
+        None if state == 'template' else iso(defined), iso(started) if pilot else None,
+        iso(started) if ran or state == 'running' else None, iso(stopped) if ended else None)))
 
 
 def fill(path, jobs, pilots=200, span=86400, seed=1, now=None):
     """Add `jobs` jobs defined over the last `span` seconds and `pilots` pilots. Returns now."""
     now = now or datetime.now(timezone.utc)
-    p3s_server.apply_schema(p3s_server.connect(path))
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute('PRAGMA synchronous = OFF')
+    dialect = p3s_server.database(path)
+    db = dialect.connect()
+    dialect.apply_schema(db)
     rnd = random.Random(seed)
     pilot_rows = []
     for i in range(pilots):
         state = PILOT_STATES[i % len(PILOT_STATES)]
         reg = now - timedelta(seconds=rnd.random() * span)
         gone = state in ('stopped', 'lost')
-        pilot_rows.append((str(uuidlib.uuid4()), 'node%d' % i, state, iso(reg),
-                           iso(now if not gone else reg + timedelta(seconds=600)),
-                           iso(reg + timedelta(seconds=600)) if gone else None))
+        pilot_rows.append(dict(zip(PILOT_FIELDS, (
+            str(uuidlib.uuid4()), 'node%d' % i, state, iso(reg),
+            iso(now if not gone else reg + timedelta(seconds=600)),
+            iso(reg + timedelta(seconds=600)) if gone else None))))
     db.execute('BEGIN')
     db.executemany(INSERT_PILOT, pilot_rows)
     db.execute('COMMIT')
-    uuids = [p[0] for p in pilot_rows]
+    uuids = [p['uuid'] for p in pilot_rows]
     states, weights = zip(*MIX)
     for start in range(0, jobs, 50000):
         rows = [job_row(rnd, now, span, uuids, states, weights)

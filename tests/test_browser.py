@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import Server, make_job
+from conftest import Clients, Server, database_connection, make_job
 from synthetic import fill
 
 CHROMIUM = '/usr/bin/chromium'
@@ -46,19 +46,26 @@ def busy_server(tmp_path):
     srv.stop()
 
 
+@pytest.fixture
+def busy_clients(tmp_path, busy_server):
+    c = Clients(tmp_path, busy_server)
+    yield c
+    c.cleanup()
+
+
 def shots_dir(tmp_path):
     path = os.environ.get('P3S_SCREENSHOTS') or str(tmp_path / 'screenshots')
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def test_from_a_failed_count_to_the_stderr_of_the_job(busy_server, clients, page, tmp_path):
+def test_from_a_failed_count_to_the_stderr_of_the_job(busy_server, busy_clients, page, tmp_path):
     payload = tmp_path / 'crash.sh'
     payload.write_text('#!/bin/sh\necho "reading run 42"\necho "ERROR: <calibration> missing" >&2\n'
                        'exit 3\n')
     payload.chmod(0o755)
-    [job] = clients.submit([make_job(str(payload), name='reco-run42', jobtype='reco', priority='99')])
-    clients.run_pilot()
+    [job] = busy_clients.submit([make_job(str(payload), name='reco-run42', jobtype='reco', priority='99')])
+    busy_clients.run_pilot()
     page.goto(busy_server.url)
     assert page.title() == 'Dashboard · p3s'
     assert page.locator('.checklist tr').count() >= 3
@@ -85,9 +92,9 @@ def test_auto_refresh_reloads_and_is_kept_while_navigating(busy_server, page):
     assert page.locator('meta[http-equiv="refresh"]').count() == 0
 
 
-def test_screenshots_on_a_laptop_and_a_wall_display(busy_server, clients, browser, tmp_path):
-    clients.submit([make_job('/bin/true', jobtype='reco', priority='99') for _ in range(3)])
-    clients.run_pilot('--cycles', '3')
+def test_screenshots_on_a_laptop_and_a_wall_display(busy_server, busy_clients, browser, tmp_path):
+    busy_clients.submit([make_job('/bin/true', jobtype='reco', priority='99') for _ in range(3)])
+    busy_clients.run_pilot('--cycles', '3')
     out = shots_dir(tmp_path)
     for name, size in (('dashboard', (1400, 900)), ('dashboard-wall', (2560, 1440))):
         context = browser.new_context(viewport={'width': size[0], 'height': size[1]})
@@ -163,17 +170,19 @@ def test_every_listing_fits_a_1400_px_window_with_long_values(tmp_path, browser)
     fill(srv.db, 300, pilots=12)
     fill_workflows(srv.db, 12)
     long = 'np04_raw_run005077_0001_dl1_evdisplay_reconstruction_'
-    db = sqlite3.connect(srv.db)
-    db.execute("UPDATE jobs SET name = ?, user = ?, jobtype = ?, site = ?, host = ?, "
-               "workflow = (SELECT uuid FROM workflows LIMIT 1)",
-               (long, 'shifter_' + long, 'evdisp_' + long, 'np04-' + long, 'worker-' + long))
-    db.execute("UPDATE workflows SET name = ?, user = ?, dag = ?, state = 'failed', comment = ?",
-               (long, 'shifter_' + long, 'dag_' + long, 'job D (%s) ended failed' % long))
-    db.execute('UPDATE pilots SET host = ?, site = ?, extra = ?',
-               ('worker-' + long, 'np04-' + long, 'slurm:' + long))
-    db.execute('UPDATE data SET name = ?, dirpath = ?, comment = ?, datatag = ?',
-               (long + '.root', '/eos/experiment/' + long, 'injected ' + long, 'TAG_' + long))
-    db.commit()
+    db = database_connection(srv.db)
+    db.execute('UPDATE jobs SET name = :a, "user" = :b, jobtype = :c, site = :d, host = :e, '
+               'workflow = (SELECT uuid FROM workflows LIMIT 1)',
+               dict(a=long, b='shifter_' + long, c='evdisp_' + long, d='np04-' + long,
+                    e='worker-' + long))
+    db.execute("UPDATE workflows SET name = :a, \"user\" = :b, dag = :c, state = 'failed', "
+               "comment = :d", dict(a=long, b='shifter_' + long, c='dag_' + long,
+                                    d='job D (%s) ended failed' % long))
+    db.execute('UPDATE pilots SET host = :a, site = :b, extra = :c',
+               dict(a='worker-' + long, b='np04-' + long, c='slurm:' + long))
+    db.execute('UPDATE data SET name = :a, dirpath = :b, comment = :c, datatag = :d',
+               dict(a=long + '.root', b='/eos/experiment/' + long, c='injected ' + long,
+                    d='TAG_' + long))
     db.close()
     srv.start()
     try:

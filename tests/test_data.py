@@ -11,7 +11,7 @@ import pytest
 
 import p3s_data
 import p3s_server as srv
-from conftest import ROOT, make_job, script
+from conftest import ROOT, fresh_database, make_job, script
 
 DATA = os.path.join(ROOT, 'tests', 'data')
 T0 = '2026-01-01T00:00:00.000000+00:00'
@@ -264,7 +264,7 @@ def test_service_messages_from_the_client(clients, server):
 
 
 def test_workflow_jobs_inherit_the_deadline_and_stale_fails_the_workflow(tmp_path):
-    st = srv.configure(str(tmp_path / 'unit.db'))
+    st = srv.configure(fresh_database(tmp_path, 'unit.db'))
     try:
         text = open(os.path.join(DATA, '1filter.graphml')).read().replace('@DATADIR@', '/d')
         srv.add_datatype(st, {'name': 'TXT', 'ext': '.txt'}, T0)

@@ -11,7 +11,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import p3s_server as srv
-from conftest import InProcessFront, full_scans, make_job, query_plan, sql_db, wait_for
+from conftest import (InProcessFront, fresh_database, full_scans, make_job, query_plan, sql_db,
+                      wait_for)
 
 T0 = '2026-01-01T00:00:00.000000+00:00'
 
@@ -24,7 +25,7 @@ def at(seconds):
 
 @pytest.fixture
 def store(tmp_path):
-    st = srv.configure(str(tmp_path / 'unit.db'))
+    st = srv.configure(fresh_database(tmp_path, 'unit.db'))
     yield st
     st.close()
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, make_job, wait_for
+from conftest import ROOT, Clients, Server, make_job, sqlite_only, wait_for
 
 
 def children(pid):
@@ -316,6 +316,7 @@ def syscalls_between(trace, request, reply):
     return [line for line in lines[start:end] if 'sync(' in line]
 
 
+@sqlite_only
 @pytest.mark.skipif(not STRACE, reason='strace is not installed: the durability of commits '
                     'cannot be traced (CI installs it)')
 @pytest.mark.parametrize('sync', ['full', 'normal'])

@@ -1,7 +1,6 @@
 """GET /metrics: parsed with prometheus_client's own parser and checked against the database,
 end to end with real pilots, in process for every path that ends a job, across two server
 processes that share their counts, and its queries read indexes only."""
-import sqlite3
 from collections import defaultdict
 from datetime import datetime
 
@@ -9,7 +8,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import p3s_server as S
-from conftest import InProcessFront, Server, full_scans, make_job, monitor_get, query_plan, sql_db
+from conftest import (InProcessFront, Server, database_connection, full_scans, make_job,
+                      monitor_get, query_plan, sql_db)
 from test_workflow_engine import CHAIN, LATER, T0, make, run_job, shell_job, txt
 from test_workflow_engine import store  # noqa: F401 (the fixture: with a datatype TXT)
 
@@ -65,7 +65,7 @@ def test_metrics_agree_with_the_database(clients, server, tmp_path):
     clients.run_pilot('--jobtypes', 'reco,calib', '--cycles', '4', '--wait', '0')
     assert server.api('POST', '/api/pilots', {'site': 'np04', 'host': 'n1'})[0] == 200
     samples, types = scrape(server)
-    db = sqlite3.connect(server.db)
+    db = database_connection(server.db)
 
     live = {(state, jobtype): n for state, jobtype, n in db.execute(
         "SELECT state, jobtype, count(*) FROM jobs WHERE state IN ('template', 'defined', "
@@ -106,8 +106,12 @@ def test_metrics_agree_with_the_database(clients, server, tmp_path):
     pilots = by_labels(samples, 'p3s_pilots')
     assert {k: v for k, v in pilots.items() if v} == {('np04', 'active'): 1}
     assert pilots[('np04', 'idle')] == 0
-    assert by_labels(samples, 'p3s_server_info') == {('sqlite', S.sys.version.split()[0],
-                                                      sqlite3.sqlite_version, S.VERSION): 1}
+    dialect = S.database(server.db)
+    db.close()
+    db = database_connection(server.db)
+    assert by_labels(samples, 'p3s_server_info') == {(
+        dialect.name, str(db.raw.info.server_version if dialect.name == 'postgresql'
+                          else dialect.version), S.sys.version.split()[0], S.VERSION): 1}
     assert types['p3s_jobs'] == 'gauge' and types['p3s_jobs_ended'] == 'counter'
     assert types['p3s_job_queue_wait_seconds'] == 'histogram'
     db.close()
@@ -134,8 +138,8 @@ def test_two_server_processes_add_up_their_counts(tmp_path, monkeypatch, clients
     monkeypatch.setenv('PROMETHEUS_MULTIPROC_DIR', str(shared))
     (tmp_path / 'a').mkdir()
     (tmp_path / 'b').mkdir()
-    first = Server(tmp_path / 'a', extra_args=['--db', server.db]).start()
-    second = Server(tmp_path / 'b', extra_args=['--db', server.db]).start()
+    first = Server(tmp_path / 'a', db=server.db).start()
+    second = Server(tmp_path / 'b', db=server.db).start()
     try:
         clients.submit([make_job('/bin/true'), make_job('/bin/true'), make_job('/bin/true')])
         clients.run_pilot('--cycles', '1', '-S', first.url)

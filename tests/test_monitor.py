@@ -4,7 +4,6 @@ import html
 import json
 import os
 import re
-import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -71,13 +70,14 @@ def test_every_page_renders_on_a_busy_database(store, tmp_path):
     for path in PAGES:
         get(path)
     s = get_json('/api/summary')
-    db = sqlite3.connect(store.path)
+    db = sql_db(store)
     assert sum(s['jobs'].values()) == 3000
     day = ago(86400)
     assert s['timeline']['defined'][4] == db.execute(
-        'SELECT count(*) FROM jobs WHERE defined_at >= ?', (day,)).fetchone()[0]
+        'SELECT count(*) FROM jobs WHERE defined_at >= :day', {'day': day}).fetchone()[0]
     assert s['timeline']['failed'][4] == db.execute(
-        "SELECT count(*) FROM jobs WHERE state = 'failed' AND stopped_at >= ?", (day,)).fetchone()[0]
+        "SELECT count(*) FROM jobs WHERE state = 'failed' AND stopped_at >= :day",
+        {'day': day}).fetchone()[0]
     queued = db.execute("SELECT jobtype, count(*) FROM jobs WHERE state = 'defined' GROUP BY 1")
     assert {t: n['defined'] for t, n in s['jobtypes'].items()} == dict(queued.fetchall())
     assert s['latency']['n'] > 0 and 0 <= s['latency']['p50'] <= s['latency']['p95']
@@ -118,7 +118,7 @@ def test_job_filters(store):
     b = submit(store, {'name': 'b', 'jobtype': 'purity', 'user': 'bob'})[0]
     c = submit(store, {'name': 'c', 'jobtype': 'purity', 'user': 'bob'})[0]
     db = sql_db(store)
-    db.execute("UPDATE jobs SET workflow = 'wf-1' WHERE uuid = ?", (b,))
+    db.execute("UPDATE jobs SET workflow = 'wf-1' WHERE uuid = :b", {'b': b})
     assert set(job_uuids(get('/monitor/jobs'))) == {a, b, c}
     assert job_uuids(get('/monitor/jobs'))[0] == c                     # newest first
     assert set(job_uuids(get('/monitor/jobs?jobtype=purity'))) == {b, c}
@@ -199,7 +199,7 @@ def test_job_page_shows_every_field_its_pilot_workflow_and_logs(store):
     pilot = run_job(store, job, 'failed', 2, stdout='all good so far', stderr='Segmentation fault')
     sql_db(store).execute("UPDATE jobs SET workflow = '11111111-2222-3333-4444-555555555555'")
     body = get('/monitor/jobs/' + job)
-    for field in srv.JOB_COLUMNS.split(', '):
+    for field in srv.JOB_COLUMNS.replace('"', '').split(', '):
         assert '<th>%s</th>' % field in body
     assert 'href="/monitor/pilots/%s"' % pilot in body
     assert 'href="/monitor/workflows/11111111-2222-3333-4444-555555555555"' in body
@@ -382,8 +382,8 @@ def test_failed_jobs_and_workflows_of_the_last_hour_are_on_the_checklist(store):
                                      '1 timelimit), 50%')
     db = sql_db(store)
     db.execute("INSERT INTO workflows (uuid, dag, state, nvertices, created_at, stopped_at) "
-               "VALUES ('w1', 'd', 'failed', 1, ?, ?), ('w2', 'd', 'failed', 1, ?, ?)",
-               (ago(100), ago(50), ago(9000), ago(8000)))
+               "VALUES ('w1', 'd', 'failed', 1, :a, :b), ('w2', 'd', 'failed', 1, :c, :d)",
+               {'a': ago(100), 'b': ago(50), 'c': ago(9000), 'd': ago(8000)})
     [flows] = checks('Failed workflows')
     assert flows['status'] == 'warn' and flows['detail'] == '1 workflow failed in the last hour'
     body = html.unescape(get('/?refresh=0'))
@@ -396,8 +396,10 @@ def test_throughput_over_an_hour_a_day_and_a_week(store):
     for job in (recent, yesterday, last_week):
         run_job(store, job)
     db = sql_db(store)
-    db.execute('UPDATE jobs SET stopped_at = ? WHERE uuid = ?', (ago(5 * 3600), yesterday))
-    db.execute('UPDATE jobs SET stopped_at = ? WHERE uuid = ?', (ago(5 * 86400), last_week))
+    db.execute('UPDATE jobs SET stopped_at = :t WHERE uuid = :u',
+               {'t': ago(5 * 3600), 'u': yesterday})
+    db.execute('UPDATE jobs SET stopped_at = :t WHERE uuid = :u',
+               {'t': ago(5 * 86400), 'u': last_week})
     for span, bars, total in (('1h', 60, 1), ('24h', 24, 2), ('7d', 168, 3)):
         s = get_json('/api/summary?throughput=' + span)
         assert s['throughput_span'] == span and len(s['throughput']) == bars

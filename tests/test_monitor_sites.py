@@ -44,8 +44,8 @@ def test_sites_newest_first_filtered_by_name_with_links_to_pilots_and_jobs(store
     assert rows(get('/monitor/sites?name=np04')) == ['np04']
     assert rows(get('/monitor/sites?sort=-pilots')) == ['np04', 'lxvm']
     assert rows(get('/monitor/sites?sort=name')) == ['lxvm', 'np04']
-    site(store, 'np04', pilots=50)                      # a redefinition keeps its place
-    assert rows(get('/monitor/sites')) == ['lxvm', 'np04']
+    site(store, 'np04', pilots=50)                      # last changed first
+    assert rows(get('/monitor/sites')) == ['np04', 'lxvm']
 
 
 def test_services_newest_first_filtered_by_name(store):

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import p3s_server as S
-from conftest import make_job, wait_for
+from conftest import fresh_database, make_job, wait_for
 from test_workflows import NOOP, graphml, shell_job, txt
 
 T0 = '2026-01-01T00:00:00.000000+00:00'
@@ -20,7 +20,7 @@ CHAIN = ({'a': shell_job('x'), 'b': shell_job('y'), 'c': NOOP},
 
 @pytest.fixture
 def store(tmp_path):
-    st = S.configure(str(tmp_path / 'ops.db'))
+    st = S.configure(fresh_database(tmp_path, 'ops.db'))
     yield st
     st.close()
 

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import p3s_server as srv
 from test_store import pilot, submit, wsgi
-from conftest import sql_db
+from conftest import fresh_database
 
 SOME_UUID = '0f0c2f2e-0000-4000-8000-000000000001'
 
@@ -31,14 +31,17 @@ ENDPOINTS = [
 
 
 def snapshot(store):
-    db = sql_db(store)
-    return [tuple(r) for table in ('jobs', 'pilots', 'joblogs')
-            for r in db.execute('SELECT * FROM %s ORDER BY rowid' % table)]
+    db = store.db.connect()
+    try:
+        return [tuple(r) for table, key in (('jobs', 'id'), ('pilots', 'id'), ('joblogs', 'job'))
+                for r in db.execute('SELECT * FROM %s ORDER BY %s' % (table, key))]
+    finally:
+        db.close()
 
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    store = srv.configure(str(tmp_path_factory.mktemp('prop') / 'p3s.db'), sync='normal')
+    store = srv.configure(fresh_database(tmp_path_factory.mktemp('prop')), sync='normal')
     me = pilot(store)
     [job] = submit(store)
     srv.request_work(store, me, srv.utcnow())

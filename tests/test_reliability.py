@@ -36,7 +36,7 @@ def test_server_killed_mid_run_then_restarted_loses_and_repeats_nothing(tmp_path
         server.proc.wait()
         server.stop()
         time.sleep(2)                                   # the pilots meet a dead server
-        server = Server(tmp_path, port=port).start()
+        server = Server(tmp_path, port=port, db=server.db).start()
         clients.server = server
         wait_for(lambda: finished_count(server) == 320, 120, what='all 320 jobs finished')
         for p in pilots:

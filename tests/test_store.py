@@ -10,12 +10,13 @@ from datetime import datetime, timedelta
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, InProcessFront, full_scans, query_plan, sql_db
+from conftest import (ROOT, InProcessFront, fresh_database, full_scans, query_plan, sql_db,
+                      sqlite_only)
 
 
 @pytest.fixture
 def store(tmp_path):
-    st = srv.configure(str(tmp_path / 'p3s.db'), sync='normal')
+    st = srv.configure(fresh_database(tmp_path), sync='normal')
     yield st
     st.close()
 
@@ -205,6 +206,7 @@ def test_a_job_submitted_while_the_claim_runs_is_not_missed(store, front):
 
 # -- schema ------------------------------------------------------------------------------------
 
+@sqlite_only
 def test_a_newer_schema_is_refused(tmp_path):
     path = str(tmp_path / 'new.db')
     db = sqlite3.connect(path)
@@ -214,6 +216,7 @@ def test_a_newer_schema_is_refused(tmp_path):
         srv.configure(path)
 
 
+@sqlite_only
 def test_a_version_1_database_is_migrated_with_its_records(tmp_path):
     """A database written before retries and cancelled workflows: the server brings it up to
     date at start, keeping every record, and what the new version needs then works."""
@@ -244,6 +247,7 @@ def test_a_version_1_database_is_migrated_with_its_records(tmp_path):
     srv.configure(path).close()                    # once migrated, starting again is harmless
 
 
+@sqlite_only
 def test_schema_is_idempotent_and_wal(store, tmp_path):
     srv.apply_schema(sql_db(store))
     assert sql_db(store).execute('PRAGMA journal_mode').fetchone()[0] == 'wal'
@@ -317,6 +321,7 @@ def test_readme_documents_make_commands_and_every_api_route():
             assert '%s %s' % (route.method, rule) in docs, (route.method, route.rule)
 
 
+@sqlite_only
 def test_idle_polls_write_only_now_and_then(store):
     me = pilot(store)
     now = srv.utcnow()

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import p3s_server as S
-from conftest import sql_db
+from conftest import fresh_database, sql_db
 from test_workflows import NOOP, graphml, shell_job, txt
 
 T0 = '2026-01-01T00:00:00.000000+00:00'
@@ -13,7 +13,7 @@ LATER = '2026-01-01T01:00:00.000000+00:00'
 
 @pytest.fixture
 def store(tmp_path):
-    st = S.configure(str(tmp_path / 'engine.db'))
+    st = S.configure(fresh_database(tmp_path, 'engine.db'))
     S.add_datatype(st, {'name': 'TXT', 'ext': '.txt'}, T0)
     yield st
     st.close()

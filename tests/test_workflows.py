@@ -3,12 +3,11 @@ running the original's example DAGs (tests/data, rewritten to temporary paths)."
 import json
 import os
 import signal
-import sqlite3
 from xml.sax.saxutils import escape
 
 import pytest
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, database_connection, wait_for
 
 DATA = os.path.join(ROOT, 'tests', 'data')
 NODE_KEYS = {'payload': 'd101', 'env': 'd102', 'jobtype': 'd103', 'timelimit': 'd104',
@@ -98,7 +97,7 @@ class Flows:
 
     def counts(self):
         """Rows of every table workflows touch, read from the server's database file."""
-        db = sqlite3.connect(self.server.db)
+        db = database_connection(self.server.db)
         try:
             return {t: db.execute('SELECT count(*) FROM ' + t).fetchone()[0]
                     for t in ('dags', 'dag_vertices', 'dag_edges', 'workflows', 'jobs', 'data',
