@@ -93,6 +93,7 @@ TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is 
 PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
 PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per transaction
 PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
+MAX_DURATION = 100 * 365 * 86400  # seconds: the longest timeout or age a command line may give
 BUSY_TIMEOUT_MS = 10000
 
 # Limits of what a request may carry.
@@ -138,8 +139,14 @@ WORKFLOW_ENDED = ('finished', 'failed', 'cancelled')
 # The engine's and the injector's data states; data clients may write others.
 DATA_STATES = ('template', 'defined', 'available', 'skipped')
 
-UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
-ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+# \Z, not $: a $ also matches before a final newline, and 'uuid\n' would pass as a uuid.
+UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z')
+ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*\Z')
+# A UTF-16 surrogate in a JSON body: an escape such as \ud800, or its raw UTF-8 bytes (which
+# json.loads lets through). Only a complete pair is text; a lone one cannot be stored.
+SURROGATE_RE = re.compile(rb'\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]')
+CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
+LONE_SURROGATE_RE = re.compile('[\ud800-\udfff]')
 XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 
 # The fields each kind of request may carry.
@@ -170,6 +177,7 @@ MON_GRAPH_MAX = 300              # vertices drawn; a larger graph is shown as ta
 MON_COUNT_CAP = 10000            # a listing counts its matches up to this many
 MON_LISTING_KEYS = ('sort', 'page', 'perpage', 'refresh')   # taken besides a listing's filters
 MON_PERPAGE = (25, 50, 100, 200, 400)
+MON_MAX_PAGE = 10 ** 6           # pages of a listing (its offset must fit SQLite's integers)
 MON_LATENCY_CAP = 20000          # starts used for the latency percentiles
 MON_WAIT_ALARM = 600             # seconds a queued job may wait before the checklist fails
 MON_FAIL_MIN, MON_FAIL_SHARE = 10, 0.5   # jobs that ended badly in an hour: when it is a failure
@@ -535,9 +543,17 @@ class Refused(Exception):
     into {"error": message}; the domain never imports the web framework's errors."""
 
     def __init__(self, status, message):
+        message = one_line(message)
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def one_line(text):
+    """A message that echoes what a request sent stays one line: its control characters (a
+    newline after a uuid) are written as escapes, and a lone surrogate as '?'."""
+    text = CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
+    return text.encode('utf-8', 'replace').decode() if LONE_SURROGATE_RE.search(text) else text
 
 
 def fail(status, message):
@@ -1957,30 +1973,46 @@ def check_fileinfo(fileinfo, edges):
             return fileinfo, {}
         fail(400, "fileinfo is 'sticky', 'inherit:NAME' or a JSON object keyed 'source:target'")
     keys = {'%s:%s' % (e['source'], e['target']) for e in edges}
+    overrides = {}
     for key, value in check_object(fileinfo, 'fileinfo').items():
         with context('fileinfo %r' % key[:MAX_TEXT]):
             if key not in keys:
                 fail(400, 'no such edge in the DAG')
             check_known(check_object(value, 'each entry'), {'name', 'dirpath', 'comment'},
                         'fileinfo')
-            for field in value:
-                text_field(value, field, maxlen=MAX_PATH, required=field == 'name')
-    return 'uuid', fileinfo
+            no_nulls(value)
+            overrides[key] = {field: text_field(value, field, maxlen=MAX_PATH,
+                                                required=field == 'name') for field in value}
+    return 'uuid', overrides
+
+
+# What jobinfo may override in each vertex, and how each override is checked.
+JOBINFO_CHECKS = {'payload': lambda v: text_field(v, 'payload', maxlen=MAX_PAYLOAD),
+                  'env': env_field,
+                  'priority': lambda v: int_field(v, 'priority'),
+                  'timelimit': lambda v: int_field(v, 'timelimit', None, 1, MAX_TIMELIMIT)}
 
 
 def check_jobinfo(jobinfo, vertices):
+    """{vertex: {field: value}}: the overrides given, checked."""
     names = {v['name'] for v in vertices}
+    overrides = {}
     for vertex, value in check_object(jobinfo or {}, 'jobinfo').items():
         with context('jobinfo %r' % vertex[:MAX_TEXT]):
             if vertex not in names:
                 fail(400, 'no such vertex in the DAG')
-            check_known(check_object(value, 'each entry'),
-                        {'payload', 'env', 'priority', 'timelimit'}, 'jobinfo')
-            text_field(value, 'payload', maxlen=MAX_PAYLOAD)
-            env_field(value)
-            int_field(value, 'priority')
-            int_field(value, 'timelimit', None, 1, MAX_TIMELIMIT)
-    return jobinfo or {}
+            check_known(check_object(value, 'each entry'), set(JOBINFO_CHECKS), 'jobinfo')
+            no_nulls(value)
+            overrides[vertex] = {k: check(value) for k, check in JOBINFO_CHECKS.items()
+                                 if k in value}
+    return overrides
+
+
+def no_nulls(entry):
+    """An override is a value: a null would silently override nothing."""
+    for key, value in entry.items():
+        if value is None:
+            fail(400, '%s is null: give a value, or leave it out' % key)
 
 
 def check_new_workflow(raw):
@@ -2548,6 +2580,10 @@ def check_injection(raw):
         fail(400, 'give jobs (a list of job templates) or dag (a DAG name), not both')
     if body.get('jobs') is not None and (not isinstance(body['jobs'], list) or not body['jobs']):
         fail(400, 'jobs must be a non-empty list of job templates')
+    for template in body.get('jobs') or ():             # each file's jobs add to their env
+        env_field(check_object(template, 'each job'))
+    if body.get('dag') is not None:
+        text_field(body, 'dag', required=True)
     dedup = text_field(body, 'dedup', 'path')
     if dedup not in DEDUP:
         fail(400, 'dedup is one of %s' % ', '.join(DEDUP))
@@ -2595,8 +2631,7 @@ def inject_file(db, req, path, skip, now):
     woken = []
     if not skip and req.get('jobs') is not None:
         rows = [check_job(dict(t, uuid=str(uuidlib.uuid4()),
-                               env=dict(check_object(t, 'each job').get('env') or {},
-                                        P3S_INPUT_FILE=path)), now)
+                               env=dict(t.get('env') or {}, P3S_INPUT_FILE=path)), now)
                 for t in req['jobs']]
         insert_jobs(db, rows)
         data['targetuuid'] = rows[-1]['uuid']
@@ -3035,9 +3070,23 @@ def json_body():
     if len(raw) > MAX_BODY:
         fail(413, 'request body larger than %d bytes' % MAX_BODY)
     try:
-        return json.loads(raw or b'{}')
+        value = json.loads(raw or b'{}')
     except (ValueError, UnicodeDecodeError) as e:
         fail(400, 'request body is not valid JSON: %s' % e)
+    except RecursionError:
+        fail(400, 'request body is not valid JSON: nested too deeply')
+    if SURROGATE_RE.search(raw):
+        check_unicode(value)
+    return value
+
+
+def check_unicode(value):
+    """Refuse text that cannot be written as UTF-8: a lone surrogate."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        fail(400, 'request body holds a lone UTF-16 surrogate (\\ud800 to \\udfff), which is '
+             'not text')
 
 
 @app.get('/api')
@@ -3534,9 +3583,9 @@ def page_number(query, key, default, allowed=None):
         value = int(text)
     except ValueError:
         fail(400, '%s must be a whole number, not %r' % (key, text[:32]))
-    if value < 1 or (allowed and value not in allowed):
+    if not 1 <= value <= MON_MAX_PAGE or (allowed and value not in allowed):
         fail(400, '%s must be %s' % (key, 'one of ' + ', '.join(map(str, allowed)) if allowed
-                                     else 'at least 1'))
+                                     else 'between 1 and %d' % MON_MAX_PAGE))
     return value
 
 
@@ -4174,6 +4223,13 @@ for _code in (400, 401, 403, 404, 405, 409, 413, 500):
     app.error(_code)(json_error)
 
 
+@app.hook('after_request')
+def no_sniffing():
+    """Every answer is what its Content-Type says: a browser must not take an error that echoes
+    the request (a 404 naming its path) for HTML."""
+    response.set_header('X-Content-Type-Options', 'nosniff')
+
+
 def domain_errors(callback):
     """The one place where the domain's refusals become HTTP errors. A constraint the
     validation missed is a conflict with stored data, not a crash."""
@@ -4237,11 +4293,29 @@ class Handler(gevent.pywsgi.WSGIHandler):
 
     def handle_one_request(self):
         try:
-            return super().handle_one_request()
+            result = super().handle_one_request()
         finally:
             if self.deadline is not None:
                 self.deadline.cancel()
                 self.deadline = None
+        if isinstance(result, tuple):         # gevent refused the request line or headers
+            return result[0], raw_refusal(result[0])
+        return result
+
+
+# What gevent refuses before a request reaches the app, said in p3s's error shape.
+FRONT_REFUSALS = {'414': ('414 Request-URI Too Long', 'request line longer than %d bytes'
+                          % gevent.pywsgi.MAX_REQUEST_LINE),
+                  '400': ('400 Bad Request', 'malformed request line or headers')}
+
+
+def raw_refusal(status):
+    """A whole HTTP response (status line, headers, JSON body) that closes the connection."""
+    line, message = FRONT_REFUSALS.get(status, FRONT_REFUSALS['400'])
+    body = json.dumps({'error': message}).encode()
+    return (('HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n'
+             'X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n')
+            % (line, len(body))).encode() + body
 
 
 class FrontServer(gevent.pywsgi.WSGIServer):
@@ -4408,7 +4482,8 @@ def run_wsgi(app, environ):
 
 
 def json_reply(start_response, status, message, close=False):
-    headers = [('Content-Type', 'application/json')] + ([('Connection', 'close')] if close else [])
+    headers = ([('Content-Type', 'application/json'), ('X-Content-Type-Options', 'nosniff')]
+               + ([('Connection', 'close')] if close else []))
     start_response(status, headers)
     return [json.dumps({'error': message}).encode()]
 
@@ -4693,9 +4768,42 @@ def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, token=N
     return st
 
 
+# SQLite's own catalogue: which tables a database file holds.
+DATABASE_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+
+
+def foreign_database(db_path):
+    """Why the file at db_path must not be taken for p3s's database (None if it is one, or is
+    new or empty): p3s never writes its tables into another program's database."""
+    if db_path == ':memory:' or not os.path.exists(db_path):
+        return None
+    db = sqlite3.connect(db_path)
+    try:
+        tables = {r[0] for r in db.execute(DATABASE_TABLES)}
+    except sqlite3.DatabaseError as e:
+        return '%s is not an SQLite database (%s)' % (db_path, e)
+    finally:
+        db.close()
+    if tables and not {'jobs', 'pilots'} <= tables:
+        return '%s is not a p3s database: its tables are %s' % (
+            db_path, ', '.join(sorted(tables)[:5]) + (', ...' if len(tables) > 5 else ''))
+    return None
+
+
+def existing_database(ap, db_path):
+    """check and purge work on a p3s database that exists: a one-line error (exit 1) if not."""
+    why = 'no database at %s' % db_path if not os.path.exists(db_path) \
+        else foreign_database(db_path)
+    if why:
+        ap.exit(1, 'p3s_server: error: %s\n' % why)
+
+
 def prepare_database(db_path):
     """Create or check the schema once, before any worker starts."""
     check_sqlite()
+    why = foreign_database(db_path)
+    if why:
+        raise SystemExit('p3s_server: error: %s' % why)
     db = connect(db_path)
     try:
         apply_schema(db)
@@ -4709,12 +4817,13 @@ def parse_duration(text):
     text = text.strip().lower()
     unit = units.get(text[-1:], None)
     try:
-        value = float(text[:-1] if unit else text)
+        value = float(text[:-1] if unit else text) * (unit or 86400)
     except ValueError:
-        raise argparse.ArgumentTypeError('not a duration: %r (use e.g. 7d, 12h, 30m)' % text)
-    if value < 0:
-        raise argparse.ArgumentTypeError('a duration cannot be negative')
-    return value * (unit or 86400)
+        value = float('nan')
+    if not 0 <= value <= MAX_DURATION:              # NaN fails this too
+        raise argparse.ArgumentTypeError('not a duration: %r (use e.g. 7d, 12h, 30m; at most '
+                                         '%d days)' % (text, MAX_DURATION // 86400))
+    return value
 
 
 def parse_args(argv):
@@ -4758,8 +4867,10 @@ def parse_args(argv):
         ap.error('--workers and --threads must be at least 1, --max-waiters at least 0')
     if not 0 < args.request_timeout <= 3600:
         ap.error('--request-timeout must be between 0 and 3600 seconds')
-    if args.pilot_timeout <= 0:
-        ap.error('--pilot-timeout must be positive')
+    if not 0 < args.pilot_timeout <= MAX_DURATION:        # NaN fails this too
+        ap.error('--pilot-timeout must be a positive number of seconds')
+    if args.keep_days is not None and not 0 < args.keep_days <= MAX_DURATION / 86400:
+        ap.error('--keep-days must be a positive number of days')
     if (args.pilot_token or args.private) and not args.token:
         ap.error('--pilot-token and --private need --token (or P3S_TOKEN)')
     if args.host not in LOOPBACK and not args.token and not args.insecure:
@@ -4788,8 +4899,7 @@ def check_command(argv):
     ap = argparse.ArgumentParser(prog='p3s_server.py check')
     ap.add_argument('--db', default=DEFAULT_DB)
     args = ap.parse_args(argv)
-    if not os.path.exists(args.db):
-        ap.exit(1, 'p3s_server: error: no database at %s\n' % args.db)
+    existing_database(ap, args.db)
     st = configure(args.db)
     verdict = [r[0] for r in st.query(INTEGRITY_CHECK)]
     print('integrity: %s' % '; '.join(verdict))
@@ -4812,6 +4922,7 @@ def purge_command(argv):
     args = ap.parse_args(argv)
     if args.state and args.state not in TERMINAL_STATES + PILOT_GONE:
         ap.error('--state must be a terminal job state or stopped/lost/killed')
+    existing_database(ap, args.db)
     st = configure(args.db)
     removed = purge(st, utcnow(), args.older, args.state)
     print('purged %(workflows)d workflows, %(jobs)d other jobs, %(pilots)d pilots and '

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import wsgiref.util
 
 import pytest
 
@@ -306,3 +308,24 @@ class InProcessFront:
         self.store.wakeups = None
         self.wakeups.close()
 
+
+
+def wsgi_call(method, path, body=b'', token=None):
+    """One request to the in-process app: (status code, headers, body text). `path` may carry
+    a query string; it is percent-encoded as on the wire."""
+    import p3s_server
+    raw_path, _, query = path.partition('?')
+    environ = {'REQUEST_METHOD': method,
+               'PATH_INFO': urllib.parse.unquote_to_bytes(raw_path).decode('latin-1'),
+               'QUERY_STRING': query, 'CONTENT_LENGTH': str(len(body or b'')),
+               'CONTENT_TYPE': 'application/json', 'wsgi.input': io.BytesIO(body or b'')}
+    if token:
+        environ['HTTP_AUTHORIZATION'] = 'Bearer ' + token
+    wsgiref.util.setup_testing_defaults(environ)
+    got = {}
+
+    def start_response(status, headers, exc_info=None):
+        got['status'], got['headers'] = int(status.split()[0]), dict(headers)
+
+    out = b''.join(p3s_server.app(environ, start_response))
+    return got['status'], got['headers'], out.decode('utf-8', 'replace')
