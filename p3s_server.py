@@ -95,6 +95,10 @@ PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per t
 PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
 MAX_DURATION = 100 * 365 * 86400  # seconds: the longest timeout or age a command line may give
 BUSY_TIMEOUT_MS = 10000
+# A writer that has waited this long for SQLite's write lock means another process holds it:
+# the other writers of this process answer 503 at once rather than queue behind it.
+STALLED_WRITER = 2.0
+STORAGE_RETRY_AFTER = 2          # seconds a client is told to wait after a 503
 
 # Limits of what a request may carry.
 MAX_BODY = 64 * 1024 * 1024      # bytes in one request body (10,000 jobs are about 5 MB)
@@ -381,6 +385,7 @@ class Store:
         self.sync = sync
         self.wakeups = wakeups
         self.write_lock = threading.Lock()
+        self.stalled_since = None         # when the writer now in BEGIN IMMEDIATE began to wait
         self.idle = deque()               # connections not in use (append and pop are atomic)
         self.opened = []
         with self.connection() as db:
@@ -417,17 +422,37 @@ class Store:
         """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error.
         `durable`: the commit must survive a power loss (under --sync full)."""
         synced = durable and self.sync == 'full'
-        with self.write_lock, self.connection() as db:
+        with self.write_turn(), self.connection() as db:
             if db.synced != synced:
                 db.execute('PRAGMA synchronous = ' + ('FULL' if synced else 'NORMAL'))
                 db.synced = synced
-            db.execute('BEGIN IMMEDIATE')
+            self.stalled_since = time.monotonic()
+            try:
+                db.execute('BEGIN IMMEDIATE')
+            finally:
+                self.stalled_since = None
             try:
                 yield db
+                db.execute('COMMIT')
             except BaseException:
-                db.execute('ROLLBACK')
+                if db.in_transaction:            # a failed COMMIT may have rolled back already
+                    db.execute('ROLLBACK')
                 raise
-            db.execute('COMMIT')
+
+    @contextmanager
+    def write_turn(self):
+        """This process's turn to write, after the transaction of another thread, but not
+        behind one that has waited STALLED_WRITER seconds for SQLite's write lock: another
+        process holds it, and waiting in line here would only make each request wait out the
+        busy timeout in turn. That is SQLite's own 'database is locked' (a 503), at once."""
+        while not self.write_lock.acquire(timeout=STALLED_WRITER / 4):
+            since = self.stalled_since
+            if since is not None and time.monotonic() - since > STALLED_WRITER:
+                raise sqlite3.OperationalError('database is locked')
+        try:
+            yield
+        finally:
+            self.write_lock.release()
 
     def wake(self, jobs):
         """Pilots waiting for work, in any server process, may run these (jobtype, site) now."""
@@ -3056,6 +3081,9 @@ def workflow_families(db, core):
 
 app = Bottle()
 bottle.TEMPLATE_PATH[:] = [os.path.join(SERVER_FILES, 'views')]
+# The front has read each body into memory already: Bottle must not copy a large one into a
+# temporary file (a full or failing /tmp would make a submission fail for no reason of its own).
+bottle.BaseRequest.MEMFILE_MAX = MAX_BODY + 1
 
 
 def store():
@@ -4208,7 +4236,7 @@ def authorize():
 def json_error(err):
     """Every error answers {"error": "..."}; a 500 is logged with its traceback."""
     response.content_type = 'application/json'
-    if err.status_code >= 500:
+    if err.status_code >= 500 and err.status_code != 503:
         log.error('internal error on %s %s: %s\n%s', request.method, request.path,
                   err.exception, err.traceback)
         return json.dumps({'error': 'internal server error'})
@@ -4219,7 +4247,7 @@ def json_error(err):
     return json.dumps({'error': message})
 
 
-for _code in (400, 401, 403, 404, 405, 409, 413, 500):
+for _code in (400, 401, 403, 404, 405, 409, 413, 500, 503):
     app.error(_code)(json_error)
 
 
@@ -4240,7 +4268,39 @@ def domain_errors(callback):
             raise HTTPError(e.status, e.message)
         except sqlite3.IntegrityError as e:
             raise HTTPError(409, 'conflicts with stored data: %s' % e)
+        except sqlite3.Error as e:
+            reason = storage_trouble(e)
+            if reason is None:
+                raise                                   # a bug: a 500, with its traceback
+            log.warning('%s %s answered 503: %s', request.method, request.path, e)
+            raise HTTPError(503, 'the database cannot take this request now: %s; nothing was '
+                            'changed, try again in %d s' % (reason, STORAGE_RETRY_AFTER),
+                            **{'Retry-After': str(STORAGE_RETRY_AFTER)})
     return wrapper
+
+
+# SQLite's primary result codes that say the storage is in trouble, not the request: the same
+# request may succeed later, and the transaction it was in was rolled back whole.
+STORAGE_TROUBLE = {5: 'it is locked by another process', 6: 'a table is locked',
+                   7: 'the server is out of memory', 8: 'it is read-only',
+                   10: 'a disk I/O error', 11: 'it is damaged (p3s_server.py check)',
+                   13: 'the disk is full', 14: 'its file cannot be opened',
+                   15: 'its lock protocol failed', 26: 'its file is not a database'}
+# The same errors by SQLite's message, for a Python without sqlite_errorcode (before 3.11).
+STORAGE_MESSAGES = {'database is locked': 5, 'database table is locked': 6, 'out of memory': 7,
+                    'attempt to write a readonly database': 8, 'disk I/O error': 10,
+                    'database disk image is malformed': 11, 'database or disk is full': 13,
+                    'unable to open database file': 14, 'locking protocol': 15,
+                    'file is not a database': 26}
+
+
+def storage_trouble(error):
+    """The reason a storage error makes a request fail for now (a 503), or None for any other
+    database error (a bug)."""
+    code = getattr(error, 'sqlite_errorcode', None)
+    if code is None:
+        code = STORAGE_MESSAGES.get(str(error))
+    return STORAGE_TROUBLE.get(code & 0xff) if code is not None else None
 
 
 app.install(domain_errors)

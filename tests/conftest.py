@@ -60,8 +60,9 @@ def api(url, method, path, body=None, timeout=30):
 class Server:
     """A p3s_server.py process on a free port with a temporary database."""
 
-    def __init__(self, tmp_path, port=0, extra_args=(), db=None):
+    def __init__(self, tmp_path, port=0, extra_args=(), db=None, preexec_fn=None):
         self.db = db or str(tmp_path / 'p3s.db')
+        self.preexec_fn = preexec_fn
         self.log_path = tmp_path / 'server.log'
         self.port = port
         self.extra_args = list(extra_args)
@@ -72,7 +73,8 @@ class Server:
         self.log = open(self.log_path, 'ab')
         self.proc = subprocess.Popen(
             [sys.executable, script('p3s_server.py'), '--port', str(self.port), '--db', self.db]
-            + self.extra_args, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
+            + self.extra_args, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
+            preexec_fn=self.preexec_fn)
         line = self.proc.stdout.readline().decode()
         if 'listening on' not in line:
             self.stop()

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, make_job, wsgi_call
+from conftest import ROOT, Clients, Server, make_job, wait_for, wsgi_call
 from test_fuzz import snapshot, world
 
 UUID = '0f0c2f2e-0000-4000-8000-000000000009'
@@ -118,3 +118,164 @@ def test_a_foreign_database_is_never_written(tmp_path):
     missing = run_server_command('purge', '--older', '1d', '--db', str(tmp_path / 'none.db'))
     assert missing.returncode == 1 and 'no database' in missing.stderr
     assert not (tmp_path / 'none.db').exists()
+
+
+# -- storage trouble: 503 with Retry-After, never a 500, nothing half-written --------------------
+
+# Another process that holds the database's write lock until it reads a line.
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute('BEGIN IMMEDIATE')
+print('locked', flush=True)
+sys.stdin.readline()
+db.execute('ROLLBACK')
+"""
+
+
+def storage_refusal(status, headers, reply, reason):
+    assert status == 503 and headers.get('Retry-After') == str(srv.STORAGE_RETRY_AFTER), reply
+    error = json.loads(reply)['error']
+    assert reason in error and 'nothing was changed' in error and '\n' not in error, error
+
+
+def submit_over_http(server, jobs, results, timeout=60):
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(server.url + 'api/jobs', data=json.dumps(jobs).encode(),
+                                 headers={'Content-Type': 'application/json'}, method='POST')
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            results.append((r.status, dict(r.headers), r.read().decode()))
+    except urllib.error.HTTPError as e:
+        results.append((e.code, dict(e.headers), e.read().decode()))
+
+
+def test_a_database_locked_by_another_process(tmp_path):
+    """Writers answer 503 with Retry-After (never 500) while another process holds the write
+    lock, each within a client's own timeout: they do not queue behind one another, each
+    waiting out the busy timeout. Ping, static files and pages that only read are answered
+    while a submission still waits for the lock. A client asks again after the 503 and gets
+    through once the lock is free. Nothing is half-written."""
+    import threading
+    import urllib.request
+    import p3s_job
+    server = Server(tmp_path, extra_args=['--workers', '1']).start()
+    clients = Clients(tmp_path, server)
+    [job] = server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[1]['uuids']
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_WRITE_LOCK, server.db],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        results = []
+        writers = [threading.Thread(target=submit_over_http,
+                                    args=(server, [{'payload': '/bin/true'}], results,
+                                          p3s_job.HTTP_TIMEOUT))
+                   for _ in range(4)]
+        for w in writers:
+            w.start()
+        refusals = lambda: server.log_path.read_text().count('POST /api/jobs answered 503')
+        wait_for(lambda: refusals() >= 1, what='a writer refused while another waits')
+        assert any(w.is_alive() for w in writers)
+        # A submission still waits for the lock, and these are answered all the same.
+        assert server.api('GET', '/api/ping')[0] == 200
+        with urllib.request.urlopen(server.url + 'static/p3s.css', timeout=30) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(server.url + 'monitor/jobs', timeout=30) as r:
+            assert r.status == 200
+        assert [j['uuid'] for j in server.jobs()] == [job]
+        assert any(w.is_alive() for w in writers)
+        for w in writers:
+            w.join(60)
+        assert len(results) == 4
+        for status, headers, reply in results:
+            storage_refusal(status, headers, reply, 'locked by another process')
+        client = subprocess.Popen([sys.executable, '-S', os.path.join(ROOT, 'p3s_job.py'), '-a',
+                                   '-u', job, '-P', '7'], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=clients.env())
+        refused = lambda: server.log_path.read_text().count('/adjust answered 503')
+        wait_for(lambda: refused() >= 1, what="the client's change refused")
+        assert client.poll() is None                   # it waits to ask again
+        holder.communicate('go\n', timeout=30)
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err
+        assert [(j['uuid'], j['priority']) for j in server.jobs()] == [(job, 7)]
+        check = run_server_command('check', '--db', server.db)
+        assert 'integrity: ok' in check.stdout
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.communicate()
+        server.stop()
+
+
+@pytest.mark.parametrize('pragma,reason', [('query_only = 1', 'read-only'),
+                                           ('max_page_count = %d', 'the disk is full')])
+def test_a_read_only_or_full_database_answers_503(store, pragma, reason):
+    world(store)
+    before = snapshot(store)
+    pages = store.one('PRAGMA page_count')[0]
+    jobs = json.dumps([{'payload': 'x' * 4000}] * 2000).encode()
+    for db in store.opened:
+        db.execute('PRAGMA ' + (pragma % pages if '%' in pragma else pragma))
+    status, headers, reply = wsgi_call('POST', '/api/jobs', jobs)
+    storage_refusal(status, headers, reply, reason)
+    assert wsgi_call('GET', '/api/jobs')[0] == 200                 # reads go on
+    for db in store.opened:
+        db.execute('PRAGMA query_only = 0')
+        db.execute('PRAGMA max_page_count = 1073741823')
+    assert snapshot(store) == before
+    assert wsgi_call('POST', '/api/jobs', jobs)[0] == 200
+
+
+def limit_file_size(size):
+    """For a child process: writing a file beyond `size` bytes fails (EFBIG), as a failing disk
+    would: SQLite reports a disk I/O error."""
+    def limit():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_a_disk_that_fails_writes_answers_503(tmp_path):
+    """A write that fails in the middle of a transaction, and one that fails at its commit:
+    each is a 503, and what was acknowledged before is all there is."""
+    server = Server(tmp_path, extra_args=['--workers', '1'],
+                    preexec_fn=limit_file_size(2 * 1024 * 1024)).start()
+    try:
+        results = []
+        submit_over_http(server, [{'payload': 'x' * 4000}] * 2000, results)
+        storage_refusal(*results[0], 'a disk I/O error')
+        assert server.jobs() == []
+        stored = []
+        for _ in range(40):                     # batches small enough to fail at their commit
+            status, reply = server.api('POST', '/api/jobs', [{'payload': 'y' * 1000}] * 300)
+            if status != 200:
+                assert status == 503 and 'a disk I/O error' in reply['error'], reply
+                break
+            stored += reply['uuids']
+        assert status == 503 and stored
+        assert sorted(j['uuid'] for j in server.jobs()) == sorted(stored)
+    finally:
+        server.stop()
+    assert 'integrity: ok' in run_server_command('check', '--db', server.db).stdout
+
+
+def test_storage_errors_are_told_from_bugs(tmp_path):
+    """Real errors of SQLite: those of the storage are a 503's reasons, any other is a bug."""
+    garbage = tmp_path / 'garbage.db'
+    garbage.write_bytes(b'x' * 4096)
+    with pytest.raises(sqlite3.DatabaseError) as not_a_database:
+        sqlite3.connect(str(garbage)).execute('SELECT * FROM sqlite_master')
+    assert srv.storage_trouble(not_a_database.value) == 'its file is not a database'
+    db = sqlite3.connect(':memory:')
+    with pytest.raises(sqlite3.OperationalError) as no_table:
+        db.execute('SELECT * FROM nothing')
+    assert srv.storage_trouble(no_table.value) is None
+    # The same errors told by their messages, as a Python before 3.11 reports them.
+    assert srv.storage_trouble(sqlite3.OperationalError('database is locked')) == \
+        'it is locked by another process'
+    assert srv.storage_trouble(sqlite3.OperationalError('disk I/O error')) == 'a disk I/O error'
+    assert srv.storage_trouble(sqlite3.OperationalError('no such table: nothing')) is None
