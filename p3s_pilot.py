@@ -50,6 +50,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import select
 import shlex
 import shutil
@@ -430,6 +431,8 @@ class Pilot:
         self.gone = False             # the server told us to stop
         self.next_tidy = None         # when to remove old job logs again (by clock)
         self.registered = False
+        self.nonce = secrets.token_urlsafe(24)   # makes a repeated registration this pilot's
+        self.secret = None            # given at registration: this pilot's own calls carry it
         self.jobs_run = 0
         self._interruptible = False
 
@@ -458,7 +461,7 @@ class Pilot:
 
     # -- talking to the server ----------------------------------------------------------------
 
-    def call(self, method, path, body=None, timeout=HTTP_TIMEOUT, until=None):
+    def call(self, method, path, body=None, timeout=HTTP_TIMEOUT, until=None, token=None):
         """A request retried with back-off while the server is away (for ever, or until the
         clock reads `until`). Anything else (a refusal, a server that is not p3s) is raised at
         once: asking again would not change it. `body` may be a function, called for each
@@ -467,7 +470,7 @@ class Pilot:
             left = None if until is None else until - self.clock()
             try:
                 return call(self.server, method, path, body() if callable(body) else body,
-                            timeout if left is None else max(min(timeout, left), 0.1))
+                            timeout if left is None else max(min(timeout, left), 0.1), token)
             except P3SError as e:
                 if not e.transient or (until is not None and self.clock() >= until):
                     raise
@@ -500,10 +503,14 @@ class Pilot:
                  self.args.cycles, self.args.period, self.args.beat, self.args.wait,
                  ','.join(sorted(self.site_env)) or 'none')
 
-    def register(self):
+    def register(self, until=None):
+        """Register (with the pilot token, if the server has tokens), and take the secret that
+        this pilot's own calls carry from then on."""
         body = {'uuid': self.uuid, 'host': socket.gethostname(), 'site': self.args.site,
-                'pid': os.getpid(), 'extra': self.args.extra, 'jobtypes': self.args.jobtypes}
-        reply = self.call('POST', '/api/pilots', body)
+                'pid': os.getpid(), 'extra': self.args.extra, 'jobtypes': self.args.jobtypes,
+                'nonce': self.nonce}
+        reply = self.call('POST', '/api/pilots', body, until=until)
+        self.secret = reply.get('secret')
         self.registered = True
         log.info('registered as %s with %s (site %r, jobtypes %s)', self.uuid, self.server,
                  self.args.site, ','.join(self.args.jobtypes) or 'any')
@@ -525,8 +532,7 @@ class Pilot:
         def body():
             return {'wait': self.args.wait, 'report': self.final_report()}
         with self.interruptible():
-            reply = self.call('POST', '/api/pilots/%s/work' % self.uuid, body,
-                              timeout=self.args.wait + HTTP_TIMEOUT)
+            reply = self.call_own('work', body, timeout=self.args.wait + HTTP_TIMEOUT)
         if self.pending:
             note = reply.get('report', {})
             if note.get('status') == 'REFUSED':
@@ -550,19 +556,48 @@ class Pilot:
     def report(self, job_uuid, state, **fields):
         """The start report: one attempt, as the final report will do in its place."""
         try:
-            return call(self.server, 'POST', '/api/pilots/%s/report' % self.uuid,
-                        dict(fields, job=job_uuid, state=state), BEAT_TIMEOUT)
+            return self.tell('report', dict(fields, job=job_uuid, state=state))
         except P3SError as e:
             log.warning('report %s on job %s not delivered: %s', state, job_uuid, e)
             return {'status': 'OK'}
 
     def heartbeat(self, job_uuid):
         try:
-            return call(self.server, 'POST', '/api/pilots/%s/heartbeat' % self.uuid,
-                        {'job': job_uuid}, BEAT_TIMEOUT)
+            return self.tell('heartbeat', {'job': job_uuid})
         except P3SError as e:
             log.warning('heartbeat not delivered (the payload goes on): %s', e)
             return {'status': 'OK'}
+
+    # -- who this pilot is: its own calls carry its secret -------------------------------------
+
+    def own(self, action):
+        return '/api/pilots/%s/%s' % (self.uuid, action)
+
+    def call_own(self, action, body=None, timeout=HTTP_TIMEOUT, until=None):
+        """One of this pilot's own calls (work, report, stop), retried while the server is
+        away. A server that does not know this pilot (its database was restored from before
+        the pilot registered) is told again who the pilot is, and asked once more."""
+        try:
+            return self.call('POST', self.own(action), body, timeout, until, self.secret)
+        except P3SError as e:
+            if e.status != 404:
+                raise
+            self.rejoin(e, until)
+            return self.call('POST', self.own(action), body, timeout, until, self.secret)
+
+    def tell(self, action, body):
+        """One attempt of one of its own calls while the payload runs (a heartbeat, a start
+        report): the next one, or the final report, says it again if this one is lost."""
+        try:
+            return call(self.server, 'POST', self.own(action), body, BEAT_TIMEOUT, self.secret)
+        except P3SError as e:
+            if e.status == 404:
+                self.rejoin(e, self.clock() + BEAT_TIMEOUT)
+            raise
+
+    def rejoin(self, refusal, until=None):
+        log.warning('%s: registering again', refusal)
+        self.register(until)
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -700,13 +735,12 @@ class Pilot:
         until = self.clock() + SHUTDOWN_PATIENCE if self.signalled else None
         try:
             if self.pending:
-                self.call('POST', '/api/pilots/%s/report' % self.uuid, self.final_report,
-                          until=until)
+                self.call_own('report', self.final_report, until=until)
                 self.pending = None
             if not self.gone:
                 state = 'killed' if self.signalled else 'stopped'
-                self.call('POST', '/api/pilots/%s/stop' % self.uuid, {'state': state},
-                          until=until or self.clock() + SHUTDOWN_PATIENCE)
+                self.call_own('stop', {'state': state},
+                              until=until or self.clock() + SHUTDOWN_PATIENCE)
                 log.info('pilot %s %s', self.uuid, state)
         except P3SError as e:
             log.error('leaving without the server: %s', e)

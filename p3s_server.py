@@ -30,6 +30,7 @@ import os
 import posixpath
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -65,7 +66,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_FILES = HERE if os.path.exists(os.path.join(HERE, 'schema.sql')) else os.path.join(
     HERE, 'p3s_server_files')
 SCHEMA_FILE = os.path.join(SERVER_FILES, 'schema.sql')
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
 
 DEFAULT_PORT = 8080
@@ -121,6 +122,7 @@ MAX_EXT = 16
 MAX_CAP = 10 ** 6
 MAX_MESSAGE = 64 * 1024
 MAX_INJECT_FILES = 100000
+MIN_NONCE = 16                   # characters of a pilot's registration nonce
 # Why a queued job waits (job_waiting): what it looks at, at most.
 WAIT_PILOT_KINDS = 50            # kinds of live pilots (site, job types)
 WAIT_AHEAD_CAP = 10000           # queued jobs ahead of it, counted up to this many
@@ -156,7 +158,7 @@ XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 # The fields each kind of request may carry.
 JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
               'timelimit', 'deadline', 'site', 'state', 'retries'}
-PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
+PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes', 'nonce'}
 REPORT_FIELDS = {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago'}
 DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
 WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo',
@@ -1025,10 +1027,17 @@ def insert_attempts(db, old_rows, now, state):
 # ---------------------------------------------------------------------------------------------
 
 INSERT_PILOT = """
-INSERT INTO pilots (uuid, host, site, pid, extra, jobtypes, state, registered_at, last_seen)
-VALUES (:uuid, :host, :site, :pid, :extra, :jobtypes, 'active', :now, :now)
+INSERT INTO pilots (uuid, host, site, pid, extra, jobtypes, state, registered_at, last_seen,
+                    secret_hash, nonce_hash)
+VALUES (:uuid, :host, :site, :pid, :extra, :jobtypes, 'active', :now, :now, :secret_hash,
+        :nonce_hash)
 ON CONFLICT (uuid) DO NOTHING
 """
+# A registration repeated with the nonce of the first (whose answer was lost) gets a new secret.
+RENEW_PILOT_SECRET = """
+UPDATE pilots SET secret_hash = :secret_hash WHERE uuid = :uuid AND nonce_hash = :nonce_hash
+"""
+GET_PILOT_SECRET = 'SELECT secret_hash FROM pilots WHERE uuid = :uuid'
 LIST_PILOTS = 'SELECT ' + PILOT_COLUMNS + ' FROM pilots'
 PILOT_FILTERS = {
     'state': 'state = :state',
@@ -1182,6 +1191,9 @@ def check_pilot(raw, now):
     jobtypes = p.get('jobtypes') or []
     if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
         fail(400, 'jobtypes must be a list of names')
+    nonce = text_field(p, 'nonce') or None
+    if nonce is not None and len(nonce) < MIN_NONCE:
+        fail(400, 'nonce must be at least %d characters (a random one)' % MIN_NONCE)
     return {
         'uuid': uuid_field(p, 'uuid') or str(uuidlib.uuid4()),
         'host': text_field(p, 'host'),
@@ -1189,6 +1201,7 @@ def check_pilot(raw, now):
         'pid': int_field(p, 'pid', None, 0, 2 ** 31),
         'extra': text_field(p, 'extra', maxlen=4096),
         'jobtypes': json.dumps(sorted(set(jobtypes))),
+        'nonce_hash': None if nonce is None else digest(nonce),
         'now': now,
     }
 
@@ -1231,12 +1244,42 @@ def pilot_dict(row):
 
 
 def register_pilot(store, raw, now):
-    """Create the pilot, or return it as it is if it registered before (a retried request)."""
+    """Create the pilot with a secret of its own, which every later call of the pilot carries:
+    the pilot, with `secret` (only this answer holds it; the database keeps its hash).
+
+    A registration repeated because its answer was lost carries the first one's nonce, and
+    gets a new secret. A uuid registered already is refused to anyone else: holding the
+    shared pilot token does not make one another pilot."""
     row = check_pilot(raw, now)
+    secret = secrets.token_urlsafe(32)
+    row['secret_hash'] = digest(secret)
     with store.write() as db:
-        db.execute(INSERT_PILOT, row)
+        if not db.execute(INSERT_PILOT, row).rowcount and not (
+                row['nonce_hash'] and db.execute(RENEW_PILOT_SECRET, row).rowcount):
+            fail(409, 'pilot %s is registered already; a pilot registers once, and a new '
+                 'pilot takes a new uuid' % row['uuid'])
         pilot = db.execute(GET_PILOT, row).fetchone()
-    return pilot_dict(pilot)
+    return dict(pilot_dict(pilot), secret=secret)
+
+
+def digest(secret):
+    """What the database keeps of a secret: its SHA-256 (the secrets are random, 256 bits)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def authenticate_pilot(store, pilot_uuid, secret):
+    """The pilot a call of its own names (work, report, heartbeat, stop), once the call proved
+    it comes from that pilot: it carries the secret given at its registration."""
+    pilot_uuid = check_uuid(pilot_uuid, 'pilot')
+    row = store.one(GET_PILOT_SECRET, {'uuid': pilot_uuid})
+    if row is None:
+        fail(404, 'no such pilot: %s (a pilot that the server does not know registers '
+             'again)' % pilot_uuid)
+    if not (secret and row['secret_hash']
+            and hmac.compare_digest(digest(secret), row['secret_hash'])):
+        fail(401, "this call needs pilot %s's own secret, given at its registration, as its "
+             'bearer token' % pilot_uuid)
+    return pilot_uuid
 
 
 def get_pilot(store, pilot_uuid):
@@ -3090,6 +3133,12 @@ def store():
     return app.config['p3s.store']
 
 
+def own_pilot(pilot_uuid):
+    """The pilot named by a call of its own, which must carry the pilot's secret as its bearer
+    token (the shared pilot token only registers)."""
+    return authenticate_pilot(store(), pilot_uuid, bearer_token())
+
+
 def json_body():
     """The request body as JSON, within the size limit."""
     if request.content_length > MAX_BODY:
@@ -3166,7 +3215,8 @@ def api_retry_jobs():
 @app.post('/api/pilots')
 def api_register_pilot():
     pilot = register_pilot(store(), json_body(), utcnow())
-    return {'status': 'OK', 'state': pilot['state'], 'pilot': pilot,
+    secret = pilot.pop('secret')
+    return {'status': 'OK', 'state': pilot['state'], 'pilot': pilot, 'secret': secret,
             'pilot_timeout': app.config['p3s.pilot_timeout'], 'max_wait': MAX_WAIT}
 
 
@@ -3183,7 +3233,7 @@ def api_get_pilot(pilot_uuid):
 @app.post('/api/pilots/<pilot_uuid>/work')
 def api_request_work(pilot_uuid):
     """Ask for a job, optionally delivering the final report of the previous one with it."""
-    pilot_uuid = check_uuid(pilot_uuid, 'pilot')
+    pilot_uuid = own_pilot(pilot_uuid)
     body = check_object(json_body(), 'request')
     check_known(body, {'wait', 'report'}, 'request')
     # A held pilot sends nothing, so it must be answered well within the pilot timeout.
@@ -3200,24 +3250,27 @@ def api_request_work(pilot_uuid):
 
 @app.post('/api/pilots/<pilot_uuid>/report')
 def api_report(pilot_uuid):
-    return report_job(store(), check_uuid(pilot_uuid, 'pilot'), check_report(json_body()), utcnow())
+    pilot_uuid = own_pilot(pilot_uuid)
+    return report_job(store(), pilot_uuid, check_report(json_body()), utcnow())
 
 
 @app.post('/api/pilots/<pilot_uuid>/heartbeat')
 def api_heartbeat(pilot_uuid):
+    pilot_uuid = own_pilot(pilot_uuid)
     body = check_object(json_body(), 'heartbeat')
     check_known(body, {'job'}, 'heartbeat')
-    return heartbeat(store(), check_uuid(pilot_uuid, 'pilot'), uuid_field(body, 'job'), utcnow())
+    return heartbeat(store(), pilot_uuid, uuid_field(body, 'job'), utcnow())
 
 
 @app.post('/api/pilots/<pilot_uuid>/stop')
 def api_stop_pilot(pilot_uuid):
+    pilot_uuid = own_pilot(pilot_uuid)
     body = check_object(json_body(), 'stop')
     check_known(body, {'state'}, 'stop')
     state = body.get('state', 'stopped')
     if state not in ('stopped', 'killed'):
         fail(400, "a pilot stops as 'stopped' or 'killed'")
-    return stop_pilot(store(), check_uuid(pilot_uuid, 'pilot'), state, utcnow())
+    return stop_pilot(store(), pilot_uuid, state, utcnow())
 
 
 @app.post('/api/dags')
@@ -4195,8 +4248,11 @@ def clip(text, n):
 # Authorization
 # ---------------------------------------------------------------------------------------------
 
-# What a pilot token may change: its own registration, work, reports, heartbeats and exit.
-PILOT_PATH = re.compile(r'^/api/pilots(/[^/]+/(work|report|heartbeat|stop))?$')
+# What the shared pilot token may change: a pilot's registration, nothing else. A pilot's own
+# calls (its work, reports, heartbeats and exit) carry its own secret instead, which their
+# routes check (own_pilot), whether or not the server has tokens.
+PILOT_REGISTRATION = '/api/pilots'
+PILOT_OWN_PATH = re.compile(r'^/api/pilots/[^/]+/(work|report|heartbeat|stop)\Z')
 
 
 def bearer_token():
@@ -4211,9 +4267,10 @@ def token_matches(given, expected):
 @app.hook('before_request')
 def authorize():
     """With a token set, every state-changing call (and with --private every call) needs
-    `Authorization: Bearer <token>`; the pilot token opens the pilot calls only."""
+    `Authorization: Bearer <token>`; the pilot token opens a pilot's registration (and reads)
+    only; a pilot's own calls need its own secret, whatever the server's tokens."""
     token, pilot_token = app.config.get('p3s.token'), app.config.get('p3s.pilot_token')
-    if not token:
+    if not token or PILOT_OWN_PATH.match(request.path):
         return
     reading = request.method in ('GET', 'HEAD')
     if reading and not app.config.get('p3s.private'):
@@ -4221,7 +4278,7 @@ def authorize():
     given = bearer_token()
     if token_matches(given, token):
         return
-    if token_matches(given, pilot_token) and (reading or PILOT_PATH.match(request.path)):
+    if token_matches(given, pilot_token) and (reading or request.path == PILOT_REGISTRATION):
         return
     # A hook runs outside the route plugins, so it raises the framework's error itself.
     raise HTTPError(401, 'this call needs a valid token: Authorization: Bearer <token>',

@@ -83,7 +83,9 @@ CREATE TABLE IF NOT EXISTS pilots (
     jobs_done     INTEGER NOT NULL DEFAULT 0,
     registered_at TEXT NOT NULL,
     last_seen     TEXT NOT NULL,                     -- the heartbeat: any request of the pilot
-    stopped_at    TEXT
+    stopped_at    TEXT,
+    secret_hash   TEXT,                              -- SHA-256 of the secret its calls carry
+    nonce_hash    TEXT                               -- SHA-256 of its registration's nonce
 );
 
 -- Live pilots by silence, for the lost-pilot sweep.
@@ -286,7 +288,7 @@ END;
 CREATE INDEX IF NOT EXISTS jobs_templates ON jobs (jobtype) WHERE state = 'template';
 
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 
 -- -- migrations ------------------------------------------------------------------------------
 -- Each block brings a database of the version before it to its own version, inside one
@@ -317,3 +319,8 @@ CREATE TABLE workflows (
 );
 INSERT INTO workflows SELECT * FROM workflows_version_1;
 DROP TABLE workflows_version_1;
+
+-- migrate to 3: pilots prove who they are (a pilot registered before has no secret: it is told
+-- to register again).
+ALTER TABLE pilots ADD COLUMN secret_hash TEXT;
+ALTER TABLE pilots ADD COLUMN nonce_hash TEXT;

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, make_job, wait_for, wsgi_call
+from conftest import ROOT, Clients, Server, make_job, wait_for, wsgi_call  # noqa: F401
 from test_fuzz import snapshot, world
 
 UUID = '0f0c2f2e-0000-4000-8000-000000000009'
@@ -279,3 +279,175 @@ def test_storage_errors_are_told_from_bugs(tmp_path):
         'it is locked by another process'
     assert srv.storage_trouble(sqlite3.OperationalError('disk I/O error')) == 'a disk I/O error'
     assert srv.storage_trouble(sqlite3.OperationalError('no such table: nothing')) is None
+
+
+# -- pilots are who they say ----------------------------------------------------------------------
+
+def registered(store, **fields):
+    reg = srv.register_pilot(store, dict({'host': 'h'}, **fields), srv.utcnow())
+    return reg['uuid'], reg['secret']
+
+
+@pytest.fixture
+def guarded(tmp_path):
+    """An in-process server with an admin token and a pilot token, two pilots A and B, and B
+    holding a job: (store, names for the routes' wildcards, A's uuid and secret)."""
+    st = srv.configure(str(tmp_path / 'p3s.db'), sync='normal', token='admin-token',
+                       pilot_token='pilot-token')
+    names, _ = world(st)                        # its pilot (B) holds its job
+    a = registered(st)
+    yield st, names, a
+    st.close()
+    srv.configure(str(tmp_path / 'open.db')).close()        # no tokens for the tests after
+
+
+def state_changing_routes():
+    return [(r.method, r.rule) for r in srv.app.routes if r.method not in ('GET', 'HEAD')]
+
+
+def fill(rule, names):
+    return '/'.join(names.get(part[1:-1].split(':')[0], 'x') if part.startswith('<') else part
+                    for part in rule.split('/'))
+
+
+def test_every_state_change_needs_its_credentials(guarded):
+    """Table-driven over every route that changes state: 401 without a token, with the pilot
+    token (except a registration), and with pilot A's own secret (except A's own calls); the
+    admin token opens all but a pilot's own calls, which only its secret opens. Nothing
+    refused changes anything."""
+    store, names, (a, a_secret) = guarded
+    routes = state_changing_routes()
+    assert {"DELETE", "POST"} <= {m for m, _ in routes} and len(routes) >= 25
+    for method, rule in routes:
+        path = fill(rule, names)                   # a pilot's own calls: pilot B's
+        own = rule.startswith('/api/pilots/<')
+        for token in (None, 'pilot-token', a_secret, 'admin-token'):
+            before = snapshot(store)
+            status, _, reply = wsgi_call(method, path, b'{}', token)
+            opened = (token == 'pilot-token' and rule == '/api/pilots'
+                      or token == 'admin-token' and not own)
+            assert (status == 401) != opened, (method, rule, token, status, reply)
+            if status == 401:
+                assert json.loads(reply)['error'] and snapshot(store) == before
+        if own:
+            status, _, reply = wsgi_call(method, fill(rule, dict(names, pilot_uuid=a)), b'{}',
+                                         a_secret)
+            assert status != 401, (rule, reply)               # A's own calls, with its secret
+
+
+def test_reads_of_a_private_server_need_a_token(tmp_path):
+    st = srv.configure(str(tmp_path / 'p3s.db'), sync='normal', token='admin-token',
+                       pilot_token='pilot-token', private=True)
+    try:
+        names, _ = world(st)
+        reads = [(r.method, r.rule) for r in srv.app.routes if r.method == 'GET']
+        assert len(reads) >= 30
+        for method, rule in reads:
+            path = fill(rule, names)
+            assert wsgi_call(method, path)[0] == 401, rule
+            for token in ('pilot-token', 'admin-token'):
+                assert wsgi_call(method, path, token=token)[0] != 401, (rule, token)
+    finally:
+        st.close()
+        srv.configure(str(tmp_path / 'open.db')).close()
+
+
+def test_a_pilot_cannot_report_beat_or_stop_for_another(tmp_path):
+    """Over HTTP with tokens: pilot A, holding the pilot token and its own secret, forges a
+    final report on pilot B's job, a heartbeat for B and B's stop: each is refused (401) and
+    B's job and B stay as they were; the listing of pilots shows no secret."""
+    server = Server(tmp_path, extra_args=['--token', 'admin-token', '--pilot-token',
+                                          'pilot-token']).start()
+    try:
+        def register(host):
+            status, reply = server.api('POST', '/api/pilots', {'host': host}, token='pilot-token')
+            assert status == 200 and len(reply['secret']) >= 40
+            return reply['pilot']['uuid'], reply['secret']
+        a, a_secret = register('a')
+        b, b_secret = register('b')
+        server.api('POST', '/api/jobs', [{'payload': '/bin/true'}], token='admin-token')
+        job = server.api('POST', '/api/pilots/%s/work' % b, {}, token=b_secret)[1]['job']['uuid']
+        forged = {'job': job, 'state': 'finished', 'errcode': 0, 'stdout': 'forged'}
+        for token in (a_secret, 'pilot-token', 'admin-token', None):
+            for action, body in (('report', forged), ('heartbeat', {'job': job}),
+                                 ('stop', {'state': 'killed'}), ('work', {'report': forged})):
+                status, reply = server.api('POST', '/api/pilots/%s/%s' % (b, action), body,
+                                           token=token)
+                assert status == 401 and 'own secret' in reply['error'], (action, reply)
+        assert server.job(job)['state'] == 'dispatched'
+        assert server.api('GET', '/api/pilots/' + b)[1]['state'] == 'dispatched'
+        listing = json.dumps(server.api('GET', '/api/pilots')[1])
+        assert b_secret not in listing and 'secret' not in listing and 'nonce' not in listing
+        status, done = server.api('POST', '/api/pilots/%s/report' % b,
+                                  {'job': job, 'state': 'finished', 'errcode': 0}, token=b_secret)
+        assert status == 200 and done['changed'] is True
+    finally:
+        server.stop()
+    db = sqlite3.connect(server.db)
+    stored = [r[0] for r in db.execute('SELECT secret_hash FROM pilots WHERE uuid = ?', (b,))]
+    db.close()
+    assert stored == [hashlib.sha256(b_secret.encode()).hexdigest()]   # the hash, never itself
+
+
+def test_a_registration_is_repeated_only_by_its_own_pilot(store):
+    """Its answer lost, a pilot registers again with the same nonce and gets a new secret (the
+    old one no longer works); without that nonce nobody takes a registered uuid over."""
+    nonce = 'n' * 32
+    first = srv.register_pilot(store, {'host': 'h', 'nonce': nonce}, srv.utcnow())
+    me = first['uuid']
+    for other in ({'uuid': me}, {'uuid': me, 'nonce': 'x' * 32}):
+        with pytest.raises(srv.Refused) as refused:
+            srv.register_pilot(store, dict(other, host='thief'), srv.utcnow())
+        assert refused.value.status == 409 and 'registered already' in refused.value.message
+    again = srv.register_pilot(store, {'uuid': me, 'host': 'h', 'nonce': nonce}, srv.utcnow())
+    assert again['uuid'] == me and again['secret'] != first['secret']
+    assert srv.get_pilot(store, me)['host'] == 'h'
+    path = '/api/pilots/%s/heartbeat' % me
+    assert wsgi_call('POST', path, b'{}', first['secret'])[0] == 401
+    assert wsgi_call('POST', path, b'{}', again['secret'])[0] == 200
+
+
+def test_a_pilot_the_server_forgot_registers_again_and_goes_on(clients, server):
+    """A database restored from before a pilot registered: the pilot's next call is refused as
+    unknown (404), it registers again under the same uuid and runs the next job."""
+    pilot = clients.pilot('--cycles', '0', '--wait', '1', '--period', '0.2')
+    wait_for(lambda: [p for p in server.api('GET', '/api/pilots')[1]['pilots']
+                      if p['state'] == 'idle'], what='the pilot to wait for work')
+    [me] = [p['uuid'] for p in server.api('GET', '/api/pilots')[1]['pilots']]
+    db = sqlite3.connect(server.db)
+    db.execute('DELETE FROM pilots')
+    db.commit()
+    db.close()
+    [job] = clients.submit([make_job('/bin/true')])
+    wait_for(lambda: server.job(job)['state'] == 'finished', what='the job to run')
+    assert server.job(job)['pilot'] == me
+    pilot.terminate()
+    out, err = pilot.communicate(timeout=30)
+    assert pilot.returncode == 0 and 'registering again' in err, err
+
+
+def test_a_version_2_database_is_migrated_with_its_pilots(tmp_path):
+    """A pilot registered before pilots had secrets cannot prove itself: it is told so, and
+    registers again; everything else is kept."""
+    path = str(tmp_path / 'old.db')
+    db = sqlite3.connect(path)
+    with open(os.path.join(ROOT, 'tests', 'data', 'schema_version_2.sql')) as f:
+        db.executescript(f.read())
+    db.execute("INSERT INTO pilots (uuid, state, registered_at, last_seen) VALUES "
+               "('%s', 'idle', 't', 't')" % UUID)
+    db.execute("INSERT INTO jobs (uuid, payload, state, created_at, pilot) VALUES "
+               "('00000000-0000-0000-0000-00000000000a', '/bin/true', 'dispatched', 't', '%s')"
+               % UUID)
+    db.commit()
+    db.close()
+    st = srv.configure(path)
+    try:
+        assert st.one('PRAGMA user_version')[0] == srv.SCHEMA_VERSION == 3
+        assert srv.get_pilot(st, UUID)['state'] == 'idle'
+        assert srv.get_job(st, '00000000-0000-0000-0000-00000000000a')['pilot'] == UUID
+        status, _, reply = wsgi_call('POST', '/api/pilots/%s/heartbeat' % UUID, b'{}', 'guess')
+        assert status == 401
+        assert st.one('PRAGMA integrity_check')[0] == 'ok'
+    finally:
+        st.close()
+    srv.configure(path).close()                    # once migrated, starting again is harmless
