@@ -4,11 +4,16 @@
 usage: python p3s_pilot.py [--server URL] [--site NAME] [--joblog DIR] [--pilotlog DIR]
                            [--cycles N] [--period S] [--beat S] [--wait S]
                            [--jobtypes a,b] [--extra TEXT] [--keep-logs DAYS] [--max-log-size N]
+                           [--token-file FILE] [--pass-env NAME[,NAME...]]
        python p3s_pilot.py --define-site site.json      define or replace a site, then exit
 
 Defaults come from the environment: P3S_SERVER (http://127.0.0.1:8080/), P3S_SITE,
-P3S_JOBLOG (/tmp/$USER/p3s/jobs), P3S_PILOTLOG (/tmp/$USER/p3s/pilots); P3S_PILOT_TOKEN or
-P3S_TOKEN is sent as a bearer token when set.
+P3S_JOBLOG (/tmp/$USER/p3s/jobs), P3S_PILOTLOG (/tmp/$USER/p3s/pilots). The pilot token, when
+the server has tokens, is read from --token-file or the file P3S_PILOT_TOKEN_FILE (else
+P3S_TOKEN_FILE) names, else from P3S_PILOT_TOKEN or P3S_TOKEN; it only registers the pilot.
+Registration gives the pilot a secret of its own, which its later calls carry: no other pilot
+can report, heartbeat or stop for it. A server that no longer knows the pilot (its database
+was restored) is told who it is again.
 
 A pilot of a site defined on the server (--define-site, the original's inputs/sites/*.json:
 name, env, pilotperiod, pilotcycles, pilotbeat, pilots, ...) takes the site's period, cycles,
@@ -19,11 +24,18 @@ A cycle is one job run or one request that found nothing; --cycles 0 runs for ev
 waits on the server up to --wait seconds for a job, so a job submitted to an idle pilot starts
 at once; when the server cannot hold the request the pilot polls again after --period.
 
-Each payload runs in its own process group with the job's env plus P3S_JOB_UUID,
-P3S_PILOT_UUID and P3S_SERVER; stdout and stderr go to <joblog>/<job uuid>.out and .err.
+Each payload runs in its own process group with the job's env (over the site's) plus
+P3S_JOB_UUID, P3S_PILOT_UUID and P3S_SERVER, and nothing else of the pilot's environment but
+the variables --pass-env names (never a token); stdout and stderr go to <joblog>/<job
+uuid>.out and .err (new files: whatever was at those paths is removed, never followed).
 P3S_MODE=COPY in the job env copies the executable into a private sandbox (removed after the
 job; its path is P3S_SANDBOX); P3S_EXECMODE (any value) runs the payload through the shell.
-At the job's timelimit, or on a kill order, the whole group gets SIGTERM, then SIGKILL.
+At the job's timelimit, or on a kill order, the whole group gets SIGTERM, then SIGKILL. A
+payload dies with its pilot, even by kill -9 (Linux: PR_SET_PDEATHSIG); whatever it leaves
+behind when it ends, in its group or escaped with setsid (the pilot is a child subreaper), is
+ended too. A job that may be retried ("retries") is killed, and reported lost, when the server
+has not answered for a pilot timeout: the server takes the pilot for lost and may run the job
+again, so the first attempt must not go on.
 The pilot's log is <pilotlog>/<pilot uuid>.log; its warnings and errors go to stderr too.
 
 While the server cannot be reached (or a proxy in front of it answers 502, 503 or 504) the
@@ -43,10 +55,13 @@ Exit codes (shared by every p3s client):
 This file uses the Python standard library only: copy it alone onto any node.
 """
 import argparse
+import ctypes
+import functools
 import getpass
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -91,8 +106,14 @@ DEFAULT_MAX_LOG_SIZE = '1G'  # a job's .out, and its .err, are cut at this size
 LOG_CHECK = 0.5              # seconds between two looks at a running payload's log sizes
 CUT_MARKER = '\n[p3s_pilot: output cut at %d bytes (--max-log-size); the rest was dropped]\n'
 JOB_LOG_NAME = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
-                          r'\.(out|err)$')
+                          r'\.(out|err)\Z')
 SIZE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
+# Supervision (Linux's prctl(2)): a payload dies with its pilot, and what it leaves behind comes
+# to the pilot, which ends it.
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+LEFTOVER_CHECK = 0.05        # seconds between two looks for what a payload left behind
+# The pilot's own secrets: never handed to a payload, even when --pass-env names them.
+SECRET_VARIABLES = ('P3S_TOKEN', 'P3S_PILOT_TOKEN', 'P3S_TOKEN_FILE', 'P3S_PILOT_TOKEN_FILE')
 
 log = logging.getLogger('p3s_pilot')
 
@@ -305,6 +326,88 @@ def kill_group(proc):
     proc.wait()
 
 
+@functools.lru_cache(maxsize=None)
+def libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def prctl(option, value):
+    """prctl(2) where there is one (Linux): whether it took effect."""
+    c = libc()
+    return bool(c is not None and hasattr(c, 'prctl') and c.prctl(option, value, 0, 0, 0) == 0)
+
+
+def die_with(pilot_pid):
+    """For a payload, between its fork and its exec: it is killed (SIGKILL) when the pilot dies,
+    however the pilot dies, kill -9 included; if the pilot is gone already, it never starts."""
+    libc()                       # loaded here, not in the child
+    def arm():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != pilot_pid:
+            os._exit(127)
+    return arm
+
+
+def end_leftovers(group, adopted):
+    """Stop what a payload left behind when it ended or was killed: the rest of its process
+    group and, with `adopted` (the pilot is a child subreaper), every process the pilot
+    adopted, which takes in children that left the group with setsid. SIGTERM, then SIGKILL
+    for what is left after KILL_GRACE. Returns (how many there were, how many could not be
+    ended: a process that cannot be signalled, or is stuck in the kernel)."""
+    seen, sig, kill_at = set(), signal.SIGTERM, time.monotonic() + KILL_GRACE
+    while True:
+        found = leftovers(group, adopted)
+        if not found or time.monotonic() > kill_at + KILL_GRACE:
+            return len(seen | found), len(found)
+        if sig == signal.SIGTERM and time.monotonic() >= kill_at:
+            sig = signal.SIGKILL
+        for pid in found - seen if sig == signal.SIGTERM else found:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        seen |= found
+        time.sleep(LEFTOVER_CHECK)
+
+
+def leftovers(group, adopted):
+    """The live processes of the payload's group, and with `adopted` this pilot's children.
+    The /proc scan runs only when there is something to find."""
+    alive = adopted and reap_adopted()
+    try:
+        os.killpg(group, 0)
+        alive = True
+    except (ProcessLookupError, PermissionError):
+        pass
+    if not alive:
+        return set()
+    me, found = os.getpid(), set()
+    for name in os.listdir('/proc'):
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                state, ppid, pgrp = f.read().rsplit(')', 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue               # not a process, or it is gone
+        if state != 'Z' and (int(pgrp) == group or adopted and int(ppid) == me):
+            found.add(int(name))
+    return found
+
+
+def reap_adopted():
+    """Reap this pilot's children that ended (only orphans it adopted are left once the payload
+    was waited for): whether any is still alive."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+
+
 def wait_exit(proc, timeout):
     """proc.wait(timeout), woken the moment the payload exits. Popen.wait with a timeout polls
     with sleeps growing from 0.5 ms, which adds about 1 ms to a job that lasts 1 ms; a pidfd
@@ -334,11 +437,20 @@ def open_logs(joblog, out_path, err_path):
 
 
 def new_log(path):
-    """An empty log in append mode: once cap_log cuts it short, the payload's next write lands
-    at its new end, not beyond a hole at the old one."""
-    log_file = open(path, 'ab')
-    log_file.truncate(0)
-    return log_file
+    """A new, empty log in append mode: once cap_log cuts it short, the payload's next write
+    lands at its new end, not beyond a hole at the old one. Whatever was at its path before (an
+    earlier attempt's log, or a symlink planted there: job uuids are public, and the default
+    log folder is under /tmp) is removed, never followed or written into."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        try:
+            return os.fdopen(os.open(path, flags, 0o644), 'ab')
+        except FileExistsError:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    raise FileExistsError('something keeps putting a file at %s' % path)
 
 
 def cap_log(log_file, cap):
@@ -433,6 +545,9 @@ class Pilot:
         self.registered = False
         self.nonce = secrets.token_urlsafe(24)   # makes a repeated registration this pilot's
         self.secret = None            # given at registration: this pilot's own calls carry it
+        self.pilot_timeout = None     # the server's: silence after which it takes us for lost
+        self.contact = None           # (clock) when the last call the server answered was sent
+        self.adopts = False           # a child subreaper: a payload's orphans come to us
         self.jobs_run = 0
         self._interruptible = False
 
@@ -509,8 +624,10 @@ class Pilot:
         body = {'uuid': self.uuid, 'host': socket.gethostname(), 'site': self.args.site,
                 'pid': os.getpid(), 'extra': self.args.extra, 'jobtypes': self.args.jobtypes,
                 'nonce': self.nonce}
+        sent = self.clock()
         reply = self.call('POST', '/api/pilots', body, until=until)
-        self.secret = reply.get('secret')
+        self.secret, self.contact = reply.get('secret'), sent
+        self.pilot_timeout = reply.get('pilot_timeout')
         self.registered = True
         log.info('registered as %s with %s (site %r, jobtypes %s)', self.uuid, self.server,
                  self.args.site, ','.join(self.args.jobtypes) or 'any')
@@ -577,23 +694,36 @@ class Pilot:
         """One of this pilot's own calls (work, report, stop), retried while the server is
         away. A server that does not know this pilot (its database was restored from before
         the pilot registered) is told again who the pilot is, and asked once more."""
+        sent = self.clock()
         try:
-            return self.call('POST', self.own(action), body, timeout, until, self.secret)
+            reply = self.call('POST', self.own(action), body, timeout, until, self.secret)
         except P3SError as e:
             if e.status != 404:
                 raise
             self.rejoin(e, until)
-            return self.call('POST', self.own(action), body, timeout, until, self.secret)
+            reply = self.call('POST', self.own(action), body, timeout, until, self.secret)
+        self.contact = sent
+        return reply
 
     def tell(self, action, body):
         """One attempt of one of its own calls while the payload runs (a heartbeat, a start
         report): the next one, or the final report, says it again if this one is lost."""
+        sent = self.clock()
         try:
-            return call(self.server, 'POST', self.own(action), body, BEAT_TIMEOUT, self.secret)
+            reply = call(self.server, 'POST', self.own(action), body, BEAT_TIMEOUT, self.secret)
         except P3SError as e:
             if e.status == 404:
                 self.rejoin(e, self.clock() + BEAT_TIMEOUT)
             raise
+        self.contact = sent
+        return reply
+
+    def cut_off(self, job):
+        """Whether the server has heard nothing from this pilot for its whole pilot timeout
+        while it runs a job that may be retried: the server takes the pilot for lost and may
+        run the job again, so this attempt must end now (the server waits for that)."""
+        return bool(job.get('retries') and self.pilot_timeout and self.contact is not None
+                    and self.clock() - self.contact > self.pilot_timeout)
 
     def rejoin(self, refusal, until=None):
         log.warning('%s: registering again', refusal)
@@ -602,7 +732,10 @@ class Pilot:
     # -- one job ------------------------------------------------------------------------------
 
     def job_environment(self, job):
-        env = dict(os.environ)
+        """A payload's whole environment: the job's env over the site's, the variables that
+        --pass-env names (from the pilot's own environment), and P3S_JOB_UUID, P3S_PILOT_UUID
+        and P3S_SERVER. Nothing else of the pilot's, its tokens above all."""
+        env = {name: os.environ[name] for name in self.args.pass_env if name in os.environ}
         env.update(self.site_env)
         env.update(job['env'])
         env.update(P3S_JOB_UUID=job['uuid'], P3S_PILOT_UUID=self.uuid, P3S_SERVER=self.server)
@@ -622,13 +755,14 @@ class Pilot:
             log.error('job %s: cannot write its logs in %s: %s', job_uuid, self.args.joblog, e)
             return {'job': job_uuid, 'state': 'nonstarter', 'errcode': None, 'pid': None,
                     'stdout': '', 'stderr': 'nonstarter: cannot write the job logs: %s' % e,
-                    'started': None, 'ended': self.clock()}
+                    'started': None, 'ended': self.clock(), 'attempt': job.get('attempt')}
         try:
             with out, err:
                 try:
                     command, shell, sandbox = command_for(job, env)
                     proc = subprocess.Popen(command, shell=shell, env=env, stdout=out, stderr=err,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=die_with(os.getpid()))
                 except (OSError, ValueError, IndexError) as e:
                     err.write(('nonstarter: %s\n' % e).encode())
                     log.warning('job %s could not start: %s', job_uuid, e)
@@ -637,6 +771,9 @@ class Pilot:
                     started = self.clock()
                     state, errcode = self.supervise(proc, job, started, (out, err))
                     pid = proc.pid
+                ended = self.clock()
+                if pid is not None:
+                    self.end_leftovers(job_uuid, pid)
                 self.cap_logs((out, err))
         finally:
             if sandbox:
@@ -644,7 +781,14 @@ class Pilot:
         log.info('job %s %s (errcode %s)', job_uuid, state, errcode)
         return {'job': job_uuid, 'state': state, 'errcode': errcode, 'pid': pid,
                 'stdout': read_tail(out_path), 'stderr': read_tail(err_path),
-                'started': started, 'ended': self.clock()}
+                'started': started, 'ended': ended, 'attempt': job.get('attempt')}
+
+    def end_leftovers(self, job_uuid, group):
+        left, alive = end_leftovers(group, self.adopts)
+        if left:
+            log.warning('job %s left %s behind: %s', job_uuid,
+                        count_of(left, 'process', 'processes'),
+                        '%d could not be ended' % alive if alive else 'ended')
 
     def supervise(self, proc, job, started, logs):
         """Wait for the payload, heartbeating every beat, killing it at its timelimit, on a kill
@@ -671,10 +815,16 @@ class Pilot:
                 log.warning('job %s reached its timelimit of %d s', job['uuid'], job['timelimit'])
                 kill_group(proc)
                 return 'timelimit', proc.returncode
+            elif self.cut_off(job):
+                log.error('job %s killed: the server has not answered for %.0f s, takes this '
+                          'pilot for lost and may run the job again', job['uuid'],
+                          now - self.contact)
+                kill_group(proc)
+                return 'lost', proc.returncode
             elif now >= start_report_at:
                 start_report_at = float('inf')
-                order = self.report(job['uuid'], 'running', pid=proc.pid,
-                                    elapsed=now - started).get('status')
+                order = self.report(job['uuid'], 'running', pid=proc.pid, elapsed=now - started,
+                                    attempt=job.get('attempt')).get('status')
             elif now >= next_beat:
                 next_beat = now + self.args.beat
                 order = self.heartbeat(job['uuid']).get('status')
@@ -748,6 +898,10 @@ class Pilot:
     def run(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+        self.adopts = prctl(PR_SET_CHILD_SUBREAPER, 1)
+        if not self.adopts:
+            log.warning('cannot become a child subreaper (Linux only): what a payload leaves '
+                        'behind outside its process group is not ended')
         try:
             self.take_site_defaults()
             self.register()
@@ -865,9 +1019,15 @@ def parse_args(argv):
     ap.add_argument('--max-log-size', type=byte_size, default=DEFAULT_MAX_LOG_SIZE, metavar='N',
                     help="cut each job's .out and .err at N bytes, or N with k, M or G, ending "
                     'with a marker line (default %s; 0: no limit)' % DEFAULT_MAX_LOG_SIZE)
+    ap.add_argument('--pass-env', type=variable_names, default=(), metavar='NAME[,NAME...]',
+                    help="variables of the pilot's own environment that payloads get too (e.g. "
+                    'PATH,HOME); by default a payload gets its job\'s env and the P3S_ ones only')
     ap.add_argument('--define-site', metavar='SITE.JSON',
                     help='define (or replace) the site in SITE.JSON on the server, then exit')
     args = ap.parse_args(argv)
+    if not all(math.isfinite(v) for v in (args.period, args.beat, args.wait, args.keep_logs)
+               if v is not None):
+        ap.error('--period, --beat, --wait and --keep-logs must be numbers')
     if ((args.cycles is not None and args.cycles < 0) or (args.period or 0) < 0
             or (args.beat is not None and args.beat <= 0)
             or (args.wait is not None and not 0 <= args.wait <= 30) or args.keep_logs < 0):
@@ -877,6 +1037,16 @@ def parse_args(argv):
         ap.error('--max-log-size must be 0 (no limit) or at least 1k')
     args.jobtypes = [t for t in args.jobtypes.split(',') if t]
     return args
+
+
+def variable_names(text):
+    """--pass-env: names of environment variables, none of them one of the pilot's secrets."""
+    names = tuple(n.strip() for n in text.split(',') if n.strip())
+    secret = [n for n in names if n in SECRET_VARIABLES]
+    if secret:
+        raise argparse.ArgumentTypeError('%s holds a secret of the pilot: it is never given to '
+                                         'a payload' % secret[0])
+    return names
 
 
 def byte_size(text):

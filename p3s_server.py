@@ -4,7 +4,8 @@
     python p3s_server.py [--host 127.0.0.1] [--port 8080] [--db ./p3s.db] [--workers N]
                          [--threads N] [--max-waiters N] [--pilot-timeout S]
                          [--sync normal|full] [--keep-days N] [--request-timeout S]
-                         [--log FILE] [--token T] [--pilot-token T] [--private] [--insecure]
+                         [--log FILE] [--token-file FILE] [--pilot-token-file FILE]
+                         [--token T] [--pilot-token T] [--private] [--insecure]
     python p3s_server.py check [--db ./p3s.db]
     python p3s_server.py purge --older 7d [--state S] [--db ./p3s.db]
 
@@ -91,6 +92,7 @@ MAX_WAIT = 30.0                  # seconds a pilot may wait for work in one requ
 DEFAULT_PILOT_TIMEOUT = 120.0    # silence after which a pilot is lost
 SWEEP_PERIOD = 5.0               # seconds between housekeeping passes (at most)
 TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is killed by the server
+LOST_RETRY_DELAY = 20            # seconds a lost job with retries waits for its pilot to kill it
 PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
 PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per transaction
 PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
@@ -136,7 +138,9 @@ LIVE_JOB_STATES = QUEUED_STATES + ACTIVE_STATES        # not yet ended
 TERMINAL_STATES = ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed',
                    'stale', 'dropped', 'cancelled')
 BAD_END_STATES = ('failed', 'timelimit', 'nonstarter', 'lost')
-REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'killed')
+# 'lost': a pilot cut off from the server for a pilot timeout kills a job that may be retried
+# (the server will have taken the pilot for lost, and may run the job again).
+REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'killed', 'lost')
 PILOT_STATES = ('active', 'idle', 'dispatched', 'running', 'stopped', 'lost', 'killed')
 LIVE_PILOT_STATES = ('active', 'idle', 'dispatched', 'running')
 PILOT_GONE = ('stopped', 'lost', 'killed')
@@ -159,7 +163,8 @@ XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
               'timelimit', 'deadline', 'site', 'state', 'retries'}
 PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes', 'nonce'}
-REPORT_FIELDS = {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago'}
+REPORT_FIELDS = {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago',
+                 'attempt'}
 DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
 WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo',
                    'deadline'}
@@ -754,7 +759,7 @@ ON CONFLICT (uuid) DO NOTHING
 """
 SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
 GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
-GET_JOB_HOLDER = 'SELECT state, pilot, workflow, jobtype FROM jobs WHERE uuid = :uuid'
+GET_JOB_HOLDER = 'SELECT state, pilot, workflow, jobtype, attempt FROM jobs WHERE uuid = :uuid'
 LIST_JOBS = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
 JOB_FILTERS = {
     'state': 'state = :state',
@@ -1120,10 +1125,15 @@ INSERT INTO joblogs (job, stdout, stderr) VALUES (:uuid, :stdout, :stderr)
 ON CONFLICT (job) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr
 """
 # Opt-in retries ("retries": N): a job that was lost or could not start, never one that ran to
-# an exit code, goes back to the queue in its old place.
-RETRY_JOBS = """
-UPDATE jobs SET state = 'defined', retries = retries - 1, pilot = NULL, host = NULL, pid = NULL,
-                errcode = NULL, dispatched_at = NULL, started_at = NULL, stopped_at = NULL
+# an exit code, goes back to the queue in its old place, as its next attempt: a report on an
+# earlier attempt is refused. A job its pilot reported lost or nonstarter is queued at once; one
+# the sweep found lost waits until its pilot, if still alive, has surely killed it (sweep).
+RETRY_SET = """
+UPDATE jobs SET state = 'defined', retries = retries - 1, attempt = attempt + 1, pilot = NULL,
+                host = NULL, pid = NULL, errcode = NULL, dispatched_at = NULL, started_at = NULL,
+                stopped_at = NULL
+"""
+RETRY_JOBS = RETRY_SET + """
  WHERE uuid IN (SELECT value FROM json_each(:jobs)) AND state IN ('lost', 'nonstarter')
    AND retries > 0
 RETURNING jobtype, site
@@ -1226,6 +1236,7 @@ def check_report(raw):
         'stderr': log_tail(rep, 'stderr'),
         'elapsed': number_field(rep, 'elapsed', None, 0, MAX_TIMELIMIT),  # since the start
         'ago': number_field(rep, 'ago', 0, 0, MAX_TIMELIMIT),             # since the end
+        'attempt': int_field(rep, 'attempt', None, 1),
     }
 
 
@@ -1500,6 +1511,9 @@ def apply_report(db, pilot, rep, now):
                 'error': 'job %s is not held by pilot %s' % (rep['uuid'], pilot['uuid'])}, []
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot), []
+    if rep.get('attempt') not in (None, held['attempt']):
+        return {'status': 'REFUSED', 'error': 'the report is on attempt %d of job %s, which is '
+                'at attempt %d now' % (rep['attempt'], rep['uuid'], held['attempt'])}, []
     # This runs for every job: only the statements a report needs (retries only for a
     # nonstarter, the workflow engine only for a workflow's job).
     woken, state = [], held['state']
@@ -1513,7 +1527,7 @@ def apply_report(db, pilot, rep, now):
             db.execute(PILOT_JOB_DONE, params)
             if elapsed is not None:
                 process_metrics().ran(held['jobtype'], elapsed - params['ago'])
-            if rep['state'] == 'nonstarter':
+            if rep['state'] in ('nonstarter', 'lost'):
                 woken = retry_jobs(db, [rep['uuid']])
         if rep['stdout'] or rep['stderr']:
             db.execute(SAVE_JOB_LOGS, params)
@@ -1575,6 +1589,15 @@ UPDATE jobs SET state = 'lost', stopped_at = :now
  WHERE pilot IN (SELECT value FROM json_each(:pilots)) AND state IN """ + SQL_ACTIVE + """
 RETURNING uuid
 """
+# A lost job with retries left runs again only once its last attempt cannot be alive: its pilot,
+# if it lives, kills the payload of such a job when it has heard nothing from the server for a
+# pilot timeout (the server lost it after as long a silence), and takes LOST_RETRY_DELAY at most
+# to do it; a pilot that died took its payload with it. Must repeat the condition of the partial
+# index jobs_lost_retries to use it.
+RETRY_LOST_JOBS = RETRY_SET + """
+ WHERE state = 'lost' AND retries > 0 AND stopped_at < :fenced
+RETURNING jobtype, site
+"""
 # A pilot should have killed these itself; it did not (or cannot), so the server ends them and
 # the pilot's next heartbeat is answered KILL.
 KILL_OVERDUE_JOBS = """
@@ -1620,7 +1643,8 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
     """Housekeeping: pilots silent for longer than pilot_timeout are lost, with their jobs;
     running jobs far past their timelimit end `timelimit`; queued jobs past their deadline
     go stale."""
-    params = {'now': now, 'cutoff': seconds_before(now, pilot_timeout), 'grace': TIMELIMIT_GRACE}
+    params = {'now': now, 'cutoff': seconds_before(now, pilot_timeout), 'grace': TIMELIMIT_GRACE,
+              'fenced': seconds_before(now, LOST_RETRY_DELAY)}
     lost, woken = [], []
     with store.write(durable=False) as db:
         if lose_pilots:
@@ -1628,7 +1652,8 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
         if lost:
             jobs = [r['uuid'] for r in db.execute(LOSE_PILOT_JOBS,
                                                    dict(params, pilots=json.dumps(lost)))]
-            woken = retry_jobs(db, jobs) + workflow_hook(db, jobs, now)
+            woken = workflow_hook(db, jobs, now)
+        woken += [tuple(r) for r in db.execute(RETRY_LOST_JOBS, params)]
         overdue = [r['uuid'] for r in db.execute(KILL_OVERDUE_JOBS, params)]
         woken += workflow_hook(db, overdue, now)
         stale = [r['uuid'] for r in db.execute(STALE_JOBS, params)]
@@ -4928,6 +4953,21 @@ def prepare_database(db_path):
         db.close()
 
 
+def token_file(path):
+    """--token-file and --pilot-token-file (or the variables that name the file): the token
+    that the file holds, on one line."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError('cannot read the token file %s: %s'
+                                         % (path, getattr(e, 'strerror', None) or e))
+    if not token or '\n' in token:
+        raise argparse.ArgumentTypeError('the token file %s must hold one line, the token'
+                                         % path)
+    return token
+
+
 def parse_duration(text):
     """'7d', '12h', '30m', '45s' or a number of days, in seconds."""
     units = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
@@ -4973,13 +5013,26 @@ def parse_args(argv):
     ap.add_argument('--keep-days', type=float,
                     help='purge terminal jobs and departed pilots older than this, hourly')
     ap.add_argument('--token', default=env('P3S_TOKEN'),
-                    help='token needed for every state-changing call (P3S_TOKEN)')
+                    help='token needed for every state-changing call (P3S_TOKEN); on a command '
+                    'line ps shows it to everyone: prefer --token-file')
+    ap.add_argument('--token-file', type=token_file, default=env('P3S_TOKEN_FILE'),
+                    metavar='FILE', help='read the token from FILE (P3S_TOKEN_FILE)')
     ap.add_argument('--pilot-token', default=env('P3S_PILOT_TOKEN'),
-                    help='a second token that opens only the pilot calls (P3S_PILOT_TOKEN)')
+                    help="a second token that opens only pilots' registrations "
+                    '(P3S_PILOT_TOKEN); prefer --pilot-token-file')
+    ap.add_argument('--pilot-token-file', type=token_file, default=env('P3S_PILOT_TOKEN_FILE'),
+                    metavar='FILE', help='read the pilot token from FILE (P3S_PILOT_TOKEN_FILE)')
     ap.add_argument('--private', action='store_true', help='reads need a token too')
     ap.add_argument('--insecure', action='store_true',
                     help='allow listening beyond loopback without a token')
     args = ap.parse_args(argv)
+    for name in ('token', 'pilot_token'):
+        if getattr(args, name + '_file'):           # the file's token: it wins
+            setattr(args, name, getattr(args, name + '_file'))
+    if any(a == '--token' or a.startswith('--token=') or a == '--pilot-token'
+           or a.startswith('--pilot-token=') for a in argv):
+        log.warning('a token given on the command line shows in ps to every user of this host: '
+                    'give it in a file (--token-file, --pilot-token-file) or the environment')
     if args.workers < 1 or args.threads < 1 or args.max_waiters < 0:
         ap.error('--workers and --threads must be at least 1, --max-waiters at least 0')
     if not 0 < args.request_timeout <= 3600:

@@ -204,6 +204,8 @@ CREATE INDEX IF NOT EXISTS data_datatype ON data (datatype, id);
 -- Deadlines: the sweep finds queued jobs whose deadline passed without reading the whole queue.
 CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline_at)
     WHERE state = 'defined' AND deadline_at IS NOT NULL;
+-- Lost jobs with retries left, queued again by the sweep once their pilot surely killed them.
+CREATE INDEX IF NOT EXISTS jobs_lost_retries ON jobs (stopped_at) WHERE state = 'lost' AND retries > 0;
 -- Jobs holding a slot of their type's cap, counted by the claim (must repeat this WHERE).
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (jobtype) WHERE state IN ('dispatched', 'running');
 

@@ -4,6 +4,8 @@ storage trouble answered 503."""
 import hashlib
 import json
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import sys
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, make_job, wait_for, wsgi_call  # noqa: F401
+from conftest import ROOT, Clients, Server, make_job, pid_alive, wait_for, wsgi_call
 from test_fuzz import snapshot, world
 
 UUID = '0f0c2f2e-0000-4000-8000-000000000009'
@@ -451,3 +453,254 @@ def test_a_version_2_database_is_migrated_with_its_pilots(tmp_path):
     finally:
         st.close()
     srv.configure(path).close()                    # once migrated, starting again is harmless
+
+
+# -- secrets stay secret ----------------------------------------------------------------------------
+
+def command_line(pid):
+    with open('/proc/%d/cmdline' % pid, 'rb') as f:
+        return f.read().decode(errors='replace')
+
+
+def test_no_secret_reaches_a_payload_a_log_the_monitor_or_ps(tmp_path):
+    """The server and the pilot take their tokens from files; the pilot also has both tokens
+    in its environment. A payload that prints its whole environment finds its job's env and the
+    P3S_ variables only; no token is in its output, its tails in the API or the monitor, the
+    pilot's log, the server's log, or any command line."""
+    admin, pilot_token = 'admin-7f3a9c1e5b', 'pilot-2d8e4b6a0c'
+    (tmp_path / 'admin.token').write_text(admin + '\n')
+    (tmp_path / 'pilot.token').write_text(pilot_token + '\n')
+    server = Server(tmp_path, extra_args=['--token-file', str(tmp_path / 'admin.token'),
+                                          '--pilot-token-file',
+                                          str(tmp_path / 'pilot.token')]).start()
+    clients = Clients(tmp_path, server)
+    try:
+        assert server.api('POST', '/api/jobs', [{'payload': 'x'}])[0] == 401
+        jobs = tmp_path / 'env.json'
+        jobs.write_text(json.dumps([make_job('/usr/bin/env', env={'MINE': 'mine'})]))
+        [job] = clients.run('job', '-j', str(jobs), '--token-file', str(tmp_path / 'admin.token'),
+                            check=0).stdout.split()
+        pilot = clients.pilot('--token-file', str(tmp_path / 'pilot.token'), env={
+            'P3S_TOKEN': admin, 'P3S_PILOT_TOKEN': pilot_token, 'OTHER': 'kept-out'})
+        wait_for(lambda: server.job(job)['state'] == 'finished', what='the job to run')
+        seen = [command_line(server.proc.pid), command_line(pilot.pid)]
+        pilot.communicate(timeout=60)
+        out = (clients.joblog / (job + '.out')).read_text()
+        names = {line.split('=', 1)[0] for line in out.splitlines()}
+        assert names == {'MINE', 'P3S_JOB_UUID', 'P3S_PILOT_UUID', 'P3S_SERVER'}, out
+        seen += [out, json.dumps(server.api('GET', '/api/jobs/%s?logs=1' % job)[1]),
+                 urlopen_text(server.url + 'monitor/jobs/' + job), clients.pilot_logs(),
+                 server.log_path.read_text()]
+        for text in seen:
+            assert admin not in text and pilot_token not in text
+    finally:
+        clients.cleanup()
+        server.stop()
+
+
+def urlopen_text(url):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read().decode()
+
+
+def test_a_payload_gets_what_pass_env_names_but_never_a_token(clients, server):
+    [job] = clients.submit([make_job('/usr/bin/env')])
+    clients.run_pilot('--pass-env', 'PATH,HOME,NOT_SET', env={'HOME': '/home/x',
+                                                              'P3S_TOKEN': 'hidden-1'})
+    out = (clients.joblog / (job + '.out')).read_text()
+    got = dict(line.split('=', 1) for line in out.splitlines())
+    assert got['HOME'] == '/home/x' and got['PATH'] == os.environ['PATH']
+    assert set(got) == {'HOME', 'PATH', 'P3S_JOB_UUID', 'P3S_PILOT_UUID', 'P3S_SERVER'}
+    for secret in ('P3S_TOKEN', 'P3S_PILOT_TOKEN_FILE'):
+        proc = clients.run('pilot', '--pass-env', 'PATH,' + secret)
+        assert proc.returncode == 2 and 'never given to a payload' in proc.stderr
+        assert proc.stderr.count('\n') == 1
+
+
+# -- a payload never outlives its pilot or its job ----------------------------------------------
+
+def write_script(path, text):
+    path.write_text('#!/bin/bash\n' + text)
+    path.chmod(0o755)
+    return str(path)
+
+
+# A payload that leaves children behind: one in its process group, one that left the group
+# with setsid, and one that left it twice removed (a setsid'd shell's background child).
+LEAVES_CHILDREN = '''sleep 300 &
+echo $! >> {pids}
+setsid sleep 300 &
+echo $! >> {pids}
+setsid bash -c 'sleep 300 & echo $! >> {pids}; wait' &
+while [ $(wc -l < {pids}) -lt 3 ]; do sleep 0.05; done
+{end}
+'''
+
+
+def read_pids(path):
+    return [int(p) for p in path.read_text().split()]
+
+
+@pytest.mark.parametrize('end,state', [('exit 0', 'finished'), ('sleep 300', 'timelimit')])
+def test_what_a_payload_leaves_behind_ends_with_its_job(clients, server, tmp_path, end, state):
+    """Children in the payload's group, and children that called setsid, are ended when the
+    job ends: at the payload's normal end, and at its time limit."""
+    pids = tmp_path / 'pids'
+    payload = write_script(tmp_path / 'leaves.sh', LEAVES_CHILDREN.format(pids=pids, end=end))
+    [job] = clients.submit([make_job(payload, timeout='3')])
+    clients.run_pilot('--beat', '0.5')
+    assert server.job(job)['state'] == state
+    assert len(read_pids(pids)) == 3
+    for pid in read_pids(pids):
+        wait_for(lambda: not pid_alive(pid), 10, what='leftover %d to be ended' % pid)
+    assert re.search(r'left \d+ processes behind: ended', clients.pilot_logs())
+
+
+def test_a_payload_dies_with_its_pilot_and_its_retry_waits_for_that(clients, server, tmp_path):
+    """kill -9 of a pilot: its payload is killed with it (PR_SET_PDEATHSIG). The job, which may
+    be retried, is lost with its pilot, and is queued again only once its pilot, had it lived
+    cut off from the server, would have killed it too."""
+    started = tmp_path / 'started'
+    [job] = clients.submit([make_job('/bin/sh -c "echo $$ >> %s; exec sleep 300"' % started,
+                                     retries=1)])
+    pilot = clients.pilot('--beat', '0.5')
+    wait_for(lambda: server.job(job)['state'] == 'running', what='the job to run')
+    [payload] = read_pids(started)
+    pilot.kill()
+    pilot.communicate()
+    wait_for(lambda: not pid_alive(payload), 10, what='the payload to die with its pilot')
+
+
+def test_a_pilot_cut_off_kills_a_job_that_may_run_again(tmp_path):
+    """The server stops answering (frozen, or cut off by the network): after a pilot timeout
+    without an answer the pilot kills a payload whose job may be retried, since the server
+    takes the pilot for lost and may run the job again elsewhere."""
+    server = Server(tmp_path, extra_args=['--pilot-timeout', '3', '--workers', '1']).start()
+    clients = Clients(tmp_path, server)
+    try:
+        started = tmp_path / 'started'
+        [job] = clients.submit([make_job('/bin/sh -c "echo $$ >> %s; exec sleep 300"' % started,
+                                         retries=1)])
+        pilot = clients.pilot('--beat', '0.5')
+        wait_for(lambda: server.job(job)['state'] == 'running', what='the job to run')
+        [payload] = read_pids(started)
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: not pid_alive(payload), 30, what='the pilot to kill its payload')
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert 'takes this pilot for lost' in clients.pilot_logs()
+        wait_for(lambda: server.job(job)['state'] in ('lost', 'defined'), 30,
+                 what='the job lost, or queued again')
+        pilot.terminate()
+        pilot.communicate(timeout=60)
+    finally:
+        clients.cleanup()
+        server.stop()
+
+
+def test_a_report_on_an_earlier_attempt_is_refused(store):
+    """A job that could not start is queued again as its next attempt, and handed to the same
+    pilot in the same answer; the first report, sent again (its answer was lost), changes
+    nothing about the new attempt."""
+    me, _ = registered(store)
+    [job] = srv.submit_jobs(store, [{'payload': 'x', 'retries': 1}], srv.utcnow())
+    first = srv.request_work(store, me, srv.utcnow())[0]['job']
+    assert first['attempt'] == 1
+    report = srv.check_report({'job': job, 'state': 'nonstarter', 'attempt': 1})
+    reply, _ = srv.request_work(store, me, srv.utcnow(), report)
+    assert reply['report']['state'] == 'defined' and reply['job']['attempt'] == 2
+    again, _ = srv.request_work(store, me, srv.utcnow(), report)
+    assert again['report']['status'] == 'REFUSED' and 'attempt 1' in again['report']['error']
+    assert again['job']['uuid'] == job and again['job']['attempt'] == 2
+    with pytest.raises(srv.Refused) as refused:
+        srv.report_job(store, me, srv.check_report({'job': job, 'state': 'running',
+                                                    'attempt': 1}), srv.utcnow())
+    assert refused.value.status == 409
+    now = srv.get_job(store, job)
+    assert (now['state'], now['attempt'], now['retries']) == ('dispatched', 2, 0)
+    done = srv.report_job(store, me, srv.check_report({'job': job, 'state': 'finished',
+                                                       'errcode': 0, 'attempt': 2}), srv.utcnow())
+    assert done['changed'] is True and srv.get_job(store, job)['state'] == 'finished'
+
+
+class Clock:
+    def __init__(self, t=0.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def later(now, seconds):
+    from datetime import datetime, timedelta
+    return (datetime.fromisoformat(now) + timedelta(seconds=seconds)).isoformat(
+        timespec='microseconds')
+
+
+def test_the_housekeeper_loses_silent_pilots_after_its_grace_and_retries_late(store):
+    """Stepped on injected clocks: no pilot is lost during the first pilot timeout after the
+    start, however silent; then a silent pilot is lost with its job; a pilot that talks is
+    never lost; the lost job, which may be retried, is queued again as its next attempt only
+    LOST_RETRY_DELAY later."""
+    t0 = '2026-01-01T00:00:00.000000+00:00'
+    silent = srv.register_pilot(store, {'host': 'h'}, t0)['uuid']
+    talker = srv.register_pilot(store, {'host': 'h'}, t0)['uuid']
+    [job] = srv.submit_jobs(store, [{'payload': 'x', 'retries': 2}], t0)
+    srv.request_work(store, silent, t0)
+    clock, wall = Clock(1000.0), [later(t0, 600)]
+    keeper = srv.Housekeeper(store, pilot_timeout=60, clock=clock, now=lambda: wall[0])
+
+    def step(seconds):
+        clock.t += seconds
+        wall[0] = later(wall[0], seconds)
+        srv.heartbeat(store, talker, None, wall[0])
+        return keeper.step()
+
+    assert step(59)['lost_pilots'] == []                      # the grace after a start
+    assert srv.get_job(store, job)['state'] == 'dispatched'
+    assert step(1)['lost_pilots'] == [silent]
+    assert srv.get_pilot(store, talker)['state'] == 'active'
+    assert srv.get_job(store, job)['state'] == 'lost'
+    assert step(srv.LOST_RETRY_DELAY - 1)['woken'] == 0
+    assert srv.get_job(store, job)['state'] == 'lost'
+    assert step(2)['woken'] == 1
+    again = srv.get_job(store, job)
+    assert (again['state'], again['attempt'], again['retries'], again['pilot']) == \
+        ('defined', 2, 1, None)
+
+
+def test_a_symlink_planted_at_a_job_log_is_not_followed(clients, server, tmp_path):
+    """Job uuids are public before dispatch and the default log folder is under /tmp: a link
+    planted at <joblog>/<uuid>.out must not make the pilot write through it."""
+    victim = tmp_path / 'victim.txt'
+    victim.write_text('precious\n')
+    [job] = clients.submit([make_job('/bin/echo hello')])
+    clients.joblog.mkdir()
+    os.symlink(str(victim), str(clients.joblog / (job + '.out')))
+    os.symlink(str(tmp_path / 'created-by-the-pilot'), str(clients.joblog / (job + '.err')))
+    clients.run_pilot()
+    assert server.job(job)['state'] == 'finished'
+    assert victim.read_text() == 'precious\n'
+    assert not (tmp_path / 'created-by-the-pilot').exists()
+    out = clients.joblog / (job + '.out')
+    assert not out.is_symlink() and out.read_text() == 'hello\n'
+
+
+@pytest.mark.parametrize('flag', ['--period', '--beat', '--wait', '--keep-logs'])
+def test_the_pilot_refuses_times_that_are_no_numbers(clients, flag):
+    proc = clients.run('pilot', flag, 'nan')
+    assert proc.returncode == 2 and 'must be numbers' in proc.stderr
+
+
+@pytest.mark.parametrize('name', ['job', 'workflow', 'data', 'pilot'])
+def test_a_token_file_that_cannot_be_read_is_a_command_line_error(clients, tmp_path, name):
+    empty = tmp_path / 'empty.token'
+    empty.write_text('\n')
+    for path, why in ((tmp_path / 'none.token', 'cannot read the token file'),
+                      (empty, 'must hold one line')):
+        proc = clients.run(name, '--token-file', str(path), '--list' if name != 'pilot'
+                           else '--cycles=1')
+        assert proc.returncode == 2 and why in proc.stderr and proc.stderr.count('\n') == 1, \
+            proc.stderr
