@@ -557,16 +557,21 @@ def test_what_a_payload_leaves_behind_ends_with_its_job(clients, server, tmp_pat
     assert re.search(r'left \d+ processes behind: ended', clients.pilot_logs())
 
 
-def test_a_payload_dies_with_its_pilot_and_its_retry_waits_for_that(clients, server, tmp_path):
-    """kill -9 of a pilot: its payload is killed with it (PR_SET_PDEATHSIG). The job, which may
-    be retried, is lost with its pilot, and is queued again only once its pilot, had it lived
-    cut off from the server, would have killed it too."""
+def running_job(clients, server, tmp_path, **fields):
+    """A pilot running a job that may be retried: (job uuid, pilot process, payload's pid)."""
     started = tmp_path / 'started'
     [job] = clients.submit([make_job('/bin/sh -c "echo $$ >> %s; exec sleep 300"' % started,
-                                     retries=1)])
+                                     retries=1, **fields)])
     pilot = clients.pilot('--beat', '0.5')
     wait_for(lambda: server.job(job)['state'] == 'running', what='the job to run')
     [payload] = read_pids(started)
+    return job, pilot, payload
+
+
+def test_a_payload_dies_with_its_pilot(clients, server, tmp_path):
+    """kill -9 of a pilot: its payload is killed with it (PR_SET_PDEATHSIG), so that a retry
+    of its job never runs beside it."""
+    job, pilot, payload = running_job(clients, server, tmp_path)
     pilot.kill()
     pilot.communicate()
     wait_for(lambda: not pid_alive(payload), 10, what='the payload to die with its pilot')
@@ -579,12 +584,7 @@ def test_a_pilot_cut_off_kills_a_job_that_may_run_again(tmp_path):
     server = Server(tmp_path, extra_args=['--pilot-timeout', '3', '--workers', '1']).start()
     clients = Clients(tmp_path, server)
     try:
-        started = tmp_path / 'started'
-        [job] = clients.submit([make_job('/bin/sh -c "echo $$ >> %s; exec sleep 300"' % started,
-                                         retries=1)])
-        pilot = clients.pilot('--beat', '0.5')
-        wait_for(lambda: server.job(job)['state'] == 'running', what='the job to run')
-        [payload] = read_pids(started)
+        job, pilot, payload = running_job(clients, server, tmp_path)
         server.proc.send_signal(signal.SIGSTOP)
         try:
             wait_for(lambda: not pid_alive(payload), 30, what='the pilot to kill its payload')
