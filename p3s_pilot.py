@@ -56,6 +56,7 @@ This file uses the Python standard library only: copy it alone onto any node.
 """
 import argparse
 import ctypes
+import errno
 import functools
 import getpass
 import http.client
@@ -338,6 +339,49 @@ def prctl(option, value):
     """prctl(2) where there is one (Linux): whether it took effect."""
     c = libc()
     return bool(c is not None and hasattr(c, 'prctl') and c.prctl(option, value, 0, 0, 0) == 0)
+
+
+def start_payload(command, shell, env, out, err):
+    """Start a payload in a session of its own, to be killed (SIGKILL) when the pilot dies,
+    however the pilot dies, kill -9 included (PR_SET_PDEATHSIG). Through setpriv where it can
+    set that signal: the start then costs what a plain start does, where a preexec_fn makes
+    Python fork rather than vfork and run code in the child (about 1.5 ms more a job here)."""
+    wrapper = pdeathsig_wrapper()
+    if wrapper is None:
+        return subprocess.Popen(command, shell=shell, env=env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=die_with(os.getpid()))
+    if shell:
+        command = ['/bin/sh', '-c', command]
+    else:
+        check_executable(command[0], env)    # a missing one is a nonstarter, not setpriv's 127
+    return subprocess.Popen([wrapper, '--pdeathsig', 'KILL', '--'] + command, env=env,
+                            stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+@functools.lru_cache(maxsize=None)
+def pdeathsig_wrapper():
+    """setpriv of util-linux 2.33 or newer (it sets the parent-death signal, then execs the
+    payload), or None: the payload is then started with a preexec_fn that does the same."""
+    path = shutil.which('setpriv')
+    try:
+        ok = path and subprocess.run([path, '--pdeathsig', 'KILL', '--', path, '--version'],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return path if ok else None
+
+
+def check_executable(name, env):
+    """Raise what Popen would for a program it cannot start (its search of PATH included)."""
+    found = name if os.sep in name else shutil.which(name, os.X_OK,
+                                                     env.get('PATH') or os.defpath)
+    if found is None or not os.path.exists(found):
+        raise FileNotFoundError(errno.ENOENT, 'No such file or directory', name)
+    if os.path.isdir(found) or not os.access(found, os.X_OK):
+        raise PermissionError(errno.EACCES, 'Permission denied', name)
 
 
 def die_with(pilot_pid):
@@ -760,9 +804,7 @@ class Pilot:
             with out, err:
                 try:
                     command, shell, sandbox = command_for(job, env)
-                    proc = subprocess.Popen(command, shell=shell, env=env, stdout=out, stderr=err,
-                                            stdin=subprocess.DEVNULL, start_new_session=True,
-                                            preexec_fn=die_with(os.getpid()))
+                    proc = start_payload(command, shell, env, out, err)
                 except (OSError, ValueError, IndexError) as e:
                     err.write(('nonstarter: %s\n' % e).encode())
                     log.warning('job %s could not start: %s', job_uuid, e)
@@ -902,6 +944,8 @@ class Pilot:
         if not self.adopts:
             log.warning('cannot become a child subreaper (Linux only): what a payload leaves '
                         'behind outside its process group is not ended')
+        log.info('payloads die with this pilot through %s',
+                 pdeathsig_wrapper() or 'a preexec_fn (no setpriv --pdeathsig here)')
         try:
             self.take_site_defaults()
             self.register()

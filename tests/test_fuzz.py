@@ -163,7 +163,7 @@ def http_call(server, method, path, body, token=None):
 
 
 @pytest.mark.parametrize('method,rule', ROUTES)
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(given_path=st.none() | texts, pairs=queries, body=bodies, own=st.booleans())
 def test_no_generated_request_breaks_a_real_server(live, method, rule, given_path, pairs, body,
                                                    own):

@@ -557,24 +557,29 @@ def test_what_a_payload_leaves_behind_ends_with_its_job(clients, server, tmp_pat
     assert re.search(r'left \d+ processes behind: ended', clients.pilot_logs())
 
 
-def running_job(clients, server, tmp_path, **fields):
+def running_job(clients, server, tmp_path, env=None):
     """A pilot running a job that may be retried: (job uuid, pilot process, payload's pid)."""
     started = tmp_path / 'started'
     [job] = clients.submit([make_job('/bin/sh -c "echo $$ >> %s; exec sleep 300"' % started,
-                                     retries=1, **fields)])
-    pilot = clients.pilot('--beat', '0.5')
+                                     retries=1)])
+    pilot = clients.pilot('--beat', '0.5', env=env)
     wait_for(lambda: server.job(job)['state'] == 'running', what='the job to run')
     [payload] = read_pids(started)
     return job, pilot, payload
 
 
-def test_a_payload_dies_with_its_pilot(clients, server, tmp_path):
+@pytest.mark.parametrize('setpriv', [True, False])
+def test_a_payload_dies_with_its_pilot(clients, server, tmp_path, setpriv):
     """kill -9 of a pilot: its payload is killed with it (PR_SET_PDEATHSIG), so that a retry
-    of its job never runs beside it."""
-    job, pilot, payload = running_job(clients, server, tmp_path)
+    of its job never runs beside it; through setpriv, and on a node without it."""
+    empty = tmp_path / 'no-setpriv'
+    empty.mkdir()
+    job, pilot, payload = running_job(clients, server, tmp_path,
+                                      env=None if setpriv else {'PATH': str(empty)})
     pilot.kill()
     pilot.communicate()
     wait_for(lambda: not pid_alive(payload), 10, what='the payload to die with its pilot')
+    assert ('through /' if setpriv else 'through a preexec_fn') in clients.pilot_logs()
 
 
 def test_a_pilot_cut_off_kills_a_job_that_may_run_again(tmp_path):
@@ -704,3 +709,19 @@ def test_a_token_file_that_cannot_be_read_is_a_command_line_error(clients, tmp_p
                            else '--cycles=1')
         assert proc.returncode == 2 and why in proc.stderr and proc.stderr.count('\n') == 1, \
             proc.stderr
+
+
+def test_what_the_front_refuses_is_said_in_json_too(server):
+    """A request line too long for gevent never reaches the app: its refusal still has p3s's
+    error shape."""
+    import http.client
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=30)
+    try:
+        conn.request('GET', '/api/jobs?user=' + 'x' * 10000)
+        reply = conn.getresponse()
+        body = reply.read()
+    finally:
+        conn.close()
+    assert reply.status == 414 and reply.getheader('Content-Type') == 'application/json'
+    assert 'request line longer than' in json.loads(body)['error']
+    assert reply.getheader('X-Content-Type-Options') == 'nosniff'
