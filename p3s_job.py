@@ -74,8 +74,6 @@ EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 
               'unreachable, 4 bad local file, 5 waited for a job or workflow that did not '
               'finish, 130 interrupted.')
 GATEWAY_ERRORS = (502, 503, 504)   # a proxy in front of a server that is away for now
-
-
 RETRY_AFTER_MAX = 30.0             # seconds: the longest Retry-After a client waits for
 
 
@@ -128,7 +126,7 @@ def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
             if e.retry_after is None or time.monotonic() + e.retry_after >= give_up:
                 raise
             time.sleep(e.retry_after)
-            timeout = give_up - time.monotonic()
+            timeout = max(give_up - time.monotonic(), 0.1)
 
 
 def call_once(server, method, path, body, timeout, token):

@@ -156,7 +156,6 @@ ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*\Z')
 # json.loads lets through). Only a complete pair is text; a lone one cannot be stored.
 SURROGATE_RE = re.compile(rb'\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]')
 CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
-LONE_SURROGATE_RE = re.compile('[\ud800-\udfff]')
 XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 
 # The fields each kind of request may carry.
@@ -583,9 +582,8 @@ class Refused(Exception):
 
 def one_line(text):
     """A message that echoes what a request sent stays one line: its control characters (a
-    newline after a uuid) are written as escapes, and a lone surrogate as '?'."""
-    text = CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
-    return text.encode('utf-8', 'replace').decode() if LONE_SURROGATE_RE.search(text) else text
+    newline after a uuid) are written as escapes."""
+    return CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def fail(status, message):
@@ -1259,8 +1257,8 @@ def register_pilot(store, raw, now):
     the pilot, with `secret` (only this answer holds it; the database keeps its hash).
 
     A registration repeated because its answer was lost carries the first one's nonce, and
-    gets a new secret. A uuid registered already is refused to anyone else: holding the
-    shared pilot token does not make one another pilot."""
+    gets a new secret. A uuid registered already is refused to anyone else: the shared pilot
+    token does not let one pilot become another."""
     row = check_pilot(raw, now)
     secret = secrets.token_urlsafe(32)
     row['secret_hash'] = digest(secret)
@@ -1515,7 +1513,7 @@ def apply_report(db, pilot, rep, now):
         return {'status': 'REFUSED', 'error': 'the report is on attempt %d of job %s, which is '
                 'at attempt %d now' % (rep['attempt'], rep['uuid'], held['attempt'])}, []
     # This runs for every job: only the statements a report needs (retries only for a
-    # nonstarter, the workflow engine only for a workflow's job).
+    # nonstarter or a job its pilot lost, the workflow engine only for a workflow's job).
     woken, state = [], held['state']
     if rep['state'] == 'running':
         changed = db.execute(START_JOB, params).rowcount
@@ -5029,8 +5027,7 @@ def parse_args(argv):
     for name in ('token', 'pilot_token'):
         if getattr(args, name + '_file'):           # the file's token: it wins
             setattr(args, name, getattr(args, name + '_file'))
-    if any(a == '--token' or a.startswith('--token=') or a == '--pilot-token'
-           or a.startswith('--pilot-token=') for a in argv):
+    if any(a.split('=')[0] in ('--token', '--pilot-token') for a in argv):
         log.warning('a token given on the command line shows in ps to every user of this host: '
                     'give it in a file (--token-file, --pilot-token-file) or the environment')
     if args.workers < 1 or args.threads < 1 or args.max_waiters < 0:

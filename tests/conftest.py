@@ -334,7 +334,6 @@ class InProcessFront:
         self.wakeups.close()
 
 
-
 def wsgi_call(method, path, body=b'', token=None):
     """One request to the in-process app: (status code, headers, body text). `path` may carry
     a query string; it is percent-encoded as on the wire."""

@@ -24,7 +24,9 @@ GRAPHML = """<?xml version="1.0" encoding="utf-8"?>
 <graph edgedefault="directed">
 <node id="a"><data key="payload">/bin/true</data></node>
 <node id="b"><data key="payload">/bin/true</data></node>
-<edge source="a" target="b"><data key="name">f</data><data key="datatype">TXT</data><data key="datatag">F</data></edge>
+<edge source="a" target="b">
+  <data key="name">f</data><data key="datatype">TXT</data><data key="datatag">F</data>
+</edge>
 </graph>
 </graphml>
 """

@@ -42,7 +42,8 @@ BAD_INPUT = [
     ('POST', '/api/data/inject', {'files': [{'path': '/d/f'}],
                                   'jobs': [{'payload': 'x', 'env': ['ab']}]}, 'env must be'),
     ('POST', '/api/workflows', {'dag': 'g', 'jobinfo': {'a': {'env': None}}}, 'env is null'),
-    ('POST', '/api/workflows', {'dag': 'g', 'jobinfo': {'a': {'payload': None}}}, 'payload is null'),
+    ('POST', '/api/workflows', {'dag': 'g', 'jobinfo': {'a': {'payload': None}}},
+     'payload is null'),
     ('POST', '/api/workflows', {'dag': 'g', 'fileinfo': {'a:b': {'name': 'n', 'dirpath': None}}},
      'dirpath is null'),
     ('POST', '/api/jobs', [{'payload': 'x', 'uuid': UUID + '\n'}], 'uuid'),
@@ -176,8 +177,11 @@ def test_a_database_locked_by_another_process(tmp_path):
                    for _ in range(4)]
         for w in writers:
             w.start()
-        refusals = lambda: server.log_path.read_text().count('POST /api/jobs answered 503')
-        wait_for(lambda: refusals() >= 1, what='a writer refused while another waits')
+
+        def refusals(of):
+            return server.log_path.read_text().count('%s answered 503' % of)
+        wait_for(lambda: refusals('POST /api/jobs') >= 1,
+                 what='a writer refused while another waits')
         assert any(w.is_alive() for w in writers)
         # A submission still waits for the lock, and these are answered all the same.
         assert server.api('GET', '/api/ping')[0] == 200
@@ -195,8 +199,7 @@ def test_a_database_locked_by_another_process(tmp_path):
         client = subprocess.Popen([sys.executable, '-S', os.path.join(ROOT, 'p3s_job.py'), '-a',
                                    '-u', job, '-P', '7'], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=clients.env())
-        refused = lambda: server.log_path.read_text().count('/adjust answered 503')
-        wait_for(lambda: refused() >= 1, what="the client's change refused")
+        wait_for(lambda: refusals('/adjust') >= 1, what="the client's change refused")
         assert client.poll() is None                   # it waits to ask again
         holder.communicate('go\n', timeout=30)
         out, err = client.communicate(timeout=60)
@@ -455,7 +458,7 @@ def test_a_version_2_database_is_migrated_with_its_pilots(tmp_path):
     srv.configure(path).close()                    # once migrated, starting again is harmless
 
 
-# -- secrets stay secret ----------------------------------------------------------------------------
+# -- secrets stay secret -------------------------------------------------------------------------
 
 def command_line(pid):
     with open('/proc/%d/cmdline' % pid, 'rb') as f:
@@ -549,11 +552,13 @@ def test_what_a_payload_leaves_behind_ends_with_its_job(clients, server, tmp_pat
     pids = tmp_path / 'pids'
     payload = write_script(tmp_path / 'leaves.sh', LEAVES_CHILDREN.format(pids=pids, end=end))
     [job] = clients.submit([make_job(payload, timeout='3')])
-    clients.run_pilot('--beat', '0.5')
-    assert server.job(job)['state'] == state
+    pilot = clients.pilot('--beat', '0.5', '--cycles', '0', '--wait', '1')
+    wait_for(lambda: server.job(job)['state'] == state, 30, what='the job to end')
     assert len(read_pids(pids)) == 3
-    for pid in read_pids(pids):
-        wait_for(lambda: not pid_alive(pid), 10, what='leftover %d to be ended' % pid)
+    for pid in read_pids(pids):           # ended, and reaped by the pilot that adopted it
+        wait_for(lambda: not os.path.exists('/proc/%d' % pid), 10,
+                 what='leftover %d to be ended' % pid)
+    assert pilot.poll() is None
     assert re.search(r'left \d+ processes behind: ended', clients.pilot_logs())
 
 
@@ -580,6 +585,16 @@ def test_a_payload_dies_with_its_pilot(clients, server, tmp_path, setpriv):
     pilot.communicate()
     wait_for(lambda: not pid_alive(payload), 10, what='the payload to die with its pilot')
     assert ('through /' if setpriv else 'through a preexec_fn') in clients.pilot_logs()
+
+
+def test_a_server_token_file_must_hold_a_token(tmp_path):
+    empty = tmp_path / 'empty'
+    empty.write_text('')
+    for path in (empty, tmp_path / 'none'):
+        proc = run_server_command('--port', '0', '--db', str(tmp_path / 'p3s.db'),
+                                  '--token-file', str(path))
+        assert proc.returncode == 2 and 'token file' in proc.stderr, proc.stderr
+    assert not (tmp_path / 'p3s.db').exists()
 
 
 def test_a_pilot_cut_off_kills_a_job_that_may_run_again(tmp_path):
@@ -724,4 +739,15 @@ def test_what_the_front_refuses_is_said_in_json_too(server):
         conn.close()
     assert reply.status == 414 and reply.getheader('Content-Type') == 'application/json'
     assert 'request line longer than' in json.loads(body)['error']
+    assert reply.getheader('X-Content-Type-Options') == 'nosniff'
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=30)
+    try:                                     # a body too large, refused before it is read
+        conn.putrequest('POST', '/api/jobs')
+        conn.putheader('Content-Length', str(srv.MAX_BODY + 1))
+        conn.endheaders()
+        reply = conn.getresponse()
+        body = reply.read()
+    finally:
+        conn.close()
+    assert reply.status == 413 and 'larger than' in json.loads(body)['error']
     assert reply.getheader('X-Content-Type-Options') == 'nosniff'
