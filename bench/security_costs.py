@@ -104,8 +104,8 @@ def locked_database():
                       % (path, (time.monotonic() - t) * 1e3))
             for w in writers:
                 w.join()
-            print('4 submissions:', ', '.join('%d after %.2f s' % (code, s)
-                                             for s, code in sorted(answers)))
+            said = ['%d after %.2f s' % (code, s) for s, code in sorted(answers)]
+            print('4 submissions:', ', '.join(said))
         finally:
             holder.communicate('go\n')
 
