@@ -4,7 +4,8 @@
     python p3s_server.py [--host 127.0.0.1] [--port 8080] [--db ./p3s.db] [--workers N]
                          [--threads N] [--max-waiters N] [--pilot-timeout S]
                          [--sync normal|full] [--keep-days N] [--request-timeout S]
-                         [--log FILE] [--token T] [--pilot-token T] [--private] [--insecure]
+                         [--log FILE] [--token-file FILE] [--pilot-token-file FILE]
+                         [--token T] [--pilot-token T] [--private] [--insecure]
     python p3s_server.py check [--db ./p3s.db]
     python p3s_server.py purge --older 7d [--state S] [--db ./p3s.db]
 
@@ -31,6 +32,7 @@ import os
 import posixpath
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -66,7 +68,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_FILES = HERE if os.path.exists(os.path.join(HERE, 'schema.sql')) else os.path.join(
     HERE, 'p3s_server_files')
 SCHEMA_FILE = os.path.join(SERVER_FILES, 'schema.sql')
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
 
 DEFAULT_PORT = 8080
@@ -91,6 +93,7 @@ MAX_WAIT = 30.0                  # seconds a pilot may wait for work in one requ
 DEFAULT_PILOT_TIMEOUT = 120.0    # silence after which a pilot is lost
 SWEEP_PERIOD = 5.0               # seconds between housekeeping passes (at most)
 TIMELIMIT_GRACE = 60             # a running job this far past its timelimit is killed by the server
+LOST_RETRY_DELAY = 20            # seconds a lost job with retries waits for its pilot to kill it
 PURGE_BATCH = 1000               # rows deleted per transaction, so brokerage never waits long
 PURGE_WORKFLOW_BATCH = 10        # workflows (with all their jobs) deleted per transaction
 PURGE_PERIOD = 3600.0            # seconds between retention passes (--keep-days)
@@ -100,7 +103,12 @@ DEFAULT_MAX_PENDING = 10
 DEFAULT_PENDING_TIMEOUT = 600
 REGISTER_GRACE = 300             # seconds a started batch job may take to become a pilot
 PILOT_END_MARGIN = 10            # seconds a batch pilot keeps free before its end (the pilot's)
+MAX_DURATION = 100 * 365 * 86400  # seconds: the longest timeout or age a command line may give
 BUSY_TIMEOUT_MS = 10000
+# A writer that has waited this long for SQLite's write lock means another process holds it:
+# the other writers of this process answer 503 at once rather than queue behind it.
+STALLED_WRITER = 2.0
+STORAGE_RETRY_AFTER = 2          # seconds a client is told to wait after a 503
 
 # Limits of what a request may carry.
 MAX_BODY = 64 * 1024 * 1024      # bytes in one request body (10,000 jobs are about 5 MB)
@@ -123,6 +131,7 @@ MAX_EXT = 16
 MAX_CAP = 10 ** 6
 MAX_MESSAGE = 64 * 1024
 MAX_INJECT_FILES = 100000
+MIN_NONCE = 16                   # characters of a pilot's registration nonce
 # Why a queued job waits (job_waiting): what it looks at, at most.
 WAIT_PILOT_KINDS = 50            # kinds of live pilots (site, job types)
 WAIT_AHEAD_CAP = 10000           # queued jobs ahead of it, counted up to this many
@@ -138,7 +147,9 @@ LIVE_JOB_STATES = QUEUED_STATES + ACTIVE_STATES        # not yet ended
 TERMINAL_STATES = ('finished', 'failed', 'timelimit', 'nonstarter', 'lost', 'killed',
                    'stale', 'dropped', 'cancelled')
 BAD_END_STATES = ('failed', 'timelimit', 'nonstarter', 'lost')
-REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'killed')
+# 'lost': a pilot cut off from the server for a pilot timeout kills a job that may be retried
+# (the server will have taken the pilot for lost, and may run the job again).
+REPORT_STATES = ('running', 'finished', 'failed', 'timelimit', 'nonstarter', 'killed', 'lost')
 PILOT_STATES = ('active', 'idle', 'dispatched', 'running', 'stopped', 'lost', 'killed')
 LIVE_PILOT_STATES = ('active', 'idle', 'dispatched', 'running')
 PILOT_GONE = ('stopped', 'lost', 'killed')
@@ -153,15 +164,21 @@ BATCH_STATES = ('pending', 'running', 'finished', 'failed', 'cancelled', 'never_
 BATCH_LIVE = ('pending', 'running')
 BATCH_ENDS = ('finished', 'failed', 'cancelled', 'ended')    # 'ended': gone, outcome unknown
 
-UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')
-ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+# \Z, not $: a $ also matches before a final newline, and 'uuid\n' would pass as a uuid.
+UUID_RE = re.compile(r'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z')
+ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*\Z')
+# A UTF-16 surrogate in a JSON body: an escape such as \ud800, or its raw UTF-8 bytes (which
+# json.loads lets through). Only a complete pair is text; a lone one cannot be stored.
+SURROGATE_RE = re.compile(rb'\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]')
+CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
 XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 
 # The fields each kind of request may carry.
 JOB_FIELDS = {'uuid', 'name', 'user', 'subhost', 'jobtype', 'payload', 'env', 'priority',
               'timelimit', 'deadline', 'site', 'state', 'retries'}
-PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes'}
-REPORT_FIELDS = {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago'}
+PILOT_FIELDS = {'uuid', 'host', 'site', 'pid', 'extra', 'jobtypes', 'nonce'}
+REPORT_FIELDS = {'job', 'state', 'pid', 'errcode', 'stdout', 'stderr', 'elapsed', 'ago',
+                 'attempt'}
 DAG_FIELDS = {'name', 'user', 'description', 'graphml', 'replace'}
 WORKFLOW_FIELDS = {'dag', 'name', 'user', 'description', 'state', 'fileinfo', 'jobinfo',
                    'deadline'}
@@ -190,6 +207,7 @@ MON_GRAPH_MAX = 300              # vertices drawn; a larger graph is shown as ta
 MON_COUNT_CAP = 10000            # a listing counts its matches up to this many
 MON_LISTING_KEYS = ('sort', 'page', 'perpage', 'refresh')   # taken besides a listing's filters
 MON_PERPAGE = (25, 50, 100, 200, 400)
+MON_MAX_PAGE = 10 ** 6           # pages of a listing (its offset must fit SQLite's integers)
 MON_LATENCY_CAP = 20000          # starts used for the latency percentiles
 MON_WAIT_ALARM = 600             # seconds a queued job may wait before the checklist fails
 MON_FAIL_MIN, MON_FAIL_SHARE = 10, 0.5   # jobs that ended badly in an hour: when it is a failure
@@ -395,6 +413,9 @@ class SQLite:
     def leader_lock(self, rundir):
         return FileLock(os.path.join(rundir, 'housekeeper.lock'))
 
+    def trouble(self, error):
+        return storage_trouble(error)
+
     def wakeups(self, rundir):
         return Wakeups(rundir)
 
@@ -458,6 +479,7 @@ class Store:
         self.sync = sync
         self.wakeups = wakeups
         self.write_lock = threading.Lock() if self.db.serial_writes else nullcontext()
+        self.stalled_since = None         # when the writer now in BEGIN IMMEDIATE began to wait
         self.idle = deque()               # connections not in use (append and pop are atomic)
         self.opened = []
         with self.connection() as db:
@@ -506,14 +528,38 @@ class Store:
         """One write transaction: BEGIN (IMMEDIATE: SQLite's write lock first) ... COMMIT,
         rolled back on any error. `durable`: the commit must survive a power loss (under
         --sync full)."""
-        with self.write_lock, self.connection() as db:
-            self.db.begin(db, durable and self.sync == 'full')
+        with self.write_turn(), self.connection() as db:
+            self.stalled_since = time.monotonic()
+            try:
+                self.db.begin(db, durable and self.sync == 'full')
+            finally:
+                self.stalled_since = None
             try:
                 yield db
+                db.execute('COMMIT')
             except BaseException:
-                db.execute('ROLLBACK')
+                if db.in_transaction:            # a failed COMMIT may have rolled back already
+                    db.execute('ROLLBACK')
                 raise
-            db.execute('COMMIT')
+
+    @contextmanager
+    def write_turn(self):
+        """This process's turn to write, after the transaction of another thread, but not
+        behind one that has waited STALLED_WRITER seconds for SQLite's write lock: another
+        process holds it, and waiting in line here would only make each request wait out the
+        busy timeout in turn. That is SQLite's own 'database is locked' (a 503), at once.
+        (PostgreSQL's writers run at once: no turns.)"""
+        if not self.db.serial_writes:
+            yield
+            return
+        while not self.write_lock.acquire(timeout=STALLED_WRITER / 4):
+            since = self.stalled_since
+            if since is not None and time.monotonic() - since > STALLED_WRITER:
+                raise sqlite3.OperationalError('database is locked')
+        try:
+            yield
+        finally:
+            self.write_lock.release()
 
     def wake(self, jobs):
         """Pilots waiting for work, in any server process, may run these (jobtype, site) now."""
@@ -699,6 +745,10 @@ class PostgresConnection:
     synced = None
     serial_writes = False           # others write at once: lock what a decision rests on
 
+    @property
+    def in_transaction(self):
+        return self.raw.info.transaction_status != self.raw.info.transaction_status.IDLE
+
     def __init__(self, dsn):
         import psycopg
         from psycopg.types.numeric import NumericLoader
@@ -793,6 +843,20 @@ class PostgreSQL:
 
     def leader_lock(self, rundir):
         return AdvisoryLock(self.dsn, PG_HOUSEKEEPER_LOCK)
+
+    def trouble(self, error):
+        """The reason a PostgreSQL error makes a request fail for now (a 503), or None."""
+        errors = self.psycopg.errors
+        for kinds, reason in (
+                ((errors.SerializationFailure, errors.DeadlockDetected),
+                 'another transaction changed the same rows at the same time'),
+                ((errors.DiskFull,), 'its disk is full'),
+                ((errors.ReadOnlySqlTransaction,), 'it is read-only'),
+                ((errors.QueryCanceled, errors.LockNotAvailable), 'it is busy'),
+                (self.unavailable, 'it cannot be reached')):
+            if isinstance(error, kinds):
+                return reason
+        return None
 
     def wakeups(self, rundir):
         return PostgresWakeups(rundir, self.dsn)
@@ -894,9 +958,16 @@ class Refused(Exception):
     into {"error": message}; the domain never imports the web framework's errors."""
 
     def __init__(self, status, message):
+        message = one_line(message)
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def one_line(text):
+    """A message that echoes what a request sent stays one line: its control characters (a
+    newline after a uuid) are written as escapes."""
+    return CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def fail(status, message):
@@ -1070,7 +1141,7 @@ ON CONFLICT (uuid) DO NOTHING
 SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
 GET_JOB_LOGS = 'SELECT stdout, stderr FROM joblogs WHERE job = :uuid'
 # With its type's cap: a job of a capped type that ends frees a slot for a waiting pilot.
-GET_JOB_HOLDER = ('SELECT state, pilot, workflow, jobtype,'
+GET_JOB_HOLDER = ('SELECT state, pilot, workflow, jobtype, attempt,'
                   ' (SELECT cap FROM jobtypes WHERE name = jobs.jobtype) AS cap'
                   ' FROM jobs WHERE uuid = :uuid')
 LIST_JOBS = 'SELECT ' + JOB_COLUMNS + ' FROM jobs'
@@ -1349,10 +1420,17 @@ def insert_attempts(db, old_rows, now, state):
 # ---------------------------------------------------------------------------------------------
 
 INSERT_PILOT = """
-INSERT INTO pilots (uuid, host, site, pid, extra, jobtypes, state, registered_at, last_seen)
-VALUES (:uuid, :host, :site, :pid, :extra, :jobtypes, 'active', :now, :now)
+INSERT INTO pilots (uuid, host, site, pid, extra, jobtypes, state, registered_at, last_seen,
+                    secret_hash, nonce_hash)
+VALUES (:uuid, :host, :site, :pid, :extra, :jobtypes, 'active', :now, :now, :secret_hash,
+        :nonce_hash)
 ON CONFLICT (uuid) DO NOTHING
 """
+# A registration repeated with the nonce of the first (whose answer was lost) gets a new secret.
+RENEW_PILOT_SECRET = """
+UPDATE pilots SET secret_hash = :secret_hash WHERE uuid = :uuid AND nonce_hash = :nonce_hash
+"""
+GET_PILOT_SECRET = 'SELECT secret_hash FROM pilots WHERE uuid = :uuid'
 LIST_PILOTS = 'SELECT ' + PILOT_COLUMNS + ', ' + PILOT_DRAIN + ' FROM pilots'
 PILOT_FILTERS = {
     'state': 'state = :state',
@@ -1447,10 +1525,15 @@ INSERT INTO joblogs (job, stdout, stderr) VALUES (:uuid, :stdout, :stderr)
 ON CONFLICT (job) DO UPDATE SET stdout = excluded.stdout, stderr = excluded.stderr
 """
 # Opt-in retries ("retries": N): a job that was lost or could not start, never one that ran to
-# an exit code, goes back to the queue in its old place.
-RETRY_JOBS = """
-UPDATE jobs SET state = 'defined', retries = retries - 1, pilot = NULL, host = NULL, pid = NULL,
-                errcode = NULL, dispatched_at = NULL, started_at = NULL, stopped_at = NULL
+# an exit code, goes back to the queue in its old place, as its next attempt: a report on an
+# earlier attempt is refused. A job its pilot reported lost or nonstarter is queued at once; one
+# the sweep found lost waits until its pilot, if still alive, has surely killed it (sweep).
+RETRY_SET = """
+UPDATE jobs SET state = 'defined', retries = retries - 1, attempt = attempt + 1, pilot = NULL,
+                host = NULL, pid = NULL, errcode = NULL, dispatched_at = NULL, started_at = NULL,
+                stopped_at = NULL
+"""
+RETRY_JOBS = RETRY_SET + """
  WHERE uuid IN (SELECT value FROM json_each(:jobs)) AND state IN ('lost', 'nonstarter')
    AND retries > 0
 RETURNING jobtype, site
@@ -1519,6 +1602,9 @@ def check_pilot(raw, now):
     jobtypes = p.get('jobtypes') or []
     if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
         fail(400, 'jobtypes must be a list of names')
+    nonce = text_field(p, 'nonce') or None
+    if nonce is not None and len(nonce) < MIN_NONCE:
+        fail(400, 'nonce must be at least %d characters (a random one)' % MIN_NONCE)
     return {
         'uuid': uuid_field(p, 'uuid') or str(uuidlib.uuid4()),
         'host': text_field(p, 'host'),
@@ -1526,6 +1612,7 @@ def check_pilot(raw, now):
         'pid': int_field(p, 'pid', None, 0, 2 ** 31),
         'extra': text_field(p, 'extra', maxlen=4096),
         'jobtypes': json.dumps(sorted(set(jobtypes))),
+        'nonce_hash': None if nonce is None else digest(nonce),
         'now': now,
     }
 
@@ -1550,6 +1637,7 @@ def check_report(raw):
         'stderr': log_tail(rep, 'stderr'),
         'elapsed': number_field(rep, 'elapsed', None, 0, MAX_TIMELIMIT),  # since the start
         'ago': number_field(rep, 'ago', 0, 0, MAX_TIMELIMIT),             # since the end
+        'attempt': int_field(rep, 'attempt', None, 1),
     }
 
 
@@ -1568,14 +1656,44 @@ def pilot_dict(row):
 
 
 def register_pilot(store, raw, now):
-    """Create the pilot, or return it as it is if it registered before (a retried request).
-    A pilot of a batch job (`extra` 'slurm:1234') is linked to that batch job."""
+    """Create the pilot with a secret of its own, which every later call of the pilot carries:
+    the pilot, with `secret` (only this answer holds it; the database keeps its hash).
+
+    A registration repeated because its answer was lost carries the first one's nonce, and
+    gets a new secret. A uuid registered already is refused to anyone else: the shared pilot
+    token does not let one pilot become another. A pilot of a batch job (`extra`
+    'slurm:1234') is linked to that batch job."""
     row = check_pilot(raw, now)
+    secret = secrets.token_urlsafe(32)
+    row['secret_hash'] = digest(secret)
     with store.write() as db:
-        db.execute(INSERT_PILOT, row)
+        if not db.execute(INSERT_PILOT, row).rowcount and not (
+                row['nonce_hash'] and db.execute(RENEW_PILOT_SECRET, row).rowcount):
+            fail(409, 'pilot %s is registered already; a pilot registers once, and a new '
+                 'pilot takes a new uuid' % row['uuid'])
         pilot = db.execute(GET_PILOT, row).fetchone()
         link_batch_pilot(db, pilot, now)
-    return pilot_dict(pilot)
+    return dict(pilot_dict(pilot), secret=secret)
+
+
+def digest(secret):
+    """What the database keeps of a secret: its SHA-256 (the secrets are random, 256 bits)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def authenticate_pilot(store, pilot_uuid, secret):
+    """The pilot a call of its own names (work, report, heartbeat, stop), once the call proved
+    it comes from that pilot: it carries the secret given at its registration."""
+    pilot_uuid = check_uuid(pilot_uuid, 'pilot')
+    row = store.one(GET_PILOT_SECRET, {'uuid': pilot_uuid})
+    if row is None:
+        fail(404, 'no such pilot: %s (a pilot that the server does not know registers '
+             'again)' % pilot_uuid)
+    if not (secret and row['secret_hash']
+            and hmac.compare_digest(digest(secret), row['secret_hash'])):
+        fail(401, "this call needs pilot %s's own secret, given at its registration, as its "
+             'bearer token' % pilot_uuid)
+    return pilot_uuid
 
 
 def get_pilot(store, pilot_uuid):
@@ -1615,8 +1733,10 @@ def request_work(store, pilot_uuid, now, report=None, left=None):
             reply, released = leave_drained(db, pilot, now)
             woken += released
         else:
-            # The job a report was just given on is not one to deliver again.
-            redeliver = report is None or report['uuid'] != pilot['job']
+            # The job a report just ended is not one to deliver again (a refused report may
+            # be on an earlier attempt of the job the pilot holds now).
+            redeliver = (report is None or report['uuid'] != pilot['job']
+                         or not (note or {}).get('changed'))
             reply = claim_for(db, pilot, now, store.idle_touch, left, redeliver)
     store.wake(woken)
     if note is not None:
@@ -1826,8 +1946,11 @@ def apply_report(db, pilot, rep, now):
                 'error': 'job %s is not held by pilot %s' % (rep['uuid'], pilot['uuid'])}, []
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot), []
+    if rep.get('attempt') not in (None, held['attempt']):
+        return {'status': 'REFUSED', 'error': 'the report is on attempt %d of job %s, which is '
+                'at attempt %d now' % (rep['attempt'], rep['uuid'], held['attempt'])}, []
     # This runs for every job: only the statements a report needs (retries only for a
-    # nonstarter, the workflow engine only for a workflow's job).
+    # nonstarter or a job its pilot lost, the workflow engine only for a workflow's job).
     woken, state = [], held['state']
     if rep['state'] == 'running':
         changed = db.execute(START_JOB, params).rowcount
@@ -1839,7 +1962,7 @@ def apply_report(db, pilot, rep, now):
             db.execute(PILOT_JOB_DONE, params)
             if elapsed is not None:
                 process_metrics().ran(held['jobtype'], elapsed - params['ago'])
-            if rep['state'] == 'nonstarter':
+            if rep['state'] in ('nonstarter', 'lost'):
                 woken = retry_jobs(db, [rep['uuid']])
             if held['cap'] is not None:
                 woken += free_slots(db, [held['jobtype']])
@@ -1918,6 +2041,15 @@ UPDATE jobs SET state = 'lost', stopped_at = :now
  WHERE pilot IN (SELECT value FROM json_each(:pilots)) AND state IN """ + SQL_ACTIVE + """
 RETURNING uuid
 """
+# A lost job with retries left runs again only once its last attempt cannot be alive: its pilot,
+# if it lives, kills the payload of such a job when it has heard nothing from the server for a
+# pilot timeout (the server lost it after as long a silence), and takes LOST_RETRY_DELAY at most
+# to do it; a pilot that died took its payload with it. Must repeat the condition of the partial
+# index jobs_lost_retries to use it.
+RETRY_LOST_JOBS = RETRY_SET + """
+ WHERE state = 'lost' AND retries > 0 AND stopped_at < :fenced
+RETURNING jobtype, site
+"""
 # A pilot should have killed these itself; it did not (or cannot), so the server ends them and
 # the pilot's next heartbeat is answered KILL.
 KILL_OVERDUE_JOBS = """
@@ -1970,7 +2102,8 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
     """Housekeeping: pilots silent for longer than pilot_timeout are lost, with their jobs;
     running jobs far past their timelimit end `timelimit`; queued jobs past their deadline
     go stale."""
-    params = {'now': now, 'cutoff': seconds_before(now, pilot_timeout), 'grace': TIMELIMIT_GRACE}
+    params = {'now': now, 'cutoff': seconds_before(now, pilot_timeout), 'grace': TIMELIMIT_GRACE,
+              'fenced': seconds_before(now, LOST_RETRY_DELAY)}
     lost, woken = [], []
     with store.write(durable=False) as db:
         if lose_pilots:
@@ -1978,7 +2111,8 @@ def sweep(store, now, pilot_timeout, lose_pilots=True):
         if lost:
             jobs = [r['uuid'] for r in db.execute(LOSE_PILOT_JOBS,
                                                    dict(params, pilots=json.dumps(lost)))]
-            woken = retry_jobs(db, jobs) + workflow_hook(db, jobs, now)
+            woken = workflow_hook(db, jobs, now)
+        woken += [tuple(r) for r in db.execute(RETRY_LOST_JOBS, params)]
         overdue = [r['uuid'] for r in db.execute(KILL_OVERDUE_JOBS, params)]
         woken += workflow_hook(db, overdue, now)
         stale = [r['uuid'] for r in db.execute(STALE_JOBS, params)]
@@ -2394,30 +2528,46 @@ def check_fileinfo(fileinfo, edges):
             return fileinfo, {}
         fail(400, "fileinfo is 'sticky', 'inherit:NAME' or a JSON object keyed 'source:target'")
     keys = {'%s:%s' % (e['source'], e['target']) for e in edges}
+    overrides = {}
     for key, value in check_object(fileinfo, 'fileinfo').items():
         with context('fileinfo %r' % key[:MAX_TEXT]):
             if key not in keys:
                 fail(400, 'no such edge in the DAG')
             check_known(check_object(value, 'each entry'), {'name', 'dirpath', 'comment'},
                         'fileinfo')
-            for field in value:
-                text_field(value, field, maxlen=MAX_PATH, required=field == 'name')
-    return 'uuid', fileinfo
+            no_nulls(value)
+            overrides[key] = {field: text_field(value, field, maxlen=MAX_PATH,
+                                                required=field == 'name') for field in value}
+    return 'uuid', overrides
+
+
+# What jobinfo may override in each vertex, and how each override is checked.
+JOBINFO_CHECKS = {'payload': lambda v: text_field(v, 'payload', maxlen=MAX_PAYLOAD),
+                  'env': env_field,
+                  'priority': lambda v: int_field(v, 'priority'),
+                  'timelimit': lambda v: int_field(v, 'timelimit', None, 1, MAX_TIMELIMIT)}
 
 
 def check_jobinfo(jobinfo, vertices):
+    """{vertex: {field: value}}: the overrides given, checked."""
     names = {v['name'] for v in vertices}
+    overrides = {}
     for vertex, value in check_object(jobinfo or {}, 'jobinfo').items():
         with context('jobinfo %r' % vertex[:MAX_TEXT]):
             if vertex not in names:
                 fail(400, 'no such vertex in the DAG')
-            check_known(check_object(value, 'each entry'),
-                        {'payload', 'env', 'priority', 'timelimit'}, 'jobinfo')
-            text_field(value, 'payload', maxlen=MAX_PAYLOAD)
-            env_field(value)
-            int_field(value, 'priority')
-            int_field(value, 'timelimit', None, 1, MAX_TIMELIMIT)
-    return jobinfo or {}
+            check_known(check_object(value, 'each entry'), set(JOBINFO_CHECKS), 'jobinfo')
+            no_nulls(value)
+            overrides[vertex] = {k: check(value) for k, check in JOBINFO_CHECKS.items()
+                                 if k in value}
+    return overrides
+
+
+def no_nulls(entry):
+    """An override is a value: a null would silently override nothing."""
+    for key, value in entry.items():
+        if value is None:
+            fail(400, '%s is null: give a value, or leave it out' % key)
 
 
 def check_new_workflow(raw):
@@ -3076,10 +3226,17 @@ def list_batchjobs(store, query):
 
 
 def get_batchjob(store, batchjob_id):
-    row = store.one(GET_BATCHJOB, {'id': batchjob_id})
+    row = find_batchjob(store, batchjob_id)
     if row is None:
         fail(404, 'no such batch job: %d' % batchjob_id)
     return dict(row)
+
+
+def find_batchjob(store, batchjob_id):
+    """A batch job by its number, or None (also for a number no row can have)."""
+    if not INT_RANGE[0] <= batchjob_id <= INT_RANGE[1]:
+        return None
+    return store.one(GET_BATCHJOB, {'id': batchjob_id})
 
 
 def pool_settings(site):
@@ -3289,6 +3446,10 @@ def check_injection(raw):
         fail(400, 'give jobs (a list of job templates) or dag (a DAG name), not both')
     if body.get('jobs') is not None and (not isinstance(body['jobs'], list) or not body['jobs']):
         fail(400, 'jobs must be a non-empty list of job templates')
+    for template in body.get('jobs') or ():             # each file's jobs add to their env
+        env_field(check_object(template, 'each job'))
+    if body.get('dag') is not None:
+        text_field(body, 'dag', required=True)
     dedup = text_field(body, 'dedup', 'path')
     if dedup not in DEDUP:
         fail(400, 'dedup is one of %s' % ', '.join(DEDUP))
@@ -3336,8 +3497,7 @@ def inject_file(db, req, path, skip, now):
     woken = []
     if not skip and req.get('jobs') is not None:
         rows = [check_job(dict(t, uuid=str(uuidlib.uuid4()),
-                               env=dict(check_object(t, 'each job').get('env') or {},
-                                        P3S_INPUT_FILE=path)), now)
+                               env=dict(t.get('env') or {}, P3S_INPUT_FILE=path)), now)
                 for t in req['jobs']]
         insert_jobs(db, rows)
         data['targetuuid'] = rows[-1]['uuid']
@@ -3778,10 +3938,19 @@ def workflow_families(db, core):
 
 app = Bottle()
 bottle.TEMPLATE_PATH[:] = [os.path.join(SERVER_FILES, 'views')]
+# The front has read each body into memory already: Bottle must not copy a large one into a
+# temporary file (a full or failing /tmp would make a submission fail for no reason of its own).
+bottle.BaseRequest.MEMFILE_MAX = MAX_BODY + 1
 
 
 def store():
     return app.config['p3s.store']
+
+
+def own_pilot(pilot_uuid):
+    """The pilot named by a call of its own, which must carry the pilot's secret as its bearer
+    token (the shared pilot token only registers)."""
+    return authenticate_pilot(store(), pilot_uuid, bearer_token())
 
 
 def json_body():
@@ -3792,9 +3961,23 @@ def json_body():
     if len(raw) > MAX_BODY:
         fail(413, 'request body larger than %d bytes' % MAX_BODY)
     try:
-        return json.loads(raw or b'{}')
+        value = json.loads(raw or b'{}')
     except (ValueError, UnicodeDecodeError) as e:
         fail(400, 'request body is not valid JSON: %s' % e)
+    except RecursionError:
+        fail(400, 'request body is not valid JSON: nested too deeply')
+    if SURROGATE_RE.search(raw):
+        check_unicode(value)
+    return value
+
+
+def check_unicode(value):
+    """Refuse text that cannot be written as UTF-8: a lone surrogate."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        fail(400, 'request body holds a lone UTF-16 surrogate (\\ud800 to \\udfff), which is '
+             'not text')
 
 
 @app.get('/api')
@@ -3846,7 +4029,8 @@ def api_retry_jobs():
 @app.post('/api/pilots')
 def api_register_pilot():
     pilot = register_pilot(store(), json_body(), utcnow())
-    return {'status': 'OK', 'state': pilot['state'], 'pilot': pilot,
+    secret = pilot.pop('secret')
+    return {'status': 'OK', 'state': pilot['state'], 'pilot': pilot, 'secret': secret,
             'pilot_timeout': app.config['p3s.pilot_timeout'], 'max_wait': MAX_WAIT}
 
 
@@ -3863,7 +4047,7 @@ def api_get_pilot(pilot_uuid):
 @app.post('/api/pilots/<pilot_uuid>/work')
 def api_request_work(pilot_uuid):
     """Ask for a job, optionally delivering the final report of the previous one with it."""
-    pilot_uuid = check_uuid(pilot_uuid, 'pilot')
+    pilot_uuid = own_pilot(pilot_uuid)
     body = check_object(json_body(), 'request')
     check_known(body, {'wait', 'report', 'left'}, 'request')
     # A held pilot sends nothing, so it must be answered well within the pilot timeout.
@@ -3882,24 +4066,27 @@ def api_request_work(pilot_uuid):
 
 @app.post('/api/pilots/<pilot_uuid>/report')
 def api_report(pilot_uuid):
-    return report_job(store(), check_uuid(pilot_uuid, 'pilot'), check_report(json_body()), utcnow())
+    pilot_uuid = own_pilot(pilot_uuid)
+    return report_job(store(), pilot_uuid, check_report(json_body()), utcnow())
 
 
 @app.post('/api/pilots/<pilot_uuid>/heartbeat')
 def api_heartbeat(pilot_uuid):
+    pilot_uuid = own_pilot(pilot_uuid)
     body = check_object(json_body(), 'heartbeat')
     check_known(body, {'job'}, 'heartbeat')
-    return heartbeat(store(), check_uuid(pilot_uuid, 'pilot'), uuid_field(body, 'job'), utcnow())
+    return heartbeat(store(), pilot_uuid, uuid_field(body, 'job'), utcnow())
 
 
 @app.post('/api/pilots/<pilot_uuid>/stop')
 def api_stop_pilot(pilot_uuid):
+    pilot_uuid = own_pilot(pilot_uuid)
     body = check_object(json_body(), 'stop')
     check_known(body, {'state'}, 'stop')
     state = body.get('state', 'stopped')
     if state not in ('stopped', 'killed'):
         fail(400, "a pilot stops as 'stopped' or 'killed'")
-    return stop_pilot(store(), check_uuid(pilot_uuid, 'pilot'), state, utcnow())
+    return stop_pilot(store(), pilot_uuid, state, utcnow())
 
 
 @app.post('/api/dags')
@@ -4339,9 +4526,9 @@ def page_number(query, key, default, allowed=None):
         value = int(text)
     except ValueError:
         fail(400, '%s must be a whole number, not %r' % (key, text[:32]))
-    if value < 1 or (allowed and value not in allowed):
+    if not 1 <= value <= MON_MAX_PAGE or (allowed and value not in allowed):
         fail(400, '%s must be %s' % (key, 'one of ' + ', '.join(map(str, allowed)) if allowed
-                                     else 'at least 1'))
+                                     else 'between 1 and %d' % MON_MAX_PAGE))
     return value
 
 
@@ -4710,7 +4897,7 @@ def monitor_pilot(pilot_uuid):
 @app.get('/monitor/batchjobs/<batchjob_id:int>')
 def monitor_batchjob(batchjob_id):
     page = Page('Batch job', request.query)
-    row = store().one(GET_BATCHJOB, {'id': batchjob_id})
+    row = find_batchjob(store(), batchjob_id)
     if row is None:
         not_found(page, 'batch job', str(batchjob_id))
     job = dict(row)
@@ -4973,8 +5160,11 @@ def clip(text, n):
 # Authorization
 # ---------------------------------------------------------------------------------------------
 
-# What a pilot token may change: its own registration, work, reports, heartbeats and exit.
-PILOT_PATH = re.compile(r'^/api/pilots(/[^/]+/(work|report|heartbeat|stop))?$')
+# What the shared pilot token may change: a pilot's registration, nothing else. A pilot's own
+# calls (its work, reports, heartbeats and exit) carry its own secret instead, which their
+# routes check (own_pilot), whether or not the server has tokens.
+PILOT_REGISTRATION = '/api/pilots'
+PILOT_OWN_PATH = re.compile(r'^/api/pilots/[^/]+/(work|report|heartbeat|stop)\Z')
 
 
 def bearer_token():
@@ -4989,9 +5179,10 @@ def token_matches(given, expected):
 @app.hook('before_request')
 def authorize():
     """With a token set, every state-changing call (and with --private every call) needs
-    `Authorization: Bearer <token>`; the pilot token opens the pilot calls only."""
+    `Authorization: Bearer <token>`; the pilot token opens a pilot's registration (and reads)
+    only; a pilot's own calls need its own secret, whatever the server's tokens."""
     token, pilot_token = app.config.get('p3s.token'), app.config.get('p3s.pilot_token')
-    if not token:
+    if not token or PILOT_OWN_PATH.match(request.path):
         return
     reading = request.method in ('GET', 'HEAD')
     if reading and not app.config.get('p3s.private'):
@@ -4999,7 +5190,7 @@ def authorize():
     given = bearer_token()
     if token_matches(given, token):
         return
-    if token_matches(given, pilot_token) and (reading or PILOT_PATH.match(request.path)):
+    if token_matches(given, pilot_token) and (reading or request.path == PILOT_REGISTRATION):
         return
     # A hook runs outside the route plugins, so it raises the framework's error itself.
     raise HTTPError(401, 'this call needs a valid token: Authorization: Bearer <token>',
@@ -5014,7 +5205,7 @@ def authorize():
 def json_error(err):
     """Every error answers {"error": "..."}; a 500 is logged with its traceback."""
     response.content_type = 'application/json'
-    if err.status_code >= 500:
+    if err.status_code >= 500 and err.status_code != 503:
         log.error('internal error on %s %s: %s\n%s', request.method, request.path,
                   err.exception, err.traceback)
         return json.dumps({'error': 'internal server error'})
@@ -5025,8 +5216,15 @@ def json_error(err):
     return json.dumps({'error': message})
 
 
-for _code in (400, 401, 403, 404, 405, 409, 413, 500):
+for _code in (400, 401, 403, 404, 405, 409, 413, 500, 503):
     app.error(_code)(json_error)
+
+
+@app.hook('after_request')
+def no_sniffing():
+    """Every answer is what its Content-Type says: a browser must not take an error that echoes
+    the request (a 404 naming its path) for HTML."""
+    response.set_header('X-Content-Type-Options', 'nosniff')
 
 
 def domain_errors(callback):
@@ -5037,9 +5235,44 @@ def domain_errors(callback):
             return callback(*args, **kwargs)
         except Refused as e:
             raise HTTPError(e.status, e.message)
-        except sqlite3.IntegrityError as e:
-            raise HTTPError(409, 'conflicts with stored data: %s' % e)
+        except Exception as e:
+            dialect = store().db
+            if isinstance(e, dialect.conflicts):
+                raise HTTPError(409, 'conflicts with stored data: %s' % e)
+            reason = dialect.trouble(e)
+            if reason is None:
+                raise                                   # a bug: a 500, with its traceback
+            log.warning('%s %s answered 503: %s', request.method, request.path, e)
+            raise HTTPError(503, 'the database cannot take this request now: %s; nothing was '
+                            'changed, try again in %d s' % (reason, STORAGE_RETRY_AFTER),
+                            **{'Retry-After': str(STORAGE_RETRY_AFTER)})
     return wrapper
+
+
+# SQLite's primary result codes that say the storage is in trouble, not the request: the same
+# request may succeed later, and the transaction it was in was rolled back whole.
+STORAGE_TROUBLE = {5: 'it is locked by another process', 6: 'a table is locked',
+                   7: 'the server is out of memory', 8: 'it is read-only',
+                   10: 'a disk I/O error', 11: 'it is damaged (p3s_server.py check)',
+                   13: 'the disk is full', 14: 'its file cannot be opened',
+                   15: 'its lock protocol failed', 26: 'its file is not a database'}
+# The same errors by SQLite's message, for a Python without sqlite_errorcode (before 3.11).
+STORAGE_MESSAGES = {'database is locked': 5, 'database table is locked': 6, 'out of memory': 7,
+                    'attempt to write a readonly database': 8, 'disk I/O error': 10,
+                    'database disk image is malformed': 11, 'database or disk is full': 13,
+                    'unable to open database file': 14, 'locking protocol': 15,
+                    'file is not a database': 26}
+
+
+def storage_trouble(error):
+    """The reason an SQLite error makes a request fail for now (a 503), or None for any other
+    error (a bug)."""
+    if not isinstance(error, sqlite3.Error):
+        return None
+    code = getattr(error, 'sqlite_errorcode', None)
+    if code is None:
+        code = STORAGE_MESSAGES.get(str(error))
+    return STORAGE_TROUBLE.get(code & 0xff) if code is not None else None
 
 
 app.install(domain_errors)
@@ -5092,11 +5325,29 @@ class Handler(gevent.pywsgi.WSGIHandler):
 
     def handle_one_request(self):
         try:
-            return super().handle_one_request()
+            result = super().handle_one_request()
         finally:
             if self.deadline is not None:
                 self.deadline.cancel()
                 self.deadline = None
+        if isinstance(result, tuple):         # gevent refused the request line or headers
+            return result[0], raw_refusal(result[0])
+        return result
+
+
+# What gevent refuses before a request reaches the app, said in p3s's error shape.
+FRONT_REFUSALS = {'414': ('414 Request-URI Too Long', 'request line longer than %d bytes'
+                          % gevent.pywsgi.MAX_REQUEST_LINE),
+                  '400': ('400 Bad Request', 'malformed request line or headers')}
+
+
+def raw_refusal(status):
+    """A whole HTTP response (status line, headers, JSON body) that closes the connection."""
+    line, message = FRONT_REFUSALS.get(status, FRONT_REFUSALS['400'])
+    body = json.dumps({'error': message}).encode()
+    return (('HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n'
+             'X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n')
+            % (line, len(body))).encode() + body
 
 
 class FrontServer(gevent.pywsgi.WSGIServer):
@@ -5276,7 +5527,8 @@ def run_wsgi(app, environ):
 
 
 def json_reply(start_response, status, message, close=False, retry_after=None):
-    headers = [('Content-Type', 'application/json')] + ([('Connection', 'close')] if close else [])
+    headers = ([('Content-Type', 'application/json'), ('X-Content-Type-Options', 'nosniff')]
+               + ([('Connection', 'close')] if close else []))
     if retry_after is not None:
         headers.append(('Retry-After', str(retry_after)))
     start_response(status, headers)
@@ -5571,10 +5823,43 @@ def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, token=N
     return st
 
 
+# SQLite's own catalogue: which tables a database file holds.
+DATABASE_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+
+
+def foreign_database(db_path):
+    """Why the file at db_path must not be taken for p3s's database (None if it is one, or is
+    new or empty): p3s never writes its tables into another program's database."""
+    if db_path == ':memory:' or not os.path.exists(db_path):
+        return None
+    db = sqlite3.connect(db_path)
+    try:
+        tables = {r[0] for r in db.execute(DATABASE_TABLES)}
+    except sqlite3.DatabaseError as e:
+        return '%s is not an SQLite database (%s)' % (db_path, e)
+    finally:
+        db.close()
+    if tables and not {'jobs', 'pilots'} <= tables:
+        return '%s is not a p3s database: its tables are %s' % (
+            db_path, ', '.join(sorted(tables)[:5]) + (', ...' if len(tables) > 5 else ''))
+    return None
+
+
+def existing_database(ap, db_path):
+    """check and purge work on a p3s database that exists: a one-line error (exit 1) if not."""
+    why = 'no database at %s' % db_path if not os.path.exists(db_path) \
+        else foreign_database(db_path)
+    if why:
+        ap.exit(1, 'p3s_server: error: %s\n' % why)
+
+
 def prepare_database(db_path):
     """Create or check the schema once, before any worker starts (and fail here, once, if the
     database cannot be reached)."""
     check_sqlite()
+    why = foreign_database(db_path)
+    if why:
+        raise SystemExit('p3s_server: error: %s' % why)
     dialect = database(db_path)
     try:
         db = dialect.connect()
@@ -5587,18 +5872,34 @@ def prepare_database(db_path):
         db.close()
 
 
+def token_file(path):
+    """--token-file and --pilot-token-file (or the variables that name the file): the token
+    that the file holds, on one line."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError('cannot read the token file %s: %s'
+                                         % (path, getattr(e, 'strerror', None) or e))
+    if not token or '\n' in token:
+        raise argparse.ArgumentTypeError('the token file %s must hold one line, the token'
+                                         % path)
+    return token
+
+
 def parse_duration(text):
     """'7d', '12h', '30m', '45s' or a number of days, in seconds."""
     units = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
     text = text.strip().lower()
     unit = units.get(text[-1:], None)
     try:
-        value = float(text[:-1] if unit else text)
+        value = float(text[:-1] if unit else text) * (unit or 86400)
     except ValueError:
-        raise argparse.ArgumentTypeError('not a duration: %r (use e.g. 7d, 12h, 30m)' % text)
-    if value < 0:
-        raise argparse.ArgumentTypeError('a duration cannot be negative')
-    return value * (unit or 86400)
+        value = float('nan')
+    if not 0 <= value <= MAX_DURATION:              # NaN fails this too
+        raise argparse.ArgumentTypeError('not a duration: %r (use e.g. 7d, 12h, 30m; at most '
+                                         '%d days)' % (text, MAX_DURATION // 86400))
+    return value
 
 
 def parse_args(argv):
@@ -5631,19 +5932,33 @@ def parse_args(argv):
     ap.add_argument('--keep-days', type=float,
                     help='purge terminal jobs and departed pilots older than this, hourly')
     ap.add_argument('--token', default=env('P3S_TOKEN'),
-                    help='token needed for every state-changing call (P3S_TOKEN)')
+                    help='token needed for every state-changing call (P3S_TOKEN); on a command '
+                    'line ps shows it to everyone: prefer --token-file')
+    ap.add_argument('--token-file', type=token_file, default=env('P3S_TOKEN_FILE'),
+                    metavar='FILE', help='read the token from FILE (P3S_TOKEN_FILE)')
     ap.add_argument('--pilot-token', default=env('P3S_PILOT_TOKEN'),
-                    help='a second token that opens only the pilot calls (P3S_PILOT_TOKEN)')
+                    help="a second token that opens only pilots' registrations "
+                    '(P3S_PILOT_TOKEN); prefer --pilot-token-file')
+    ap.add_argument('--pilot-token-file', type=token_file, default=env('P3S_PILOT_TOKEN_FILE'),
+                    metavar='FILE', help='read the pilot token from FILE (P3S_PILOT_TOKEN_FILE)')
     ap.add_argument('--private', action='store_true', help='reads need a token too')
     ap.add_argument('--insecure', action='store_true',
                     help='allow listening beyond loopback without a token')
     args = ap.parse_args(argv)
+    for name in ('token', 'pilot_token'):
+        if getattr(args, name + '_file'):           # the file's token: it wins
+            setattr(args, name, getattr(args, name + '_file'))
+    if any(a.split('=')[0] in ('--token', '--pilot-token') for a in argv):
+        log.warning('a token given on the command line shows in ps to every user of this host: '
+                    'give it in a file (--token-file, --pilot-token-file) or the environment')
     if args.workers < 1 or args.threads < 1 or args.max_waiters < 0:
         ap.error('--workers and --threads must be at least 1, --max-waiters at least 0')
     if not 0 < args.request_timeout <= 3600:
         ap.error('--request-timeout must be between 0 and 3600 seconds')
-    if args.pilot_timeout <= 0:
-        ap.error('--pilot-timeout must be positive')
+    if not 0 < args.pilot_timeout <= MAX_DURATION:        # NaN fails this too
+        ap.error('--pilot-timeout must be a positive number of seconds')
+    if args.keep_days is not None and not 0 < args.keep_days <= MAX_DURATION / 86400:
+        ap.error('--keep-days must be a positive number of days')
     if (args.pilot_token or args.private) and not args.token:
         ap.error('--pilot-token and --private need --token (or P3S_TOKEN)')
     if args.host not in LOOPBACK and not args.token and not args.insecure:
@@ -5672,8 +5987,8 @@ def check_command(argv):
     ap = argparse.ArgumentParser(prog='p3s_server.py check')
     ap.add_argument('--db', default=DEFAULT_DB)
     args = ap.parse_args(argv)
-    if not is_postgres(args.db) and not os.path.exists(args.db):
-        ap.exit(1, 'p3s_server: error: no database at %s\n' % args.db)
+    if not is_postgres(args.db):
+        existing_database(ap, args.db)
     st = configure(args.db)
     with st.read() as db:
         verdict = st.db.integrity(db)
@@ -5697,6 +6012,7 @@ def purge_command(argv):
     args = ap.parse_args(argv)
     if args.state and args.state not in TERMINAL_STATES + PILOT_GONE:
         ap.error('--state must be a terminal job state or stopped/lost/killed')
+    existing_database(ap, args.db)
     st = configure(args.db)
     removed = purge(st, utcnow(), args.older, args.state)
     print('purged %(workflows)d workflows, %(jobs)d other jobs, %(pilots)d pilots and '

@@ -16,7 +16,10 @@ usage:
   python p3s_workflow.py -d -w dag -n NAME[,NAME...]
   python p3s_workflow.py -d -w workflow -u UUID[,UUID...] [--force]
 Add --json for machine-readable output. The server is --server or P3S_SERVER
-(default http://127.0.0.1:8080/); P3S_TOKEN is sent as a bearer token when set.
+(default http://127.0.0.1:8080/); the token, when the server needs one, is read from
+--token-file FILE or the file P3S_TOKEN_FILE names, else from P3S_TOKEN (never give it
+on a command line: ps shows command lines to every user). A 503 (the server's database
+is busy) is asked again after the wait the server names.
 
 A DAG is named after its file unless -n is given; an existing name is refused without
 --replace. A new workflow is named after its DAG unless -n is given, and is a `template` until
@@ -71,17 +74,26 @@ EXIT_CODES = ('Exit codes: 0 ok, 1 refused by the server, 2 bad command line, 3 
 # A proxy in front of a server that is away for now, or a server stopping or in trouble: the
 # same request may succeed later, even if the answer is not p3s's JSON.
 GATEWAY_ERRORS = (500, 502, 503, 504)
+RETRY_AFTER_MAX = 30.0  # seconds: the longest Retry-After a client waits for
+KEEP_ALIVE = 30.0       # seconds a connection stays in use between two requests (the server: 75)
+CONNECTIONS = {}        # (scheme, host:port) -> (the connection kept for it, when last used)
+PROXIED = {}            # (scheme, host:port) -> whether a proxy stands between
 
 
 class P3SError(Exception):
     """A failure with a one-line message; `code` is the exit code it leads to. `transient`:
     the same request may succeed later (the server is away or restarting), so it may be
-    retried; any other failure will not go away by asking again."""
+    retried; any other failure will not go away by asking again. `status`: the HTTP status
+    of a refusal; `retry_after`: the seconds a p3s server asked to wait before asking again
+    (a 503: its database could not take the request, and nothing was changed)."""
 
-    def __init__(self, message, code=EXIT_REFUSED, transient=False):
+    def __init__(self, message, code=EXIT_REFUSED, transient=False, status=None,
+                 retry_after=None):
         super().__init__(message)
         self.code = code
         self.transient = transient
+        self.status = status
+        self.retry_after = retry_after
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,27 +117,36 @@ def server_url(text):
     return url
 
 
-KEEP_ALIVE = 30.0      # seconds a connection stays in use between two requests (the server: 75)
-CONNECTIONS = {}       # (scheme, host:port) -> (the connection kept for it, when last used)
-PROXIED = {}           # (scheme, host:port) -> whether a proxy stands between
-
-
 def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
-    """One JSON request to the server. The only code that touches the network."""
+    """One JSON request to the server. A p3s server that answers 503 with a Retry-After
+    changed nothing: the request is sent again after that wait, as long as it fits within
+    `timeout`."""
+    give_up = time.monotonic() + timeout
+    while True:
+        try:
+            return call_once(server, method, path, body, timeout, token)
+        except P3SError as e:
+            if e.retry_after is None or time.monotonic() + e.retry_after >= give_up:
+                raise
+            time.sleep(e.retry_after)
+            timeout = max(give_up - time.monotonic(), 0.1)
+
+
+def call_once(server, method, path, body, timeout, token):
     url = server.rstrip('/') + path
     headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-    token = token or next(filter(None, map(os.environ.get, TOKEN_VARIABLES)), None)
+    token = token or environment_token(TOKEN_VARIABLES)
     if token:
         headers['Authorization'] = 'Bearer ' + token
     data = None if body is None else json.dumps(body).encode()
     try:
-        status, reason, raw = send(url, method, data, headers, timeout)
+        status, reason, answer_headers, raw = send(url, method, data, headers, timeout)
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
         raise P3SError('cannot reach the server at %s: %s' % (server, reason),
                        EXIT_UNREACHABLE, transient=True) from None
     if status >= 400:
-        raise refusal(server, status, reason, raw)
+        raise refusal(server, status, reason, answer_headers, raw)
     try:
         return json.loads(raw.decode() or '{}')
     except ValueError:
@@ -134,9 +155,10 @@ def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
 
 
 def send(url, method, data, headers, timeout):
-    """(status, reason, body) of one request, on the connection kept for its server: a pilot
-    asks many times, and a new connection for each would cost both sides. Through a proxy
-    (http_proxy and the like), urllib makes each request, as it knows proxies."""
+    """(status, reason, headers, body) of one request, on the connection kept for its server:
+    a pilot asks many times, and a new connection for each would cost both sides. Through a
+    proxy (http_proxy and the like), urllib makes each request, as it knows proxies. The only
+    code that touches the network."""
     parts = urllib.parse.urlsplit(url)
     key = (parts.scheme, parts.netloc)
     if key not in PROXIED:
@@ -167,31 +189,79 @@ def send(url, method, data, headers, timeout):
         conn.close()
     else:
         CONNECTIONS[key] = (conn, time.monotonic())
-    return reply.status, reply.reason, raw
+    return reply.status, reply.reason, reply.headers, raw
 
 
 def send_by_urllib(url, method, data, headers, timeout):
     req = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as reply:
-            return reply.status, reply.reason, reply.read()
+            return reply.status, reply.reason, reply.headers, reply.read()
     except urllib.error.HTTPError as e:
-        return e.code, e.reason, e.read()
+        return e.code, e.reason, e.headers, e.read()
 
 
-def refusal(server, status, reason, raw):
+def environment_token(names):
+    """The token of the first of these variables that is set: NAME_FILE names a file holding
+    it (read at each request, so a token changed in its file is used at once), NAME holds it.
+    Neither is seen on a command line, as a token given there would be (ps shows it)."""
+    for name in names:
+        if os.environ.get(name + '_FILE'):
+            return read_token(os.environ[name + '_FILE'])
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def read_token(path):
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise P3SError('cannot read the token file %s: %s'
+                       % (path, getattr(e, 'strerror', None) or e), EXIT_INPUT) from None
+    if not token or '\n' in token:
+        raise P3SError('the token file %s must hold one line, the token' % path, EXIT_INPUT)
+    return token
+
+
+def token_file(path):
+    """--token-file FILE: the file must hold the token now; it is read again at each request,
+    in place of the token variables."""
+    try:
+        read_token(path)
+    except P3SError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    os.environ[TOKEN_VARIABLES[0] + '_FILE'] = path
+    return path
+
+
+def refusal(server, status, reason, headers, raw):
     """The error for an HTTP error reply: the server's one-line reason, or the suspicion that
     what answered is not a p3s server (every p3s error is JSON with an `error` field)."""
     try:
         why = json.loads(raw.decode())['error']
     except Exception:
         return P3SError('%s answered HTTP %d %s: is it a p3s server?' % (server, status, reason),
-                        EXIT_UNREACHABLE, transient=status in GATEWAY_ERRORS)
+                        EXIT_UNREACHABLE, transient=status in GATEWAY_ERRORS, status=status)
     if status == 401:
-        why += ' (the token is read from %s)' % ' or '.join(TOKEN_VARIABLES)
+        why += ' (the token is read from %s)' % ' or '.join(
+            ['--token-file'] + [v for name in TOKEN_VARIABLES for v in (name + '_FILE', name)])
     failed = status >= 500
     return P3SError('server: %s (HTTP %d)' % (why, status),
-                    EXIT_UNREACHABLE if failed else EXIT_REFUSED, transient=failed)
+                    EXIT_UNREACHABLE if failed else EXIT_REFUSED, transient=failed,
+                    status=status, retry_after=retry_after(status, headers))
+
+
+def retry_after(status, headers):
+    """The seconds a p3s server's 503 asks to wait (at most RETRY_AFTER_MAX), or None."""
+    try:
+        seconds = float(headers.get('Retry-After', ''))
+    except ValueError:
+        return None
+    if status != 503 or not 0 <= seconds <= RETRY_AFTER_MAX:
+        return None
+    return seconds
 
 
 def quote(text):
@@ -496,6 +566,9 @@ def parse_args(argv):
     ap.add_argument('-S', '--server', type=server_url,
                     default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
                     help='server URL or HOST:PORT (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+    ap.add_argument('--token-file', type=token_file, metavar='FILE',
+                    help='read the token from FILE (else P3S_TOKEN_FILE names the file, or '
+                    'P3S_TOKEN holds the token)')
     args = ap.parse_args(argv)
     if args.modify and not args.uuids:
         ap.error('-m needs -u UUID and -s defined')

@@ -86,7 +86,9 @@ CREATE TABLE IF NOT EXISTS pilots (
     jobs_done     INTEGER NOT NULL DEFAULT 0,
     registered_at TEXT NOT NULL,
     last_seen     TEXT NOT NULL,                     -- the heartbeat: any request of the pilot
-    stopped_at    TEXT
+    stopped_at    TEXT,
+    secret_hash   TEXT,                              -- SHA-256 of the secret its calls carry
+    nonce_hash    TEXT                               -- SHA-256 of its registration's nonce
 );
 
 -- The pilot a batch job became: its batch id is its `extra` ('slurm:1234', 'htcondor:77.0').
@@ -207,6 +209,8 @@ CREATE INDEX IF NOT EXISTS data_datatype ON data (datatype, id);
 -- Deadlines: the sweep finds queued jobs whose deadline passed without reading the whole queue.
 CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline_at)
     WHERE state = 'defined' AND deadline_at IS NOT NULL;
+-- Lost jobs with retries left, queued again by the sweep once their pilot surely killed them.
+CREATE INDEX IF NOT EXISTS jobs_lost_retries ON jobs (stopped_at) WHERE state = 'lost' AND retries > 0;
 -- Jobs holding a slot of their type's cap, counted by the claim (must repeat this WHERE).
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (jobtype) WHERE state IN ('dispatched', 'running');
 
@@ -379,7 +383,7 @@ CREATE INDEX IF NOT EXISTS batchjobs_ended ON batchjobs (state, ended_at)
     WHERE ended_at IS NOT NULL;
 
 -- [sqlite]
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 -- [postgresql]
 CREATE TABLE IF NOT EXISTS p3s_version (version INTEGER NOT NULL);
 -- Times as SQLite's p3s_ functions give them (connect() in p3s_server.py): the stored text of
@@ -426,3 +430,7 @@ CREATE TABLE workflows (
 INSERT INTO workflows SELECT * FROM workflows_version_1;
 DROP TABLE workflows_version_1;
 
+-- migrate to 3: pilots prove who they are (a pilot registered before has no secret: it is told
+-- to register again).
+ALTER TABLE pilots ADD COLUMN secret_hash TEXT;
+ALTER TABLE pilots ADD COLUMN nonce_hash TEXT;

@@ -39,12 +39,15 @@ MAX_PROCESSES = 4
 WAIT = 20
 
 
-def post(port, path, body):
+def post(port, path, body, secret=None):
+    """One POST; `secret`: a pilot's own calls carry the secret its registration gave."""
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
+    headers = {'Content-Type': 'application/json', 'Accept': 'application/json',
+               'Connection': 'close'}
+    if secret:
+        headers['Authorization'] = 'Bearer ' + secret
     try:
-        conn.request('POST', path, json.dumps(body).encode(),
-                     {'Content-Type': 'application/json', 'Accept': 'application/json',
-                      'Connection': 'close'})
+        conn.request('POST', path, json.dumps(body).encode(), headers)
         reply = conn.getresponse()
         data = json.loads(reply.read())
         if reply.status != 200:
@@ -59,6 +62,7 @@ class SimPilot:
         self.port = port
         self.start_report = start_report
         self.uuid = str(uuidlib.uuid4())
+        self.secret = None
         self.pending = None
         self.cycles = 0
         self.latencies = []
@@ -67,7 +71,7 @@ class SimPilot:
     def timed(self, path, body):
         t0 = time.perf_counter()
         try:
-            return post(self.port, path, body)
+            return post(self.port, path, body, self.secret)
         except Exception:
             self.errors += 1
             return {}
@@ -75,7 +79,8 @@ class SimPilot:
             self.latencies.append(time.perf_counter() - t0)
 
     def register(self):
-        post(self.port, '/api/pilots', {'uuid': self.uuid, 'host': 'bench', 'pid': os.getpid()})
+        self.secret = post(self.port, '/api/pilots', {'uuid': self.uuid, 'host': 'bench',
+                                                      'pid': os.getpid()})['secret']
 
     def cycle(self):
         body = {'wait': WAIT}

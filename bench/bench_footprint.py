@@ -48,10 +48,11 @@ def pilot_rss(n):
 
 def idle_pilot(port, stop_at):
     me = str(uuidlib.uuid4())
-    post(port, '/api/pilots', {'uuid': me, 'host': 'bench-idle', 'pid': os.getpid()})
+    secret = post(port, '/api/pilots', {'uuid': me, 'host': 'bench-idle',
+                                        'pid': os.getpid()})['secret']
     time.sleep(random.uniform(0, PERIOD))
     while time.time() < stop_at:
-        reply = post(port, '/api/pilots/%s/work' % me, {'wait': WAIT})
+        reply = post(port, '/api/pilots/%s/work' % me, {'wait': WAIT}, secret)
         if reply.get('state') != 'idle':
             raise RuntimeError('an idle pilot got %s' % reply)
         if not reply.get('waited'):         # as p3s_pilot.py: sleep unless the server held it

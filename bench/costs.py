@@ -27,25 +27,25 @@ def per_request(sync):
     rows = []
     with common.Server(args=['--sync', sync]) as server:
         port, me = server.port, str(uuidlib.uuid4())
-        post(port, '/api/pilots', {'uuid': me, 'host': 'bench'})
+        secret = post(port, '/api/pilots', {'uuid': me, 'host': 'bench'})['secret']
         pending = []
 
         def cycle(start_report=False):
             body = {'wait': 0}
             if pending:
                 body['report'] = pending.pop()
-            job = post(port, '/api/pilots/%s/work' % me, body)['job']['uuid']
+            job = post(port, '/api/pilots/%s/work' % me, body, secret)['job']['uuid']
             if start_report:
                 post(port, '/api/pilots/%s/report' % me,
-                     {'job': job, 'state': 'running', 'pid': 1, 'elapsed': 0.0})
+                     {'job': job, 'state': 'running', 'pid': 1, 'elapsed': 0.0}, secret)
             pending.append({'job': job, 'state': 'finished', 'errcode': 0, 'pid': 1,
                             'stdout': '', 'stderr': '', 'elapsed': 0.0, 'ago': 0.0})
 
         kinds = [
             ('GET /api/ping', lambda: common.request(port, 'GET', '/api/ping')),
             ('POST …/work {wait: 0}, empty queue',
-             lambda: post(port, '/api/pilots/%s/work' % me, {'wait': 0})),
-            ('POST …/heartbeat', lambda: post(port, '/api/pilots/%s/heartbeat' % me, {})),
+             lambda: post(port, '/api/pilots/%s/work' % me, {'wait': 0}, secret)),
+            ('POST …/heartbeat', lambda: post(port, '/api/pilots/%s/heartbeat' % me, {}, secret)),
             ('job cycle, short job: work request with the final report', cycle),
             ('job cycle with a start report (2 requests)', lambda: cycle(True)),
         ]

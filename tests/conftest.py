@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
+import wsgiref.util
 
 import pytest
 
@@ -47,11 +49,15 @@ def wait_for(predicate, timeout=20, interval=0.05, what='condition'):
     pytest.fail('timed out after %.0f s waiting for %s' % (timeout, what))
 
 
-def api(url, method, path, body=None, timeout=30):
-    """A raw API call: (HTTP status, decoded JSON body)."""
+def api(url, method, path, body=None, timeout=30, token=None):
+    """A raw API call: (HTTP status, decoded JSON body). `token`: the bearer token (a pilot's
+    own calls carry its secret)."""
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    headers = {'Content-Type': 'application/json'}
+    if token:
+        headers['Authorization'] = 'Bearer ' + token
     req = urllib.request.Request(url.rstrip('/') + path, data=data, method=method,
-                                 headers={'Content-Type': 'application/json'})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b'{}')
@@ -64,8 +70,9 @@ def api(url, method, path, body=None, timeout=30):
 class Server:
     """A p3s_server.py process on a free port with a temporary database."""
 
-    def __init__(self, tmp_path, port=0, extra_args=(), db=None):
+    def __init__(self, tmp_path, port=0, extra_args=(), db=None, preexec_fn=None):
         self.db = db or fresh_database(tmp_path)
+        self.preexec_fn = preexec_fn
         self.log_path = tmp_path / 'server.log'
         self.port = port
         self.extra_args = list(extra_args)
@@ -76,7 +83,8 @@ class Server:
         self.log = open(self.log_path, 'ab')
         self.proc = subprocess.Popen(
             [sys.executable, script('p3s_server.py'), '--port', str(self.port), '--db', self.db]
-            + self.extra_args, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
+            + self.extra_args, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
+            preexec_fn=self.preexec_fn)
         line = self.proc.stdout.readline().decode()
         if 'listening on' not in line:
             self.stop()
@@ -97,8 +105,14 @@ class Server:
             self.proc.stdout.close()
         self.log.close()
 
-    def api(self, method, path, body=None, timeout=30):
-        return api(self.url, method, path, body, timeout)
+    def api(self, method, path, body=None, timeout=30, token=None):
+        return api(self.url, method, path, body, timeout, token)
+
+    def register(self, **fields):
+        """A pilot registered over HTTP: (its uuid, its secret)."""
+        status, reply = self.api('POST', '/api/pilots', dict({'host': 'h'}, **fields))
+        assert status == 200, reply
+        return reply['pilot']['uuid'], reply['secret']
 
     def job(self, job_uuid):
         status, job = self.api('GET', '/api/jobs/' + job_uuid)
@@ -378,19 +392,32 @@ class InProcessFront:
         self.listening = gevent.spawn(self.front.listen, self.wakeups)
         self.store = store
 
-    def request(self, method, path, body=None):
+    def request(self, method, path, body=None, token=None):
         """One request through the front: (status code, JSON reply)."""
         data = b'' if body is None else json.dumps(body).encode()
         environ = {'REQUEST_METHOD': method, 'PATH_INFO': path.split('?')[0],
                    'QUERY_STRING': path.partition('?')[2], 'CONTENT_LENGTH': str(len(data)),
                    'CONTENT_TYPE': 'application/json', 'wsgi.input': io.BytesIO(data),
                    'SERVER_NAME': '127.0.0.1', 'SERVER_PORT': '0', 'wsgi.url_scheme': 'http'}
+        if token:
+            environ['HTTP_AUTHORIZATION'] = 'Bearer ' + token
         started = []
         out = b''.join(self.front(environ, lambda status, headers: started.append(status)))
         return int(started[0].split()[0]), json.loads(out)
 
     def work(self, pilot_uuid, wait):
-        return self.request('POST', '/api/pilots/%s/work' % pilot_uuid, {'wait': wait})[1]
+        return self.request('POST', '/api/pilots/%s/work' % pilot_uuid, {'wait': wait},
+                            self.secret_of(pilot_uuid))[1]
+
+    def secret_of(self, pilot_uuid):
+        """These tests drive the front as any pilot they registered: each is given a secret the
+        test knows (the one its registration answered is not kept)."""
+        import p3s_server
+        secret = 'test-secret-of-' + pilot_uuid
+        with self.store.write() as db:
+            db.execute('UPDATE pilots SET secret_hash = :hash WHERE uuid = :uuid',
+                       {'hash': p3s_server.digest(secret), 'uuid': pilot_uuid})
+        return secret
 
     def spawn_work(self, pilot_uuid, wait):
         import gevent
@@ -410,3 +437,23 @@ class InProcessFront:
         self.store.wakeups = None
         self.wakeups.close()
 
+
+def wsgi_call(method, path, body=b'', token=None):
+    """One request to the in-process app: (status code, headers, body text). `path` may carry
+    a query string; it is percent-encoded as on the wire."""
+    import p3s_server
+    raw_path, _, query = path.partition('?')
+    environ = {'REQUEST_METHOD': method,
+               'PATH_INFO': urllib.parse.unquote_to_bytes(raw_path).decode('latin-1'),
+               'QUERY_STRING': query, 'CONTENT_LENGTH': str(len(body or b'')),
+               'CONTENT_TYPE': 'application/json', 'wsgi.input': io.BytesIO(body or b'')}
+    if token:
+        environ['HTTP_AUTHORIZATION'] = 'Bearer ' + token
+    wsgiref.util.setup_testing_defaults(environ)
+    got = {}
+
+    def start_response(status, headers, exc_info=None):
+        got['status'], got['headers'] = int(status.split()[0]), dict(headers)
+
+    out = b''.join(p3s_server.app(environ, start_response))
+    return got['status'], got['headers'], out.decode('utf-8', 'replace')

@@ -146,7 +146,7 @@ def test_a_held_poll_counts_the_time_left_down(store):
     door = InProcessFront(store, clock=lambda: clock[0])
     try:
         held = gevent.spawn(door.request, 'POST', '/api/pilots/%s/work' % me,
-                            {'wait': 30, 'left': 60})
+                            {'wait': 30, 'left': 60}, door.secret_of(me))
         door.wait_until(lambda: len(door.front.waiters) == 1, what='the pilot to wait')
         clock[0] = 30.0
         job = submit(store, timelimit=50)

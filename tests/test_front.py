@@ -287,13 +287,13 @@ def test_sigterm_answers_held_polls_and_sighup_reopens_the_log(tmp_path):
         log.rename(tmp_path / 'server.log.1')               # what logrotate does
         server.proc.send_signal(signal.SIGHUP)
         wait_for(log.exists, what='the log to be opened again')
-        _, reply = server.api('POST', '/api/pilots', {'host': 'h'})
+        me, secret = server.register()
         held = {}
         poll = threading.Thread(target=lambda: held.update(reply=server.api(
-            'POST', '/api/pilots/%s/work' % reply['pilot']['uuid'], {'wait': 25})))
+            'POST', '/api/pilots/%s/work' % me, {'wait': 25}, token=secret)))
         poll.start()
-        wait_for(lambda: server.api('GET', '/api/pilots/' + reply['pilot']['uuid'])[1]['state']
-                 == 'idle', what='the pilot to be held')
+        wait_for(lambda: server.api('GET', '/api/pilots/' + me)[1]['state'] == 'idle',
+                 what='the pilot to be held')
         server.proc.send_signal(signal.SIGTERM)
         poll.join(15)
         assert held['reply'] == (200, {'status': 'OK', 'state': 'idle', 'waited': True})
@@ -332,11 +332,11 @@ def test_a_submission_is_on_disk_before_its_answer_and_a_heartbeat_is_not(tmp_pa
         wait_for(lambda: server.api('GET', '/api/ping')[0] == 200 and trace.exists()
                  and 'GET /api/ping' in trace.read_text(), what='strace to follow the server')
         _, jobs = server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'durable'}])
-        _, reg = server.api('POST', '/api/pilots', {'host': 'h'})
-        me = reg['pilot']['uuid']
-        _, work = server.api('POST', '/api/pilots/%s/work' % me, {'wait': 0})
+        me, secret = server.register()
+        _, work = server.api('POST', '/api/pilots/%s/work' % me, {'wait': 0}, token=secret)
         assert work['job']['uuid'] == jobs['uuids'][0]
-        server.api('POST', '/api/pilots/%s/heartbeat' % me, {'job': work['job']['uuid']})
+        server.api('POST', '/api/pilots/%s/heartbeat' % me, {'job': work['job']['uuid']},
+                   token=secret)
     finally:
         tracer.terminate()
         tracer.wait(10)

@@ -256,13 +256,13 @@ def test_sixteen_pilots_race_for_500_jobs_over_http(server):
 
     def pilot():
         try:
-            _, reg = server.api('POST', '/api/pilots', {'host': 'racer'})
-            me, report, mine = reg['pilot']['uuid'], None, []
+            me, secret = server.register(host='racer')
+            report, mine = None, []
             while True:
                 body = {'wait': 0}
                 if report:
                     body['report'] = report
-                status, work = server.api('POST', '/api/pilots/%s/work' % me, body)
+                status, work = server.api('POST', '/api/pilots/%s/work' % me, body, token=secret)
                 assert status == 200, work
                 if work['state'] != 'dispatched':
                     break
@@ -289,56 +289,57 @@ def test_sixteen_pilots_race_for_500_jobs_over_http(server):
 
 
 def test_lost_reply_is_delivered_again_then_released(server):
-    _, reg = server.api('POST', '/api/pilots', {'host': 'h'})
-    me = reg['pilot']['uuid']
+    me, secret = server.register()
     _, submitted = server.api('POST', '/api/jobs', [{'payload': '/bin/true'}, {'payload': '/bin/false'}])
-    _, first = server.api('POST', '/api/pilots/%s/work' % me, {})
+    _, first = server.api('POST', '/api/pilots/%s/work' % me, {}, token=secret)
     # The reply above "never arrived": the same pilot asks again and gets the same job.
-    _, again = server.api('POST', '/api/pilots/%s/work' % me, {})
+    _, again = server.api('POST', '/api/pilots/%s/work' % me, {}, token=secret)
     assert again['job']['uuid'] == first['job']['uuid']
     assert server.job(first['job']['uuid'])['state'] == 'dispatched'
     # A pilot that stops never ran it: the job goes back to the queue, in its place.
-    _, stopped = server.api('POST', '/api/pilots/%s/stop' % me, {'state': 'stopped'})
+    _, stopped = server.api('POST', '/api/pilots/%s/stop' % me, {'state': 'stopped'}, token=secret)
     assert stopped['released'] == 1
     job = server.job(first['job']['uuid'])
     assert (job['state'], job['pilot']) == ('defined', None)
-    _, other = server.api('POST', '/api/pilots', {'host': 'h2'})
-    _, work = server.api('POST', '/api/pilots/%s/work' % other['pilot']['uuid'], {})
+    other, other_secret = server.register(host='h2')
+    _, work = server.api('POST', '/api/pilots/%s/work' % other, {}, token=other_secret)
     assert work['job']['uuid'] == first['job']['uuid']
 
 
 def test_reports_only_from_the_holder_and_never_backwards(server):
-    _, a = server.api('POST', '/api/pilots', {'host': 'a'})
-    _, b = server.api('POST', '/api/pilots', {'host': 'b'})
-    a, b = a['pilot']['uuid'], b['pilot']['uuid']
+    a, a_secret = server.register(host='a')
+    b, b_secret = server.register(host='b')
     server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])
-    _, work = server.api('POST', '/api/pilots/%s/work' % a, {})
+    _, work = server.api('POST', '/api/pilots/%s/work' % a, {}, token=a_secret)
     job = work['job']['uuid']
     status, refused = server.api('POST', '/api/pilots/%s/report' % b,
-                                 {'job': job, 'state': 'finished', 'errcode': 0})
+                                 {'job': job, 'state': 'finished', 'errcode': 0}, token=b_secret)
     assert status == 409 and 'not held' in refused['error']
     assert server.job(job)['state'] == 'dispatched'
-    assert server.api('POST', '/api/pilots/%s/report' % a, {'job': job, 'state': 'running', 'pid': 42})[0] == 200
-    status, done = server.api('POST', '/api/pilots/%s/report' % a, {'job': job, 'state': 'failed', 'errcode': 2})
+    assert server.api('POST', '/api/pilots/%s/report' % a, {'job': job, 'state': 'running', 'pid': 42},
+                      token=a_secret)[0] == 200
+    status, done = server.api('POST', '/api/pilots/%s/report' % a,
+                              {'job': job, 'state': 'failed', 'errcode': 2}, token=a_secret)
     assert (status, done['changed'], done['state']) == (200, True, 'failed')
     for late in ({'state': 'finished', 'errcode': 0}, {'state': 'running', 'pid': 1}):
-        status, reply = server.api('POST', '/api/pilots/%s/report' % a, dict(late, job=job))
+        status, reply = server.api('POST', '/api/pilots/%s/report' % a, dict(late, job=job),
+                                   token=a_secret)
         assert status == 200 and reply['changed'] is False
     job_now = server.job(job)
     assert (job_now['state'], job_now['errcode'], job_now['pid']) == ('failed', 2, 42)
     # a piggy-backed report that is refused does not cost the pilot its next job
     server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])
     status, work = server.api('POST', '/api/pilots/%s/work' % b,
-                              {'report': {'job': job, 'state': 'finished', 'errcode': 0}})
+                              {'report': {'job': job, 'state': 'finished', 'errcode': 0}},
+                              token=b_secret)
     assert status == 200 and work['report']['status'] == 'REFUSED' and work['state'] == 'dispatched'
 
 
 def test_long_poll_hands_a_new_job_to_a_waiting_pilot(server):
-    _, reg = server.api('POST', '/api/pilots', {'host': 'h'})
-    me = reg['pilot']['uuid']
+    me, secret = server.register()
     result = {}
     waiter = threading.Thread(target=lambda: result.update(
-        server.api('POST', '/api/pilots/%s/work' % me, {'wait': 20})[1]))
+        server.api('POST', '/api/pilots/%s/work' % me, {'wait': 20}, token=secret)[1]))
     waiter.start()
     wait_for(lambda: server.api('GET', '/api/pilots/' + me)[1]['state'] == 'idle', what='idle')
     _, submitted = server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])

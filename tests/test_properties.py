@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import p3s_server as srv
-from test_store import pilot, submit, wsgi
+from test_store import submit, wsgi
 from conftest import fresh_database
 
 SOME_UUID = '0f0c2f2e-0000-4000-8000-000000000001'
@@ -42,10 +42,10 @@ def snapshot(store):
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
     store = srv.configure(fresh_database(tmp_path_factory.mktemp('prop')), sync='normal')
-    me = pilot(store)
+    me = srv.register_pilot(store, {'host': 'h'}, srv.utcnow())
     [job] = submit(store)
-    srv.request_work(store, me, srv.utcnow())
-    yield store, {'job': job, 'pilot': me}
+    srv.request_work(store, me['uuid'], srv.utcnow())
+    yield store, {'job': job, 'pilot': me['uuid']}, me['secret']
     store.close()
 
 
@@ -53,9 +53,9 @@ def world(tmp_path_factory):
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=bodies)
 def test_generated_json_never_breaks_the_server(world, method, path, body):
-    store, ids = world
+    store, ids, secret = world
     before = snapshot(store)
-    status, reply = wsgi(method, path.format(**ids), body)
+    status, reply = wsgi(method, path.format(**ids), body, token=secret)
     assert status < 500, reply
     if status >= 400:
         assert isinstance(reply['error'], str) and reply['error']

@@ -64,17 +64,20 @@ def quick_server(tmp_path):
 
 
 def test_killed_pilot_leaves_its_job_lost(tmp_path, quick_server):
+    """kill -9 of a pilot: its payload dies with it (it runs on unsupervised otherwise), and
+    the server takes the pilot and its job for lost."""
     clients = Clients(tmp_path, quick_server)
     try:
         [job_uuid] = clients.submit([make_job('sleep 60')])
         pilot = clients.pilot('--beat', '0.5')
         wait_for(lambda: quick_server.job(job_uuid)['state'] == 'running', what='running')
+        payload = quick_server.job(job_uuid)['pid']
         pilot.send_signal(signal.SIGKILL)
         pilot.communicate()
+        wait_for(lambda: not pid_alive(payload), 10, what='the payload to die with its pilot')
         wait_for(lambda: quick_server.job(job_uuid)['state'] == 'lost', 30, what='job lost')
         [p] = quick_server.api('GET', '/api/pilots')[1]['pilots']
         assert p['state'] == 'lost'
-        os.killpg(quick_server.job(job_uuid)['pid'], signal.SIGKILL)   # the orphaned payload
     finally:
         clients.cleanup()
 
@@ -112,13 +115,21 @@ def test_retries_requeue_a_nonstarter_but_never_a_failure(clients, server):
 
 
 def test_lost_job_with_retries_goes_back_to_the_queue(store):
+    """Lost with its pilot, then queued again as its next attempt once its pilot, if it still
+    lives cut off from the server, has surely killed its payload (LOST_RETRY_DELAY)."""
     me = pilot(store)
     [job] = submit(store, retries=1)
     srv.request_work(store, me, srv.utcnow())
     now = later(srv.utcnow(), 500)
+    assert srv.sweep(store, now, 120)['lost_pilots'] == [me]
+    assert srv.get_job(store, job)['state'] == 'lost'
+    assert srv.sweep(store, later(now, srv.LOST_RETRY_DELAY - 1), 120)['woken'] == 0
+    assert srv.get_job(store, job)['state'] == 'lost'
+    now = later(now, srv.LOST_RETRY_DELAY + 1)
     assert srv.sweep(store, now, 120)['woken'] == 1
     again = srv.get_job(store, job)
-    assert (again['state'], again['retries'], again['pilot']) == ('defined', 0, None)
+    assert (again['state'], again['retries'], again['pilot'], again['attempt']) == \
+        ('defined', 0, None, 2)
     other = pilot(store)
     assert srv.request_work(store, other, later(now, 1))[0]['job']['uuid'] == job
     srv.sweep(store, later(now, 1000), 120)

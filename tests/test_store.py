@@ -33,12 +33,14 @@ def submit(store, n=1, **fields):
     return srv.submit_jobs(store, [dict({'payload': '/bin/true'}, **fields)] * n, srv.utcnow())
 
 
-def wsgi(method, path, body=None, raw=None):
+def wsgi(method, path, body=None, raw=None, token=None):
     """Call the Bottle app directly: (status, JSON body)."""
     data = raw if raw is not None else (b'' if body is None else json.dumps(body).encode())
     environ = {'REQUEST_METHOD': method, 'PATH_INFO': path.split('?')[0],
                'QUERY_STRING': path.partition('?')[2], 'CONTENT_LENGTH': str(len(data)),
                'CONTENT_TYPE': 'application/json', 'wsgi.input': io.BytesIO(data)}
+    if token:
+        environ['HTTP_AUTHORIZATION'] = 'Bearer ' + token
     wsgiref.util.setup_testing_defaults(environ)
     status = []
     chunks = srv.app(environ, lambda s, h, e=None: status.append((s, dict(h))))
@@ -232,7 +234,7 @@ def test_a_version_1_database_is_migrated_with_its_records(tmp_path):
     db.close()
     st = srv.configure(path)
     try:
-        assert st.one('PRAGMA user_version')[0] == srv.SCHEMA_VERSION == 2
+        assert st.one('PRAGMA user_version')[0] == srv.SCHEMA_VERSION
         old = srv.get_job(st, '00000000-0000-0000-0000-00000000000a')
         assert old['state'] == 'failed' and old['attempt'] == 1 and old['retry_of'] is None
         [again] = srv.retry_selection(st, {'uuids': [old['uuid']]}, srv.utcnow())['retried']
@@ -280,13 +282,15 @@ BAD_REQUESTS = [
     ('POST', '/api/pilots', {'jobtypes': 'a,b'}, 400, 'jobtypes'),
     ('POST', '/api/pilots', {'pid': -1}, 400, 'pid'),
     ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/work', {}, 404, 'no such pilot'),
-    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/work', {'wait': 'long'}, 400, 'number'),
-    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/report', {'job': 'x', 'state': 'finished'}, 400, 'uuid'),
-    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/report',
+    ('POST', '/api/pilots/{pilot}/work', {}, 401, "own secret"),
+    ('POST', '/api/pilots/{pilot}/work', {'wait': 'long'}, 400, 'number'),
+    ('POST', '/api/pilots/{pilot}/report', {'job': 'x', 'state': 'finished'}, 400, 'uuid'),
+    ('POST', '/api/pilots/{pilot}/report',
      {'job': '0f0c2f2e-0000-4000-8000-000000000009', 'state': 'dispatched'}, 400, 'reports one of'),
-    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/report',
+    ('POST', '/api/pilots/{pilot}/report',
      {'job': '0f0c2f2e-0000-4000-8000-000000000009', 'state': 'failed', 'errcode': 0}, 400, 'non-zero'),
-    ('POST', '/api/pilots/0f0c2f2e-0000-4000-8000-000000000009/stop', {'state': 'finished'}, 400, 'stops as'),
+    ('POST', '/api/pilots/{pilot}/stop', {'state': 'finished'}, 400, 'stops as'),
+    ('POST', '/api/pilots', {'nonce': 'short'}, 400, 'nonce'),
     ('GET', '/api/nowhere', None, 404, 'Not found'),
     ('PUT', '/api/jobs', None, 405, 'Method not allowed'),
 ]
@@ -294,7 +298,11 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize('method,path,body,status,message', BAD_REQUESTS)
 def test_bad_input_is_a_4xx_json_error_and_stores_nothing(store, method, path, body, status, message):
-    code, reply = wsgi(method, path, raw=body) if isinstance(body, bytes) else wsgi(method, path, body)
+    me = srv.register_pilot(store, {'host': 'h'}, srv.utcnow())
+    path = path.replace('{pilot}', me['uuid'])
+    secret = None if status == 401 else me['secret']
+    code, reply = wsgi(method, path, raw=body, token=secret) if isinstance(body, bytes) \
+        else wsgi(method, path, body, token=secret)
     assert code == status and message in reply['error'], reply
     assert '\n' not in reply['error']
     assert sql_db(store).execute('SELECT count(*) FROM jobs').fetchone()[0] == 0
