@@ -5846,7 +5846,10 @@ def foreign_database(db_path):
 
 
 def existing_database(ap, db_path):
-    """check and purge work on a p3s database that exists: a one-line error (exit 1) if not."""
+    """check and purge work on a p3s database that exists: a one-line error (exit 1) if not.
+    (A PostgreSQL database is created by its administrator, and found by connecting.)"""
+    if is_postgres(db_path):
+        return
     why = 'no database at %s' % db_path if not os.path.exists(db_path) \
         else foreign_database(db_path)
     if why:
@@ -5987,8 +5990,7 @@ def check_command(argv):
     ap = argparse.ArgumentParser(prog='p3s_server.py check')
     ap.add_argument('--db', default=DEFAULT_DB)
     args = ap.parse_args(argv)
-    if not is_postgres(args.db):
-        existing_database(ap, args.db)
+    existing_database(ap, args.db)
     st = configure(args.db)
     with st.read() as db:
         verdict = st.db.integrity(db)

@@ -78,6 +78,8 @@ RETRY_AFTER_MAX = 30.0  # seconds: the longest Retry-After a client waits for
 KEEP_ALIVE = 30.0       # seconds a connection stays in use between two requests (the server: 75)
 CONNECTIONS = {}        # (scheme, host:port) -> (the connection kept for it, when last used)
 PROXIED = {}            # (scheme, host:port) -> whether a proxy stands between
+ANSWERED = {}           # a list of servers -> the index of the one that answered last
+CONNECT_TIMEOUT = 5.0   # seconds: a server that does not accept a connection by then is away
 
 
 class P3SError(Exception):
@@ -104,7 +106,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def server_url(text):
-    """-S/--server and P3S_SERVER: a URL, or HOST:PORT for plain http."""
+    """-S/--server and P3S_SERVER: a URL, or HOST:PORT for plain http; or several of them,
+    comma-separated, for servers that share one database (any of them will do)."""
+    return ','.join(one_server_url(one) for one in text.split(','))
+
+
+def one_server_url(text):
     url = text.strip() if '://' in text else 'http://' + text.strip()
     parts = urllib.parse.urlsplit(url)
     try:
@@ -124,12 +131,31 @@ def call(server, method, path, body=None, timeout=HTTP_TIMEOUT, token=None):
     give_up = time.monotonic() + timeout
     while True:
         try:
-            return call_once(server, method, path, body, timeout, token)
+            return call_any(server, method, path, body, timeout, token)
         except P3SError as e:
             if e.retry_after is None or time.monotonic() + e.retry_after >= give_up:
                 raise
             time.sleep(e.retry_after)
             timeout = max(give_up - time.monotonic(), 0.1)
+
+
+def call_any(servers, method, path, body, timeout, token):
+    """The request sent to one of several servers (a comma-separated list): the one that
+    answered last, else the next in the list, each at most once. They share one database, so
+    a request that may have reached one that then fell silent is safe to send to another:
+    every request a client repeats is one the server recognises when it comes again."""
+    urls = servers.split(',')
+    first = ANSWERED.get(servers, 0)
+    for n in range(len(urls)):
+        at = (first + n) % len(urls)
+        try:
+            answer = call_once(urls[at], method, path, body, timeout, token)
+        except P3SError as e:
+            if not e.transient or n == len(urls) - 1:
+                raise
+            continue
+        ANSWERED[servers] = at
+        return answer
 
 
 def call_once(server, method, path, body, timeout, token):
@@ -173,11 +199,12 @@ def send(url, method, data, headers, timeout):
     if conn is None:
         kind = http.client.HTTPSConnection if parts.scheme == 'https' else \
             http.client.HTTPConnection
-        conn = kind(parts.hostname, parts.port, timeout=timeout)
+        conn = kind(parts.hostname, parts.port, timeout=min(timeout, CONNECT_TIMEOUT))
     try:
+        if conn.sock is None:
+            conn.connect()
         conn.timeout = timeout
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)
+        conn.sock.settimeout(timeout)
         conn.request(method, parts.path + ('?' + parts.query if parts.query else ''), data,
                      headers)
         reply = conn.getresponse()
@@ -565,7 +592,8 @@ def parse_args(argv):
     ap.add_argument('--json', action='store_true', help='machine-readable output')
     ap.add_argument('-S', '--server', type=server_url,
                     default=os.environ.get('P3S_SERVER') or DEFAULT_SERVER,
-                    help='server URL or HOST:PORT (P3S_SERVER; default %s)' % DEFAULT_SERVER)
+                    help='server URL or HOST:PORT; several, comma-separated, are tried in '
+                    'turn (P3S_SERVER; default %s)' % DEFAULT_SERVER)
     ap.add_argument('--token-file', type=token_file, metavar='FILE',
                     help='read the token from FILE (else P3S_TOKEN_FILE names the file, or '
                     'P3S_TOKEN holds the token)')

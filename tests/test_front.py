@@ -17,7 +17,7 @@ import time
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, make_job, sqlite_only, wait_for
+from conftest import ROOT, Clients, Server, fresh_database, make_job, sqlite_only, wait_for
 
 
 def children(pid):
@@ -245,7 +245,7 @@ def race(path, processes, pilots_each, finish):
 
 
 def test_processes_racing_for_one_queue_never_share_a_job(tmp_path):
-    path = str(tmp_path / 'race.db')
+    path = fresh_database(tmp_path, 'race.db')
     st = srv.configure(path, sync='normal')
     uuids = srv.submit_jobs(st, [{'payload': '/bin/true'}] * 600, srv.utcnow())
     st.close()
@@ -258,7 +258,7 @@ def test_processes_racing_for_the_last_slots_of_a_cap_take_no_more(tmp_path):
     are one transaction: 6 processes with 4 pilots each race for a type capped at 3, five
     times over."""
     for round_ in range(5):
-        path = str(tmp_path / ('cap%d.db' % round_))
+        path = fresh_database(tmp_path, 'cap%d.db' % round_)
         st = srv.configure(path, sync='normal')
         srv.set_cap(st, {'name': 'capped', 'cap': 3}, srv.utcnow())
         srv.submit_jobs(st, [{'payload': '/bin/true', 'jobtype': 'capped'}] * 50, srv.utcnow())

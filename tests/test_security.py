@@ -13,7 +13,8 @@ import sys
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, make_job, pid_alive, wait_for, wsgi_call
+from conftest import (ROOT, Clients, Server, database_connection, make_job, pid_alive,
+                      sqlite_only, wait_for, wsgi_call)
 from test_fuzz import snapshot, world
 
 UUID = '0f0c2f2e-0000-4000-8000-000000000009'
@@ -154,6 +155,7 @@ def submit_over_http(server, jobs, results, timeout=60):
         results.append((e.code, dict(e.headers), e.read().decode()))
 
 
+@sqlite_only
 def test_a_database_locked_by_another_process(tmp_path):
     """Writers answer 503 with Retry-After (never 500) while another process holds the write
     lock, each within a client's own timeout: they do not queue behind one another, each
@@ -214,6 +216,7 @@ def test_a_database_locked_by_another_process(tmp_path):
         server.stop()
 
 
+@sqlite_only
 @pytest.mark.parametrize('pragma,reason', [('query_only = 1', 'read-only'),
                                            ('max_page_count = %d', 'the disk is full')])
 def test_a_read_only_or_full_database_answers_503(store, pragma, reason):
@@ -244,6 +247,7 @@ def limit_file_size(size):
     return limit
 
 
+@sqlite_only
 def test_a_disk_that_fails_writes_answers_503(tmp_path):
     """A write that fails in the middle of a transaction, and one that fails at its commit:
     each is a 503, and what was acknowledged before is all there is."""
@@ -388,8 +392,9 @@ def test_a_pilot_cannot_report_beat_or_stop_for_another(tmp_path):
         assert status == 200 and done['changed'] is True
     finally:
         server.stop()
-    db = sqlite3.connect(server.db)
-    stored = [r[0] for r in db.execute('SELECT secret_hash FROM pilots WHERE uuid = ?', (b,))]
+    db = database_connection(server.db)
+    stored = [r[0] for r in db.execute('SELECT secret_hash FROM pilots WHERE uuid = :uuid',
+                                       {'uuid': b})]
     db.close()
     assert stored == [hashlib.sha256(b_secret.encode()).hexdigest()]   # the hash, never itself
 
@@ -419,9 +424,8 @@ def test_a_pilot_the_server_forgot_registers_again_and_goes_on(clients, server):
     wait_for(lambda: [p for p in server.api('GET', '/api/pilots')[1]['pilots']
                       if p['state'] == 'idle'], what='the pilot to wait for work')
     [me] = [p['uuid'] for p in server.api('GET', '/api/pilots')[1]['pilots']]
-    db = sqlite3.connect(server.db)
+    db = database_connection(server.db)
     db.execute('DELETE FROM pilots')
-    db.commit()
     db.close()
     [job] = clients.submit([make_job('/bin/true')])
     wait_for(lambda: server.job(job)['state'] == 'finished', what='the job to run')
