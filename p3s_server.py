@@ -8,16 +8,17 @@
                          [--token T] [--pilot-token T] [--private] [--insecure]
     python p3s_server.py check [--db ./p3s.db]
     python p3s_server.py purge --older 7d [--state S] [--db ./p3s.db]
+    python p3s_server.py migrate --from ./p3s.db --to postgresql://…
 
 A Bottle app on a WAL-mode SQLite database, served by gevent's WSGI server in one or several
 processes on one port. Every write is one short `BEGIN IMMEDIATE` transaction; brokerage is a
 single `UPDATE ... RETURNING` statement.
 
 The file reads top-down, in these sections (tests/test_layout.py keeps them in this order):
-configuration, database, wake-ups, postgresql, validation, jobs, brokerage, housekeeping,
-workflows, DQM controls, batch systems, data, dashboard numbers, metrics, API routes, monitor
-routes, monitor graph layout, authorization, errors, front, processes, main. Each domain
-section starts with the SQL it runs.
+configuration, database, wake-ups, postgresql, migration, validation, jobs, brokerage,
+housekeeping, workflows, DQM controls, batch systems, data, dashboard numbers, metrics, API
+routes, monitor routes, monitor graph layout, authorization, errors, front, processes, main.
+Each domain section starts with the SQL it runs.
 """
 import argparse
 import ctypes
@@ -44,7 +45,7 @@ import time
 import urllib.parse
 import uuid as uuidlib
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from datetime import datetime, timedelta, timezone
 
 import bottle
@@ -821,22 +822,27 @@ class PostgreSQL:
 
     def apply_schema(self, db):
         """Create what is missing, one server at a time; refuse a newer schema."""
-        schema, _ = schema_parts('postgresql', postgres_schema)
         db.execute('BEGIN')
         try:
-            db.execute('SELECT pg_advisory_xact_lock(%d)' % PG_SCHEMA_LOCK)
-            db.executescript(schema)
-            found = db.execute('SELECT max(version) AS v FROM p3s_version').fetchone()['v']
-            if found is not None and found > SCHEMA_VERSION:
-                raise SystemExit('p3s_server: error: the database has schema version %d, newer '
-                                 'than this server (%d)' % (found, SCHEMA_VERSION))
-            if found != SCHEMA_VERSION:
-                db.execute('DELETE FROM p3s_version')
-                db.execute('INSERT INTO p3s_version (version) VALUES (:v)', {'v': SCHEMA_VERSION})
+            self.create_schema(db)
         except BaseException:
             db.execute('ROLLBACK')
             raise
         db.execute('COMMIT')
+
+    def create_schema(self, db):
+        """apply_schema inside the caller's transaction (a migration's, which may roll it back:
+        PostgreSQL's DDL is transactional)."""
+        schema, _ = schema_parts('postgresql', postgres_schema)
+        db.execute('SELECT pg_advisory_xact_lock(%d)' % PG_SCHEMA_LOCK)
+        db.executescript(schema)
+        found = db.execute('SELECT max(version) AS v FROM p3s_version').fetchone()['v']
+        if found is not None and found > SCHEMA_VERSION:
+            raise SystemExit('p3s_server: error: the database has schema version %d, newer '
+                             'than this server (%d)' % (found, SCHEMA_VERSION))
+        if found != SCHEMA_VERSION:
+            db.execute('DELETE FROM p3s_version')
+            db.execute('INSERT INTO p3s_version (version) VALUES (:v)', {'v': SCHEMA_VERSION})
 
     def integrity(self, db):
         return ['ok (PostgreSQL keeps its own)']
@@ -946,6 +952,216 @@ class PostgresWakeups(Wakeups):
     def close(self):
         self.stopping.set()
         super().close()
+
+# ---------------------------------------------------------------------------------------------
+# Migration: a laptop's SQLite history moved whole to PostgreSQL
+# ---------------------------------------------------------------------------------------------
+# `migrate --from ./p3s.db --to postgresql://…` copies every table of schema.sql into an empty
+# PostgreSQL database, parents first (schema.sql's order), in one transaction of the target that
+# also creates the schema if it is absent: all of it or nothing. The source is opened read-only
+# and read in one transaction, so what moves is one moment of it; a source of an older schema
+# version is brought up to date in a temporary copy, never in place. Rows travel by COPY with
+# their ids, uuids, times and JSON text as stored; then each numbered table goes on after its
+# last id. The statements name tables and columns, which come from schema.sql and the two
+# databases' own catalogues (never from a user), in quotes; the values are bound or copied.
+
+MIGRATE_BATCH = 10000           # source rows read at a time
+SCHEMA_TABLE = re.compile(r'^CREATE TABLE IF NOT EXISTS (\w+)', re.M)
+SOURCE_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+SOURCE_VERSION = 'PRAGMA user_version'
+SOURCE_COLUMNS = 'SELECT name FROM pragma_table_info(:table) ORDER BY cid'
+SOURCE_ROWS = 'SELECT {columns} FROM {table}'
+TARGET_COLUMNS = """
+SELECT column_name FROM information_schema.columns
+ WHERE table_schema = current_schema() AND table_name = :table
+"""
+# Kept from other writers (a server started on the target meanwhile) until the COMMIT, so that
+# the target found empty stays empty but for what is copied.
+TARGET_LOCK = 'LOCK TABLE {table} IN EXCLUSIVE MODE'
+TARGET_HAS_ROWS = 'SELECT EXISTS (SELECT 1 FROM {table}) AS found'
+TARGET_COPY = 'COPY {table} ({columns}) FROM STDIN'
+TARGET_COUNT = 'SELECT count(*) AS n FROM {table}'
+# The numbered tables: SQLite's INTEGER PRIMARY KEY is an identity column there (PG_TYPES).
+TARGET_IDENTITIES = """
+SELECT table_name, column_name FROM information_schema.columns
+ WHERE table_schema = current_schema() AND is_identity = 'YES'
+"""
+TARGET_LAST_ID = 'SELECT max({columns}) AS last FROM {table}'
+SET_NEXT_ID = 'SELECT setval(pg_get_serial_sequence(:table, :column), :next, false)'
+
+
+def quoted(name):
+    return '"%s"' % name.replace('"', '""')
+
+
+def named(sql, table, columns=()):
+    """One of the statements above for one table and its columns, their names in quotes."""
+    return sql.format(table=quoted(table), columns=', '.join(map(quoted, columns)))
+
+
+def schema_tables():
+    """The tables of schema.sql, parents before the tables that refer to them."""
+    return SCHEMA_TABLE.findall(schema_parts('sqlite')[0])
+
+
+def refuse(message, *args):
+    raise SystemExit('p3s_server: error: ' + message % args)
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+@contextmanager
+def migration_source(path):
+    """The p3s database at `path` for reading, at this schema version: the file itself, opened
+    read-only, or a temporary copy brought up to date. Yields (connection, the version found);
+    the connection is in a read transaction (one moment of the database)."""
+    if not os.path.exists(path):
+        refuse('no database at %s', path)
+    if not os.path.isfile(path):
+        refuse('%s is not an SQLite database (not a file)', path)
+    with not_served(path), closing(open_read_only(path)) as src:
+        found = checked_source(src, path)
+        if found == SCHEMA_VERSION:
+            yield src, found
+            return
+        with tempfile.TemporaryDirectory(prefix='p3s-migrate-') as scratch, \
+                closing(upgraded_copy(src, os.path.join(scratch, 'p3s.db'))) as copy:
+            yield copy, found
+
+
+@contextmanager
+def not_served(path):
+    """While no server serves the file: one of its servers holds their housekeeping lock from
+    its first housekeeping pass on (this one keeps them from taking it meanwhile)."""
+    lock = FileLock(os.path.join(run_directory(path), 'housekeeper.lock'))
+    try:
+        if not lock.try_acquire():
+            refuse('a p3s server is serving %s: stop it first, so that nothing happens after '
+                   'the moment copied', path)
+        yield
+    finally:
+        os.close(lock.fd)
+
+
+def open_read_only(path):
+    """mode=ro: SQLite never writes the file (a WAL reader may leave empty -wal and -shm)."""
+    try:
+        return sqlite3.connect('file:%s?mode=ro' % urllib.parse.quote(os.path.abspath(path)),
+                               uri=True, isolation_level=None)
+    except sqlite3.Error as e:
+        refuse('cannot open %s: %s', path, first_line(e))
+
+
+def checked_source(src, path):
+    """The schema version of a sound p3s database, read in the transaction begun here; a
+    one-line refusal for anything else."""
+    try:
+        src.execute('BEGIN')
+        tables = {r[0] for r in src.execute(SOURCE_TABLES)}
+        found = src.execute(SOURCE_VERSION).fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        refuse('%s is not an SQLite database (%s)', path, first_line(e))
+    if not {'jobs', 'pilots'} <= tables or found < 1:
+        refuse('%s is not a p3s database', path)
+    if found > SCHEMA_VERSION:
+        refuse('%s has schema version %d, newer than this p3s (%d)', path, found, SCHEMA_VERSION)
+    try:
+        verdict = SQLite(path).integrity(src)[0]
+    except sqlite3.DatabaseError as e:
+        verdict = first_line(e)
+    if verdict != 'ok':
+        refuse('%s fails SQLite\'s integrity check: %s', path, verdict)
+    return found
+
+
+def upgraded_copy(src, path):
+    """A copy of an older database at `path`, brought to this version as the server would."""
+    plain = sqlite3.connect(path)
+    src.backup(plain)
+    plain.close()
+    copy = connect(path)
+    apply_schema(copy)
+    copy.row_factory = None
+    copy.execute('BEGIN')
+    return copy
+
+
+def source_tables(src, path):
+    """{table: its columns} of schema.sql's tables in the source, in schema.sql's order. A
+    table of schema.sql missing is a refusal; a table it does not have is left behind, and
+    said."""
+    present = {r[0] for r in src.execute(SOURCE_TABLES)}
+    wanted = schema_tables()
+    missing = [t for t in wanted if t not in present]
+    if missing:
+        refuse('%s is not a whole p3s database: it has no table %s', path, ', '.join(missing))
+    for other in sorted(present - set(wanted)):
+        log.warning('table %s of %s is not p3s\'s: it is left behind', other, path)
+    return {t: [r[0] for r in src.execute(SOURCE_COLUMNS, {'table': t})] for t in wanted}
+
+
+def migration_target(pg, url):
+    """A connection to the target, or a one-line refusal."""
+    try:
+        return pg.connect()
+    except pg.psycopg.Error as e:
+        refuse('cannot open the database %s: %s', redact(url), redact(first_line(e)))
+
+
+def migrate_history(src, pg, db, tables, url):
+    """Copy the tables, in one transaction of the target that creates the schema if absent and
+    refuses a target holding any p3s row; then the identities go on after the copied ids.
+    Returns {table: rows copied}."""
+    db.execute('BEGIN')
+    try:
+        pg.create_schema(db)
+        for table in tables:
+            db.execute(named(TARGET_LOCK, table))
+        held = [t for t in tables if db.execute(named(TARGET_HAS_ROWS, t)).fetchone()['found']]
+        if held:
+            refuse('%s holds p3s records already (%s): migrate fills an empty database only',
+                   redact(url), ', '.join(held))
+        copied = {table: copy_table(src, db, table, columns) for table, columns in tables.items()}
+        for table, rows in copied.items():
+            stored = db.execute(named(TARGET_COUNT, table)).fetchone()['n']
+            if stored != rows:
+                refuse('%s: %d rows read but %d stored: nothing was migrated', table, rows,
+                       stored)
+        continue_identities(db, tables)
+    except BaseException:
+        db.execute('ROLLBACK')
+        raise
+    db.execute('COMMIT')
+    return copied
+
+
+def copy_table(src, db, table, columns):
+    """COPY one table's rows, as the source holds them, in batches; returns how many."""
+    wanted = set(r['column_name'] for r in db.execute(TARGET_COLUMNS, {'table': table}))
+    lacking = [c for c in columns if c not in wanted]
+    if lacking:
+        refuse('table %s of PostgreSQL has no column %s', table, ', '.join(lacking))
+    rows = src.execute(named(SOURCE_ROWS, table, columns))
+    n = 0
+    with db.raw.cursor() as cursor, cursor.copy(named(TARGET_COPY, table, columns)) as copy:
+        for batch in iter(lambda: rows.fetchmany(MIGRATE_BATCH), []):
+            for row in batch:
+                copy.write_row(row)
+            n += len(batch)
+    return n
+
+
+def continue_identities(db, tables):
+    """Each numbered table's next id follows its last copied one."""
+    for r in db.execute(TARGET_IDENTITIES).fetchall():
+        table, column = r['table_name'], r['column_name']
+        if table in tables:
+            last = db.execute(named(TARGET_LAST_ID, table, [column])).fetchone()['last']
+            db.execute(SET_NEXT_ID, {'table': quoted(table), 'column': column,
+                                     'next': (last or 0) + 1})
+
 
 # ---------------------------------------------------------------------------------------------
 # Validation
@@ -5908,7 +6124,9 @@ def parse_duration(text):
 def parse_args(argv):
     env = os.environ.get
     ap = argparse.ArgumentParser(prog='p3s_server.py', description='The p3s server. Other '
-                                 'commands: "check" (integrity and counts), "purge" (old records).')
+                                 'commands: "check" (integrity and counts), "purge" (old '
+                                 'records), "migrate --from ./p3s.db --to postgresql://…" (an '
+                                 "SQLite database's whole history into an empty PostgreSQL one).")
     ap.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
     ap.add_argument('--port', type=int, default=DEFAULT_PORT,
                     help='port (default %d; 0 picks a free one)' % DEFAULT_PORT)
@@ -6023,7 +6241,50 @@ def purge_command(argv):
     return 0
 
 
-COMMANDS = {'check': check_command, 'purge': purge_command}
+def migrate_command(argv):
+    """Move an SQLite database's whole history into an empty PostgreSQL database."""
+    ap = argparse.ArgumentParser(
+        prog='p3s_server.py migrate', description='Move the whole history of a p3s SQLite '
+        'database into an empty PostgreSQL database, for servers on several hosts: every table, '
+        'with its ids, uuids, times and states as they were, in one transaction (all or '
+        'nothing); the schema is created there if absent. Stop the server first. The source is '
+        'only read; one of an older schema version is brought up to date in a temporary copy. '
+        'Then serve it with: p3s_server.py --db postgresql://…')
+    ap.add_argument('--from', dest='source', required=True, metavar='PATH',
+                    help='the SQLite database, e.g. ./p3s.db (never written)')
+    ap.add_argument('--to', dest='target', required=True, metavar='URL',
+                    help='the PostgreSQL database, postgresql://user@host/name; it must hold no '
+                    'p3s records')
+    args = ap.parse_args(argv)
+    if not is_postgres(args.target):
+        ap.exit(2, 'p3s_server: error: --to takes a PostgreSQL URL (postgresql://…), not %s\n'
+                % redact(args.target))
+    check_sqlite()
+    started = time.monotonic()
+    pg = PostgreSQL(args.target)
+    with migration_source(args.source) as (src, found):
+        tables = source_tables(src, args.source)
+        db = migration_target(pg, args.target)
+        try:
+            copied = migrate_history(src, pg, db, tables, args.target)
+            verdict = pg.integrity(db)
+        except (pg.psycopg.Error, sqlite3.Error) as e:
+            refuse('nothing was migrated: %s', first_line(e))
+        finally:
+            db.close()
+    if found < SCHEMA_VERSION:
+        print('%s has schema version %d: copied as brought up to version %d (the file is left '
+              'as it was)' % (args.source, found, SCHEMA_VERSION))
+    for table, rows in copied.items():
+        print('%-14s %9d rows' % (table, rows))
+    print("integrity: source ok (SQLite's check, before the copy); target %s" % '; '.join(verdict))
+    print('migrated %d rows of %d tables from %s to %s in %.1f s'
+          % (sum(copied.values()), len(copied), args.source, redact(args.target),
+             time.monotonic() - started))
+    return 0
+
+
+COMMANDS = {'check': check_command, 'purge': purge_command, 'migrate': migrate_command}
 
 
 def main(argv=None):

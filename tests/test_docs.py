@@ -85,7 +85,8 @@ def shown_options():
             if kind not in ('sh', 'text'):
                 continue
             for command in commands(text):
-                for m in re.finditer(r'\b(p3s_\w+\.py)((?:\s+(?:check|purge)\b)?)(.*)', command):
+                for m in re.finditer(r'\b(p3s_\w+\.py)((?:\s+(?:check|purge|migrate)\b)?)(.*)',
+                                     command):
                     rest = re.split(r'\s(?:\|\|?|&&?|;)(?:\s|$)', m.group(3))[0]   # a pipe ends it
                     for option in re.findall(r'(?:^|[\s\[|(])(--?[A-Za-z][\w-]*)', rest):
                         yield doc, line, m.group(1), m.group(2).strip() or None, option
