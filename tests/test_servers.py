@@ -2,6 +2,7 @@
 a list of servers use the one that answers, and the loss of a server loses no job and runs none
 twice. On SQLite the servers share one file; with P3S_TEST_DB=postgresql, one PostgreSQL."""
 import collections
+import os
 import signal
 import subprocess
 import sys
@@ -119,3 +120,14 @@ def test_pilots_handed_a_list_pass_it_to_their_payloads(tmp_path):
         clients.cleanup()
         first.stop()
         second.stop()
+
+
+def test_the_database_may_come_from_the_environment(server, tmp_path):
+    """P3S_DB in place of --db (a PostgreSQL URL's password stays out of the process list)."""
+    assert server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[0] == 200
+    elsewhere = tmp_path / 'elsewhere'             # no ./p3s.db there
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, script('p3s_server.py'), 'check'], cwd=elsewhere,
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, P3S_DB=server.db))
+    assert proc.returncode == 0 and 'jobs: defined 1' in proc.stdout, proc.stdout + proc.stderr
