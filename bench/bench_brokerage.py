@@ -16,6 +16,10 @@ work request, or, for the last cycle of each pilot, a report of its own after th
 window. Cycles/s = complete cycles / (last request's end - start).
 
     python bench/bench_brokerage.py [--quick] [--pilots 16,64,256] [--sync normal|full]
+                                    [--db sqlite|postgresql]
+
+--db postgresql: the same on a database of a private PostgreSQL cluster (common.Postgres); the
+queue is filled there by one INSERT ... SELECT and ANALYZEd.
 """
 import argparse
 import http.client
@@ -129,7 +133,8 @@ def worker(port, n, start_report, ready, go, results):
                  [x for p in pilots for x in p.latencies], max(p.finished_at for p in pilots)))
 
 
-def run_once(server, pilots, duration, start_report=False):
+def run_once(server, pilots, duration, start_report=False, db_pid=None):
+    """db_pid: a PostgreSQL postmaster, whose processes' CPU is counted apart."""
     nproc = min(MAX_PROCESSES, max(1, pilots // 8))
     share = [pilots // nproc + (1 if i < pilots % nproc else 0) for i in range(nproc)]
     ctx = multiprocessing.get_context('fork')
@@ -146,8 +151,10 @@ def run_once(server, pilots, duration, start_report=False):
         go.put((start_at, start_at + duration))
     time.sleep(0.5)
     cpu0 = common.server_cpu_seconds(server.pid)
+    db0 = common.server_cpu_seconds(db_pid) if db_pid else None
     got = [results.get(timeout=duration + 120) for _ in procs]
     cpu = common.server_cpu_seconds(server.pid) - cpu0
+    db_cpu = common.server_cpu_seconds(db_pid) - db0 if db_pid else None
     for p in procs:
         p.join(30)
         if p.is_alive():
@@ -158,40 +165,55 @@ def run_once(server, pilots, duration, start_report=False):
     lat = [x for g in got for x in g[2]]
     return {'rate': cycles / duration, 'p50': percentile(lat, 50) * 1000,
             'p99': percentile(lat, 99) * 1000, 'errors': errors, 'req': len(lat) / duration,
-            'cpu_per_cycle': cpu / cycles * 1000 if cycles else None}
+            'cpu_per_cycle': cpu / cycles * 1000 if cycles else None,
+            'db_cpu_per_cycle': db_cpu / cycles * 1000 if cycles and db_pid else None}
 
 
-def measure(pilots, runs, duration, sync, queued, start_report=False):
-    server = common.Server(args=['--sync', sync])
+def measure(pilots, runs, duration, sync, queued, start_report=False, db='sqlite'):
+    server = common.Server(db=common.new_database(db), args=['--sync', sync])
     common.fill_jobs(server.db, queued)
+    db_pid = common.postgres().pid() if db == 'postgresql' else None
     with server:
-        return [run_once(server, pilots, duration, start_report) for _ in range(runs)]
+        return [run_once(server, pilots, duration, start_report, db_pid) for _ in range(runs)]
 
 
-def run(quick=False, counts=PILOT_COUNTS, sync='full', variants=(False, True)):
+def run(quick=False, counts=PILOT_COUNTS, sync='full', variants=(False, True), db='sqlite'):
     """Tables for each variant: without start reports (the targets), and with them."""
     runs, duration, queued = (2, 2.0, 20000) if quick else (RUNS, DURATION, QUEUED)
+    on, settings = '', ''
+    if db == 'postgresql':
+        on = ' on PostgreSQL'
+        why = common.postgres_missing()
+        if why:
+            return common.skipped('Brokerage capacity%s' % on, why)
+        settings = ' ' + common.postgres().settings() + '.'
     tables, figures = [], {}
     for start_report in variants:
         rows = []
         for n in counts:
-            res = measure(n, runs, duration, sync, queued, start_report)
+            res = measure(n, runs, duration, sync, queued, start_report, db)
             col = lambda k: [r[k] for r in res]  # noqa: E731
             rows.append([n, cell(col('rate')), cell(col('req')), cell(col('p50')),
-                         cell(col('p99')), cell(col('cpu_per_cycle')), sum(col('errors'))])
+                         cell(col('p99')), cell(col('cpu_per_cycle'))]
+                        + ([cell(col('db_cpu_per_cycle'))] if on else [])
+                        + [sum(col('errors'))])
             if not start_report:
                 figures['cycles_%d' % n] = common.summary(col('rate'))[0]
                 figures['p99_%d' % n] = common.summary(col('p99'))[0]
         what = ('work request + start report per cycle (jobs of 0.2 s or more)' if start_report
                 else 'one work request per cycle (short jobs)')
         tables.append(common.table(
-            'Brokerage capacity: simulated pilots, no payload, %s (`--sync %s`)' % (what, sync),
+            'Brokerage capacity%s: simulated pilots, no payload, %s (`--sync %s`)'
+            % (on, what, sync),
             ['pilots', 'job cycles/s', 'requests/s', 'request p50 ms', 'request p99 ms',
-             'server CPU ms per cycle', 'failed requests'], rows,
+             'server CPU ms per cycle'] + (['PostgreSQL CPU ms per cycle'] if on else [])
+            + ['failed requests'], rows,
             note='%d runs of %.0f s per pilot count, median [min–max]; each work request '
                  'carries the previous final report; %d jobs queued beforehand; up to %d load '
-                 'processes with threads, on the same 2 cores as the server.'
-                 % (runs, duration, queued, MAX_PROCESSES)))
+                 'processes with threads, on the same 2 cores as the server; the server\'s '
+                 'default --workers.' % (runs, duration, queued, MAX_PROCESSES) + settings))
+    if settings:
+        figures['pg_settings'] = settings.strip(' .')
     return {'tables': tables, 'figures': figures}
 
 
@@ -203,11 +225,12 @@ def main():
     ap.add_argument('--sync', choices=('normal', 'full'), default='full')
     ap.add_argument('--start-report', choices=('no', 'yes', 'both'), default='both',
                     help='send a start report in every cycle (default: both variants)')
+    ap.add_argument('--db', choices=('sqlite', 'postgresql'), default='sqlite')
     args = ap.parse_args()
     print(common.machine_line())
     counts = [int(x) for x in args.pilots.split(',')]
     variants = {'no': (False,), 'yes': (True,), 'both': (False, True)}[args.start_report]
-    for table in run(args.quick, counts, args.sync, variants)['tables']:
+    for table in run(args.quick, counts, args.sync, variants, args.db)['tables']:
         print(table)
 
 

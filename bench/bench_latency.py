@@ -6,7 +6,10 @@ both from the server's own timestamps. Each run starts a fresh server and pool a
 200 jobs (`/bin/true`), one after the other, each once the previous one has finished.
 Also: parent finished -> child started inside a workflow.
 
-    python bench/bench_latency.py [--quick]
+    python bench/bench_latency.py [--quick] [--db sqlite|postgresql]
+
+--db postgresql: the same on a database of a private PostgreSQL cluster (common.Postgres),
+without the workflow figure.
 """
 import argparse
 import os
@@ -37,8 +40,8 @@ def one_job(server):
     raise RuntimeError('job %s did not finish within %.0f s' % (uuid, JOB_TIMEOUT))
 
 
-def run_once(jobs):
-    with common.Server() as server:
+def run_once(jobs, db='sqlite'):
+    with common.Server(db=common.new_database(db)) as server:
         common.start_pilots(server, PILOTS, '--cycles', '0')
         common.wait_for(lambda: common.idle_pilots(server, PILOTS), 30, 'the pilots to wait')
         time.sleep(0.2)
@@ -62,12 +65,20 @@ def workflow_latency(runs, workflows):
     return bench_workflow.parent_child(runs, workflows)
 
 
-def run(quick=False):
+def run(quick=False, db='sqlite'):
     runs, jobs = (2, 50) if quick else (RUNS, JOBS)
+    title = 'Latency: idle pool of %d real pilots, one job at a time (ms)' % PILOTS
+    settings = ''
+    if db == 'postgresql':
+        title = title.replace('Latency:', 'Latency on PostgreSQL:')
+        why = common.postgres_missing()
+        if why:
+            return common.skipped(title, why)
+        settings = ' ' + common.postgres().settings() + '.'
     per_run = {'start50': [], 'start99': [], 'fin50': [], 'fin99': [], 'disp50': [],
                'disp99': []}
     for _ in range(runs):
-        start, finish, dispatch = run_once(jobs)
+        start, finish, dispatch = run_once(jobs, db)
         per_run['disp50'].append(percentile(dispatch, 50))
         per_run['disp99'].append(percentile(dispatch, 99))
         per_run['start50'].append(percentile(start, 50))
@@ -83,29 +94,32 @@ def run(quick=False):
         'start_p50': common.summary(per_run['start50'])[0],
         'start_p99': common.summary(per_run['start99'])[0],
     }
-    wf = workflow_latency(runs, min(jobs, 100))
-    if wf is None:
+    wf = workflow_latency(runs, min(jobs, 100)) if db == 'sqlite' else None
+    if wf is None and db == 'sqlite':
         rows.append(['parent finished → child started (workflow)', 'n/a (no workflows yet)',
                      'n/a'])
-    else:
+    elif wf is not None:
         rows.append(['parent finished → child started (workflow)', cell(wf['p50']),
                      cell(wf['p99'])])
         figures['parent_child_p50'] = common.summary(wf['p50'])[0]
     text = common.table(
-        'Latency: idle pool of %d real pilots, one job at a time (ms)' % PILOTS,
+        title,
         ['figure', 'p50 ms, median [min–max] of runs', 'p99 ms, median [min–max] of runs'],
         rows, note='%d runs of %d `/bin/true` jobs each; fresh server (default `--sync full`) '
              'and pilots (`--cycles 0`, default `--wait 20`) per run; server timestamps.'
-             % (runs, jobs))
+             % (runs, jobs) + settings)
+    if settings:
+        figures['pg_settings'] = settings.strip(' .')
     return {'tables': [text], 'figures': figures}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='fewer runs and jobs')
+    ap.add_argument('--db', choices=('sqlite', 'postgresql'), default='sqlite')
     args = ap.parse_args()
     print(common.machine_line())
-    print(run(args.quick)['tables'][0])
+    print(run(args.quick, args.db)['tables'][0])
 
 
 if __name__ == '__main__':

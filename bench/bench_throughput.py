@@ -5,7 +5,9 @@ The jobs are queued first (one submission), then the pilots start; jobs/s is cou
 first dispatch to the last finish (server timestamps). After the last job, the pool sits idle
 for 3 s and one more job is submitted: its submit -> start is the "first job after idleness".
 
-    python bench/bench_throughput.py [--quick] [--sync normal|full]
+    python bench/bench_throughput.py [--quick] [--sync normal|full] [--db sqlite|postgresql]
+
+--db postgresql: the same on a database of a private PostgreSQL cluster (common.Postgres).
 """
 import argparse
 import os
@@ -29,8 +31,8 @@ def all_done(server, n):
     return done >= n
 
 
-def run_once(jobs, sync, joblog_base=None):
-    with common.Server(args=['--sync', sync]) as server:
+def run_once(jobs, sync, joblog_base=None, db='sqlite'):
+    with common.Server(db=common.new_database(db), args=['--sync', sync]) as server:
         server.api('POST', '/api/jobs', [{'payload': '/bin/true', 'name': 'tp%d' % i}
                                          for i in range(jobs)])
         common.start_pilots(server, PILOTS, '--cycles', '0',
@@ -55,13 +57,21 @@ def run_once(jobs, sync, joblog_base=None):
     return rate, idle_start
 
 
-def run(quick=False, syncs=('full', 'normal')):
+def run(quick=False, syncs=('full', 'normal'), db='sqlite'):
     runs, jobs = (2, 1000) if quick else (RUNS, JOBS)
+    title = 'Throughput: %d real pilots, `/bin/true` jobs' % PILOTS
+    settings = ''
+    if db == 'postgresql':
+        title = title.replace('Throughput:', 'Throughput on PostgreSQL:')
+        why = common.postgres_missing()
+        if why:
+            return common.skipped(title, why)
+        settings = ' ' + common.postgres().settings() + '.'
     rows, figures = [], {}
     for sync in syncs:
         rates, idles = [], []
         for _ in range(runs):
-            rate, idle = run_once(jobs, sync)
+            rate, idle = run_once(jobs, sync, db=db)
             rates.append(rate)
             idles.append(idle)
         rows.append(['`--sync %s`%s' % (sync, ' (default)' if sync == 'full' else ''),
@@ -69,11 +79,13 @@ def run(quick=False, syncs=('full', 'normal')):
         figures['jobs_per_s_' + sync] = common.summary(rates)[0]
         figures['idle_start_' + sync] = common.summary(idles)[0]
     text = common.table(
-        'Throughput: %d real pilots, `/bin/true` jobs' % PILOTS,
-        ['server', 'jobs/s, first dispatch → last finish', 'first job after %.0f s idle, '
+        title, ['server', 'jobs/s, first dispatch → last finish', 'first job after %.0f s idle, '
          'submit → start ms' % IDLE], rows,
         note='%d runs of %d jobs per setting, median [min–max]; fresh server per run; '
-             'every job checked finished exactly once.' % (runs, jobs))
+             'every job checked finished exactly once; the server\'s default --workers.'
+             % (runs, jobs) + settings)
+    if settings:
+        figures['pg_settings'] = settings.strip(' .')
     return {'tables': [text], 'figures': figures}
 
 
@@ -82,9 +94,10 @@ def main():
     ap.add_argument('--quick', action='store_true', help='fewer runs and jobs')
     ap.add_argument('--sync', choices=('normal', 'full'), action='append',
                     help='server --sync setting(s) to measure (default both)')
+    ap.add_argument('--db', choices=('sqlite', 'postgresql'), default='sqlite')
     args = ap.parse_args()
     print(common.machine_line())
-    print(run(args.quick, args.sync or ('full', 'normal'))['tables'][0])
+    print(run(args.quick, args.sync or ('full', 'normal'), args.db)['tables'][0])
 
 
 if __name__ == '__main__':

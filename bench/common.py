@@ -1,10 +1,12 @@
 """Shared pieces of the p3s benchmarks: the machine, statistics, tables, a real server on a
-free port with a temporary database, direct database filling, and process clean-up.
+free port with a temporary database (SQLite, or a database of a private PostgreSQL cluster),
+direct database filling, and process clean-up.
 
 Everything runs on 127.0.0.1. Every process a benchmark starts is registered here and killed
-at exit, even when the benchmark fails half-way.
+at exit, even when the benchmark fails half-way; the PostgreSQL cluster is stopped then too.
 """
 import atexit
+import glob
 import http.client
 import importlib.metadata
 import json
@@ -61,6 +63,7 @@ def machine():
         'sqlite': sqlite3.sqlite_version,
         'bottle': version('bottle'),
         'gevent': version('gevent'),
+        'psycopg': version('psycopg'),
         'loadavg': ' '.join('%.2f' % x for x in os.getloadavg()),
         'date': datetime.now().strftime('%Y-%m-%d %H:%M'),
     }
@@ -69,8 +72,8 @@ def machine():
 def machine_line(m=None):
     m = m or machine()
     return ('machine: nproc %(nproc)s, %(cpu)s; Python %(python)s, SQLite %(sqlite)s, '
-            'bottle %(bottle)s, gevent %(gevent)s; load average at start %(loadavg)s; '
-            '%(date)s' % m)
+            'bottle %(bottle)s, gevent %(gevent)s, psycopg %(psycopg)s; load average at start '
+            '%(loadavg)s; %(date)s' % m)
 
 
 def percentile(values, q):
@@ -188,6 +191,7 @@ def cleanup():
         proc.wait()
         if proc in _children:
             _children.remove(proc)
+    stop_postgres()                 # after its clients, before its directory goes
     for path in _tmpdirs:
         shutil.rmtree(path, ignore_errors=True)
     _tmpdirs.clear()
@@ -368,6 +372,179 @@ def workflows_available():
 
 
 # ---------------------------------------------------------------------------------------------
+# PostgreSQL: a private cluster, started and stopped by the benchmark
+# ---------------------------------------------------------------------------------------------
+
+PG_PORT = 5432                   # the socket's name only: the cluster listens on no TCP port
+PG_MAX_CONNECTIONS = 300         # 64 claiming processes, servers' pools, the benchmark's own
+PG_SHOWN = ('fsync', 'synchronous_commit', 'full_page_writes', 'wal_sync_method',
+            'shared_buffers', 'max_wal_size', 'max_connections', 'autovacuum',
+            'autovacuum_naptime', 'autovacuum_vacuum_scale_factor',
+            'autovacuum_vacuum_cost_delay')
+_postgres = []                   # the cluster, or why it cannot start
+
+
+class Unavailable(Exception):
+    """PostgreSQL cannot be measured here (no server binaries, no psycopg, no start)."""
+
+
+class Postgres:
+    """A private PostgreSQL cluster: initdb and pg_ctl of Debian's `postgresql` package in a
+    temporary directory, a Unix socket only, as the `postgres` user when the benchmark runs
+    as root (PostgreSQL refuses root). Unlike the tests' cluster, durability is left as
+    PostgreSQL ships it (fsync on, synchronous_commit on, full_page_writes on), so that the
+    figures are honest; `settings()` says what was in force."""
+
+    def __init__(self):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise Unavailable('psycopg is not installed (pip install "psycopg[binary]")')
+        found = sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'))
+        if not found:
+            raise Unavailable('PostgreSQL\'s server binaries are not installed (Debian: '
+                              'apt-get install postgresql)')
+        self.bin = os.path.dirname(found[-1])
+        self.dir = tmpdir('p3s-bench-pg-')
+        self.data = os.path.join(self.dir, 'data')
+        self.log = os.path.join(self.dir, 'log')
+        self.count = 0
+        self.as_user = ['runuser', '-u', 'postgres', '--'] if os.getuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, 'postgres')
+        # --no-sync: initdb does not flush the files it writes (a bench cluster is thrown
+        # away); the server itself runs with PostgreSQL's durable defaults.
+        self.run('initdb', '-D', self.data, '-A', 'trust', '-U', 'p3s', '--no-sync', '-E',
+                 'UTF8', '--locale=C')
+        self.run('pg_ctl', '-D', self.data, '-l', self.log, '-w', '-o',
+                 '-c listen_addresses= -k %s -p %d -c max_connections=%d'
+                 % (self.dir, PG_PORT, PG_MAX_CONNECTIONS), 'start')
+        self.started = True
+
+    def run(self, tool, *args):
+        try:
+            subprocess.run(self.as_user + [os.path.join(self.bin, tool)] + list(args),
+                           check=True, capture_output=True, cwd=self.dir, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            why = getattr(e, 'stderr', None) or b''
+            raise Unavailable('%s failed: %s %s' % (tool, e, why.decode(errors='replace')
+                                                    .strip()[-300:]))
+
+    def dsn(self, name):
+        return 'postgresql://p3s@/%s?host=%s&port=%d' % (name, self.dir, PG_PORT)
+
+    def admin(self):
+        import psycopg
+        return psycopg.connect(self.dsn('postgres'), autocommit=True)
+
+    def new_database(self, template=None):
+        """A new, empty database (or a copy of `template`, a database's name); its URL."""
+        self.count += 1
+        name = 'bench_%d' % self.count
+        sql = 'CREATE DATABASE %s' % name + (' TEMPLATE %s' % template if template else '')
+        with self.admin() as admin:
+            for attempt in range(40):
+                try:
+                    admin.execute(sql)
+                    break
+                except Exception as e:
+                    # autovacuum may be in the template just now: ask again
+                    if not template or 'being accessed' not in str(e) or attempt == 39:
+                        raise
+                    time.sleep(0.25)
+        return self.dsn(name)
+
+    def drop_database(self, dsn):
+        name = dsn.split('@/', 1)[1].split('?', 1)[0]
+        with self.admin() as admin:
+            admin.execute('DROP DATABASE IF EXISTS %s WITH (FORCE)' % name)
+
+    def pid(self):
+        """The postmaster's process id (its backends are its children)."""
+        with open(os.path.join(self.data, 'postmaster.pid')) as f:
+            return int(f.readline())
+
+    def settings(self):
+        """The settings in force, as one line for a table's note."""
+        with self.admin() as admin:
+            version = admin.execute('SHOW server_version').fetchone()[0].split()[0]
+            got = dict(admin.execute('SELECT name, current_setting(name) FROM pg_settings '
+                                     'WHERE name = ANY(%s)', [list(PG_SHOWN)]).fetchall())
+        return ('PostgreSQL %s, a private cluster started by the benchmark (Unix socket, data on '
+                '%s): %s' % (version, fs_type(self.dir),
+                             ', '.join('%s %s' % (k, got.get(k, '?')) for k in PG_SHOWN)))
+
+    def stop(self):
+        if self.started:
+            self.started = False
+            try:
+                self.run('pg_ctl', '-D', self.data, '-m', 'fast', '-w', 'stop')
+            except Unavailable as e:
+                print('could not stop the benchmark\'s PostgreSQL: %s' % e, file=sys.stderr)
+
+
+def postgres():
+    """The benchmark's PostgreSQL cluster, started at the first call; raises Unavailable."""
+    if not _postgres:
+        try:
+            _postgres.append(Postgres())
+        except Unavailable as e:
+            _postgres.append(e)
+    if isinstance(_postgres[0], Unavailable):
+        raise _postgres[0]
+    return _postgres[0]
+
+
+def stop_postgres():
+    while _postgres:
+        found = _postgres.pop()
+        if isinstance(found, Postgres):
+            found.stop()
+
+
+def postgres_missing():
+    """Why PostgreSQL cannot be measured here (starting the cluster if need be), or None."""
+    try:
+        postgres()
+    except Unavailable as e:
+        return str(e)
+    return None
+
+
+def skipped(title, why):
+    """What a PostgreSQL benchmark returns when it cannot run: said loudly, figures left out."""
+    print('*** SKIPPED: %s: %s' % (title, why), file=sys.stderr, flush=True)
+    return {'tables': ['### %s\n\n**skipped: %s**\n' % (title, why)],
+            'figures': {'skipped': why}}
+
+
+def new_database(backend):
+    """A --db for a server of this backend: None (the Server's own SQLite file) or a new
+    database of the PostgreSQL cluster."""
+    if backend == 'postgresql':
+        return postgres().new_database()
+    if backend != 'sqlite':
+        raise ValueError('unknown database backend %r' % backend)
+    return None
+
+
+def fs_type(path):
+    """The file system type of the mount that holds path (e.g. ext4, tmpfs)."""
+    best, kind = '', '?'
+    try:
+        with open('/proc/mounts') as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[1]
+                if (path == mount or path.startswith(mount.rstrip('/') + '/')) and \
+                        len(mount) > len(best):
+                    best, kind = mount, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------
 # Filling a database directly (for sizes the API would take minutes to reach)
 # ---------------------------------------------------------------------------------------------
 
@@ -376,20 +553,49 @@ INSERT INTO jobs (uuid, name, jobtype, payload, state, pilot, created_at, define
                   dispatched_at, started_at, stopped_at, errcode)
 VALUES (?, 'bench', 'default', '/bin/true', ?, ?, ?, ?, ?, ?, ?, ?)
 """
+# The same rows made by PostgreSQL itself (psycopg's parameters; times as iso() writes them).
+PG_TIME = ("to_char(to_timestamp(%s) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
+           " || '+00:00'")
+PG_FILL_JOB = """
+INSERT INTO jobs (uuid, name, jobtype, payload, state, pilot, created_at, defined_at,
+                  dispatched_at, started_at, stopped_at, errcode)
+SELECT CAST(gen_random_uuid() AS text), 'bench', 'default', '/bin/true', %(state)s, %(pilot)s,
+       a, a, CASE WHEN %(done)s THEN a END, CASE WHEN %(done)s THEN a END,
+       CASE WHEN %(done)s THEN b END, CASE WHEN %(done)s THEN 0 END
+  FROM (SELECT i, """ + PG_TIME % "t - CASE WHEN %(done)s THEN 1 ELSE 0 END" + """ AS a,
+               """ + PG_TIME % 't' + """ AS b
+          FROM (SELECT i, %(now)s - %(spread)s * i / %(n)s AS t
+                  FROM generate_series(%(first)s, %(last)s) AS i) AS times) AS rows
+ ORDER BY i
+"""
 
 
-def fill_jobs(path, n, state='defined', spread=0.0, chunk=100000):
-    """Add n jobs in `state` (defined or finished) with executemany, schema applied first.
+def fill_jobs(db, n, state='defined', spread=0.0, chunk=100000):
+    """Add n jobs in `state` (defined or finished) directly, schema applied first: an SQLite
+    file with executemany, a PostgreSQL database (a URL) by one INSERT ... SELECT per chunk,
+    then ANALYZE (as autovacuum would within a minute).
 
     spread: seconds over which the jobs' times are spread back from now (0: all now). A
     finished job takes 1 s from definition to its end.
     """
     import p3s_server
-    db = p3s_server.connect(path, 'normal')
-    p3s_server.apply_schema(db)
-    db.execute('PRAGMA synchronous = OFF')
+    database = p3s_server.database(db)
+    conn = database.connect()
+    database.apply_schema(conn)
     now = datetime.now(timezone.utc).timestamp()
     done = state != 'defined'
+    if p3s_server.is_postgres(db):
+        try:
+            for first in range(0, n, chunk):
+                conn.raw.execute(PG_FILL_JOB, {
+                    'state': state, 'pilot': 'bench-pilot' if done else None, 'done': done,
+                    'now': now, 'spread': float(spread), 'n': n, 'first': first,
+                    'last': min(n, first + chunk) - 1})
+            conn.raw.execute('ANALYZE jobs')
+        finally:
+            conn.close()
+        return
+    conn.execute('PRAGMA synchronous = OFF')
 
     def row(i):
         t = now - spread * i / n if spread else now
@@ -400,12 +606,12 @@ def fill_jobs(path, n, state='defined', spread=0.0, chunk=100000):
     i = 0
     while i < n:
         k = min(chunk, n - i)
-        db.execute('BEGIN IMMEDIATE')
-        db.executemany(FILL_JOB, (row(j) for j in range(i, i + k)))
-        db.execute('COMMIT')
+        conn.execute('BEGIN IMMEDIATE')
+        conn.executemany(FILL_JOB, (row(j) for j in range(i, i + k)))
+        conn.execute('COMMIT')
         i += k
-    db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
-    db.close()
+    conn.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    conn.close()
 
 
 def iso(t):

@@ -2,11 +2,15 @@
 """Run every p3s benchmark and write their tables, with the targets, to
 bench/RESULTS.md.
 
-    python bench/run_all.py [--quick] [--only latency,throughput,...] [--out FILE]
+    python bench/run_all.py [--quick] [--only latency,throughput,...] [--out FILE] [NAME ...]
 
 --quick uses fewer runs and smaller sizes (for development; the figures are then only
 indicative). Each benchmark starts its own server(s) on free ports of 127.0.0.1 with temporary
-databases, and every process it starts is stopped at its end.
+databases, and every process it starts is stopped at its end; the PostgreSQL benchmarks start
+and stop a private cluster (common.Postgres). NAMEs (or --only) pick benchmarks or groups:
+`pg` is every figure on PostgreSQL, `sqlite` every other one, e.g.
+
+    python bench/run_all.py pg --out /tmp/pg.md
 """
 import argparse
 import os
@@ -19,7 +23,26 @@ import bench_peers  # noqa: E402
 import common  # noqa: E402
 from common import fmt  # noqa: E402
 
-ORDER = ('latency', 'throughput', 'peers', 'brokerage', 'scaling', 'footprint', 'costs')
+# name: (module, keyword arguments of its run()), in the order they run
+BENCHES = {
+    'latency': ('bench_latency', {}),
+    'throughput': ('bench_throughput', {}),
+    'peers': ('bench_peers', {}),
+    'brokerage': ('bench_brokerage', {}),
+    'scaling': ('bench_scaling', {}),
+    'footprint': ('bench_footprint', {}),
+    'claims': ('bench_claims', {}),                  # SQLite and PostgreSQL
+    'deadrows': ('bench_deadrows', {}),              # SQLite and PostgreSQL
+    'pg_latency': ('bench_latency', {'db': 'postgresql'}),
+    'pg_throughput': ('bench_throughput', {'db': 'postgresql', 'syncs': ('full',)}),
+    'pg_brokerage': ('bench_brokerage', {'db': 'postgresql', 'variants': (False,)}),
+    'costs': ('costs', {}),
+}
+ORDER = tuple(BENCHES)
+GROUPS = {
+    'pg': ('claims', 'deadrows', 'pg_latency', 'pg_throughput', 'pg_brokerage'),
+    'sqlite': ('latency', 'throughput', 'peers', 'brokerage', 'scaling', 'footprint', 'costs'),
+}
 RESULTS = os.path.join(common.BENCH, 'RESULTS.md')
 
 # (figure, target text, the peers' figures, how to judge from the figures: returns (value
@@ -130,11 +153,11 @@ def peers_rss(f):
     return '; '.join(parts) or None
 
 
-def t_brokerage(f):
-    c16, c64, c256 = (_v(f, 'brokerage.cycles_%d' % n) for n in (16, 64, 256))
+def t_brokerage(f, name='brokerage'):
+    c16, c64, c256 = (_v(f, '%s.cycles_%d' % (name, n)) for n in (16, 64, 256))
     if None in (c16, c64, c256):
         return None
-    p99 = max(_v(f, 'brokerage.p99_%d' % n) for n in (16, 64, 256))
+    p99 = max(_v(f, '%s.p99_%d' % (name, n)) for n in (16, 64, 256))
     ratio = c256 / c16
     return ('%s cycles/s at 64; 256/16 = %.0f %%; worst p99 %s ms'
             % (fmt(c64), 100 * ratio, fmt(p99)), c64 >= 1500 and ratio >= 0.8 and p99 <= 100)
@@ -168,8 +191,63 @@ def t_rss(f):
 
 
 def t_idle_cpu(f):
-    v = _v(f, 'footprint.idle_cpu')
-    return None if v is None else ('%s %% of one core' % fmt(v), v <= 10)
+    cpu, p99 = _v(f, 'footprint.idle_cpu'), _v(f, 'footprint.submit_p99')
+    if cpu is None:
+        return None
+    pilots = _v(f, 'footprint.idle_pilots')
+    more = '' if pilots == 2000 else ' (%s pilots in this run)' % fmt(pilots)
+    met = cpu <= 10 and p99 <= 50
+    return ('server %s %% of one core; submission p99 %s ms%s' % (fmt(cpu), fmt(p99), more),
+            met if pilots >= 2000 else None)      # fewer pilots: not judged
+
+
+def pg_skipped(f, *names):
+    """('skipped: why', None) when a PostgreSQL figure could not be measured, else None."""
+    for name in names:
+        why = f.get(name + '.skipped')
+        if why:
+            return 'skipped: %s' % why, None
+    return None
+
+
+def t_start_pg(f):
+    skipped = pg_skipped(f, 'pg_latency')
+    p50, p99 = _v(f, 'pg_latency.start_p50'), _v(f, 'pg_latency.start_p99')
+    if skipped or p50 is None:
+        return skipped
+    return 'p50 %s / p99 %s ms' % (fmt(p50), fmt(p99)), p50 <= 2.5 and p99 <= 10
+
+
+def t_throughput_pg(f):
+    skipped = pg_skipped(f, 'pg_throughput')
+    v = _v(f, 'pg_throughput.jobs_per_s_full')
+    if skipped or v is None:
+        return skipped
+    return '%s jobs/s' % fmt(v), v >= 800
+
+
+def t_brokerage_pg(f):
+    return pg_skipped(f, 'pg_brokerage') or t_brokerage(f, 'pg_brokerage')
+
+
+def t_deadrows(backend):
+    def judge(f):
+        skipped = pg_skipped(f, 'deadrows.%s' % backend)
+        v = _v(f, 'deadrows.%s.ratio' % backend)
+        if skipped or v is None:
+            return skipped
+        jobs = _v(f, 'deadrows.jobs')
+        text = '%.2f' % v
+        if backend == 'postgresql':
+            after = _v(f, 'deadrows.postgresql.ratio_after_purge')
+            if 'deadrows.postgresql.ratio_vacuumed' in f:
+                text += ' after autovacuum\'s next pass; %.2f right after the purge' % after
+            else:
+                text += ' right after the purge (autovacuum did not pass in time)'
+        if jobs != 10 ** 6:
+            text += ' ({:,} jobs in this run)'.format(jobs)
+        return text, v <= 1.5 if jobs >= 10 ** 6 else None     # fewer jobs: not judged
+    return judge
 
 
 def no_peer(f):
@@ -196,7 +274,18 @@ TARGETS = [
     ('1,000-vertex workflow', '≤ 1 s', no_peer, t_workflow),
     ('dashboard at 10⁶ jobs', '≤ 300 ms', no_peer, t_dashboard),
     ('pilot RSS', '≤ 25 MB', peers_rss, t_rss),
-    ('1,000 idle pilots', 'server ≤ 10 % of one core', no_peer, t_idle_cpu),
+    ('2,000 idle pilots long-polling one server', 'submission p99 ≤ 50 ms; server ≤ 10 % of '
+     'one core', no_peer, t_idle_cpu),
+    ('claim cost after 10⁶ jobs run and purged vs an empty table, SQLite', 'ratio ≤ 1.5',
+     no_peer, t_deadrows('sqlite')),
+    ('claim cost after 10⁶ jobs run and purged vs an empty table, PostgreSQL', 'ratio ≤ 1.5',
+     no_peer, t_deadrows('postgresql')),
+    ('submit → start, idle pool, PostgreSQL', 'p50 ≤ 2.5 ms; p99 ≤ 10 ms', no_peer,
+     t_start_pg),
+    ('real pilots, `/bin/true` jobs, 8 pilots, PostgreSQL', '≥ 800 jobs/s', no_peer,
+     t_throughput_pg),
+    ('brokerage capacity (simulated pilots), PostgreSQL', '≥ 1,500 job cycles/s at 64 pilots; '
+     'at 256 pilots ≥ 80 % of the 16-pilot figure; p99 ≤ 100 ms', no_peer, t_brokerage_pg),
 ]
 
 
@@ -252,10 +341,75 @@ def side_by_side(f):
                    'on jobs/s, below 1 ahead on latency.')
 
 
+def databases_side_by_side(f):
+    """The figures measured on both SQLite and PostgreSQL in this run; '' if none."""
+    names = ('claims', 'deadrows', 'pg_latency', 'pg_throughput', 'pg_brokerage')
+    if not any(key.split('.', 1)[0] in names for key in f):
+        return ''
+
+    def pg(bench, value):
+        """A PostgreSQL cell: the value, or why it is missing."""
+        why = f.get(bench + '.skipped')
+        if why:
+            return 'skipped: %s' % why
+        return 'not measured' if value in (None, 'n/a') else value
+
+    def sq(value):
+        return 'not measured' if value in (None, 'n/a') else value
+
+    def pair(prefix, a, b):
+        x, y = _v(f, '%s%s' % (prefix, a)), _v(f, '%s%s' % (prefix, b))
+        return None if x is None else '%s / %s' % (fmt(x), fmt(y))
+
+    rows = []
+    for n in (1, 4, 16, 64):
+        def claims(db):
+            rate = _v(f, 'claims.%s.rate_%d' % (db, n))
+            return None if rate is None else '%s (%s)' % (
+                fmt(rate), pair('claims.%s.' % db, 'p50_%d' % n, 'p99_%d' % n))
+        rows.append(['claims/s, SQL only, %d connection%s (p50 / p99 ms per claim)'
+                     % (n, '' if n == 1 else 's'), sq(claims('sqlite')),
+                     pg('claims.postgresql', claims('postgresql'))])
+    rows.append(['8 real pilots, `/bin/true` jobs, jobs/s',
+                 sq(fmt(_v(f, 'throughput.jobs_per_s_full'))),
+                 pg('pg_throughput', fmt(_v(f, 'pg_throughput.jobs_per_s_full')))])
+    rows.append(['first job after 3 s idle, submit → start ms',
+                 sq(fmt(_v(f, 'throughput.idle_start_full'))),
+                 pg('pg_throughput', fmt(_v(f, 'pg_throughput.idle_start_full')))])
+    rows.append(['submit → start, idle pool, p50 / p99 ms',
+                 sq(pair('latency.', 'start_p50', 'start_p99')),
+                 pg('pg_latency', pair('pg_latency.', 'start_p50', 'start_p99'))])
+    for n in (16, 64, 256):
+        rows.append(['brokerage, %d simulated pilots: job cycles/s (request p99 ms)' % n,
+                     sq(_v(f, 'brokerage.cycles_%d' % n) and '%s (%s)' % (
+                         fmt(f['brokerage.cycles_%d' % n]), fmt(f['brokerage.p99_%d' % n]))),
+                     pg('pg_brokerage', _v(f, 'pg_brokerage.cycles_%d' % n) and '%s (%s)' % (
+                         fmt(f['pg_brokerage.cycles_%d' % n]),
+                         fmt(f['pg_brokerage.p99_%d' % n])))])
+    after = _v(f, 'deadrows.postgresql.ratio_after_purge')
+    vacuumed = _v(f, 'deadrows.postgresql.ratio_vacuumed')
+    pg_dead = None
+    if after is not None:
+        pg_dead = ('%.2f after autovacuum\'s next pass, %.2f right after the purge'
+                   % (vacuumed, after) if vacuumed is not None else
+                   '%.2f right after the purge (autovacuum did not pass in time)' % after)
+    jobs = _v(f, 'deadrows.jobs')
+    rows.append(['claim after {} jobs run and purged ÷ empty table'.format(
+                     '{:,}'.format(jobs) if jobs else '10⁶'),
+                 sq(_v(f, 'deadrows.sqlite.ratio') and '%.2f' % f['deadrows.sqlite.ratio']),
+                 pg('deadrows.postgresql', pg_dead)])
+    return common.table(
+        'SQLite and PostgreSQL, side by side', ['figure', 'SQLite', 'PostgreSQL'], rows,
+        note='Medians of this run\'s figures (tables below), the server\'s defaults on both '
+             '(`--sync full`, --workers = the cores). %s'
+             % (_v(f, 'pg_settings') or 'PostgreSQL not measured in this run.'))
+
+
 def run_bench(name, quick, figures):
-    module = __import__(name if name == 'costs' else 'bench_' + name)
+    module_name, kwargs = BENCHES[name]
+    module = __import__(module_name)
     t0 = time.monotonic()
-    kwargs = {}
+    kwargs = dict(kwargs)
     if name == 'footprint' and 'scaling.server_rss_1m' in figures:
         size = 10 ** 5 if quick else 10 ** 6
         kwargs['server_rss'] = (figures['scaling.server_rss_1m'], size)
@@ -266,6 +420,9 @@ def run_bench(name, quick, figures):
         print(trace, file=sys.stderr)
         return '### %s\n\nFAILED:\n\n```\n%s```\n' % (name, trace), time.monotonic() - t0
     for key, value in result['figures'].items():
+        if key == 'pg_settings':
+            figures.setdefault('pg_settings', value)
+            continue
         figures['%s.%s' % (name, key)] = value
     text = '\n'.join(result['tables'])
     print(text, flush=True)
@@ -275,13 +432,18 @@ def run_bench(name, quick, figures):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='fewer runs, smaller sizes')
-    ap.add_argument('--only', default=','.join(ORDER), help='benchmarks to run, comma-separated')
+    ap.add_argument('--only', help='benchmarks or groups to run, comma-separated (default '
+                    'all): %s; groups: %s' % (', '.join(ORDER), ', '.join(
+                        '%s (%s)' % (g, ', '.join(n)) for g, n in GROUPS.items())))
     ap.add_argument('--out', default=RESULTS, help='where to write the results (markdown)')
+    ap.add_argument('names', nargs='*', metavar='NAME', help='as --only')
     args = ap.parse_args()
-    names = [n for n in args.only.split(',') if n]
-    unknown = set(names) - set(ORDER)
+    asked = [n for n in (args.only or '').split(',') + args.names if n] or list(ORDER)
+    unknown = set(asked) - set(ORDER) - set(GROUPS)
     if unknown:
         ap.error('unknown benchmark(s): %s' % ', '.join(sorted(unknown)))
+    wanted = {n for name in asked for n in GROUPS.get(name, (name,))}
+    names = [n for n in ORDER if n in wanted]
     m = common.machine()
     print(common.machine_line(m), flush=True)
     figures, sections, took = {}, [], []
@@ -290,21 +452,28 @@ def main():
         sections.append(text)
         took.append('%s %.0f s' % (name, seconds))
         common.cleanup()
+    command = 'bench/run_all.py' + (' --quick' if args.quick else '') + (
+        '' if set(names) == set(ORDER) else ' ' + ' '.join(asked))
     head = ['# p3s benchmark results', '',
-            'Written by `make bench` (`bench/run_all.py%s`). How each figure is measured: '
-            '`bench/README.md`; what stands in the way of the targets not met: '
-            '`bench/NOTES.md`.' % (' --quick' if args.quick else ''), '',
-            common.machine_line(m) + '.', '',
-            'Run time: %s.' % ', '.join(took), '']
+            'Written by `make bench` (`%s`). How each figure is measured: `bench/README.md`; '
+            'what stands in the way of the targets not met: `bench/NOTES.md`.' % command, '',
+            common.machine_line(m) + '.', '']
+    if 'pg_settings' in figures:
+        head += [figures['pg_settings'] + '.', '']
+    skips = sorted({v for k, v in figures.items() if k.endswith('.skipped')})
+    if skips:
+        head += ['**PostgreSQL figures skipped: %s.**' % '; '.join(skips), '']
+    head += ['Run time: %s.' % ', '.join(took), '']
     if args.quick:
         head += ['**--quick run**: fewer runs and smaller sizes; the figures are indicative '
                  'only.', '']
     text = '\n'.join(head) + '\n' + target_table(figures) + '\n' + side_by_side(figures) + \
-        '\n' + '\n'.join(sections)
+        '\n' + databases_side_by_side(figures) + '\n' + '\n'.join(sections)
     with open(args.out, 'w') as f:
         f.write(text)
     print(target_table(figures))
     print(side_by_side(figures))
+    print(databases_side_by_side(figures))
     print('written to %s' % args.out)
     return 0
 
