@@ -21,12 +21,14 @@ routes, monitor routes, monitor graph layout, authorization, errors, front, proc
 Each domain section starts with the SQL it runs.
 """
 import argparse
+import bisect
 import ctypes
 import fcntl
 import functools
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import logging
 import os
@@ -474,9 +476,10 @@ class Store:
     def __init__(self, path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, wakeups=None):
         self.path = path
         self.db = database(path)
-        # An idle pilot's heartbeat is written at most this often, so that an idle poll that
-        # finds nothing commits nothing (no fsync); the sweep still sees it alive.
-        self.idle_touch = pilot_timeout / 6
+        # An idle pilot's heartbeat is written at most this often, so that most idle polls
+        # commit nothing. A poll is held at most a third of the pilot timeout, so the sweep
+        # sees an idle pilot at most 7/12 of the timeout ago: alive, with room for delays.
+        self.idle_touch = pilot_timeout / 4
         self.sync = sync
         self.wakeups = wakeups
         self.write_lock = threading.Lock() if self.db.serial_writes else nullcontext()
@@ -2128,7 +2131,9 @@ def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow, l
         return reply
     if wait > 0 and poll is not None and poll.hold(wait, pilot['site'],
                                                    json.loads(pilot['jobtypes']), left):
-        return reply                    # not sent: the front asks again
+        # Held: the front asks again if a job it may run arrives meanwhile; if none does,
+        # this is the answer when the wait ends (the pilot's next request asks at once).
+        return dict(reply, waited=True)
     return dict(reply, waited=poll is not None and poll.held)
 
 
@@ -5619,30 +5624,43 @@ class Waiters:
 
     def __init__(self, limit):
         self.limit = limit
-        self.waiting = []
+        # In the order they are woken: pilots without an end first, in their order of arrival
+        # (a dict: added and removed in constant time, thousands of them held at once), then
+        # those with an end, the latest end first.
+        self.endless = {}
+        self.ending = []                # (-ends, arrival, waiter), sorted
+        self.arrivals = itertools.count()
         self.seq = 0
 
     def wait(self, site, jobtypes, timeout, seq, ends=None):
-        """Wait for a job for this pilot, unless a wake-up came since `seq`. The pilots that
+        """Wait for a job for this pilot, unless a wake-up came since `seq`; whether it was
+        woken for one (False: the wait ended, or a wake-up came before it). The pilots that
         will be gone later are woken first (those without an end before all): a woken pilot
         with too little time left for the job would leave it for the next poll."""
         waiter = Waiter(site, set(jobtypes), ends)
-        at = next((i for i, w in enumerate(self.waiting)
-                   if w.ends is not None and (ends is None or w.ends < ends)), len(self.waiting))
-        self.waiting.insert(at, waiter)
+        place = None if ends is None else (-ends, next(self.arrivals), waiter)
+        if place is None:
+            self.endless[waiter] = None
+        else:
+            bisect.insort(self.ending, place)
         process_metrics().long_polls_held(+1)
         try:
-            if self.seq == seq:
-                waiter.event.wait(timeout)
+            return self.seq == seq and waiter.event.wait(timeout)
         finally:
-            self.waiting.remove(waiter)
+            if place is None:
+                del self.endless[waiter]
+            else:
+                self.ending.remove(place)
             process_metrics().long_polls_held(-1)
+
+    def waiting(self):
+        return itertools.chain(self.endless, (waiter for _, _, waiter in self.ending))
 
     def wake(self, kinds):
         """kinds: (jobtype or None for any, site, count) of the jobs that became runnable."""
         self.seq += 1
         for jobtype, site, count in kinds:
-            for waiter in self.waiting:
+            for waiter in self.waiting():
                 if count <= 0:
                     break
                 if not waiter.event.is_set() and waiter.accepts(jobtype, site):
@@ -5651,11 +5669,11 @@ class Waiters:
 
     def wake_all(self):
         self.seq += 1
-        for waiter in self.waiting:
+        for waiter in self.waiting():
             waiter.event.set()
 
     def __len__(self):
-        return len(self.waiting)
+        return len(self.endless) + len(self.ending)
 
 
 class HeldPoll:
@@ -5806,7 +5824,9 @@ class Front:
                 return answer
             site, jobtypes, ends = poll.asked
             poll.asked = None
-            self.waiters.wait(site, jobtypes, poll.remaining(), seq, ends)
+            woken = self.waiters.wait(site, jobtypes, poll.remaining(), seq, ends)
+            if not woken and poll.remaining() <= 0:
+                return answer               # nothing came for it: idle, as it was found
             poll.held = True
             environ = dict(first)
             body = json.dumps({'wait': max(poll.remaining(), 0)}).encode()

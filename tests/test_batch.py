@@ -130,7 +130,7 @@ def test_waiting_pilots_with_more_time_are_woken_first():
     held = {name: gevent.spawn(waiters.wait, '', [], 10, waiters.seq, e)
             for name, e in ends.items()}
     gevent.sleep(0)
-    assert [w.ends for w in waiters.waiting] == [None, None, 500.0, 100.0]
+    assert [w.ends for w in waiters.waiting()] == [None, None, 500.0, 100.0]
     waiters.wake([('t', '', 1)])
     held['forever'].join(5)
     assert held['forever'].ready() and not held['soon'].ready()
