@@ -419,6 +419,9 @@ class SQLite:
     def trouble(self, error):
         return storage_trouble(error)
 
+    def unreachable(self, error):
+        return False                    # a file of this host: it is never away alone
+
     def wakeups(self, rundir):
         return Wakeups(rundir)
 
@@ -456,6 +459,9 @@ class FileLock:
         except BlockingIOError:
             return False
         return True
+
+    def held(self):
+        return True                      # the kernel drops it only when this process dies
 
 
 class Store:
@@ -498,8 +504,10 @@ class Store:
             self.opened.append(db)
         try:
             yield db
-        except self.db.unavailable:
+        except self.db.unavailable as e:
             self.discard(db)              # it may be broken (a database restart): a new one next
+            if self.db.unreachable(e):
+                self.discard_idle()       # opened before it, they went with it
             raise
         except BaseException:
             self.idle.append(db)
@@ -512,6 +520,14 @@ class Store:
             db.close()
         except Exception:
             pass
+
+    def discard_idle(self):
+        """Close every connection not in use now."""
+        while True:
+            try:
+                self.discard(self.idle.pop())
+            except IndexError:
+                return
 
     def read(self):
         """A connection for reads outside a transaction: each statement sees the last commit."""
@@ -696,6 +712,7 @@ PG_WAKE_CHANNEL = 'p3s_wake'
 PG_WAKE_MAX = 7900                  # bytes of a NOTIFY payload (PostgreSQL takes 8000)
 PG_CONNECT_TIMEOUT = 10
 PG_RETRY = 1.0                      # seconds before a listener or a lock asks again
+PG_UNREACHABLE = 'it cannot be reached'
 
 
 @functools.lru_cache(maxsize=None)
@@ -862,10 +879,15 @@ class PostgreSQL:
                 ((errors.DiskFull,), 'its disk is full'),
                 ((errors.ReadOnlySqlTransaction,), 'it is read-only'),
                 ((errors.QueryCanceled, errors.LockNotAvailable), 'it is busy'),
-                (self.unavailable, 'it cannot be reached')):
+                (self.unavailable, PG_UNREACHABLE)):
             if isinstance(error, kinds):
                 return reason
         return None
+
+    def unreachable(self, error):
+        """Whether the error says the database could not be reached (restarting, away), for
+        the pilots' requests as for this one."""
+        return self.trouble(error) == PG_UNREACHABLE
 
     def wakeups(self, rundir):
         return PostgresWakeups(rundir, self.dsn)
@@ -888,13 +910,23 @@ class AdvisoryLock:
         self.dsn, self.key, self.db = dsn, key, None
 
     def try_acquire(self):
+        """Whether this session holds the lock now; the database's errors are raised."""
         try:
             if self.db is None:
                 self.db = PostgresConnection(self.dsn)
             return bool(self.db.execute('SELECT pg_try_advisory_lock(:key) AS held',
                                         {'key': self.key}).fetchone()['held'])
-        except Exception as e:
-            log.warning('housekeeping lock: %s', e)
+        except Exception:
+            self.close()
+            raise
+
+    def held(self):
+        """Whether the session that took the lock lives on: a restart of the database ends
+        it, and releases the lock with it."""
+        try:
+            self.db.execute('SELECT 1')
+            return True
+        except Exception:
             self.close()
             return False
 
@@ -922,18 +954,30 @@ class PostgresWakeups(Wakeups):
         self.listener.start()
 
     def publish(self, jobs):
+        """NOTIFY, on a session of its own; a session lost since the last one (a restart of
+        the database) is opened again, once."""
         message = wake_message(jobs)
         if len(message) > PG_WAKE_MAX:
             message = WAKE_ALL
         with self.sending:
-            try:
-                if self.sender is None:
-                    self.sender = PostgresConnection(self.dsn)
-                self.sender.execute('SELECT pg_notify(:channel, :message)',
-                                    {'channel': PG_WAKE_CHANNEL, 'message': message.decode()})
-            except Exception as e:
-                log.warning('wake-up not sent: %s', e)
-                self.sender = None
+            for last in (False, True):
+                try:
+                    if self.sender is None:
+                        self.sender = PostgresConnection(self.dsn)
+                    self.sender.execute('SELECT pg_notify(:channel, :message)',
+                                        {'channel': PG_WAKE_CHANNEL, 'message': message.decode()})
+                    return
+                except Exception as e:
+                    self.close_sender()
+                    if last:
+                        log.warning('wake-up not sent: %s', first_line(e))
+
+    def close_sender(self):
+        try:
+            self.sender.close()
+        except Exception:
+            pass
+        self.sender = None
 
     def listen(self):
         """LISTEN, and after a lost session listen again and wake every held pilot: a job
@@ -949,7 +993,8 @@ class PostgresWakeups(Wakeups):
                         break
             except Exception as e:
                 if not self.stopping.is_set():
-                    log.warning('wake-ups: %s; listening again in %g s', e, PG_RETRY)
+                    log.warning('wake-ups: %s; listening again in %g s', first_line(e),
+                                PG_RETRY)
                     self.stopping.wait(PG_RETRY)
 
     def close(self):
@@ -1187,6 +1232,11 @@ def one_line(text):
     """A message that echoes what a request sent stays one line: its control characters (a
     newline after a uuid) are written as escapes."""
     return CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def first_line(error):
+    """An error's message as a log line: libpq's come with hints on lines of their own."""
+    return one_line((str(error).strip().splitlines() or [''])[0])
 
 
 def fail(status, message):
@@ -1687,7 +1737,9 @@ RETURNING """ + JOB_COLUMNS
 # types, the queue's top may hold thousands of jobs this pilot cannot take, and walking past them
 # would cost milliseconds per claim. This form visits each type that has queued jobs instead
 # (a skip-scan of jobs_type_queue), takes the head of each type it may run, and the best head:
-# a few index seeks per type, whatever is queued.
+# a few index seeks per type, whatever is queued. Where claims run at once (PostgreSQL) a head
+# is the first job of its type that no other claim holds: were it the first of the type, the
+# claims of one type would all find the same head, and all but one would come back empty.
 CLAIM_JOB_BY_TYPE = """
 WITH RECURSIVE queued (jobtype) AS (
     SELECT min(jobtype) FROM jobs INDEXED BY jobs_type_queue WHERE state = 'defined'
@@ -1702,7 +1754,7 @@ heads (id) AS (
                AND """ + IN_TIME + """
                AND timelimit <= :left                         -- as in CLAIM_JOB
              ORDER BY priority DESC, defined_at, id
-             LIMIT 1)
+             LIMIT 1 /*FOR UPDATE SKIP LOCKED*/)
       FROM queued
      WHERE queued.jobtype IS NOT NULL
        AND """ + NOT_BLOCKED % 'queued.jobtype' + """
@@ -2381,10 +2433,11 @@ class Housekeeper(threading.Thread):
 
     Several server processes may share the database; only the one holding `leader` (a lock
     shared between them) sweeps, and when it dies another takes the lock at its next pass.
-    No pilot is declared lost during the first pilot_timeout after the server started
-    (`started`, on the monotonic clock): while the server was down its pilots could not reach
-    it, and they need the time to come back. `clock` (seconds, monotonic) and `now` (stored
-    time) can be given, so that tests step it.
+    No pilot is declared lost during the first pilot_timeout after the server started, or
+    after a pass found the database out of reach (`started`, on the monotonic clock): while
+    the server or its database was away its pilots could not reach it, and they need the time
+    to come back. `clock` (seconds, monotonic) and `now` (stored time) can be given, so that
+    tests step it.
     """
 
     def __init__(self, store, pilot_timeout, keep_days=None, clock=time.monotonic, now=utcnow,
@@ -2402,12 +2455,22 @@ class Housekeeper(threading.Thread):
         while not self.stopping.wait(self.period):
             try:
                 self.step()
-            except Exception:
-                log.exception('housekeeping failed; trying again in %.1f s', self.period)
+            except Exception as e:
+                reason = self.store.db.trouble(e)
+                if reason is None:
+                    log.exception('housekeeping failed; trying again in %.1f s', self.period)
+                else:
+                    if self.store.db.unreachable(e):
+                        self.started = self.clock()
+                    log.warning('housekeeping put off: the database: %s (%s); trying again in '
+                                '%.1f s', reason, first_line(e), self.period)
 
     def step(self):
         """One pass: the sweep, and the retention purge when it is due (None: another process
         does the housekeeping)."""
+        if self.leading and self.leader is not None and not self.leader.held():
+            log.warning('process %d lost the housekeeping lock', os.getpid())
+            self.leading = False
         if not self.leading:
             self.leading = self.leader.try_acquire()
             if not self.leading:
@@ -5464,7 +5527,7 @@ def domain_errors(callback):
             reason = dialect.trouble(e)
             if reason is None:
                 raise                                   # a bug: a 500, with its traceback
-            log.warning('%s %s answered 503: %s', request.method, request.path, e)
+            log.warning('%s %s answered 503: %s', request.method, request.path, first_line(e))
             raise HTTPError(503, 'the database cannot take this request now: %s; nothing was '
                             'changed, try again in %d s' % (reason, STORAGE_RETRY_AFTER),
                             **{'Retry-After': str(STORAGE_RETRY_AFTER)})
@@ -5884,11 +5947,12 @@ def raise_file_limit():
 def serve_worker(listener, args, started):
     """One server process: the front on the shared listening socket, until SIGTERM."""
     rundir = run_directory(args.db)
-    wakeups = Wakeups(rundir)
+    dialect = database(args.db)
+    wakeups = dialect.wakeups(rundir)             # on PostgreSQL: every server, on any host
     st = configure(args.db, args.sync, args.pilot_timeout, args.token, args.pilot_token,
                    args.private, wakeups)
     keeper = Housekeeper(st, args.pilot_timeout, args.keep_days, started=started,
-                         leader=FileLock(os.path.join(rundir, 'housekeeper.lock')))
+                         leader=dialect.leader_lock(rundir))
     front = Front(app, args.threads, WRITE_THREADS, args.max_waiters)
     server = FrontServer(listener, front, args.request_timeout)
     listening = gevent.spawn(front.listen, wakeups)
@@ -6105,7 +6169,7 @@ def prepare_database(db_path):
         db = dialect.connect()
     except dialect.unavailable as e:
         raise SystemExit('p3s_server: error: cannot open the database %s: %s'
-                         % (redact(db_path), str(e).strip().splitlines()[0]))
+                         % (redact(db_path), first_line(e)))
     try:
         dialect.apply_schema(db)
     finally:

@@ -68,11 +68,13 @@ def api(url, method, path, body=None, timeout=30, token=None):
 
 
 class Server:
-    """A p3s_server.py process on a free port with a temporary database."""
+    """A p3s_server.py process on a free port with a temporary database. `env`: its
+    environment, if not the tests' own."""
 
-    def __init__(self, tmp_path, port=0, extra_args=(), db=None, preexec_fn=None):
+    def __init__(self, tmp_path, port=0, extra_args=(), db=None, preexec_fn=None, env=None):
         self.db = db or fresh_database(tmp_path)
         self.preexec_fn = preexec_fn
+        self.env = env
         self.log_path = tmp_path / 'server.log'
         self.port = port
         self.extra_args = list(extra_args)
@@ -84,7 +86,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, script('p3s_server.py'), '--port', str(self.port), '--db', self.db]
             + self.extra_args, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
-            preexec_fn=self.preexec_fn)
+            preexec_fn=self.preexec_fn, env=self.env)
         line = self.proc.stdout.readline().decode()
         if 'listening on' not in line:
             self.stop()
@@ -244,14 +246,23 @@ class Postgres:
         self.as_user = ['runuser', '-u', 'postgres', '--'] if os.getuid() == 0 else []
         if self.as_user:
             shutil.chown(self.dir, 'postgres')
-        data = os.path.join(self.dir, 'data')
-        self.run('initdb', '-D', data, '-A', 'trust', '-U', 'p3s', '--no-sync', '-E', 'UTF8',
+        self.data = os.path.join(self.dir, 'data')
+        self.run('initdb', '-D', self.data, '-A', 'trust', '-U', 'p3s', '--no-sync', '-E', 'UTF8',
                  '--locale=C')
-        self.run('pg_ctl', '-D', data, '-l', os.path.join(self.dir, 'log'), '-w', '-o',
+        self.start()
+
+    def start(self):
+        self.run('pg_ctl', '-D', self.data, '-l', os.path.join(self.dir, 'log'), '-w', '-o',
                  '-c listen_addresses= -k %s -p %d -c fsync=off -c synchronous_commit=off '
                  '-c full_page_writes=off -c max_connections=500' % (self.dir, self.port),
                  'start')
-        self.data = data
+
+    def restart(self, down=0):
+        """A fast restart (sessions are ended, what was committed is kept), the cluster away
+        for `down` seconds; it comes back on the same socket."""
+        self.run('pg_ctl', '-D', self.data, '-m', 'fast', '-w', 'stop')
+        time.sleep(down)
+        self.start()
 
     @staticmethod
     def find_binaries():
@@ -269,11 +280,14 @@ class Postgres:
     def dsn(self, name):
         return 'postgresql://p3s@/%s?host=%s&port=%d' % (name, self.dir, self.port)
 
-    def new_database(self):
+    def new_database(self, name=None):
+        """A new database, named for this test run unless `name` is given (a database of that
+        name made earlier is dropped first)."""
         import psycopg
         self.count += 1
-        name = 'p3s_%d_%d' % (os.getpid(), self.count)
+        name = name or 'p3s_%d_%d' % (os.getpid(), self.count)
         with psycopg.connect(self.dsn('postgres'), autocommit=True) as admin:
+            admin.execute('DROP DATABASE IF EXISTS %s WITH (FORCE)' % name)
             admin.execute('CREATE DATABASE %s' % name)
         return self.dsn(name)
 

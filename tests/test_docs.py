@@ -2,13 +2,18 @@
 
 Every fenced block of README.md and docs/*.md says what it is: `sh` (commands that run as
 written from the repository's root), `slurm` (commands that need a Slurm cluster:
-tests/test_slurm.py runs them), `text` (a synopsis with placeholders such as UUID), or
-the data it shows (`json`, `xml`). The `sh` blocks of each document run, in order, in one bash
-shell (so a variable set by one block serves the next), in a copy of the repository, against a
-real server of their own: P3S_SERVER points the clients at it, as it would point them at the
-server `make run` starts (so a `make run` line is that server, and is not run again), and the
-pilots' logs go to a temporary directory. `python3` is the Python of the tests without its
-site-packages, as on a bare node. Every option a synopsis shows must be one its command knows.
+tests/test_slurm.py runs them), `postgresql` (commands that need a PostgreSQL server: run
+here against the tests' own), `text` (a synopsis with placeholders such as UUID), or
+the data it shows (`json`, `xml`, `yaml`, `ini`, `cfg`). The `sh` blocks of each document run,
+in order, in one bash shell (so a variable set by one block serves the next), in a copy of the
+repository, against a real server of their own: P3S_SERVER points the clients at it, as it
+would point them at the server `make run` starts (so a `make run` line is that server, and is
+not run again), and the pilots' logs go to a temporary directory. `python3` is the Python of
+the tests without its site-packages, as on a bare node. The `postgresql` blocks run the same
+way, on a database `p3s` owned by the role `p3s` of the tests' PostgreSQL cluster (its socket
+in PGHOST and PGPORT, as on the database's own host), their server on that database, and
+`.venv/bin/python` the tests' Python with its packages. Every option a synopsis shows must be
+one its command knows.
 """
 import glob
 import os
@@ -20,12 +25,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT, Server
+from conftest import ROOT, Server, postgres
 
 DOCS = ['README.md'] + sorted(os.path.relpath(p, ROOT)
                               for p in glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 FENCE = re.compile(r'^```([^\n`]*)\n(.*?)^```[ \t]*$', re.M | re.S)
-KINDS = ('sh', 'slurm', 'text', 'json', 'xml', 'yaml', 'ini')
+KINDS = ('sh', 'slurm', 'postgresql', 'text', 'json', 'xml', 'yaml', 'ini', 'cfg')
+RUNNABLE = ('sh', 'postgresql')         # the kinds this file runs
 RUN_TIMEOUT = 300               # seconds for all the commands of one document
 STARTS_THE_SERVER = re.compile(r'^\s*make run\b')
 # Where the copy of the repository leaves out what the documents do not run.
@@ -82,7 +88,7 @@ def shown_options():
     shown in a synopsis or an example."""
     for doc in DOCS:
         for kind, text, line in blocks(doc):
-            if kind not in ('sh', 'text'):
+            if kind not in RUNNABLE + ('text',):
                 continue
             for command in commands(text):
                 for m in re.finditer(r'\b(p3s_\w+\.py)((?:\s+(?:check|purge|migrate)\b)?)(.*)',
@@ -104,11 +110,11 @@ def test_every_option_shown_is_one_the_command_knows():
     assert seen > 50
 
 
-def script_of(doc):
-    """The sh blocks of a document as one bash script that says which block runs."""
+def script_of(doc, kind='sh'):
+    """The blocks of that kind of a document as one bash script that says which block runs."""
     parts = []
-    for kind, text, line in blocks(doc):
-        if kind != 'sh':
+    for found, text, line in blocks(doc):
+        if found != kind:
             continue
         kept = [s for s in text.splitlines() if not STARTS_THE_SERVER.match(s)]
         parts.append('echo "### %s:%d" >&2\n%s' % (doc, line, '\n'.join(kept)))
@@ -137,17 +143,41 @@ def kill_group(proc):
         pass
 
 
-@pytest.mark.parametrize('doc', [d for d in DOCS if any(k == 'sh' for k, _, _ in blocks(d))])
+def documents_with(kind):
+    return [d for d in DOCS if any(k == kind for k, _, _ in blocks(d))]
+
+
+@pytest.mark.parametrize('doc', documents_with('sh'))
 def test_the_examples_run_as_written(doc, repository, tmp_path):
-    copy, bin_dir = repository
     server = Server(tmp_path).start()
+    run_examples(doc, 'sh', repository, tmp_path, server)
+
+
+@pytest.mark.parametrize('doc', documents_with('postgresql'))
+def test_the_postgresql_examples_run_as_written(doc, repository, tmp_path):
+    pg = postgres()
+    copy, _ = repository
+    venv_python = copy / '.venv' / 'bin' / 'python'
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text('#!/bin/sh\nexec %s "$@"\n' % sys.executable)
+    venv_python.chmod(0o755)
+    server = Server(tmp_path, db=pg.new_database('p3s')).start()
+    run_examples(doc, 'postgresql', repository, tmp_path, server,
+                 PGHOST=pg.dir, PGPORT=str(pg.port))
+
+
+def run_examples(doc, kind, repository, tmp_path, server, **more_env):
+    """The blocks of that kind of a document, in one bash shell, against the server."""
+    copy, bin_dir = repository
     env = dict(os.environ, PATH='%s:%s' % (bin_dir, os.environ['PATH']), P3S_SERVER=server.url,
-               P3S_JOBLOG=str(tmp_path / 'jobs'), P3S_PILOTLOG=str(tmp_path / 'pilots'))
-    for name in ('P3S_TOKEN', 'P3S_PILOT_TOKEN', 'P3S_SITE', 'P3S_DIRPATH'):
+               P3S_JOBLOG=str(tmp_path / 'jobs'), P3S_PILOTLOG=str(tmp_path / 'pilots'),
+               **more_env)
+    for name in ('P3S_TOKEN', 'P3S_PILOT_TOKEN', 'P3S_SITE', 'P3S_DIRPATH', 'P3S_DB', 'PGUSER',
+                 'PGDATABASE', 'PGPASSWORD'):
         env.pop(name, None)
-    proc = subprocess.Popen(['bash', '-e', '-o', 'pipefail', '-c', script_of(doc)], cwd=copy,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(['bash', '-e', '-o', 'pipefail', '-c', script_of(doc, kind)],
+                            cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
