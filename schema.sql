@@ -388,9 +388,14 @@ PRAGMA user_version = 3;
 CREATE TABLE IF NOT EXISTS p3s_version (version INTEGER NOT NULL);
 -- Every job's row is rewritten several times in minutes: autovacuum cleans and analyzes the
 -- table after 1 % of it changed (not the default 20 %), so dead entries do not pile up in the
--- queue's index and the claim's plan follows the queue as it is.
-ALTER TABLE jobs SET (autovacuum_vacuum_scale_factor = 0.01,
-                      autovacuum_analyze_scale_factor = 0.01);
+-- queue's index and the claim's plan follows the queue as it is. Only on a jobs table with no
+-- settings of its own: an operator's are kept.
+DO $$ BEGIN
+    IF (SELECT reloptions IS NULL FROM pg_class WHERE oid = 'jobs'::regclass) THEN
+        ALTER TABLE jobs SET (autovacuum_vacuum_scale_factor = 0.01,
+                              autovacuum_analyze_scale_factor = 0.01);
+    END IF;
+END $$;
 -- Times as SQLite's p3s_ functions give them (connect() in p3s_server.py): the stored text of
 -- `then` plus `seconds`, and the seconds from one stored time to another.
 CREATE OR REPLACE FUNCTION p3s_seconds_after(then_ TEXT, seconds BIGINT)

@@ -10,8 +10,8 @@ from datetime import datetime, timedelta
 import pytest
 
 import p3s_server as srv
-from conftest import (ROOT, InProcessFront, fresh_database, full_scans, query_plan, sql_db,
-                      sqlite_only)
+from conftest import (ON_POSTGRES, ROOT, InProcessFront, database_connection, fresh_database,
+                      full_scans, query_plan, sql_db, sqlite_only)
 
 
 @pytest.fixture
@@ -406,3 +406,20 @@ def test_a_held_poll_ends_when_its_clock_says_so(store):
         assert len(door.front.waiters) == 0                # the waiter left
     finally:
         door.close()
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason='PostgreSQL\'s table settings (P3S_TEST_DB=postgresql)')
+def test_the_jobs_table_is_vacuumed_often_unless_told_otherwise(tmp_path):
+    db = fresh_database(tmp_path)
+    srv.configure(db).close()
+    conn = database_connection(db)
+    try:
+        def options():
+            return conn.execute("SELECT reloptions FROM pg_class "
+                                "WHERE oid = 'jobs'::regclass").fetchone()[0]
+        assert 'autovacuum_vacuum_scale_factor=0.01' in options()
+        conn.execute('ALTER TABLE jobs SET (autovacuum_vacuum_scale_factor = 0.05)')
+        srv.configure(db).close()                  # the schema applied again, at a start
+        assert 'autovacuum_vacuum_scale_factor=0.05' in options()
+    finally:
+        conn.close()
