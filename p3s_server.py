@@ -964,6 +964,9 @@ class PostgresWakeups(Wakeups):
                 try:
                     if self.sender is None:
                         self.sender = PostgresConnection(self.dsn)
+                        # A NOTIFY commits a transaction of its own: a wake-up lost in a crash
+                        # is harmless (held pilots ask again), so it need not wait for a flush.
+                        self.sender.execute('SET synchronous_commit TO off')
                     self.sender.execute('SELECT pg_notify(:channel, :message)',
                                         {'channel': PG_WAKE_CHANNEL, 'message': message.decode()})
                     return
