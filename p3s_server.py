@@ -174,6 +174,7 @@ ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*\Z')
 # json.loads lets through). Only a complete pair is text; a lone one cannot be stored.
 SURROGATE_RE = re.compile(rb'\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]')
 CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
+NUL_REFUSED = 'the %s holds a NUL character (\\u0000), which no p3s text may hold'
 XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 
 # The fields each kind of request may carry.
@@ -4255,7 +4256,24 @@ def json_body():
         fail(400, 'request body is not valid JSON: nested too deeply')
     if SURROGATE_RE.search(raw):
         check_unicode(value)
+    if b'\\u0000' in raw:
+        try:
+            nul = holds_nul(value)
+        except RecursionError:
+            nul = True
+        if nul:
+            fail(400, NUL_REFUSED % 'request body')
     return value
+
+
+def holds_nul(value):
+    if isinstance(value, str):
+        return '\x00' in value
+    if isinstance(value, dict):
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(holds_nul(v) for v in value)
+    return False
 
 
 def check_unicode(value):
@@ -5482,6 +5500,16 @@ def authorize():
     # A hook runs outside the route plugins, so it raises the framework's error itself.
     raise HTTPError(401, 'this call needs a valid token: Authorization: Bearer <token>',
                     **{'WWW-Authenticate': 'Bearer'})
+
+
+@app.hook('before_request')
+def refuse_nul_characters():
+    """No p3s text holds a NUL character, and PostgreSQL cannot store one: a path or a query
+    that carries one is refused on either database (a body: json_body)."""
+    for where, text in (('path', request.path),
+                        ('query', urllib.parse.unquote(request.query_string))):
+        if '\x00' in text:
+            raise HTTPError(400, NUL_REFUSED % where)
 
 
 # ---------------------------------------------------------------------------------------------

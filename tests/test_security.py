@@ -49,6 +49,11 @@ BAD_INPUT = [
      'dirpath is null'),
     ('POST', '/api/jobs', [{'payload': 'x', 'uuid': UUID + '\n'}], 'uuid'),
     ('POST', '/api/jobs/retry', {'uuids': [UUID + '\n']}, 'uuid'),
+    # PostgreSQL cannot store a NUL character: refused on either database, wherever it comes
+    ('POST', '/api/jobs', b'[{"payload": "a\\u0000b"}]', 'NUL character'),
+    ('POST', '/api/sites', {'name': 'x', 'env': {'A': '\x00'}}, 'NUL character'),
+    ('GET', '/api/dags/a%00b', None, 'NUL character'),
+    ('GET', '/monitor/batchjobs?site=%00', None, 'NUL character'),
 ] + [('GET', path + '?page=99999999999999999999', None, 'page must be') for path in LISTINGS]
 
 
