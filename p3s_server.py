@@ -174,7 +174,7 @@ ENV_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*\Z')
 # json.loads lets through). Only a complete pair is text; a lone one cannot be stored.
 SURROGATE_RE = re.compile(rb'\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]')
 CONTROL_RE = re.compile(r'[\x00-\x1f\x7f]')
-NUL_REFUSED = 'the %s holds a NUL character (\\u0000), which no p3s text may hold'
+NUL_REFUSED = 'the %s holds a NUL character (\\u0000), which p3s cannot store'
 XML_DECLARATIONS_RE = re.compile(r'<!\s*(DOCTYPE|ENTITY)', re.IGNORECASE)
 
 # The fields each kind of request may carry.
@@ -4256,24 +4256,7 @@ def json_body():
         fail(400, 'request body is not valid JSON: nested too deeply')
     if SURROGATE_RE.search(raw):
         check_unicode(value)
-    if b'\\u0000' in raw:
-        try:
-            nul = holds_nul(value)
-        except RecursionError:
-            nul = True
-        if nul:
-            fail(400, NUL_REFUSED % 'request body')
     return value
-
-
-def holds_nul(value):
-    if isinstance(value, str):
-        return '\x00' in value
-    if isinstance(value, dict):
-        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(holds_nul(v) for v in value)
-    return False
 
 
 def check_unicode(value):
@@ -5504,8 +5487,9 @@ def authorize():
 
 @app.hook('before_request')
 def refuse_nul_characters():
-    """No p3s text holds a NUL character, and PostgreSQL cannot store one: a path or a query
-    that carries one is refused on either database (a body: json_body)."""
+    """PostgreSQL cannot store a NUL character: a path or a query that carries one is refused
+    on either database. (In a body, names and values are checked field by field, and a job's
+    output is stored with its NULs replaced.)"""
     for where, text in (('path', request.path),
                         ('query', urllib.parse.unquote(request.query_string))):
         if '\x00' in text:
