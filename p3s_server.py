@@ -6221,6 +6221,13 @@ def parse_duration(text):
     return value
 
 
+def add_db_option(ap):
+    """--db, the same for the server and its commands."""
+    ap.add_argument('--db', default=os.environ.get('P3S_DB') or DEFAULT_DB,
+                    help='an SQLite database file (default ./p3s.db) or a postgresql:// URL '
+                    '(P3S_DB; the environment keeps a password out of the process list)')
+
+
 def parse_args(argv):
     env = os.environ.get
     ap = argparse.ArgumentParser(prog='p3s_server.py', description='The p3s server. Other '
@@ -6230,9 +6237,7 @@ def parse_args(argv):
     ap.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
     ap.add_argument('--port', type=int, default=DEFAULT_PORT,
                     help='port (default %d; 0 picks a free one)' % DEFAULT_PORT)
-    ap.add_argument('--db', default=env('P3S_DB') or DEFAULT_DB, help='an SQLite database file '
-                    '(default ./p3s.db) or a postgresql:// URL (P3S_DB; the environment keeps a '
-                    'password out of the process list)')
+    add_db_option(ap)
     ap.add_argument('--workers', type=int, default=DEFAULT_WORKERS,
                     help='server processes sharing the port (default: one per core, here %d)'
                     % DEFAULT_WORKERS)
@@ -6308,8 +6313,7 @@ def serve(argv):
 def check_command(argv):
     """The database's integrity check and the counts per state; exit 1 if the check fails."""
     ap = argparse.ArgumentParser(prog='p3s_server.py check')
-    ap.add_argument('--db', default=os.environ.get('P3S_DB') or DEFAULT_DB,
-                    help='as the server\'s --db (P3S_DB)')
+    add_db_option(ap)
     args = ap.parse_args(argv)
     existing_database(ap, args.db)
     st = configure(args.db)
@@ -6331,8 +6335,7 @@ def purge_command(argv):
                                  'serving).')
     ap.add_argument('--older', type=parse_duration, required=True, help='e.g. 7d, 12h, 30m')
     ap.add_argument('--state', help='only records in this state')
-    ap.add_argument('--db', default=os.environ.get('P3S_DB') or DEFAULT_DB,
-                    help='as the server\'s --db (P3S_DB)')
+    add_db_option(ap)
     args = ap.parse_args(argv)
     if args.state and args.state not in TERMINAL_STATES + PILOT_GONE:
         ap.error('--state must be a terminal job state or stopped/lost/killed')

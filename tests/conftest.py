@@ -1,5 +1,6 @@
 """The test harness: a real server on an ephemeral port with its own database, the real client
 scripts and real pilot processes, all on 127.0.0.1, all cleaned up after each test."""
+import collections
 import io
 import json
 import os
@@ -370,6 +371,11 @@ def monitor_get(path, status=200):
     code, headers, body = wsgi_get(p3s_server.app, path)
     assert code == status, (path, code, body[:2000])
     return body
+
+
+def runs_of(path):
+    """How many times each job ran, from the file its payloads append their uuid to."""
+    return collections.Counter(path.read_text().split()) if path.exists() else collections.Counter()
 
 
 def make_job(payload, **fields):

@@ -1,8 +1,6 @@
 """The server's front, with real processes on real sockets: clients that cannot starve it,
 several worker processes on one port, exactly once across processes, and housekeeping done by
 one process at a time."""
-import collections
-import json
 import multiprocessing
 import os
 import re
@@ -17,7 +15,8 @@ import time
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, fresh_database, make_job, sqlite_only, wait_for
+from conftest import (ROOT, Clients, Server, fresh_database, make_job, runs_of, sqlite_only,
+                      wait_for)
 
 
 def children(pid):
@@ -27,10 +26,6 @@ def children(pid):
 
 def finished_count(server):
     return len(server.jobs(state='finished'))
-
-
-def runs_of(path):
-    return collections.Counter(path.read_text().split()) if path.exists() else collections.Counter()
 
 
 @pytest.fixture

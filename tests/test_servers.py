@@ -6,9 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-from conftest import Clients, Server, fresh_database, make_job, script, wait_for
+from conftest import Clients, Server, fresh_database, make_job, runs_of, script, wait_for
 
 
 def housekeepers(server):
@@ -72,10 +71,6 @@ def test_pilots_given_two_servers_lose_nothing_when_one_is_killed(tmp_path):
         clients.cleanup()
         for s in servers:
             s.stop()
-
-
-def runs_of(path):
-    return collections.Counter(path.read_text().split()) if path.exists() else collections.Counter()
 
 
 def test_a_client_given_a_list_uses_the_first_server_that_answers(tmp_path):
