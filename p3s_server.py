@@ -1060,10 +1060,6 @@ def refuse(message, *args):
     raise SystemExit('p3s_server: error: ' + message % args)
 
 
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 @contextmanager
 def migration_source(path):
     """The p3s database at `path` for reading, at this schema version: the file itself, opened
@@ -1240,7 +1236,7 @@ def one_line(text):
 
 def first_line(error):
     """An error's message as a log line: libpq's come with hints on lines of their own."""
-    return one_line((str(error).strip().splitlines() or [''])[0])
+    return one_line((str(error).strip().splitlines() or [type(error).__name__])[0])
 
 
 def fail(status, message):
