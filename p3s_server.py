@@ -224,12 +224,6 @@ MON_DETAIL_ROWS = 200            # rows of a table on a detail page
 MON_CLIP = 16                    # characters of a listing's cell beyond which it may be clipped
 DASHBOARD_SERVICES = 10          # latest service messages on the dashboard
 CHART_W, CHART_H = 600, 120
-GRAPH_NODE_W, GRAPH_NODE_H = 150, 34
-GRAPH_GAP, GRAPH_LAYER, GRAPH_MARGIN = 30, 100, 24
-GRAPH_LABEL = 20                 # characters of a name shown in its node; all of it on hover
-GRAPH_PARALLEL = 50              # pixels between the middles of parallel edges
-GRAPH_VIRTUAL_W = 20             # width of the lane an edge takes through a layer it skips
-GRAPH_EDGE_STATES = ('template', 'defined', 'available')
 
 log = logging.getLogger('p3s')
 
