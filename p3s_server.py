@@ -30,6 +30,7 @@ import hmac
 import io
 import itertools
 import json
+import queue
 import logging
 import os
 import posixpath
@@ -298,6 +299,10 @@ class Connection(sqlite3.Connection):
     synced = False                  # PRAGMA synchronous is FULL (see Store.write)
     serial_writes = True            # one writer at a time: what it read stays true till COMMIT
 
+    def later(self, sql, params=()):
+        """A statement whose result nobody reads: run now (PostgreSQL's waits for the next)."""
+        self.execute(sql, params)
+
 
 def connect(path):
     """Open the database with the whole connection policy in one place. Commits are not
@@ -551,10 +556,9 @@ class Store:
                 self.stalled_since = None
             try:
                 yield db
-                db.execute('COMMIT')
+                db.commit()
             except BaseException:
-                if db.in_transaction:            # a failed COMMIT may have rolled back already
-                    db.execute('ROLLBACK')
+                db.rollback()           # if still open: a failed COMMIT may have rolled back
                 raise
 
     @contextmanager
@@ -649,7 +653,8 @@ class Wakeups:
             changed = (os.stat(self.dir).st_mtime_ns, int(time.monotonic()))
             if changed != self.seen:
                 self.seen = changed
-                self.peers = [os.path.join(self.dir, name) for name in os.listdir(self.dir)]
+                self.peers = [os.path.join(self.dir, name) for name in os.listdir(self.dir)
+                              if name.endswith('.sock')]
             return self.peers
 
     def say_hello(self):
@@ -761,10 +766,6 @@ class PostgresConnection:
     synced = None
     serial_writes = False           # others write at once: lock what a decision rests on
 
-    @property
-    def in_transaction(self):
-        return self.raw.info.transaction_status != self.raw.info.transaction_status.IDLE
-
     def __init__(self, dsn):
         import psycopg
         from psycopg.types.numeric import NumericLoader
@@ -784,14 +785,43 @@ class PostgresConnection:
                                    cursor_factory=psycopg.ClientCursor,
                                    connect_timeout=PG_CONNECT_TIMEOUT)
         self.raw.adapters.register_loader('numeric', NumberLoader)
+        self.waiting = []           # statements, values bound, to send with the next one
+        self.binder = self.raw.cursor()
+
+    # A round trip to the database costs more than most statements here: the statements whose
+    # results nobody reads (BEGIN, the writes of `later` and `executemany`) wait, and go with
+    # the next statement that is read, or with the COMMIT, in one message. An error in any of
+    # them fails that message, inside the transaction, which is then rolled back as usual.
 
     def execute(self, sql, params=None):
-        return self.raw.execute(postgres_sql(sql), params or {})
+        if not self.waiting:
+            return self.raw.execute(postgres_sql(sql), params or {})
+        cursor = self.raw.cursor()
+        self.waiting.append(self.bound(sql, params))
+        message, self.waiting = '; '.join(self.waiting), []
+        cursor.execute(message)
+        while cursor.nextset():         # to the last statement's result
+            pass
+        return cursor
+
+    def later(self, sql, params=None):
+        self.waiting.append(self.bound(sql, params))
 
     def executemany(self, sql, seq):
-        cursor = self.raw.cursor()
-        cursor.executemany(postgres_sql(sql), list(seq))
-        return cursor
+        self.waiting.extend(self.bound(sql, params) for params in seq)
+
+    def bound(self, sql, params):
+        """The statement as sent, its values in it (the driver's own quoting)."""
+        return self.binder.mogrify(postgres_sql(sql), params or {})
+
+    def commit(self):
+        self.execute('COMMIT')
+
+    def rollback(self):
+        """End the transaction, if one was begun (nothing waiting is sent)."""
+        self.waiting = []
+        if self.raw.info.transaction_status != self.raw.info.transaction_status.IDLE:
+            self.raw.execute('ROLLBACK')
 
     def executescript(self, script):
         self.raw.execute(script)
@@ -831,9 +861,9 @@ class PostgreSQL:
         return db
 
     def begin(self, db, synced):
-        db.execute('BEGIN')
+        db.later('BEGIN')
         if not synced:
-            db.execute('SET LOCAL synchronous_commit = off')
+            db.later('SET LOCAL synchronous_commit = off')
 
     def apply_schema(self, db):
         """Create what is missing, one server at a time; refuse a newer schema."""
@@ -926,56 +956,62 @@ class AdvisoryLock:
             return False
 
     def close(self):
-        if self.db is not None:
-            try:
-                self.db.close()
-            except Exception:
-                pass
-            self.db = None
+        close_quietly(self.db)
+        self.db = None
 
 
 class PostgresWakeups(Wakeups):
-    """Wake-ups between servers that share PostgreSQL, on any host: NOTIFY, which every
-    server's listening session receives at the commit. A thread of each process listens and
-    hands what it hears to the process's own datagram socket, which its front reads."""
+    """Wake-ups between servers that share PostgreSQL, on any host. The processes of this host
+    are woken at once by datagrams, as on SQLite; the other hosts' by a NOTIFY, which every
+    server's listening session receives. A thread of each process sends the NOTIFYs (what
+    comes meanwhile goes in one), so that no request waits for them; another listens, and hands
+    what other hosts sent to the process's own datagram socket, which its front reads. A
+    NOTIFY starts with the sending host's group token, by which a host knows its own."""
 
     def __init__(self, rundir, dsn):
         super().__init__(rundir)
         self.dsn = dsn
-        self.sender = None
-        self.sending = threading.Lock()
+        self.group = wake_group(rundir)
+        self.outgoing = queue.SimpleQueue()
         self.stopping = threading.Event()
-        self.listener = threading.Thread(target=self.listen, name='p3s-listen', daemon=True)
-        self.listener.start()
+        for target, name in ((self.send, 'p3s-notify'), (self.listen, 'p3s-listen')):
+            threading.Thread(target=target, name=name, daemon=True).start()
 
     def publish(self, jobs):
-        """NOTIFY, on a session of its own; a session lost since the last one (a restart of
-        the database) is opened again, once."""
-        message = wake_message(jobs)
-        if len(message) > PG_WAKE_MAX:
-            message = WAKE_ALL
-        with self.sending:
+        super().publish(jobs)
+        if jobs:
+            self.outgoing.put(list(jobs))
+
+    def send(self):
+        """NOTIFY what was published, on a session of its own; a session lost since the last
+        one (a restart of the database) is opened again, once."""
+        sender = None
+        while True:
+            jobs = self.outgoing.get()
+            while not self.outgoing.empty():
+                jobs += self.outgoing.get_nowait()
+            if self.stopping.is_set():
+                break
+            message = wake_message(jobs)
+            if len(message) + len(self.group) > PG_WAKE_MAX:
+                message = WAKE_ALL
             for last in (False, True):
                 try:
-                    if self.sender is None:
-                        self.sender = PostgresConnection(self.dsn)
+                    if sender is None:
+                        sender = PostgresConnection(self.dsn)
                         # A NOTIFY commits a transaction of its own: a wake-up lost in a crash
                         # is harmless (held pilots ask again), so it need not wait for a flush.
-                        self.sender.execute('SET synchronous_commit TO off')
-                    self.sender.execute('SELECT pg_notify(:channel, :message)',
-                                        {'channel': PG_WAKE_CHANNEL, 'message': message.decode()})
-                    return
+                        sender.execute('SET synchronous_commit TO off')
+                    sender.execute('SELECT pg_notify(:channel, :message)',
+                                   {'channel': PG_WAKE_CHANNEL,
+                                    'message': self.group + message.decode()})
+                    break
                 except Exception as e:
-                    self.close_sender()
+                    close_quietly(sender)
+                    sender = None
                     if last:
                         log.warning('wake-up not sent: %s', first_line(e))
-
-    def close_sender(self):
-        try:
-            self.sender.close()
-        except Exception:
-            pass
-        self.sender = None
+        close_quietly(sender)
 
     def listen(self):
         """LISTEN, and after a lost session listen again and wake every held pilot: a job
@@ -986,7 +1022,9 @@ class PostgresWakeups(Wakeups):
                 db.execute('LISTEN ' + PG_WAKE_CHANNEL)
                 self.outbox.sendto(WAKE_ALL, self.path)
                 for note in db.raw.notifies():
-                    self.outbox.sendto(note.payload.encode(), self.path)
+                    group, bracket, message = note.payload.partition('[')
+                    if group != self.group:
+                        self.outbox.sendto((bracket + message).encode(), self.path)
                     if self.stopping.is_set():
                         break
             except Exception as e:
@@ -997,7 +1035,33 @@ class PostgresWakeups(Wakeups):
 
     def close(self):
         self.stopping.set()
+        self.outgoing.put([])
         super().close()
+
+
+def wake_group(rundir):
+    """The token of the server processes that meet in this run directory: those of one host,
+    which wake each other by datagrams. The first process to come writes it."""
+    path = os.path.join(rundir, 'wake.group')
+    mine = '%s.%d' % (path, os.getpid())
+    with open(mine, 'w') as f:
+        f.write(secrets.token_hex(8))
+    try:
+        os.link(mine, path)                 # fails if another process wrote it first
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(mine)
+    with open(path) as f:
+        return f.read().strip()
+
+
+def close_quietly(db):
+    try:
+        if db is not None:
+            db.close()
+    except Exception:
+        pass
 
 # ---------------------------------------------------------------------------------------------
 # Migration: a laptop's SQLite history moved whole to PostgreSQL
@@ -1694,6 +1758,8 @@ RENEW_PILOT_SECRET = """
 UPDATE pilots SET secret_hash = :secret_hash WHERE uuid = :uuid AND nonce_hash = :nonce_hash
 """
 GET_PILOT_SECRET = 'SELECT secret_hash FROM pilots WHERE uuid = :uuid'
+GET_PILOT_AND_SECRET = ('SELECT ' + PILOT_COLUMNS + ', ' + PILOT_DRAIN + ', secret_hash'
+                        ' FROM pilots WHERE uuid = :uuid')
 LIST_PILOTS = 'SELECT ' + PILOT_COLUMNS + ', ' + PILOT_DRAIN + ' FROM pilots'
 PILOT_FILTERS = {
     'state': 'state = :state',
@@ -1950,7 +2016,12 @@ def authenticate_pilot(store, pilot_uuid, secret):
     """The pilot a call of its own names (work, report, heartbeat, stop), once the call proved
     it comes from that pilot: it carries the secret given at its registration."""
     pilot_uuid = check_uuid(pilot_uuid, 'pilot')
-    row = store.one(GET_PILOT_SECRET, {'uuid': pilot_uuid})
+    check_pilot_secret(store.one(GET_PILOT_SECRET, {'uuid': pilot_uuid}), pilot_uuid, secret)
+    return pilot_uuid
+
+
+def check_pilot_secret(row, pilot_uuid, secret):
+    """404 for a pilot the server does not know, 401 for a call without the pilot's secret."""
     if row is None:
         fail(404, 'no such pilot: %s (a pilot that the server does not know registers '
              'again)' % pilot_uuid)
@@ -1958,7 +2029,6 @@ def authenticate_pilot(store, pilot_uuid, secret):
             and hmac.compare_digest(digest(secret), row['secret_hash'])):
         fail(401, "this call needs pilot %s's own secret, given at its registration, as its "
              'bearer token' % pilot_uuid)
-    return pilot_uuid
 
 
 def get_pilot(store, pilot_uuid):
@@ -1973,7 +2043,14 @@ def list_pilots(store, query):
                                                PILOT_STATES)]
 
 
-def live_pilot(db, pilot_uuid):
+def live_pilot(db, pilot_uuid, secret=None):
+    """The pilot, read in the caller's transaction. A `secret` (a string, empty if the call
+    carried none) is checked against the pilot's on the same row: the work request, the
+    hottest call, proves its pilot without a statement of its own."""
+    if secret is not None:
+        pilot = db.execute(GET_PILOT_AND_SECRET, {'uuid': pilot_uuid}).fetchone()
+        check_pilot_secret(pilot, pilot_uuid, secret)
+        return pilot
     pilot = db.execute(GET_PILOT, {'uuid': pilot_uuid}).fetchone()
     if pilot is None:
         fail(404, 'no such pilot: %s' % pilot_uuid)
@@ -1984,13 +2061,14 @@ def stop_reply(pilot):
     return {'status': 'STOP', 'state': pilot['state']}
 
 
-def request_work(store, pilot_uuid, now, report=None, left=None):
+def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
     """One brokerage attempt for a pilot, applying first the report it carries (in the same
     transaction: one commit per short job). Returns (reply, pilot row). `left`: the seconds the
-    pilot has left; a drained pilot is stopped instead."""
+    pilot has left; a drained pilot is stopped instead. `secret`: the call's proof that it
+    comes from the pilot (see live_pilot)."""
     woken = []
     with store.write() as db:
-        pilot = live_pilot(db, pilot_uuid)
+        pilot = live_pilot(db, pilot_uuid, secret)
         note = None
         if report is not None:
             note, woken = apply_report(db, pilot, report, now)
@@ -2023,9 +2101,9 @@ def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True):
     job = redelivered or claim(db, params)
     if job is None:
         if pilot['state'] != 'idle' or pilot['last_seen'] < seconds_before(now, idle_touch):
-            db.execute(PILOT_IDLE, params)
+            db.later(PILOT_IDLE, params)
         return {'status': 'OK', 'state': 'idle'}
-    db.execute(PILOT_DISPATCHED, dict(params, job=job['uuid']))
+    db.later(PILOT_DISPATCHED, dict(params, job=job['uuid']))
     return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}
 
 
@@ -2162,7 +2240,8 @@ def count_of(n, one, many=None):
     return '%d %s' % (n, one if n == 1 else many or one + 's')
 
 
-def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow, left=None):
+def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow, left=None,
+                  secret=None):
     """Brokerage with a long poll: one attempt now. If it finds nothing and the pilot may wait,
     `poll` (given by the server's front, which holds requests without a thread) may take the
     request over: it keeps the connection open, and asks again when a job may have arrived or
@@ -2170,7 +2249,7 @@ def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow, l
     again after its period. `left`: the seconds a batch pilot has before it must be gone."""
     if poll is not None:
         left = poll.time_left(left)          # counted down while the request is held
-    reply, pilot = request_work(store, pilot_uuid, now(), report, left)
+    reply, pilot = request_work(store, pilot_uuid, now(), report, left, secret)
     if poll is not None:
         reply = poll.carry_note(reply)
     if reply['state'] != 'idle':
@@ -2222,11 +2301,11 @@ def apply_report(db, pilot, rep, now):
     if rep['state'] == 'running':
         changed = db.execute(START_JOB, params).rowcount
         if changed:
-            db.execute(PILOT_RUNNING, dict(params, job=rep['uuid']))
+            db.later(PILOT_RUNNING, dict(params, job=rep['uuid']))
     else:
         changed = db.execute(FINISH_JOB, params).rowcount
         if changed:
-            db.execute(PILOT_JOB_DONE, params)
+            db.later(PILOT_JOB_DONE, params)
             if elapsed is not None:
                 process_metrics().ran(held['jobtype'], elapsed - params['ago'])
             if rep['state'] in ('nonstarter', 'lost'):
@@ -2234,7 +2313,7 @@ def apply_report(db, pilot, rep, now):
             if held['cap'] is not None:
                 woken += free_slots(db, [held['jobtype']])
         if rep['stdout'] or rep['stderr']:
-            db.execute(SAVE_JOB_LOGS, params)
+            db.later(SAVE_JOB_LOGS, params)
     if changed:
         state = 'defined' if woken else rep['state']
         if held['workflow']:
@@ -4324,8 +4403,9 @@ def api_get_pilot(pilot_uuid):
 
 @app.post('/api/pilots/<pilot_uuid>/work')
 def api_request_work(pilot_uuid):
-    """Ask for a job, optionally delivering the final report of the previous one with it."""
-    pilot_uuid = own_pilot(pilot_uuid)
+    """Ask for a job, optionally delivering the final report of the previous one with it.
+    The pilot's secret is checked in the brokerage's own transaction (with its pilot's row)."""
+    pilot_uuid = check_uuid(pilot_uuid, 'pilot')
     body = check_object(json_body(), 'request')
     check_known(body, {'wait', 'report', 'left'}, 'request')
     # A held pilot sends nothing, so it must be answered well within the pilot timeout.
@@ -4338,7 +4418,7 @@ def api_request_work(pilot_uuid):
         except Refused as e:           # a bad report must not cost the pilot its next job
             refusal = {'status': 'REFUSED', 'error': e.message}
     reply = wait_for_work(store(), pilot_uuid, wait, report, request.environ.get('p3s.poll'),
-                          left=left)
+                          left=left, secret=bearer_token())
     return dict(reply, report=refusal) if refusal else reply
 
 

@@ -3,20 +3,22 @@ several worker processes on one port, exactly once across processes, and houseke
 one process at a time."""
 import multiprocessing
 import os
+import pathlib
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import pytest
 
 import p3s_server as srv
-from conftest import (ROOT, Clients, Server, fresh_database, make_job, runs_of, sqlite_only,
-                      wait_for)
+from conftest import (ON_POSTGRES, ROOT, Clients, Server, fresh_database, make_job, runs_of,
+                      sqlite_only, wait_for)
 
 
 def children(pid):
@@ -123,12 +125,19 @@ def test_idle_and_slow_clients_starve_nothing(flooded, tmp_path):
         clients.cleanup()
 
 
-def test_a_job_submitted_to_one_process_wakes_a_pilot_held_by_another(tmp_path):
+@pytest.mark.parametrize('hosts', ['one host', 'two hosts'])
+def test_a_job_submitted_to_one_process_wakes_a_pilot_held_by_another(tmp_path, hosts):
     """Two servers on one database (two processes, as two workers or two hosts would be): a
     pilot held in a long poll by one starts a job submitted to the other at once, not when its
-    25 s wait ends."""
+    25 s wait ends. On one host the processes wake each other directly; servers on two hosts
+    (here: two run directories, which is all a host is to a server) only by PostgreSQL."""
+    if hosts == 'two hosts' and not ON_POSTGRES:
+        pytest.skip('servers on two hosts share PostgreSQL, not an SQLite file')
+    elsewhere = pathlib.Path(tempfile.mkdtemp(prefix='p3s-host-', dir='/tmp'))  # a short path
     first = Server(tmp_path, extra_args=['--workers', '1']).start()
-    second = Server(tmp_path, extra_args=['--workers', '1'], db=first.db).start()
+    second = Server(tmp_path, extra_args=['--workers', '1'], db=first.db,
+                    env=dict(os.environ, TMPDIR=str(elsewhere)) if hosts == 'two hosts'
+                    else None).start()
     clients = Clients(tmp_path, first)
     try:
         pilot = clients.pilot('--cycles', '1', '--wait', '25')
@@ -141,10 +150,13 @@ def test_a_job_submitted_to_one_process_wakes_a_pilot_held_by_another(tmp_path):
         pilot.communicate(timeout=60)
         assert time.monotonic() - started < 15, 'the pilot was not woken by the other process'
         assert first.job(reply['uuids'][0])['state'] == 'finished'
+        if hosts == 'two hosts':
+            assert list(elsewhere.glob('p3s-*/wake.group'))    # it did run apart
     finally:
         clients.cleanup()
         first.stop()
         second.stop()
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_run_twice(tmp_path):
