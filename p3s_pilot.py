@@ -117,6 +117,9 @@ LOG_CHECK = 0.5              # seconds between two looks at a running payload's 
 CUT_MARKER = '\n[p3s_pilot: output cut at %d bytes (--max-log-size); the rest was dropped]\n'
 JOB_LOG_NAME = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
                           r'\.(out|err)\Z')
+# The logs a pilot makes ahead for its next job: .<pilot uuid>.next.out and .err.
+SPARE_LOG_NAME = re.compile(r'^\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
+                            r'\.next\.(out|err)\Z')
 SIZE_UNITS = {'': 1, 'k': 1024, 'm': 1024 ** 2, 'g': 1024 ** 3}
 # A batch pilot keeps this much of its wall time free: a job killed at its timelimit still has
 # the kill grace and its final report before the end (the server counts with the same margin).
@@ -593,8 +596,9 @@ def cap_log(log_file, cap):
 
 
 def remove_old_logs(joblog, max_age, now):
-    """Remove the job logs (<uuid>.out and .err) last written more than max_age seconds before
-    now (a time.time()); any other file is left alone. Returns how many went."""
+    """Remove the job logs (<uuid>.out and .err, and the spare ones a pilot killed -9 left)
+    last written more than max_age seconds before now (a time.time()); any other file is left
+    alone. Returns how many went."""
     removed = 0
     try:
         entries = list(os.scandir(joblog))
@@ -602,7 +606,8 @@ def remove_old_logs(joblog, max_age, now):
         return 0
     for entry in entries:
         try:
-            if (JOB_LOG_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)
+            if ((JOB_LOG_NAME.match(entry.name) or SPARE_LOG_NAME.match(entry.name))
+                    and entry.is_file(follow_symlinks=False)
                     and entry.stat(follow_symlinks=False).st_mtime < now - max_age):
                 os.unlink(entry.path)
                 removed += 1
@@ -703,6 +708,7 @@ class Pilot:
         self.site_env = {}
         self.cycles_left = None
         self.pending = None           # the last job's final report, until the server has it
+        self.spare = None             # the next job's logs, made ahead (ready_logs)
         self.signalled = None
         self.gone = False             # the server told us to stop
         self.next_tidy = None         # when to remove old job logs again (by clock)
@@ -955,7 +961,7 @@ class Pilot:
         sandbox = None
         log.info('job %s (%s): %s', job_uuid, job['jobtype'], job['payload'])
         try:
-            out, err = open_logs(self.args.joblog, out_path, err_path)
+            out, err = self.job_logs(out_path, err_path)
         except OSError as e:
             log.error('job %s: cannot write its logs in %s: %s', job_uuid, self.args.joblog, e)
             return {'job': job_uuid, 'state': 'nonstarter', 'errcode': None, 'pid': None,
@@ -986,6 +992,43 @@ class Pilot:
         return {'job': job_uuid, 'state': state, 'errcode': errcode, 'pid': pid,
                 'stdout': stdout, 'stderr': stderr,
                 'started': started, 'ended': ended, 'attempt': job.get('attempt')}
+
+    # A file's creation can cost a millisecond or more (a busy local disk, a shared file system),
+    # its renaming far less: the pilot makes its next job's logs while it waits for the job.
+
+    def spare_paths(self):
+        return [os.path.join(self.args.joblog, '.%s.next.%s' % (self.uuid, kind))
+                for kind in ('out', 'err')]
+
+    def ready_logs(self):
+        """Make the next job's logs, if not made yet; on trouble they are made when the job
+        comes, and the trouble reported then."""
+        if self.spare is None:
+            try:
+                self.spare = open_logs(self.args.joblog, *self.spare_paths())
+            except OSError:
+                pass
+
+    def job_logs(self, out_path, err_path):
+        """The job's .out and .err: the spare logs renamed (a rename replaces whatever was at
+        the path, a planted symlink included, never following it), else new ones."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            try:
+                for path, new_path in zip(self.spare_paths(), (out_path, err_path)):
+                    os.rename(path, new_path)
+                return spare
+            except OSError:
+                self.drop_logs(spare)
+        return open_logs(self.args.joblog, out_path, err_path)
+
+    def drop_logs(self, spare):
+        for log_file, path in zip(spare, self.spare_paths()):
+            log_file.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def end_leftovers(self, job_uuid, group):
         left, alive = end_leftovers(group, self.adopts)
@@ -1063,6 +1106,7 @@ class Pilot:
             log.info('%s: leaving', 'drained' if self.draining else 'end of its lifetime')
             return False
         self.tidy_when_due()
+        self.ready_logs()
         reply = self.request_work()
         if reply.get('status') == 'STOP':
             log.warning('server says stop: this pilot is %s%s', reply.get('state'),
@@ -1081,6 +1125,9 @@ class Pilot:
     def finish(self):
         """Deliver the last report and leave: `stopped`, or `killed` after a signal."""
         self.leaving = True
+        if self.spare is not None:
+            self.drop_logs(self.spare)
+            self.spare = None
         try:
             self.deliver_and_leave()
         except Interrupted:

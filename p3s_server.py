@@ -2283,9 +2283,10 @@ def apply_report(db, pilot, rep, now):
     elapsed = rep.get('elapsed')
     if elapsed is None and rep['state'] == 'running':
         elapsed = 0
+    at = rep.get('arrived') or now          # the pilot's durations count back from here
     params = dict(rep, pilot=pilot['uuid'], now=now,
-                  started=None if elapsed is None else seconds_before(now, elapsed),
-                  stopped=seconds_before(now, rep.get('ago') or 0))
+                  started=None if elapsed is None else seconds_before(at, elapsed),
+                  stopped=seconds_before(at, rep.get('ago') or 0))
     held = db.execute(GET_JOB_HOLDER, params).fetchone()
     if held is None or held['pilot'] != pilot['uuid']:
         return {'status': 'REFUSED',
@@ -4304,6 +4305,13 @@ def store():
     return app.config['p3s.store']
 
 
+def arrival():
+    """When the front received this request, as stored (now, without the front): a submission
+    defines its jobs then, and a pilot's report counts its durations back from then, so that
+    the time a request waited in the server does not shift the times it carries."""
+    return request.environ.get('p3s.arrived') or utcnow()
+
+
 def own_pilot(pilot_uuid):
     """The pilot named by a call of its own, which must carry the pilot's secret as its bearer
     token (the shared pilot token only registers)."""
@@ -4345,7 +4353,7 @@ def api_ping():
 
 @app.post('/api/jobs')
 def api_submit_jobs():
-    return {'uuids': submit_jobs(store(), json_body(), utcnow())}
+    return {'uuids': submit_jobs(store(), json_body(), arrival())}
 
 
 @app.get('/api/jobs')
@@ -4414,7 +4422,7 @@ def api_request_work(pilot_uuid):
     report, refusal = None, None
     if body.get('report') is not None:
         try:
-            report = check_report(body['report'])
+            report = dict(check_report(body['report']), arrived=arrival())
         except Refused as e:           # a bad report must not cost the pilot its next job
             refusal = {'status': 'REFUSED', 'error': e.message}
     reply = wait_for_work(store(), pilot_uuid, wait, report, request.environ.get('p3s.poll'),
@@ -4425,7 +4433,7 @@ def api_request_work(pilot_uuid):
 @app.post('/api/pilots/<pilot_uuid>/report')
 def api_report(pilot_uuid):
     pilot_uuid = own_pilot(pilot_uuid)
-    return report_job(store(), pilot_uuid, check_report(json_body()), utcnow())
+    return report_job(store(), pilot_uuid, check_report(json_body()), arrival())
 
 
 @app.post('/api/pilots/<pilot_uuid>/heartbeat')
@@ -5934,6 +5942,7 @@ class Front:
         path = environ.get('PATH_INFO', '')
         if INLINE_PATHS.match(path):
             return self.app(environ, start_response)       # no database: no thread needed
+        environ['p3s.arrived'] = utcnow()
         try:
             body = read_body(environ)
         except BadBody as e:

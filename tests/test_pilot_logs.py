@@ -39,6 +39,39 @@ def test_output_within_the_limit_is_kept_whole(clients, server):
     [job] = clients.submit([make_job('echo small')])
     clients.run_pilot('--max-log-size', '1k')
     assert (clients.joblog / (job + '.out')).read_text() == 'small\n'
+    assert sorted(p.name for p in clients.joblog.iterdir()) == [job + '.err', job + '.out']
+
+
+def spare_logs(joblog):
+    return sorted(p.name for p in joblog.glob('.*.next.*'))
+
+
+def test_a_pilot_makes_its_next_jobs_logs_while_it_waits(clients, server, tmp_path):
+    """The logs of the next job are made before the pilot asks for work, become the job's
+    logs when it comes (replacing, not following, what was planted at their paths), and leave
+    with the pilot."""
+    import p3s_pilot
+    joblog = tmp_path / 'jobs'
+    args = p3s_pilot.parse_args(['-S', server.url, '--cycles', '0', '--wait', '0',
+                                 '--period', '0', '-L', str(joblog), '-l', str(tmp_path)])
+    pilot = p3s_pilot.Pilot(args)
+    pilot.take_site_defaults()
+    pilot.register()
+    assert pilot.step() and pilot.pending is None                 # nothing to run yet
+    made = ['.%s.next.err' % pilot.uuid, '.%s.next.out' % pilot.uuid]
+    assert spare_logs(joblog) == made
+    [job] = clients.submit([make_job('/bin/sh -c "echo hello; echo oops >&2"')])
+    target = tmp_path / 'target'
+    target.write_text('keep me')
+    os.symlink(target, joblog / (job + '.out'))
+    assert pilot.step() and pilot.pending['state'] == 'finished'
+    assert spare_logs(joblog) == []                               # they became the job's
+    assert (joblog / (job + '.out')).read_text() == 'hello\n'
+    assert not (joblog / (job + '.out')).is_symlink() and target.read_text() == 'keep me'
+    assert (joblog / (job + '.err')).read_text() == 'oops\n'
+    assert pilot.step() and spare_logs(joblog) == made            # made again for the next
+    pilot.finish()
+    assert spare_logs(joblog) == []
 
 
 def old_logs(joblog, age):
@@ -58,8 +91,11 @@ def test_old_job_logs_leave_at_the_pilots_start(clients, server):
     other = clients.joblog / 'notes.txt'                      # not a job log: never removed
     other.write_text('mine')
     os.utime(other, (time.time() - 30 * DAY,) * 2)
+    spare = clients.joblog / ('.%s.next.out' % uuid.uuid4())    # left by a pilot killed -9
+    spare.write_text('')
+    os.utime(spare, (time.time() - 8 * DAY,) * 2)
     clients.run_pilot('--wait', '0', '--period', '0')
-    assert not any(p.exists() for p in old)
+    assert not any(p.exists() for p in old + [spare])
     assert all(p.exists() for p in recent) and other.exists()
     clients.run_pilot('--wait', '0', '--period', '0', '--keep-logs', '5')
     assert not any(p.exists() for p in recent)
