@@ -604,22 +604,30 @@ def counts(store):
 
 WAKE_MESSAGE_MAX = 60000        # bytes in one datagram; a larger wake-up becomes "anything"
 WAKE_ALL = b'[[null, null, 1000000000]]'   # any held pilot, all of them
+WAKE_HERE_FIRST = b'!'          # before a wake-up: wake here, pass the rest on (Wakeups)
 
 
 def wake_message(jobs):
-    """jobs: (jobtype, site) of each job that became runnable, as one datagram: a JSON list of
-    [jobtype, site, count]. Too many kinds at once become [[null, null, count]]: wake anyone."""
+    """jobs: (jobtype, site) of each job that became runnable, as one datagram."""
     counted = {}
     for key in jobs:
         counted[tuple(key)] = counted.get(tuple(key), 0) + 1
-    message = json.dumps([[t, s, n] for (t, s), n in counted.items()]).encode()
+    return kinds_message([(t, s, n) for (t, s), n in counted.items()])
+
+
+def kinds_message(kinds):
+    """(jobtype, site, count) of runnable jobs as one datagram: a JSON list of [jobtype, site,
+    count]. Too many kinds at once become WAKE_ALL: wake anyone."""
+    message = json.dumps([list(kind) for kind in kinds]).encode()
     return message if len(message) <= WAKE_MESSAGE_MAX else WAKE_ALL
 
 
 class Wakeups:
     """The server processes that share a database each listen on a Unix datagram socket in
-    their run directory; a process that made jobs runnable sends one datagram to each of them
-    (itself included), which wakes the pilots they hold at once. Any thread may publish."""
+    their run directory. A process that made jobs runnable sends the wake-up to itself first:
+    it wakes the pilots it holds, and sends what is left, if anything, to each of the others
+    (a job woken in two processes would cost a claim that finds nothing). Any thread may
+    publish."""
 
     def __init__(self, rundir):
         self.dir = os.path.join(rundir, 'wake')
@@ -635,9 +643,20 @@ class Wakeups:
         self.peers, self.seen = [], None
 
     def publish(self, jobs):
-        """Send the wake-up for these jobs to every process (an empty list says hello)."""
-        message = wake_message(jobs)
-        for peer in self.current_peers():
+        """Wake pilots for these jobs: here first, the rest elsewhere (see pass_on)."""
+        if jobs:
+            self.send(WAKE_HERE_FIRST + wake_message(jobs), [self.path])
+
+    def pass_on(self, kinds):
+        """The jobs of a wake-up for which this process held no pilot, to the others."""
+        self.send(kinds_message(kinds), [p for p in self.current_peers() if p != self.path])
+
+    def say_hello(self):
+        """An empty wake-up to every process: a new one has come."""
+        self.send(wake_message([]), self.current_peers())
+
+    def send(self, message, peers):
+        for peer in peers:
             try:
                 self.outbox.sendto(message, peer)
             except (ConnectionRefusedError, FileNotFoundError):
@@ -656,9 +675,6 @@ class Wakeups:
                 self.peers = [os.path.join(self.dir, name) for name in os.listdir(self.dir)
                               if name.endswith('.sock')]
             return self.peers
-
-    def say_hello(self):
-        self.publish([])
 
     def refresh(self):
         with self.lock:
@@ -717,10 +733,31 @@ PG_UNREACHABLE = 'it cannot be reached'
 
 @functools.lru_cache(maxsize=None)
 def postgres_sql(sql):
-    """A statement of this file as PostgreSQL's (psycopg's %(name)s parameters)."""
+    """A statement of this file as PostgreSQL's (psycopg's %(name)s parameters); for one of
+    PG_PREPARED, the EXECUTE of its prepared form."""
+    if sql in PG_PREPARED:
+        return postgres_prepared(sql)[1]
+    return PG_PARAM.sub(r'%(\1)s', postgres_rewritten(sql).replace('%', '%%'))
+
+
+def postgres_rewritten(sql):
     for pattern, replacement in PG_REWRITES:
         sql = pattern.sub(replacement, sql)
-    return PG_PARAM.sub(r'%(\1)s', sql.replace('%', '%%'))
+    return sql
+
+
+@functools.lru_cache(maxsize=None)
+def postgres_prepared(sql):
+    """(PREPARE, EXECUTE) of a statement: its :names become $1, $2 … in the order they first
+    appear, and the EXECUTE passes them in that order (psycopg's %(name)s parameters). The
+    database types each parameter by where it stands, as it plans the statement once."""
+    text = postgres_rewritten(sql)
+    names = list(dict.fromkeys(PG_PARAM.findall(text)))
+    number = {name: i + 1 for i, name in enumerate(names)}
+    body = PG_PARAM.sub(lambda m: '$%d' % number[m.group(1)], text)
+    name = 'p3s_' + hashlib.sha1(sql.encode()).hexdigest()[:16]
+    arguments = '(%s)' % ', '.join('%%(%s)s' % n for n in names) if names else ''
+    return 'PREPARE %s AS %s' % (name, body), 'EXECUTE ' + name + arguments
 
 
 def postgres_schema(script):
@@ -787,6 +824,7 @@ class PostgresConnection:
         self.raw.adapters.register_loader('numeric', NumberLoader)
         self.waiting = []           # statements, values bound, to send with the next one
         self.binder = self.raw.cursor()
+        self.prepared = set()       # the statements of PG_PREPARED this session has prepared
 
     # A round trip to the database costs more than most statements here: the statements whose
     # results nobody reads (BEGIN, the writes of `later` and `executemany`) wait, and go with
@@ -795,6 +833,7 @@ class PostgresConnection:
 
     def execute(self, sql, params=None):
         if not self.waiting:
+            self.prepare(sql)
             return self.raw.execute(postgres_sql(sql), params or {})
         cursor = self.raw.cursor()
         self.waiting.append(self.bound(sql, params))
@@ -812,7 +851,16 @@ class PostgresConnection:
 
     def bound(self, sql, params):
         """The statement as sent, its values in it (the driver's own quoting)."""
+        self.prepare(sql)
         return self.binder.mogrify(postgres_sql(sql), params or {})
+
+    def prepare(self, sql):
+        """Prepare one of PG_PREPARED at its first use in this session, in a round trip of its
+        own (a PREPARE is not undone by a rollback, nor done if a statement before it in a
+        message fails)."""
+        if sql in PG_PREPARED and sql not in self.prepared:
+            self.raw.execute(postgres_prepared(sql)[0])
+            self.prepared.add(sql)
 
     def commit(self):
         self.execute('COMMIT')
@@ -974,7 +1022,7 @@ class PostgresWakeups(Wakeups):
         self.group = wake_group(rundir)
         self.outgoing = queue.SimpleQueue()
         self.stopping = threading.Event()
-        for target, name in ((self.send, 'p3s-notify'), (self.listen, 'p3s-listen')):
+        for target, name in ((self.send_notifies, 'p3s-notify'), (self.listen, 'p3s-listen')):
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def publish(self, jobs):
@@ -982,7 +1030,7 @@ class PostgresWakeups(Wakeups):
         if jobs:
             self.outgoing.put(list(jobs))
 
-    def send(self):
+    def send_notifies(self):
         """NOTIFY what was published, on a session of its own; a session lost since the last
         one (a restart of the database) is opened again, once."""
         sender = None
@@ -1460,9 +1508,7 @@ INSERT_JOB = """
 INSERT INTO jobs (uuid, name, "user", subhost, jobtype, payload, env, priority, timelimit, site,
                   infile, retries, state, created_at, defined_at, deadline, deadline_at)
 VALUES (:uuid, :name, :user, :subhost, :jobtype, :payload, :env, :priority, :timelimit, :site,
-        :infile, :retries, :state, :now, CASE WHEN :state = 'defined' THEN :now END, :deadline,
-        CASE WHEN :state = 'defined' AND :deadline IS NOT NULL
-             THEN p3s_seconds_after(:now, :deadline) END)
+        :infile, :retries, :state, :now, :defined_at, :deadline, :deadline_at)
 ON CONFLICT (uuid) DO NOTHING
 """
 SEEN_JOBTYPE = 'INSERT INTO jobtypes (name) VALUES (:jobtype) ON CONFLICT (name) DO NOTHING'
@@ -1533,6 +1579,8 @@ def check_job(raw, now):
     state = text_field(job, 'state', 'defined')
     if state not in QUEUED_STATES:
         fail(400, "state must be 'defined' or 'template', not %r" % state[:32])
+    deadline = int_field(job, 'deadline', None, 1, MAX_TIMELIMIT)
+    defined = state == 'defined'           # a template is defined, and given its deadline, later
     return {
         'uuid': uuid_field(job, 'uuid') or str(uuidlib.uuid4()),
         'name': text_field(job, 'name'),
@@ -1543,12 +1591,14 @@ def check_job(raw, now):
         'env': json.dumps(env),
         'priority': int_field(job, 'priority', 0),
         'timelimit': int_field(job, 'timelimit', 1000, 1, MAX_TIMELIMIT),
-        'deadline': int_field(job, 'deadline', None, 1, MAX_TIMELIMIT),
+        'deadline': deadline,
         'site': text_field(job, 'site'),
         'retries': int_field(job, 'retries', 0, 0, MAX_RETRIES),
         'infile': env.get('P3S_INPUT_FILE', ''),
         'state': state,
         'now': now,
+        'defined_at': now if defined else None,
+        'deadline_at': seconds_after(now, deadline) if defined and deadline else None,
     }
 
 
@@ -2061,6 +2111,14 @@ def stop_reply(pilot):
     return {'status': 'STOP', 'state': pilot['state']}
 
 
+# The statements of every short job, which PostgreSQL plans once per session instead of at
+# each use (planning costs more than running most of them): submission, brokerage, reports.
+PG_PREPARED = frozenset((
+    INSERT_JOB, SEEN_JOBTYPE, GET_PILOT, GET_PILOT_AND_SECRET, CAPPED_JOBTYPES, CLAIM_JOB,
+    CLAIM_JOB_BY_TYPE, REDELIVER_JOB, PILOT_DISPATCHED, PILOT_IDLE, GET_JOB_HOLDER, START_JOB,
+    PILOT_RUNNING, FINISH_JOB, PILOT_JOB_DONE, SAVE_JOB_LOGS, GET_JOB, GET_RETRY_OF))
+
+
 def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
     """One brokerage attempt for a pilot, applying first the report it carries (in the same
     transaction: one commit per short job). Returns (reply, pilot row). `left`: the seconds the
@@ -2092,9 +2150,10 @@ def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True):
     pilot seen within the last `idle_touch` seconds is not written again."""
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot)
+    # Whole seconds left: a job's timelimit is whole, so it fits the floor just as the rest.
     params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
               'jobtypes': pilot['jobtypes'], 'now': now,
-              'left': MAX_TIMELIMIT if left is None else left}
+              'left': MAX_TIMELIMIT if left is None else int(left)}
     redelivered = None
     if redeliver and pilot['state'] == 'dispatched':
         redelivered = db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
@@ -5813,8 +5872,10 @@ class Waiters:
         return itertools.chain(self.endless, (waiter for _, _, waiter in self.ending))
 
     def wake(self, kinds):
-        """kinds: (jobtype or None for any, site, count) of the jobs that became runnable."""
+        """kinds: (jobtype or None for any, site, count) of the jobs that became runnable.
+        Returns those of the jobs for which no pilot held here was woken."""
         self.seq += 1
+        left = []
         for jobtype, site, count in kinds:
             for waiter in self.waiting():
                 if count <= 0:
@@ -5822,6 +5883,9 @@ class Waiters:
                 if not waiter.event.is_set() and waiter.accepts(jobtype, site):
                     waiter.event.set()
                     count -= 1
+            if count > 0:
+                left.append((jobtype, site, count))
+        return left
 
     def wake_all(self):
         self.seq += 1
@@ -5989,14 +6053,19 @@ class Front:
             body = json.dumps({'wait': max(poll.remaining(), 0)}).encode()
 
     def listen(self, wakeups):
-        """Read wake-ups from every server process and wake the pilots held here."""
+        """Read wake-ups from every server process and wake the pilots held here; pass on
+        what this process's own wake-ups found no pilot here for."""
         inbox = gevent.socket.socket(fileno=wakeups.inbox.detach())
         while True:
-            kinds = read_wake_message(inbox.recv(WAKE_MESSAGE_MAX + 1))
-            if kinds:
-                self.waiters.wake(kinds)
-            else:
+            data = inbox.recv(WAKE_MESSAGE_MAX + len(WAKE_HERE_FIRST) + 1)
+            here_first = data.startswith(WAKE_HERE_FIRST)
+            kinds = read_wake_message(data[len(WAKE_HERE_FIRST):] if here_first else data)
+            if not kinds:
                 wakeups.refresh()                           # hello from a new process
+                continue
+            left = self.waiters.wake(kinds)
+            if here_first and left:
+                wakeups.pass_on(left)
 
     def close(self):
         """Stop holding: every held pilot is answered now."""
