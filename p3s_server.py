@@ -303,6 +303,10 @@ class Connection(sqlite3.Connection):
         """A statement whose result nobody reads: run now (PostgreSQL's waits for the next)."""
         self.execute(sql, params)
 
+    def read_each(self, statements):
+        """The rows of each of these reads (PostgreSQL's go in one message)."""
+        return [self.execute(sql, params).fetchall() for sql, params in statements]
+
 
 def connect(path):
     """Open the database with the whole connection policy in one place. Commits are not
@@ -845,6 +849,21 @@ class PostgresConnection:
 
     def later(self, sql, params=None):
         self.waiting.append(self.bound(sql, params))
+
+    def read_each(self, statements):
+        """The rows of each of these reads, all sent in one message with what waits."""
+        cursor = self.raw.cursor()
+        skipped = len(self.waiting)
+        self.waiting.extend(self.bound(sql, params) for sql, params in statements)
+        message, self.waiting = '; '.join(self.waiting), []
+        cursor.execute(message)
+        for _ in range(skipped):
+            cursor.nextset()
+        rows = []
+        for _ in statements:
+            rows.append(cursor.fetchall())
+            cursor.nextset()
+        return rows
 
     def executemany(self, sql, seq):
         self.waiting.extend(self.bound(sql, params) for params in seq)
@@ -2097,12 +2116,18 @@ def live_pilot(db, pilot_uuid, secret=None):
     """The pilot, read in the caller's transaction. A `secret` (a string, empty if the call
     carried none) is checked against the pilot's on the same row: the work request, the
     hottest call, proves its pilot without a statement of its own."""
+    return checked_pilot(db.execute(*pilot_read(pilot_uuid, secret)).fetchone(), pilot_uuid,
+                         secret)
+
+
+def pilot_read(pilot_uuid, secret):
+    return (GET_PILOT if secret is None else GET_PILOT_AND_SECRET), {'uuid': pilot_uuid}
+
+
+def checked_pilot(pilot, pilot_uuid, secret):
     if secret is not None:
-        pilot = db.execute(GET_PILOT_AND_SECRET, {'uuid': pilot_uuid}).fetchone()
         check_pilot_secret(pilot, pilot_uuid, secret)
-        return pilot
-    pilot = db.execute(GET_PILOT, {'uuid': pilot_uuid}).fetchone()
-    if pilot is None:
+    elif pilot is None:
         fail(404, 'no such pilot: %s' % pilot_uuid)
     return pilot
 
@@ -2124,9 +2149,15 @@ def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
     transaction: one commit per short job). Returns (reply, pilot row). `left`: the seconds the
     pilot has left; a drained pilot is stopped instead. `secret`: the call's proof that it
     comes from the pilot (see live_pilot)."""
-    woken = []
+    woken, caps = [], None
     with store.write() as db:
-        pilot = live_pilot(db, pilot_uuid, secret)
+        if report is None:
+            # The types at their cap are read with the pilot (one round trip on PostgreSQL);
+            # after a report, they are read once the report is in (it may free a slot).
+            rows, caps = db.read_each([pilot_read(pilot_uuid, secret), (CAPPED_JOBTYPES, {})])
+            pilot = checked_pilot(rows[0] if rows else None, pilot_uuid, secret)
+        else:
+            pilot = live_pilot(db, pilot_uuid, secret)
         note = None
         if report is not None:
             note, woken = apply_report(db, pilot, report, now)
@@ -2138,14 +2169,14 @@ def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
             # be on an earlier attempt of the job the pilot holds now).
             redeliver = (report is None or report['uuid'] != pilot['job']
                          or not (note or {}).get('changed'))
-            reply = claim_for(db, pilot, now, store.idle_touch, left, redeliver)
+            reply = claim_for(db, pilot, now, store.idle_touch, left, redeliver, caps)
     store.wake(woken)
     if note is not None:
         reply['report'] = note
     return reply, pilot
 
 
-def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True):
+def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True, caps=None):
     """The pilot's undelivered job, else the best queued job it may run, else idle. An idle
     pilot seen within the last `idle_touch` seconds is not written again."""
     if pilot['state'] in PILOT_GONE:
@@ -2157,7 +2188,7 @@ def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True):
     redelivered = None
     if redeliver and pilot['state'] == 'dispatched':
         redelivered = db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
-    job = redelivered or claim(db, params)
+    job = redelivered or claim(db, params, caps)
     if job is None:
         if pilot['state'] != 'idle' or pilot['last_seen'] < seconds_before(now, idle_touch):
             db.later(PILOT_IDLE, params)
@@ -2166,10 +2197,12 @@ def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True):
     return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}
 
 
-def claim(db, params):
+def claim(db, params, caps=None):
     """Take the best queued job the pilot may run (None if there is none): the plain walk of
-    the queue when nothing is in the way, else the walk by type."""
-    caps = db.execute(CAPPED_JOBTYPES).fetchall()
+    the queue when nothing is in the way, else the walk by type. `caps`: the rows of
+    CAPPED_JOBTYPES, if read already in this transaction."""
+    if caps is None:
+        caps = db.execute(CAPPED_JOBTYPES).fetchall()
     blocked = [r['name'] for r in caps if r['blocked']]
     checked = not db.serial_writes and caps
     while True:

@@ -5,10 +5,12 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -126,6 +128,24 @@ class Server:
         query.setdefault('limit', 100000)
         qs = '&'.join('%s=%s' % kv for kv in query.items())
         return self.api('GET', '/api/jobs?' + qs)[1]['jobs']
+
+
+@pytest.fixture(scope='session', autouse=True)
+def run_directories():
+    """The servers' run directories (their wake-up sockets and locks, one per database) go in
+    a directory of the session's own, removed at its end, so that the thousands of databases
+    of a run leave nothing in /tmp. Short, since sockets are made there."""
+    tempfile.gettempdir()                   # this process's own files stay where they were
+    path = tempfile.mkdtemp(prefix='p3s-tests-', dir='/tmp')
+    os.chmod(path, 0o1777)                  # as /tmp: payloads of other users write there
+    before = os.environ.get('TMPDIR')
+    os.environ['TMPDIR'] = path
+    yield
+    if before is None:
+        os.environ.pop('TMPDIR', None)
+    else:
+        os.environ['TMPDIR'] = before
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

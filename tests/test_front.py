@@ -357,3 +357,37 @@ def test_a_submission_is_on_disk_before_its_answer_and_a_heartbeat_is_not(tmp_pa
         assert submit and claim, text[-3000:]
     else:
         assert submit == [] and claim == []
+
+
+@sqlite_only
+def test_a_report_is_timed_at_its_arrival_not_when_a_thread_takes_it(tmp_path):
+    """A report says how long ago its job started and ended; the server counts back from the
+    report's arrival, so a report that waited for the database (here: another process holds
+    SQLite's write lock for 1.5 s) still gives the job its true times."""
+    from datetime import datetime
+    from test_security import HOLD_WRITE_LOCK
+    server = Server(tmp_path, extra_args=['--workers', '1']).start()
+    try:
+        pilot, secret = server.register()
+        [job] = server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[1]['uuids']
+        status, reply = server.api('POST', '/api/pilots/%s/work' % pilot, {}, token=secret)
+        assert status == 200 and reply['job']['uuid'] == job
+        holder = subprocess.Popen([sys.executable, '-c', HOLD_WRITE_LOCK, server.db],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == 'locked\n'
+        threading.Timer(1.5, holder.stdin.write, ('go\n',)).start()
+        threading.Timer(1.5, holder.stdin.flush).start()
+        sent = time.time()
+        status, note = server.api('POST', '/api/pilots/%s/report' % pilot,
+                                  {'job': job, 'state': 'finished', 'errcode': 0,
+                                   'elapsed': 0.5, 'ago': 0}, token=secret)
+        answered = time.time()
+        holder.wait(10)
+        assert status == 200 and answered - sent > 1.4, note
+        stored = server.job(job)
+        stopped = datetime.fromisoformat(stored['stopped_at']).timestamp()
+        started = datetime.fromisoformat(stored['started_at']).timestamp()
+        assert sent - 0.1 < stopped < sent + 0.75, (sent, stopped, answered)
+        assert abs(stopped - started - 0.5) < 0.01
+    finally:
+        server.stop()
