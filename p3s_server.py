@@ -609,6 +609,8 @@ def counts(store):
 WAKE_MESSAGE_MAX = 60000        # bytes in one datagram; a larger wake-up becomes "anything"
 WAKE_ALL = b'[[null, null, 1000000000]]'   # any held pilot, all of them
 WAKE_HERE_FIRST = b'!'          # before a wake-up: wake here, pass the rest on (Wakeups)
+SOCKET_PATH_MAX = 107           # bytes in a Unix socket's path (Linux; the 108th is a NUL)
+PID_MAX = 4194304               # the largest process id Linux gives
 
 
 def wake_message(jobs):
@@ -6132,6 +6134,17 @@ def open_listener(host, port):
     return sock
 
 
+def check_run_directory(db):
+    """A one-line error, before any worker starts, where the wake-up sockets could not be
+    made: a Unix socket's path has at most SOCKET_PATH_MAX bytes."""
+    rundir = run_directory(db)
+    longest = os.path.join(rundir, 'wake', '%d.sock' % PID_MAX)
+    if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
+        raise SystemExit('p3s_server: error: the run directory %s is too long for the wake-up '
+                         "sockets (a Unix socket's path has at most %d bytes): set TMPDIR to a "
+                         'shorter directory' % (rundir, SOCKET_PATH_MAX))
+
+
 def raise_file_limit():
     """Every connection is a file descriptor: allow as many as the system lets us."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -6481,6 +6494,7 @@ def serve(argv):
     setup_logging(args.log)
     raise_file_limit()
     listener = open_listener(args.host, args.port)
+    check_run_directory(args.db)
     prepare_database(args.db)
     started = time.monotonic()
     print('p3s server listening on http://%s:%s/ (database %s, %d worker%s)'

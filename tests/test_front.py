@@ -286,6 +286,17 @@ def test_a_port_in_use_is_one_line(tmp_path, server):
                         r'in use\n', proc.stderr), proc.stderr
 
 
+def test_a_run_directory_too_long_for_a_socket_is_one_line(tmp_path):
+    deep = tmp_path / ('d' * 100)
+    deep.mkdir()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'p3s_server.py'), '--port', '0',
+                           '--db', fresh_database(tmp_path)], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, TMPDIR=str(deep)))
+    assert proc.returncode == 1
+    assert re.fullmatch(r'p3s_server: error: the run directory \S+ is too long .*TMPDIR.*\n',
+                        proc.stderr), proc.stderr
+
+
 def test_sigterm_answers_held_polls_and_sighup_reopens_the_log(tmp_path):
     log = tmp_path / 'server.log'
     server = Server(tmp_path, extra_args=['--workers', '2', '--log', str(log)]).start()
