@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 SERVER_START_TIMEOUT = 30
 _children = []          # every Popen started by a benchmark
 _tmpdirs = []
+_rundirs = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +196,7 @@ def cleanup():
     for path in _tmpdirs:
         shutil.rmtree(path, ignore_errors=True)
     _tmpdirs.clear()
+    _rundirs.clear()
 
 
 def rss_mb(pid):
@@ -283,6 +285,15 @@ def wait_for(predicate, timeout, what, interval=0.05):
 # ---------------------------------------------------------------------------------------------
 
 
+def run_directories():
+    """Where the benchmark's servers keep their run directories (one per database: wake-up
+    sockets, locks), removed with the benchmark's other temporary directories. Short, since
+    sockets are made there."""
+    if not _rundirs:
+        _rundirs.append(tmpdir(prefix='p3s-bench-run-', base='/tmp'))
+    return _rundirs[0]
+
+
 class Server:
     """p3s_server.py on a free port of 127.0.0.1 with its own database file."""
 
@@ -299,7 +310,8 @@ class Server:
         self.log = open(os.path.join(self.dir, 'server.log'), 'ab')
         self.proc = spawn([sys.executable, os.path.join(ROOT, 'p3s_server.py'), '--port', '0',
                            '--db', self.db] + self.args,
-                          stdout=subprocess.PIPE, stderr=self.log, cwd=self.dir)
+                          stdout=subprocess.PIPE, stderr=self.log, cwd=self.dir,
+                          env=dict(os.environ, TMPDIR=run_directories()))
         line = self.proc.stdout.readline().decode()
         if 'listening on' not in line:
             self.stop()
