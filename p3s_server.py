@@ -841,31 +841,31 @@ class PostgresConnection:
         if not self.waiting:
             self.prepare(sql)
             return self.raw.execute(postgres_sql(sql), params or {})
-        cursor = self.raw.cursor()
-        self.waiting.append(self.bound(sql, params))
-        message, self.waiting = '; '.join(self.waiting), []
-        cursor.execute(message)
-        while cursor.nextset():         # to the last statement's result
-            pass
-        return cursor
+        return self.send([(sql, params)])
 
     def later(self, sql, params=None):
         self.waiting.append(self.bound(sql, params))
 
     def read_each(self, statements):
         """The rows of each of these reads, all sent in one message with what waits."""
-        cursor = self.raw.cursor()
-        skipped = len(self.waiting)
-        self.waiting.extend(self.bound(sql, params) for sql, params in statements)
-        message, self.waiting = '; '.join(self.waiting), []
-        cursor.execute(message)
-        for _ in range(skipped):
-            cursor.nextset()
+        cursor = self.send(statements)
         rows = []
         for _ in statements:
             rows.append(cursor.fetchall())
             cursor.nextset()
         return rows
+
+    def send(self, statements):
+        """What waits and these statements in one message; the cursor is at the result of the
+        first of these."""
+        skipped = len(self.waiting)
+        self.waiting.extend(self.bound(sql, params) for sql, params in statements)
+        message, self.waiting = '; '.join(self.waiting), []
+        cursor = self.raw.cursor()
+        cursor.execute(message)
+        for _ in range(skipped):
+            cursor.nextset()
+        return cursor
 
     def executemany(self, sql, seq):
         self.waiting.extend(self.bound(sql, params) for params in seq)
