@@ -1752,15 +1752,15 @@ def retry_selection(store, body, now):
     their workflow."""
     check_object(body, 'retry')
     check_known(body, {'uuids', 'state', 'jobtype', 'user', 'site', 'since', 'limit'}, 'retry')
-    with store.write() as db:
-        old = (named_attempts(db, body['uuids']) if 'uuids' in body
-               else selected_attempts(db, body, now))
-        try:
+    try:
+        with store.write() as db:
+            old = (named_attempts(db, body['uuids']) if 'uuids' in body
+                   else selected_attempts(db, body, now))
             new = insert_attempts(db, old, now, 'defined')
-        except store.db.conflicts:
-            # Where writers run at once (PostgreSQL) the unique index on retry_of is what
-            # finds a retry made meanwhile by another.
-            fail(409, 'a job of these was retried meanwhile: nothing was retried')
+    except store.db.conflicts:
+        # Where writers run at once (PostgreSQL) the unique index on retry_of is what finds a
+        # retry made meanwhile by another; the insert may wait for the COMMIT to be sent.
+        fail(409, 'a job of these was retried meanwhile: nothing was retried')
     store.wake(runnable(new))
     return {'retried': [{'uuid': o['uuid'], 'retry': n['uuid']} for o, n in zip(old, new)]}
 
