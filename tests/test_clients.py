@@ -203,7 +203,10 @@ def test_ctrl_c_ends_a_client_with_one_line(server, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, '-S', os.path.join(ROOT, 'p3s_data.py'), '--watch', str(inbox),
          '--job', str(template), '--cycles', '0', '--period', '60', '-S', server.url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal, also where the tests run in a background job (which a shell
+        # starts with Ctrl-C ignored, and a client rightly keeps it so)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: server.jobs(), what='the injector to submit the first file')
         proc.send_signal(signal.SIGINT)
