@@ -1034,13 +1034,22 @@ class PostgresWakeups(Wakeups):
     are woken at once by datagrams, as on SQLite; the other hosts' by a NOTIFY, which every
     server's listening session receives. A thread of each process sends the NOTIFYs (what
     comes meanwhile goes in one), so that no request waits for them; another listens, and hands
-    what other hosts sent to the process's own datagram socket, which its front reads. A
-    NOTIFY starts with the sending host's group token, by which a host knows its own."""
+    what other hosts sent to the process's own datagram socket, which its front reads.
+
+    A NOTIFY costs every listening session of every host a wake-up, so a wake-up is sent only
+    once another host is known to listen. A NOTIFY says its host's group token and its process:
+    a listener says `hello` when it starts listening; every process answers a hello with
+    `here`, and answers a `here` once, from a process it had not heard before. A process that
+    hears another host marks it known and wakes all the pilots it holds: a job submitted over
+    there before that host knew this one was not announced here. (Each side hears the other's
+    answer after it has marked the other known, so no job falls between.)"""
 
     def __init__(self, rundir, dsn):
         super().__init__(rundir)
         self.dsn = dsn
         self.group = wake_group(rundir)
+        self.me = '%s %d ' % (self.group, os.getpid())
+        self.hosts, self.heard = set(), set()      # other groups; (group, pid) of their processes
         self.outgoing = queue.SimpleQueue()
         self.stopping = threading.Event()
         for target, name in ((self.send_notifies, 'p3s-notify'), (self.listen, 'p3s-listen')):
@@ -1048,39 +1057,47 @@ class PostgresWakeups(Wakeups):
 
     def publish(self, jobs):
         super().publish(jobs)
-        if jobs:
+        if jobs and self.hosts:
             self.outgoing.put(list(jobs))
 
     def send_notifies(self):
-        """NOTIFY what was published, on a session of its own; a session lost since the last
-        one (a restart of the database) is opened again, once."""
+        """NOTIFY what was published (and this process's hello and here), on a session of its
+        own; a session lost since the last one (a restart of the database) is opened again,
+        once."""
         sender = None
         while True:
-            jobs = self.outgoing.get()
+            items = [self.outgoing.get()]
             while not self.outgoing.empty():
-                jobs += self.outgoing.get_nowait()
+                items.append(self.outgoing.get_nowait())
             if self.stopping.is_set():
                 break
-            message = wake_message(jobs)
-            if len(message) + len(self.group) > PG_WAKE_MAX:
-                message = WAKE_ALL
-            for last in (False, True):
-                try:
-                    if sender is None:
-                        sender = PostgresConnection(self.dsn)
-                        # A NOTIFY commits a transaction of its own: a wake-up lost in a crash
-                        # is harmless (held pilots ask again), so it need not wait for a flush.
-                        sender.execute('SET synchronous_commit TO off')
-                    sender.execute('SELECT pg_notify(:channel, :message)',
-                                   {'channel': PG_WAKE_CHANNEL,
-                                    'message': self.group + message.decode()})
-                    break
-                except Exception as e:
-                    close_quietly(sender)
-                    sender = None
-                    if last:
-                        log.warning('wake-up not sent: %s', first_line(e))
+            jobs = [job for item in items if isinstance(item, list) for job in item]
+            messages = [word for word in items if isinstance(word, str)]
+            if jobs:
+                wake = wake_message(jobs).decode()
+                messages.append(wake if len(wake) + len(self.me) <= PG_WAKE_MAX
+                                else WAKE_ALL.decode())
+            for message in dict.fromkeys(messages):
+                sender = self.notify(sender, self.me + message)
         close_quietly(sender)
+
+    def notify(self, sender, payload):
+        for last in (False, True):
+            try:
+                if sender is None:
+                    sender = PostgresConnection(self.dsn)
+                    # A NOTIFY commits a transaction of its own: a wake-up lost in a crash is
+                    # harmless (held pilots ask again), so it need not wait for a flush.
+                    sender.execute('SET synchronous_commit TO off')
+                sender.execute('SELECT pg_notify(:channel, :message)',
+                               {'channel': PG_WAKE_CHANNEL, 'message': payload})
+                return sender
+            except Exception as e:
+                close_quietly(sender)
+                sender = None
+                if last:
+                    log.warning('wake-up not sent: %s', first_line(e))
+        return sender
 
     def listen(self):
         """LISTEN, and after a lost session listen again and wake every held pilot: a job
@@ -1090,10 +1107,9 @@ class PostgresWakeups(Wakeups):
                 db = PostgresConnection(self.dsn)
                 db.execute('LISTEN ' + PG_WAKE_CHANNEL)
                 self.outbox.sendto(WAKE_ALL, self.path)
+                self.outgoing.put('hello')
                 for note in db.raw.notifies():
-                    group, bracket, message = note.payload.partition('[')
-                    if group != self.group:
-                        self.outbox.sendto((bracket + message).encode(), self.path)
+                    self.heard_from(note.payload)
                     if self.stopping.is_set():
                         break
             except Exception as e:
@@ -1101,6 +1117,22 @@ class PostgresWakeups(Wakeups):
                     log.warning('wake-ups: %s; listening again in %g s', first_line(e),
                                 PG_RETRY)
                     self.stopping.wait(PG_RETRY)
+
+    def heard_from(self, payload):
+        """One NOTIFY: '<group> <pid> <hello, here or a wake-up>'; this host's are ignored."""
+        group, pid, message = (payload.split(' ', 2) + ['', ''])[:3]
+        if group == self.group:
+            return
+        if message in ('hello', 'here'):
+            first = (group, pid) not in self.heard
+            self.heard.add((group, pid))
+            self.hosts.add(group)
+            self.outbox.sendto(WAKE_ALL, self.path)
+            if message == 'hello' or first:
+                self.outgoing.put('here')
+        else:
+            self.hosts.add(group)
+            self.outbox.sendto(message.encode(), self.path)
 
     def close(self):
         self.stopping.set()

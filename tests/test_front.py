@@ -159,6 +159,46 @@ def test_a_job_submitted_to_one_process_wakes_a_pilot_held_by_another(tmp_path, 
         shutil.rmtree(elsewhere, ignore_errors=True)
 
 
+def heard(listener, seconds):
+    """The NOTIFYs heard on the wake-up channel within `seconds`: (group, pid, message)."""
+    return [tuple(n.payload.split(' ', 2)) for n in listener.notifies(timeout=seconds)]
+
+
+def test_wake_ups_go_through_postgresql_only_once_another_host_listens(tmp_path):
+    """A NOTIFY wakes every listening session of every host, so a host alone sends none. A
+    listener says hello; a host hearing another answers (a hello always, a `here` once per
+    process), and from then on announces its jobs. The other host is played by this test's
+    own session, speaking the servers' protocol."""
+    if not ON_POSTGRES:
+        pytest.skip('only servers on PostgreSQL wake other hosts')
+    import psycopg
+    server = Server(tmp_path, extra_args=['--workers', '1']).start()
+    listener = psycopg.connect(server.db, autocommit=True)
+    try:
+        listener.execute('LISTEN ' + srv.PG_WAKE_CHANNEL)
+
+        def say(message):
+            listener.execute('SELECT pg_notify(%s, %s)', (srv.PG_WAKE_CHANNEL, message))
+
+        [(group, pid, hello)] = heard(listener, 3)          # the server's listener is up
+        assert hello == 'hello'
+        assert server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[0] == 200
+        assert heard(listener, 1) == []                     # alone: no wake-up sent
+        say('other 1 here')                                 # a process it never heard
+        assert heard(listener, 1) == [('other', '1', 'here'),
+                                      (group, pid, 'here')]
+        say('other 1 here')                                 # heard already: no answer
+        assert heard(listener, 1) == [('other', '1', 'here')]
+        say('other 1 hello')                                # a hello is always answered
+        assert heard(listener, 1) == [('other', '1', 'hello'), (group, pid, 'here')]
+        assert server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[0] == 200
+        [(sender, _, wake)] = heard(listener, 1)            # now the other host is told
+        assert sender == group and srv.read_wake_message(wake) == [('default', '', 1)]
+    finally:
+        listener.close()
+        server.stop()
+
+
 def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_run_twice(tmp_path):
     runs = tmp_path / 'runs.log'
     server = Server(tmp_path, extra_args=['--workers', '2']).start()
