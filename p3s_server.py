@@ -298,6 +298,7 @@ def seconds_after(then, seconds):
 class Connection(sqlite3.Connection):
     synced = False                  # PRAGMA synchronous is FULL (see Store.write)
     serial_writes = True            # one writer at a time: what it read stays true till COMMIT
+    commits_with_claim = False      # no data-modifying WITH (see CLAIM_MARKING_PILOT)
 
     def later(self, sql, params=()):
         """A statement whose result nobody reads: run now (PostgreSQL's waits for the next)."""
@@ -808,6 +809,8 @@ class PostgresConnection:
 
     synced = None
     serial_writes = False           # others write at once: lock what a decision rests on
+    commits_with_claim = True       # see CLAIM_MARKING_PILOT
+    committed = False               # by commit_with, before the Store's commit
 
     def __init__(self, dsn):
         import psycopg
@@ -883,12 +886,23 @@ class PostgresConnection:
             self.raw.execute(postgres_prepared(sql)[0])
             self.prepared.add(sql)
 
+    def commit_with(self, statements):
+        """These statements, the transaction's last, and its COMMIT, with what waits, in one
+        message: the rows of the first. The Store's own commit then has nothing to do."""
+        cursor = self.send(statements + [('COMMIT', None)])
+        self.committed = True
+        return cursor.fetchall()
+
     def commit(self):
+        if self.committed:
+            self.committed = False
+            return
         self.execute('COMMIT')
 
     def rollback(self):
         """End the transaction, if one was begun (nothing waiting is sent)."""
         self.waiting = []
+        self.committed = False
         if self.raw.info.transaction_status != self.raw.info.transaction_status.IDLE:
             self.raw.execute('ROLLBACK')
 
@@ -1982,6 +1996,15 @@ PILOT_DISPATCHED = """
 UPDATE pilots SET state = 'dispatched', job = :job, last_seen = :now WHERE uuid = :pilot
 """
 PILOT_IDLE = "UPDATE pilots SET state = 'idle', last_seen = :now WHERE uuid = :pilot"
+# On PostgreSQL a woken pilot's claim is the last round trip of its request: the claim marks its
+# pilot in the same statement (a data-modifying WITH, which SQLite lacks) and goes with the
+# COMMIT, the pilot's idle mark after it for the claim that finds nothing (see claim_for).
+CLAIM_MARKING_PILOT = {sql: """
+WITH claimed AS (""" + sql + """),
+     marked AS (UPDATE pilots SET state = 'dispatched', job = claimed.uuid, last_seen = :now
+                  FROM claimed WHERE pilots.uuid = :pilot)
+SELECT * FROM claimed""" for sql in (CLAIM_JOB, CLAIM_JOB_BY_TYPE)}
+PILOT_IDLE_UNLESS_CLAIMED = PILOT_IDLE + " AND state <> 'dispatched'"
 PILOT_RUNNING = """
 UPDATE pilots SET state = 'running', job = :job, last_seen = :now WHERE uuid = :pilot
 """
@@ -2175,7 +2198,8 @@ def stop_reply(pilot):
 PG_PREPARED = frozenset((
     INSERT_JOB, SEEN_JOBTYPE, GET_PILOT, GET_PILOT_AND_SECRET, CAPPED_JOBTYPES, CLAIM_JOB,
     CLAIM_JOB_BY_TYPE, REDELIVER_JOB, PILOT_DISPATCHED, PILOT_IDLE, GET_JOB_HOLDER, START_JOB,
-    PILOT_RUNNING, FINISH_JOB, PILOT_JOB_DONE, SAVE_JOB_LOGS, GET_JOB, GET_RETRY_OF))
+    PILOT_RUNNING, FINISH_JOB, PILOT_JOB_DONE, SAVE_JOB_LOGS, GET_JOB, GET_RETRY_OF,
+    PILOT_IDLE_UNLESS_CLAIMED) + tuple(CLAIM_MARKING_PILOT.values()))
 
 
 def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
@@ -2219,15 +2243,28 @@ def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True, caps=None):
     params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
               'jobtypes': pilot['jobtypes'], 'now': now,
               'left': MAX_TIMELIMIT if left is None else int(left)}
-    redelivered = None
-    if redeliver and pilot['state'] == 'dispatched':
-        redelivered = db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone()
-    job = redelivered or claim(db, params, caps)
+    quiet = pilot['state'] == 'idle' and pilot['last_seen'] >= seconds_before(now, idle_touch)
+    if caps is None:
+        caps = db.execute(CAPPED_JOBTYPES).fetchall()
+    if pilot['state'] == 'dispatched':
+        job = db.execute(REDELIVER_JOB, dict(params, job=pilot['job'])).fetchone() \
+            if redeliver else None
+        job = job or claim(db, params, caps)
+    elif db.commits_with_claim and not caps:       # a cap is counted again after a claim
+        return dispatch_reply(claim_and_commit(db, params, quiet))
+    else:
+        job = claim(db, params, caps)
     if job is None:
-        if pilot['state'] != 'idle' or pilot['last_seen'] < seconds_before(now, idle_touch):
+        if not quiet:
             db.later(PILOT_IDLE, params)
+    else:
+        db.later(PILOT_DISPATCHED, dict(params, job=job['uuid']))
+    return dispatch_reply(job)
+
+
+def dispatch_reply(job):
+    if job is None:
         return {'status': 'OK', 'state': 'idle'}
-    db.later(PILOT_DISPATCHED, dict(params, job=job['uuid']))
     return {'status': 'OK', 'state': 'dispatched', 'job': job_dict(job)}
 
 
@@ -2242,23 +2279,39 @@ def claim(db, params, caps=None):
     while True:
         if checked:
             db.execute('SAVEPOINT claim')
-        job = take_job(db, params, blocked)
+        sql, values = claim_statement(params, blocked)
+        job = db.execute(sql, values).fetchone()
         if job is None or not checked or within_cap(db, job['jobtype']):
             break
         db.execute('ROLLBACK TO SAVEPOINT claim')   # another claim took the last slot first
         blocked.append(job['jobtype'])
+    return counted_claim(job)
+
+
+def claim_and_commit(db, params, quiet):
+    """The claim that marks its pilot, sent with the COMMIT (PostgreSQL, where no type has a
+    cap): dispatched, or idle (unless `quiet`) if it found nothing."""
+    sql, values = claim_statement(params, [])
+    statements = [(CLAIM_MARKING_PILOT[sql], values)]
+    if not quiet:
+        statements.append((PILOT_IDLE_UNLESS_CLAIMED, params))
+    rows = db.commit_with(statements)
+    return counted_claim(rows[0] if rows else None)
+
+
+def claim_statement(params, blocked):
+    if not blocked and params['jobtypes'] == '[]':
+        return CLAIM_JOB, params
+    return CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))
+
+
+def counted_claim(job):
     if job is not None:
         # Counted before the commit: only a failed commit, which ends the request in an
         # error, would make the count one too high.
         process_metrics().claimed(job['jobtype'], seconds_between(job['defined_at'],
                                                                   job['dispatched_at']))
     return job
-
-
-def take_job(db, params, blocked):
-    if not blocked and params['jobtypes'] == '[]':
-        return db.execute(CLAIM_JOB, params).fetchone()
-    return db.execute(CLAIM_JOB_BY_TYPE, dict(params, blocked=json.dumps(blocked))).fetchone()
 
 
 def within_cap(db, jobtype):
