@@ -1056,7 +1056,12 @@ class PostgresWakeups(Wakeups):
     `here`, and answers a `here` once, from a process it had not heard before. A process that
     hears another host marks it known and wakes all the pilots it holds: a job submitted over
     there before that host knew this one was not announced here. (Each side hears the other's
-    answer after it has marked the other known, so no job falls between.)"""
+    answer after it has marked the other known, so no job falls between.)
+
+    Every process of a host hears every NOTIFY, but one of them hands the wake-ups on to the
+    host (the holder of the host's forwarding lock; another takes it when that one dies), as
+    its own: it wakes its pilots first and passes the rest to the others. Were each process to
+    wake a pilot for the same job, all but one would claim for nothing."""
 
     def __init__(self, rundir, dsn):
         super().__init__(rundir)
@@ -1064,6 +1069,8 @@ class PostgresWakeups(Wakeups):
         self.group = wake_group(rundir)
         self.me = '%s %d ' % (self.group, os.getpid())
         self.hosts, self.heard = set(), set()      # other groups; (group, pid) of their processes
+        self.forwarding = FileLock(os.path.join(rundir, 'wake.forward'))
+        self.forwards = False
         self.outgoing = queue.SimpleQueue()
         self.stopping = threading.Event()
         for target, name in ((self.send_notifies, 'p3s-notify'), (self.listen, 'p3s-listen')):
@@ -1146,7 +1153,9 @@ class PostgresWakeups(Wakeups):
                 self.outgoing.put('here')
         else:
             self.hosts.add(group)
-            self.outbox.sendto(message.encode(), self.path)
+            self.forwards = self.forwards or self.forwarding.try_acquire()
+            if self.forwards:
+                self.outbox.sendto(WAKE_HERE_FIRST + message.encode(), self.path)
 
     def close(self):
         self.stopping.set()

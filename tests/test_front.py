@@ -127,29 +127,31 @@ def test_idle_and_slow_clients_starve_nothing(flooded, tmp_path):
 
 @pytest.mark.parametrize('hosts', ['one host', 'two hosts'])
 def test_a_job_submitted_to_one_process_wakes_a_pilot_held_by_another(tmp_path, hosts):
-    """Two servers on one database (two processes, as two workers or two hosts would be): a
-    pilot held in a long poll by one starts a job submitted to the other at once, not when its
-    25 s wait ends. On one host the processes wake each other directly; servers on two hosts
-    (here: two run directories, which is all a host is to a server) only by PostgreSQL."""
+    """Two servers on one database (processes, as workers or hosts would be): pilots held in a
+    long poll by the first (two worker processes) start jobs submitted to the second at once,
+    not when their 25 s wait ends. On one host the processes wake each other directly; servers
+    on two hosts (here: two run directories, which is all a host is to a server) only by
+    PostgreSQL, and one process of the host hands the wake-ups on to the others."""
     if hosts == 'two hosts' and not ON_POSTGRES:
         pytest.skip('servers on two hosts share PostgreSQL, not an SQLite file')
     elsewhere = pathlib.Path(tempfile.mkdtemp(prefix='p3s-host-', dir='/tmp'))  # a short path
-    first = Server(tmp_path, extra_args=['--workers', '1']).start()
+    first = Server(tmp_path, extra_args=['--workers', '2']).start()
     second = Server(tmp_path, extra_args=['--workers', '1'], db=first.db,
                     env=dict(os.environ, TMPDIR=str(elsewhere)) if hosts == 'two hosts'
                     else None).start()
     clients = Clients(tmp_path, first)
     try:
-        pilot = clients.pilot('--cycles', '1', '--wait', '25')
+        pilots = [clients.pilot('--cycles', '1', '--wait', '25') for _ in range(2)]
         wait_for(lambda: [p['state'] for p in first.api('GET', '/api/pilots')[1]['pilots']]
-                 == ['idle'], what='the pilot to wait')
-        time.sleep(0.5)                         # well inside its long poll
-        status, reply = second.api('POST', '/api/jobs', [{'payload': '/bin/true'}])
+                 == ['idle', 'idle'], what='the pilots to wait')
+        time.sleep(1)                           # well inside their long polls
+        status, reply = second.api('POST', '/api/jobs', [{'payload': '/bin/true'}] * 2)
         assert status == 200
         started = time.monotonic()
-        pilot.communicate(timeout=60)
-        assert time.monotonic() - started < 15, 'the pilot was not woken by the other process'
-        assert first.job(reply['uuids'][0])['state'] == 'finished'
+        for pilot in pilots:
+            pilot.communicate(timeout=60)
+        assert time.monotonic() - started < 15, 'a pilot was not woken by the other process'
+        assert {first.job(u)['state'] for u in reply['uuids']} == {'finished'}
         if hosts == 'two hosts':
             assert list(elsewhere.glob('p3s-*/wake.group'))    # it did run apart
     finally:
