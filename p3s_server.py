@@ -949,7 +949,12 @@ class PostgreSQL:
             db.later('SET LOCAL synchronous_commit = off')
 
     def apply_schema(self, db):
-        """Create what is missing, one server at a time; refuse a newer schema."""
+        """Create what is missing, one server at a time; refuse a newer schema. A database at
+        this version is left alone: DDL locks whole tables (CREATE INDEX IF NOT EXISTS takes a
+        SHARE lock on its table even when the index is there), so a server starting beside
+        running ones would hold up their writes, or deadlock with them."""
+        if schema_version(db) == SCHEMA_VERSION:
+            return
         db.execute('BEGIN')
         try:
             self.create_schema(db)
@@ -964,7 +969,7 @@ class PostgreSQL:
         schema, _ = schema_parts('postgresql', postgres_schema)
         db.execute('SELECT pg_advisory_xact_lock(%d)' % PG_SCHEMA_LOCK)
         db.executescript(schema)
-        found = db.execute('SELECT max(version) AS v FROM p3s_version').fetchone()['v']
+        found = schema_version(db)
         if found is not None and found > SCHEMA_VERSION:
             raise SystemExit('p3s_server: error: the database has schema version %d, newer '
                              'than this server (%d)' % (found, SCHEMA_VERSION))
@@ -999,6 +1004,13 @@ class PostgreSQL:
 
     def wakeups(self, rundir):
         return PostgresWakeups(rundir, self.dsn)
+
+
+def schema_version(db):
+    """The version a PostgreSQL database's schema has, or None before its first server."""
+    if db.execute("SELECT to_regclass('p3s_version') IS NOT NULL AS made").fetchone()['made']:
+        return db.execute('SELECT max(version) AS v FROM p3s_version').fetchone()['v']
+    return None
 
 
 def shown_database(db):

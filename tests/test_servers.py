@@ -7,7 +7,10 @@ import signal
 import subprocess
 import sys
 
-from conftest import Clients, Server, fresh_database, make_job, runs_of, script, wait_for
+import pytest
+
+from conftest import (ON_POSTGRES, Clients, Server, fresh_database, make_job, runs_of, script,
+                      wait_for)
 
 
 def housekeepers(server):
@@ -126,3 +129,22 @@ def test_the_database_may_come_from_the_environment(server, tmp_path):
                           capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, P3S_DB=server.db))
     assert proc.returncode == 0 and 'jobs: defined 1' in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_server_starting_beside_running_ones_holds_up_no_write(tmp_path):
+    """A server (or `check`) that opens a database already at its schema version runs no DDL:
+    its CREATE INDEX IF NOT EXISTS would wait for every open write on the table, and hold up
+    every write after it (or deadlock with one)."""
+    if not ON_POSTGRES:
+        pytest.skip('SQLite has one writer at a time: its schema waits its turn like a write')
+    import psycopg
+    server = Server(tmp_path).start()                   # the schema is made
+    try:
+        with psycopg.connect(server.db) as writer:
+            writer.execute('LOCK TABLE jobs IN ROW EXCLUSIVE MODE')     # as any write holds
+            check = subprocess.run([sys.executable, script('p3s_server.py'), 'check', '--db',
+                                    server.db], capture_output=True, text=True, timeout=30)
+            writer.rollback()
+        assert check.returncode == 0, check.stderr
+    finally:
+        server.stop()
