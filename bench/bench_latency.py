@@ -9,9 +9,12 @@ Also: parent finished -> child started inside a workflow.
     python bench/bench_latency.py [--quick] [--db sqlite|postgresql]
 
 --db postgresql: the same on a database of a private PostgreSQL cluster (common.Postgres),
-without the workflow figure.
+without the workflow figure, and again with the jobs submitted to a second server of another
+host (a run directory of its own, which is all a host is to a server): its wake-ups reach the
+pilots held by the first only through PostgreSQL's NOTIFY.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,6 +31,8 @@ SPACING = 0.01        # seconds between one job finishing and the next submissio
 FIRST_LOOK = 0.03     # seconds from a submission to the first look at the job
 LOOK_AGAIN = 0.005
 JOB_TIMEOUT = 10.0
+OTHER_HOST = (' "Submit to another host": the jobs go to a second server with a run directory of'
+              ' its own (as on another host), the pilots wait on the first.')
 
 
 def one_job(server):
@@ -46,14 +51,17 @@ def one_job(server):
     raise RuntimeError('job %s did not finish within %.0f s' % (uuid, JOB_TIMEOUT))
 
 
-def run_once(jobs, db='sqlite'):
-    with common.Server(db=common.new_database(db)) as server:
+def run_once(jobs, db='sqlite', hosts=1):
+    with contextlib.ExitStack() as servers:
+        server = servers.enter_context(common.Server(db=common.new_database(db)))
+        entry = server if hosts == 1 else servers.enter_context(common.Server(
+            db=server.db, rundir=common.tmpdir(prefix='p3s-bench-host-', base='/tmp')))
         common.start_pilots(server, PILOTS, '--cycles', '0')
         common.wait_for(lambda: common.idle_pilots(server, PILOTS), 30, 'the pilots to wait')
         time.sleep(0.2)
         start, finish, dispatch = [], [], []
         for _ in range(jobs):
-            job = one_job(server)
+            job = one_job(entry)
             assert job['state'] == 'finished', job
             defined = ts(job['defined_at'])
             start.append(ms(ts(job['started_at']) - defined))
@@ -61,6 +69,17 @@ def run_once(jobs, db='sqlite'):
             dispatch.append(ms(ts(job['dispatched_at']) - defined))
             time.sleep(SPACING)
     return start, finish, dispatch
+
+
+def percentiles_of_runs(runs, jobs, db, hosts=1):
+    per_run = {'start50': [], 'start99': [], 'fin50': [], 'fin99': [], 'disp50': [],
+               'disp99': []}
+    for _ in range(runs):
+        start, finish, dispatch = run_once(jobs, db, hosts)
+        for name, values in (('start', start), ('fin', finish), ('disp', dispatch)):
+            per_run[name + '50'].append(percentile(values, 50))
+            per_run[name + '99'].append(percentile(values, 99))
+    return per_run
 
 
 def workflow_latency(runs, workflows):
@@ -81,16 +100,7 @@ def run(quick=False, db='sqlite'):
         if why:
             return common.skipped(title, why)
         settings = ' ' + common.postgres().settings() + '.'
-    per_run = {'start50': [], 'start99': [], 'fin50': [], 'fin99': [], 'disp50': [],
-               'disp99': []}
-    for _ in range(runs):
-        start, finish, dispatch = run_once(jobs, db)
-        per_run['disp50'].append(percentile(dispatch, 50))
-        per_run['disp99'].append(percentile(dispatch, 99))
-        per_run['start50'].append(percentile(start, 50))
-        per_run['start99'].append(percentile(start, 99))
-        per_run['fin50'].append(percentile(finish, 50))
-        per_run['fin99'].append(percentile(finish, 99))
+    per_run = percentiles_of_runs(runs, jobs, db)
     rows = [
         ['submit → start', cell(per_run['start50']), cell(per_run['start99'])],
         ['(of which submit → dispatch)', cell(per_run['disp50']), cell(per_run['disp99'])],
@@ -100,6 +110,13 @@ def run(quick=False, db='sqlite'):
         'start_p50': common.summary(per_run['start50'])[0],
         'start_p99': common.summary(per_run['start99'])[0],
     }
+    if db == 'postgresql':
+        other = percentiles_of_runs(runs, jobs, db, hosts=2)
+        rows += [
+            ['submit to another host → start', cell(other['start50']), cell(other['start99'])],
+            ['(of which → dispatch)', cell(other['disp50']), cell(other['disp99'])],
+        ]
+        figures['other_host_start_p50'] = common.summary(other['start50'])[0]
     wf = workflow_latency(runs, min(jobs, 100)) if db == 'sqlite' else None
     if wf is None and db == 'sqlite':
         rows.append(['parent finished → child started (workflow)', 'n/a (no workflows yet)',
@@ -113,7 +130,7 @@ def run(quick=False, db='sqlite'):
         ['figure', 'p50 ms, median [min–max] of runs', 'p99 ms, median [min–max] of runs'],
         rows, note='%d runs of %d `/bin/true` jobs each; fresh server (default `--sync full`) '
              'and pilots (`--cycles 0`, default `--wait 20`) per run; server timestamps.'
-             % (runs, jobs) + settings)
+             % (runs, jobs) + (OTHER_HOST if db == 'postgresql' else '') + settings)
     if settings:
         figures['pg_settings'] = settings.strip(' .')
     return {'tables': [text], 'figures': figures}

@@ -297,8 +297,9 @@ def run_directories():
 class Server:
     """p3s_server.py on a free port of 127.0.0.1 with its own database file."""
 
-    def __init__(self, db=None, args=()):
+    def __init__(self, db=None, args=(), rundir=None):
         self.dir = tmpdir()
+        self.rundir = rundir         # TMPDIR, where its run directory goes: another host's
         self.db = db or os.path.join(self.dir, 'p3s.db')
         # P3S_BENCH_SERVER_ARGS: extra server options for experiments (e.g. '--threads 8').
         self.args = list(args) + os.environ.get('P3S_BENCH_SERVER_ARGS', '').split()
@@ -311,7 +312,7 @@ class Server:
         self.proc = spawn([sys.executable, os.path.join(ROOT, 'p3s_server.py'), '--port', '0',
                            '--db', self.db] + self.args,
                           stdout=subprocess.PIPE, stderr=self.log, cwd=self.dir,
-                          env=dict(os.environ, TMPDIR=run_directories()))
+                          env=dict(os.environ, TMPDIR=self.rundir or run_directories()))
         line = self.proc.stdout.readline().decode()
         if 'listening on' not in line:
             self.stop()
