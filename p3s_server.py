@@ -30,7 +30,6 @@ import hmac
 import io
 import itertools
 import json
-import queue
 import logging
 import os
 import posixpath
@@ -1058,9 +1057,11 @@ class AdvisoryLock:
 class PostgresWakeups(Wakeups):
     """Wake-ups between servers that share PostgreSQL, on any host. The processes of this host
     are woken at once by datagrams, as on SQLite; the other hosts' by a NOTIFY, which every
-    server's listening session receives. A thread of each process sends the NOTIFYs (what
-    comes meanwhile goes in one), so that no request waits for them; another listens, and hands
-    what other hosts sent to the process's own datagram socket, which its front reads.
+    server's listening session receives. The thread that made jobs runnable sends the NOTIFY
+    itself, on a session kept for it, right after its commit (a round trip with no flush: a
+    hand-off to a thread of its own cost the other host's pilot more than that); a thread of
+    each process listens, and hands what other hosts sent to the process's own datagram
+    socket, which its front reads.
 
     A NOTIFY costs every listening session of every host a wake-up, so a wake-up is sent only
     once another host is known to listen. A NOTIFY says its host's group token and its process:
@@ -1083,54 +1084,36 @@ class PostgresWakeups(Wakeups):
         self.hosts, self.heard = set(), set()      # other groups; (group, pid) of their processes
         self.forwarding = FileLock(os.path.join(rundir, 'wake.forward'))
         self.forwards = False
-        self.outgoing = queue.SimpleQueue()
+        self.sending = threading.Lock()
+        self.sender = None
         self.stopping = threading.Event()
-        for target, name in ((self.send_notifies, 'p3s-notify'), (self.listen, 'p3s-listen')):
-            threading.Thread(target=target, name=name, daemon=True).start()
+        threading.Thread(target=self.listen, name='p3s-listen', daemon=True).start()
 
     def publish(self, jobs):
         super().publish(jobs)
         if jobs and self.hosts:
-            self.outgoing.put(list(jobs))
+            wake = wake_message(jobs).decode()
+            self.notify(wake if len(wake) + len(self.me) <= PG_WAKE_MAX else WAKE_ALL.decode())
 
-    def send_notifies(self):
-        """NOTIFY what was published (and this process's hello and here), on a session of its
-        own; a session lost since the last one (a restart of the database) is opened again,
-        once."""
-        sender = None
-        while True:
-            items = [self.outgoing.get()]
-            while not self.outgoing.empty():
-                items.append(self.outgoing.get_nowait())
-            if self.stopping.is_set():
-                break
-            jobs = [job for item in items if isinstance(item, list) for job in item]
-            messages = [word for word in items if isinstance(word, str)]
-            if jobs:
-                wake = wake_message(jobs).decode()
-                messages.append(wake if len(wake) + len(self.me) <= PG_WAKE_MAX
-                                else WAKE_ALL.decode())
-            for message in dict.fromkeys(messages):
-                sender = self.notify(sender, self.me + message)
-        close_quietly(sender)
-
-    def notify(self, sender, payload):
-        for last in (False, True):
-            try:
-                if sender is None:
-                    sender = PostgresConnection(self.dsn)
-                    # A NOTIFY commits a transaction of its own: a wake-up lost in a crash is
-                    # harmless (held pilots ask again), so it need not wait for a flush.
-                    sender.execute('SET synchronous_commit TO off')
-                sender.execute('SELECT pg_notify(:channel, :message)',
-                               {'channel': PG_WAKE_CHANNEL, 'message': payload})
-                return sender
-            except Exception as e:
-                close_quietly(sender)
-                sender = None
-                if last:
-                    log.warning('wake-up not sent: %s', first_line(e))
-        return sender
+    def notify(self, message):
+        """NOTIFY this process's message to every host; a session lost since the last one (a
+        restart of the database) is opened again, once."""
+        with self.sending:
+            for last in (False, True):
+                try:
+                    if self.sender is None:
+                        self.sender = PostgresConnection(self.dsn)
+                        # A NOTIFY commits a transaction of its own: a wake-up lost in a crash
+                        # is harmless (held pilots ask again), so it need not wait for a flush.
+                        self.sender.execute('SET synchronous_commit TO off')
+                    self.sender.execute('SELECT pg_notify(:channel, :message)',
+                                        {'channel': PG_WAKE_CHANNEL, 'message': self.me + message})
+                    return
+                except Exception as e:
+                    close_quietly(self.sender)
+                    self.sender = None
+                    if last:
+                        log.warning('wake-up not sent: %s', first_line(e))
 
     def listen(self):
         """LISTEN, and after a lost session listen again and wake every held pilot: a job
@@ -1140,7 +1123,7 @@ class PostgresWakeups(Wakeups):
                 db = PostgresConnection(self.dsn)
                 db.execute('LISTEN ' + PG_WAKE_CHANNEL)
                 self.outbox.sendto(WAKE_ALL, self.path)
-                self.outgoing.put('hello')
+                self.notify('hello')
                 for note in db.raw.notifies():
                     self.heard_from(note.payload)
                     if self.stopping.is_set():
@@ -1162,7 +1145,7 @@ class PostgresWakeups(Wakeups):
             self.hosts.add(group)
             self.outbox.sendto(WAKE_ALL, self.path)
             if message == 'hello' or first:
-                self.outgoing.put('here')
+                self.notify('here')
         else:
             self.hosts.add(group)
             self.forwards = self.forwards or self.forwarding.try_acquire()
@@ -1171,7 +1154,9 @@ class PostgresWakeups(Wakeups):
 
     def close(self):
         self.stopping.set()
-        self.outgoing.put([])
+        with self.sending:
+            close_quietly(self.sender)
+            self.sender = None
         super().close()
 
 
