@@ -201,6 +201,35 @@ def test_wake_ups_go_through_postgresql_only_once_another_host_listens(tmp_path)
         server.stop()
 
 
+def test_a_host_that_learns_of_another_wakes_the_pilots_it_holds(tmp_path):
+    """A job submitted on a host that did not know this one yet was announced to nobody here:
+    hearing that host, a server wakes every pilot it holds, and they ask again. The job is
+    queued here without a wake-up (in this process), then the other host, played by this
+    test's session, says it is there."""
+    if not ON_POSTGRES:
+        pytest.skip('only servers on PostgreSQL wake other hosts')
+    import psycopg
+    server = Server(tmp_path, extra_args=['--workers', '1']).start()
+    clients = Clients(tmp_path, server)
+    try:
+        pilot = clients.pilot('--cycles', '1', '--wait', '25')
+        wait_for(lambda: [p['state'] for p in server.api('GET', '/api/pilots')[1]['pilots']]
+                 == ['idle'], what='the pilot to wait')
+        time.sleep(1)                                   # well inside its long poll
+        unannounced = srv.configure(server.db)          # no wake-ups from this process
+        [job] = srv.submit_jobs(unannounced, [{'payload': '/bin/true'}], srv.utcnow())
+        unannounced.close()
+        with psycopg.connect(server.db, autocommit=True) as other:
+            other.execute('SELECT pg_notify(%s, %s)', (srv.PG_WAKE_CHANNEL, 'other 7 here'))
+        started = time.monotonic()
+        pilot.communicate(timeout=60)
+        assert time.monotonic() - started < 15, 'the held pilot was not woken'
+        assert server.job(job)['state'] == 'finished'
+    finally:
+        clients.cleanup()
+        server.stop()
+
+
 def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_run_twice(tmp_path):
     runs = tmp_path / 'runs.log'
     server = Server(tmp_path, extra_args=['--workers', '2']).start()
