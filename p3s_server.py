@@ -5897,6 +5897,22 @@ class Handler(gevent.pywsgi.WSGIHandler):
             return result[0], raw_refusal(result[0])
         return result
 
+    def _write_with_headers(self, data):
+        """The status line, headers and body in one write. gevent writes the headers, then the
+        body: the client then waits for a second packet (about 0.15 ms here), and the server
+        makes two system calls where one does."""
+        head = []
+        self._sendall = head.append               # the headers, as gevent makes them
+        try:
+            super()._write_with_headers(b'')      # an empty body is not written
+        finally:
+            del self._sendall
+        if data and not self.response_use_chunked:
+            self._sendall(b''.join(head) + data)
+        else:
+            self._sendall(b''.join(head))
+            self._write(data)
+
 
 # What gevent refuses before a request reaches the app, said in p3s's error shape.
 FRONT_REFUSALS = {'414': ('414 Request-URI Too Long', 'request line longer than %d bytes'

@@ -414,7 +414,7 @@ def test_a_submission_is_on_disk_before_its_answer_and_a_heartbeat_is_not(tmp_pa
     a heartbeat, which can be lost without harm, is never synced; --sync normal syncs none."""
     server = Server(tmp_path, extra_args=['--workers', '1', '--sync', sync]).start()
     trace = tmp_path / 'strace.log'
-    tracer = subprocess.Popen([STRACE, '-f', '-s', '200', '-e', 'trace=fsync,fdatasync,recvfrom,'
+    tracer = subprocess.Popen([STRACE, '-f', '-s', '2000', '-e', 'trace=fsync,fdatasync,recvfrom,'
                                'sendto', '-o', str(trace), '-p', str(server.proc.pid)],
                               stderr=subprocess.DEVNULL)
     try:
