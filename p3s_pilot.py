@@ -959,7 +959,6 @@ class Pilot:
         err_path = os.path.join(self.args.joblog, job_uuid + '.err')
         env = self.job_environment(job)
         sandbox = None
-        log.info('job %s (%s): %s', job_uuid, job['jobtype'], job['payload'])
         try:
             out, err = self.job_logs(out_path, err_path)
         except OSError as e:
@@ -974,10 +973,13 @@ class Pilot:
                     proc = start_payload(command, shell, env, out, err)
                 except (OSError, ValueError, IndexError) as e:
                     err.write(('nonstarter: %s\n' % e).encode())
-                    log.warning('job %s could not start: %s', job_uuid, e)
+                    log.warning('job %s (%s) could not start: %s: %s', job_uuid,
+                                job['jobtype'], job['payload'], e)
                     state, errcode, pid, started = 'nonstarter', None, None, None
                 else:
                     started = self.clock()
+                    log.info('job %s (%s) started, pid %d: %s', job_uuid, job['jobtype'],
+                             proc.pid, job['payload'])        # not before: it costs 0.1 ms
                     state, errcode = self.supervise(proc, job, started, (out, err))
                     pid = proc.pid
                 ended = self.clock()
