@@ -647,11 +647,21 @@ class Wakeups:
         self.outbox.setblocking(False)
         self.lock = threading.Lock()
         self.peers, self.seen = [], None
+        self.here = None        # the front's own intake of this process's wake-ups, if it has one
 
     def publish(self, jobs):
         """Wake pilots for these jobs: here first, the rest elsewhere (see pass_on)."""
         if jobs:
-            self.send(WAKE_HERE_FIRST + wake_message(jobs), [self.path])
+            self.wake_here(WAKE_HERE_FIRST + wake_message(jobs))
+
+    def wake_here(self, message):
+        """A wake-up for this process's own held pilots, from any thread: handed to its front
+        directly, which then wakes them before it answers the request that made the jobs
+        runnable (a datagram to itself came after that answer); else by the datagram."""
+        if self.here is not None:
+            self.here(message)
+        else:
+            self.send(message, [self.path])
 
     def pass_on(self, kinds):
         """The jobs of a wake-up for which this process held no pilot, to the others."""
@@ -1122,7 +1132,7 @@ class PostgresWakeups(Wakeups):
             try:
                 db = PostgresConnection(self.dsn)
                 db.execute('LISTEN ' + PG_WAKE_CHANNEL)
-                self.outbox.sendto(WAKE_ALL, self.path)
+                self.wake_here(WAKE_ALL)
                 self.notify('hello')
                 for note in db.raw.notifies():
                     self.heard_from(note.payload)
@@ -1143,14 +1153,14 @@ class PostgresWakeups(Wakeups):
             first = (group, pid) not in self.heard
             self.heard.add((group, pid))
             self.hosts.add(group)
-            self.outbox.sendto(WAKE_ALL, self.path)
+            self.wake_here(WAKE_ALL)
             if message == 'hello' or first:
                 self.notify('here')
         else:
             self.hosts.add(group)
             self.forwards = self.forwards or self.forwarding.try_acquire()
             if self.forwards:
-                self.outbox.sendto(WAKE_HERE_FIRST + message.encode(), self.path)
+                self.wake_here(WAKE_HERE_FIRST + message.encode())
 
     def close(self):
         self.stopping.set()
@@ -5988,6 +5998,7 @@ class Waiters:
         self.ending = []                # (-ends, arrival, waiter), sorted
         self.arrivals = itertools.count()
         self.seq = 0
+        self.woken = 0                  # pilots woken so far
 
     def wait(self, site, jobtypes, timeout, seq, ends=None):
         """Wait for a job for this pilot, unless a wake-up came since `seq`; whether it was
@@ -6024,6 +6035,7 @@ class Waiters:
                     break
                 if not waiter.event.is_set() and waiter.accepts(jobtype, site):
                     waiter.event.set()
+                    self.woken += 1
                     count -= 1
             if count > 0:
                 left.append((jobtype, site, count))
@@ -6154,6 +6166,7 @@ class Front:
         except BadBody as e:
             return json_reply(start_response, e.status, str(e), close=True)
         reading = environ['REQUEST_METHOD'] in ('GET', 'HEAD')
+        woken = self.waiters.woken
         try:
             if not reading and WORK_PATH.match(path):
                 status, headers, out = self.serve_work(environ, body)
@@ -6167,6 +6180,10 @@ class Front:
             return json_reply(start_response, '503 Service Unavailable', 'the server could '
                               'not serve this request now; ask again', close=True,
                               retry_after=1)
+        if self.waiters.woken != woken:
+            # Pilots held here were woken meanwhile (by this request, as a rule): they hand
+            # their claims to the threads before this answer is written, not after.
+            gevent.sleep(0)
         start_response(status, headers)
         return [out]
 
@@ -6195,19 +6212,24 @@ class Front:
             body = json.dumps({'wait': max(poll.remaining(), 0)}).encode()
 
     def listen(self, wakeups):
-        """Read wake-ups from every server process and wake the pilots held here; pass on
-        what this process's own wake-ups found no pilot here for."""
+        """Take this process's own wake-ups from its threads, and read the other processes'."""
+        loop = gevent.get_hub().loop
+        wakeups.here = lambda data: loop.run_callback_threadsafe(self.take_wake_up, wakeups, data)
         inbox = gevent.socket.socket(fileno=wakeups.inbox.detach())
         while True:
-            data = inbox.recv(WAKE_MESSAGE_MAX + len(WAKE_HERE_FIRST) + 1)
-            here_first = data.startswith(WAKE_HERE_FIRST)
-            kinds = read_wake_message(data[len(WAKE_HERE_FIRST):] if here_first else data)
-            if not kinds:
-                wakeups.refresh()                           # hello from a new process
-                continue
-            left = self.waiters.wake(kinds)
-            if here_first and left:
-                wakeups.pass_on(left)
+            self.take_wake_up(wakeups, inbox.recv(WAKE_MESSAGE_MAX + len(WAKE_HERE_FIRST) + 1))
+
+    def take_wake_up(self, wakeups, data):
+        """Wake the pilots held here; pass on what this process's own wake-ups found no pilot
+        here for."""
+        here_first = data.startswith(WAKE_HERE_FIRST)
+        kinds = read_wake_message(data[len(WAKE_HERE_FIRST):] if here_first else data)
+        if not kinds:
+            wakeups.refresh()                               # hello from a new process
+            return
+        left = self.waiters.wake(kinds)
+        if here_first and left:
+            wakeups.pass_on(left)
 
     def close(self):
         """Stop holding: every held pilot is answered now."""
