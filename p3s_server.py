@@ -742,6 +742,11 @@ PG_SCHEMA_LOCK = 7103001            # advisory lock keys: applying the schema,
 PG_HOUSEKEEPER_LOCK = 7103002       # and the one process that does the housekeeping
 PG_WAKE_CHANNEL = 'p3s_wake'
 PG_WAKE_MAX = 7900                  # bytes of a NOTIFY payload (PostgreSQL takes 8000)
+WAKE_GROUP = re.compile(r'^[0-9A-Za-z_]{1,40}$')    # a host's token, as a channel name holds it
+# One NOTIFY to each of these channels, in one transaction: sent once per wake-up, whatever the
+# number of hosts told.
+NOTIFY_CHANNELS = ('SELECT pg_notify(channel, :message)'
+                   ' FROM unnest(CAST(:channels AS text[])) AS channel')
 PG_CONNECT_TIMEOUT = 10
 PG_RETRY = 1.0                      # seconds before a listener or a lock asks again
 PG_UNREACHABLE = 'it cannot be reached'
@@ -1066,25 +1071,25 @@ class AdvisoryLock:
 
 class PostgresWakeups(Wakeups):
     """Wake-ups between servers that share PostgreSQL, on any host. The processes of this host
-    are woken at once by datagrams, as on SQLite; the other hosts' by a NOTIFY, which every
-    server's listening session receives. The thread that made jobs runnable sends the NOTIFY
-    itself, on a session kept for it, right after its commit (a round trip with no flush: a
-    hand-off to a thread of its own cost the other host's pilot more than that); a thread of
-    each process listens, and hands what other hosts sent to the process's own datagram
-    socket, which its front reads.
+    are woken at once by datagrams, as on SQLite; the other hosts' by a NOTIFY on each one's
+    own channel, which one process of that host listens to. The thread that made jobs runnable
+    sends the NOTIFY itself, on a session kept for it, right after its commit (a round trip
+    with no flush: a hand-off to a thread of its own cost the other host's pilot more than
+    that).
 
-    A NOTIFY costs every listening session of every host a wake-up, so a wake-up is sent only
-    once another host is known to listen. A NOTIFY says its host's group token and its process:
-    a listener says `hello` when it starts listening; every process answers a hello with
-    `here`, and answers a `here` once, from a process it had not heard before. A process that
-    hears another host marks it known and wakes all the pilots it holds: a job submitted over
-    there before that host knew this one was not announced here. (Each side hears the other's
-    answer after it has marked the other known, so no job falls between.)
+    Hosts find each other on a common channel. A NOTIFY there says its host's group token and
+    its process: a listener says `hello` when it starts listening; every process answers a
+    hello with `here`, and answers a `here` once, from a process it had not heard before. A
+    process that hears another host marks it known and wakes all the pilots it holds: a job
+    submitted over there before that host knew this one was not announced here. (Each side
+    hears the other's answer after it has marked the other known, so no job falls between.)
+    A host alone sends no wake-up by NOTIFY at all.
 
-    Every process of a host hears every NOTIFY, but one of them hands the wake-ups on to the
-    host (the holder of the host's forwarding lock; another takes it when that one dies), as
-    its own: it wakes its pilots first and passes the rest to the others. Were each process to
-    wake a pilot for the same job, all but one would claim for nothing."""
+    A NOTIFY costs each session listening to its channel a wake-up, and its process another:
+    so a host's wake-ups are heard by one process, the holder of the host's forwarding lock,
+    which wakes its own pilots first and passes the rest on by datagrams. When it dies another
+    process takes the lock within PG_RETRY seconds and wakes the pilots it holds (a wake-up
+    may have gone unheard meanwhile)."""
 
     def __init__(self, rundir, dsn):
         super().__init__(rundir)
@@ -1101,13 +1106,15 @@ class PostgresWakeups(Wakeups):
 
     def publish(self, jobs):
         super().publish(jobs)
-        if jobs and self.hosts:
+        hosts = list(self.hosts)
+        if jobs and hosts:
             wake = wake_message(jobs).decode()
-            self.notify(wake if len(wake) + len(self.me) <= PG_WAKE_MAX else WAKE_ALL.decode())
+            self.notify(wake if len(wake) + len(self.me) <= PG_WAKE_MAX else WAKE_ALL.decode(),
+                        [host_channel(group) for group in hosts])
 
-    def notify(self, message):
-        """NOTIFY this process's message to every host; a session lost since the last one (a
-        restart of the database) is opened again, once."""
+    def notify(self, message, channels=(PG_WAKE_CHANNEL,)):
+        """NOTIFY this process's message on these channels; a session lost since the last one
+        (a restart of the database) is opened again, once."""
         with self.sending:
             for last in (False, True):
                 try:
@@ -1116,8 +1123,8 @@ class PostgresWakeups(Wakeups):
                         # A NOTIFY commits a transaction of its own: a wake-up lost in a crash
                         # is harmless (held pilots ask again), so it need not wait for a flush.
                         self.sender.execute('SET synchronous_commit TO off')
-                    self.sender.execute('SELECT pg_notify(:channel, :message)',
-                                        {'channel': PG_WAKE_CHANNEL, 'message': self.me + message})
+                    self.sender.execute(NOTIFY_CHANNELS, {'channels': list(channels),
+                                                          'message': self.me + message})
                     return
                 except Exception as e:
                     close_quietly(self.sender)
@@ -1129,25 +1136,38 @@ class PostgresWakeups(Wakeups):
         """LISTEN, and after a lost session listen again and wake every held pilot: a job
         may have come meanwhile."""
         while not self.stopping.is_set():
+            db = None
             try:
                 db = PostgresConnection(self.dsn)
                 db.execute('LISTEN ' + PG_WAKE_CHANNEL)
+                if self.forwards:
+                    db.execute('LISTEN ' + quoted(host_channel(self.group)))
                 self.wake_here(WAKE_ALL)
                 self.notify('hello')
-                for note in db.raw.notifies():
-                    self.heard_from(note.payload)
-                    if self.stopping.is_set():
-                        break
+                while not self.stopping.is_set():
+                    self.take_forwarding(db)
+                    for note in db.raw.notifies(timeout=None if self.forwards else PG_RETRY):
+                        self.heard_from(note.payload)
+                        if self.stopping.is_set():
+                            break
             except Exception as e:
+                close_quietly(db)
                 if not self.stopping.is_set():
                     log.warning('wake-ups: %s; listening again in %g s', first_line(e),
                                 PG_RETRY)
                     self.stopping.wait(PG_RETRY)
 
+    def take_forwarding(self, db):
+        """Become the process that hears this host's wake-ups, if none is."""
+        if not self.forwards and self.forwarding.try_acquire():
+            db.execute('LISTEN ' + quoted(host_channel(self.group)))
+            self.forwards = True
+            self.wake_here(WAKE_ALL)
+
     def heard_from(self, payload):
         """One NOTIFY: '<group> <pid> <hello, here or a wake-up>'; this host's are ignored."""
         group, pid, message = (payload.split(' ', 2) + ['', ''])[:3]
-        if group == self.group:
+        if group == self.group or not WAKE_GROUP.match(group):
             return
         if message in ('hello', 'here'):
             first = (group, pid) not in self.heard
@@ -1158,9 +1178,7 @@ class PostgresWakeups(Wakeups):
                 self.notify('here')
         else:
             self.hosts.add(group)
-            self.forwards = self.forwards or self.forwarding.try_acquire()
-            if self.forwards:
-                self.wake_here(WAKE_HERE_FIRST + message.encode())
+            self.wake_here(WAKE_HERE_FIRST + message.encode())
 
     def close(self):
         self.stopping.set()
@@ -1168,6 +1186,11 @@ class PostgresWakeups(Wakeups):
             close_quietly(self.sender)
             self.sender = None
         super().close()
+
+
+def host_channel(group):
+    """The channel on which a host hears the wake-ups other hosts send it."""
+    return '%s_%s' % (PG_WAKE_CHANNEL, group)
 
 
 def wake_group(rundir):

@@ -162,39 +162,49 @@ def test_a_job_submitted_to_one_process_wakes_a_pilot_held_by_another(tmp_path, 
 
 
 def heard(listener, seconds):
-    """The NOTIFYs heard on the wake-up channel within `seconds`: (group, pid, message)."""
+    """The NOTIFYs heard within `seconds`: (group, pid, message)."""
     return [tuple(n.payload.split(' ', 2)) for n in listener.notifies(timeout=seconds)]
 
 
+def other_host(db):
+    """This test's session, playing another host: it listens where hosts meet and where its
+    own wake-ups come, as a server's forwarding process does."""
+    import psycopg
+    listener = psycopg.connect(db, autocommit=True)
+    listener.execute('LISTEN ' + srv.PG_WAKE_CHANNEL)
+    listener.execute('LISTEN ' + srv.host_channel('other'))
+    return listener
+
+
+def say(listener, message):
+    listener.execute('SELECT pg_notify(%s, %s)', (srv.PG_WAKE_CHANNEL, message))
+
+
 def test_wake_ups_go_through_postgresql_only_once_another_host_listens(tmp_path):
-    """A NOTIFY wakes every listening session of every host, so a host alone sends none. A
-    listener says hello; a host hearing another answers (a hello always, a `here` once per
-    process), and from then on announces its jobs. The other host is played by this test's
-    own session, speaking the servers' protocol."""
+    """A host alone sends no wake-up by NOTIFY. A listener says hello; a host hearing another
+    answers (a hello always, a `here` once per process), and from then on announces its jobs
+    on that host's channel. The other host is played by this test's own session, speaking the
+    servers' protocol."""
     if not ON_POSTGRES:
         pytest.skip('only servers on PostgreSQL wake other hosts')
-    import psycopg
     server = Server(tmp_path, extra_args=['--workers', '1']).start()
-    listener = psycopg.connect(server.db, autocommit=True)
+    listener = other_host(server.db)
     try:
-        listener.execute('LISTEN ' + srv.PG_WAKE_CHANNEL)
-
-        def say(message):
-            listener.execute('SELECT pg_notify(%s, %s)', (srv.PG_WAKE_CHANNEL, message))
-
         [(group, pid, hello)] = heard(listener, 3)          # the server's listener is up
         assert hello == 'hello'
         assert server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[0] == 200
         assert heard(listener, 1) == []                     # alone: no wake-up sent
-        say('other 1 here')                                 # a process it never heard
+        say(listener, 'other 1 here')                       # a process it never heard
         assert heard(listener, 1) == [('other', '1', 'here'),
                                       (group, pid, 'here')]
-        say('other 1 here')                                 # heard already: no answer
+        say(listener, 'other 1 here')                       # heard already: no answer
         assert heard(listener, 1) == [('other', '1', 'here')]
-        say('other 1 hello')                                # a hello is always answered
+        say(listener, 'other 1 hello')                      # a hello is always answered
         assert heard(listener, 1) == [('other', '1', 'hello'), (group, pid, 'here')]
         assert server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[0] == 200
-        [(sender, _, wake)] = heard(listener, 1)            # now the other host is told
+        [note] = listener.notifies(timeout=1)               # now the other host is told,
+        assert note.channel == srv.host_channel('other')    # on its own channel
+        sender, _, wake = note.payload.split(' ', 2)
         assert sender == group and srv.read_wake_message(wake) == [('default', '', 1)]
     finally:
         listener.close()
@@ -208,7 +218,6 @@ def test_a_host_that_learns_of_another_wakes_the_pilots_it_holds(tmp_path):
     test's session, says it is there."""
     if not ON_POSTGRES:
         pytest.skip('only servers on PostgreSQL wake other hosts')
-    import psycopg
     server = Server(tmp_path, extra_args=['--workers', '1']).start()
     clients = Clients(tmp_path, server)
     try:
@@ -219,8 +228,8 @@ def test_a_host_that_learns_of_another_wakes_the_pilots_it_holds(tmp_path):
         unannounced = srv.configure(server.db)          # no wake-ups from this process
         [job] = srv.submit_jobs(unannounced, [{'payload': '/bin/true'}], srv.utcnow())
         unannounced.close()
-        with psycopg.connect(server.db, autocommit=True) as other:
-            other.execute('SELECT pg_notify(%s, %s)', (srv.PG_WAKE_CHANNEL, 'other 7 here'))
+        with other_host(server.db) as other:
+            say(other, 'other 7 here')
         started = time.monotonic()
         pilot.communicate(timeout=60)
         assert time.monotonic() - started < 15, 'the held pilot was not woken'
@@ -228,6 +237,66 @@ def test_a_host_that_learns_of_another_wakes_the_pilots_it_holds(tmp_path):
     finally:
         clients.cleanup()
         server.stop()
+
+
+def test_when_the_process_that_hears_a_host_dies_another_takes_over(tmp_path):
+    """Other hosts' wake-ups reach one process of this host (here: a first server, holding no
+    pilot), which hands them on. When it dies another (the second server, holding the pilot)
+    starts to listen and wakes the pilots it holds: a wake-up sent meanwhile reached no one.
+    The other host is played by this test's session: it queues a job without a wake-up, then
+    sends the wake-up itself, right after the first server died."""
+    if not ON_POSTGRES:
+        pytest.skip('only servers on PostgreSQL wake other hosts')
+    host = pathlib.Path(tempfile.mkdtemp(prefix='p3s-host-', dir='/tmp'))   # a short path
+    env = dict(os.environ, TMPDIR=str(host))
+    db = fresh_database(tmp_path)
+    other = other_host(db)
+    listening = Server(tmp_path, extra_args=['--workers', '1'], db=db, env=env).start()
+    holding = None
+    try:
+        [(group, _, _)] = heard(other, 5)                      # the first is up
+        wait_for(lambda: lock_taken(next(host.glob('p3s-*/wake.forward'), None)),
+                 what='the first server to listen for its host')
+        holding = Server(tmp_path, extra_args=['--workers', '1'], db=db, env=env).start()
+        say(other, 'other 1 hello')
+        wait_for(lambda: len(heard(other, 0.5)) >= 1, what='the servers to answer')
+        clients = Clients(tmp_path, holding)
+        pilot = clients.pilot('--cycles', '1', '--wait', '25')
+        wait_for(lambda: [p['state'] for p in holding.api('GET', '/api/pilots')[1]['pilots']]
+                 == ['idle'], what='the pilot to wait')
+        time.sleep(1)                                   # well inside its long poll
+        unannounced = srv.configure(db)                 # no wake-ups from this process
+        [job] = srv.submit_jobs(unannounced, [{'payload': '/bin/true'}], srv.utcnow())
+        unannounced.close()
+        listening.proc.kill()
+        listening.proc.wait()
+        other.execute('SELECT pg_notify(%s, %s)', (srv.host_channel(group), 'other 1 ' +
+                                                   srv.wake_message([('default', '')]).decode()))
+        started = time.monotonic()
+        pilot.communicate(timeout=60)
+        assert time.monotonic() - started < 15, 'the held pilot was not woken'
+        assert holding.job(job)['state'] == 'finished'
+        clients.cleanup()
+    finally:
+        other.close()
+        listening.stop()
+        if holding:
+            holding.stop()
+        shutil.rmtree(host, ignore_errors=True)
+
+
+def lock_taken(path):
+    """Whether a process holds the flock on this file (taken and let go at once if not)."""
+    import fcntl
+    if path is None:
+        return False
+    with open(path, 'a') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_run_twice(tmp_path):
