@@ -252,7 +252,7 @@ def test_when_the_process_that_hears_a_host_dies_another_takes_over(tmp_path):
     db = fresh_database(tmp_path)
     other = other_host(db)
     listening = Server(tmp_path, extra_args=['--workers', '1'], db=db, env=env).start()
-    holding = None
+    holding = clients = None
     try:
         [(group, _, _)] = heard(other, 5)                      # the first is up
         wait_for(lambda: lock_taken(next(host.glob('p3s-*/wake.forward'), None)),
@@ -276,8 +276,9 @@ def test_when_the_process_that_hears_a_host_dies_another_takes_over(tmp_path):
         pilot.communicate(timeout=60)
         assert time.monotonic() - started < 15, 'the held pilot was not woken'
         assert holding.job(job)['state'] == 'finished'
-        clients.cleanup()
     finally:
+        if clients:
+            clients.cleanup()
         other.close()
         listening.stop()
         if holding:
