@@ -1096,6 +1096,7 @@ class PostgresWakeups(Wakeups):
         self.dsn = dsn
         self.group = wake_group(rundir)
         self.me = '%s %d ' % (self.group, os.getpid())
+        self.channel = quoted(host_channel(self.group))     # where this host's wake-ups come
         self.hosts, self.heard = set(), set()      # other groups; (group, pid) of their processes
         self.forwarding = FileLock(os.path.join(rundir, 'wake.forward'))
         self.forwards = False
@@ -1141,7 +1142,7 @@ class PostgresWakeups(Wakeups):
                 db = PostgresConnection(self.dsn)
                 db.execute('LISTEN ' + PG_WAKE_CHANNEL)
                 if self.forwards:
-                    db.execute('LISTEN ' + quoted(host_channel(self.group)))
+                    db.execute('LISTEN ' + self.channel)
                 self.wake_here(WAKE_ALL)
                 self.notify('hello')
                 while not self.stopping.is_set():
@@ -1160,7 +1161,7 @@ class PostgresWakeups(Wakeups):
     def take_forwarding(self, db):
         """Become the process that hears this host's wake-ups, if none is."""
         if not self.forwards and self.forwarding.try_acquire():
-            db.execute('LISTEN ' + quoted(host_channel(self.group)))
+            db.execute('LISTEN ' + self.channel)
             self.forwards = True
             self.wake_here(WAKE_ALL)
 
@@ -6189,7 +6190,7 @@ class Front:
         except BadBody as e:
             return json_reply(start_response, e.status, str(e), close=True)
         reading = environ['REQUEST_METHOD'] in ('GET', 'HEAD')
-        woken = self.waiters.woken
+        woken = None if reading else self.waiters.woken
         try:
             if not reading and WORK_PATH.match(path):
                 status, headers, out = self.serve_work(environ, body)
@@ -6203,9 +6204,9 @@ class Front:
             return json_reply(start_response, '503 Service Unavailable', 'the server could '
                               'not serve this request now; ask again', close=True,
                               retry_after=1)
-        if self.waiters.woken != woken:
-            # Pilots held here were woken meanwhile (by this request, as a rule): they hand
-            # their claims to the threads before this answer is written, not after.
+        if woken is not None and self.waiters.woken != woken:
+            # Pilots held here were woken meanwhile (by this write, as a rule): they hand their
+            # claims to the threads before this answer is written, not after.
             gevent.sleep(0)
         start_response(status, headers)
         return [out]

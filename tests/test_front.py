@@ -176,8 +176,8 @@ def other_host(db):
     return listener
 
 
-def say(listener, message):
-    listener.execute('SELECT pg_notify(%s, %s)', (srv.PG_WAKE_CHANNEL, message))
+def say(listener, message, channel=srv.PG_WAKE_CHANNEL):
+    listener.execute('SELECT pg_notify(%s, %s)', (channel, message))
 
 
 def test_wake_ups_go_through_postgresql_only_once_another_host_listens(tmp_path):
@@ -201,6 +201,10 @@ def test_wake_ups_go_through_postgresql_only_once_another_host_listens(tmp_path)
         assert heard(listener, 1) == [('other', '1', 'here')]
         say(listener, 'other 1 hello')                      # a hello is always answered
         assert heard(listener, 1) == [('other', '1', 'hello'), (group, pid, 'here')]
+        # Not a host's token (no channel has so long a name): ignored, so its hosts' wake-ups
+        # still go, each on its own channel, in the same statement.
+        say(listener, 'x' * 60 + ' 1 hello')
+        assert heard(listener, 1) == [('x' * 60, '1', 'hello')]
         assert server.api('POST', '/api/jobs', [{'payload': '/bin/true'}])[0] == 200
         [note] = listener.notifies(timeout=1)               # now the other host is told,
         assert note.channel == srv.host_channel('other')    # on its own channel
@@ -270,8 +274,8 @@ def test_when_the_process_that_hears_a_host_dies_another_takes_over(tmp_path):
         unannounced.close()
         listening.proc.kill()
         listening.proc.wait()
-        other.execute('SELECT pg_notify(%s, %s)', (srv.host_channel(group), 'other 1 ' +
-                                                   srv.wake_message([('default', '')]).decode()))
+        say(other, 'other 1 ' + srv.wake_message([('default', '')]).decode(),
+            srv.host_channel(group))
         started = time.monotonic()
         pilot.communicate(timeout=60)
         assert time.monotonic() - started < 15, 'the held pilot was not woken'
