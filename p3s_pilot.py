@@ -881,18 +881,20 @@ class Pilot:
             log.warning('report %s on job %s not delivered: %s', state, job_uuid, e)
             return {'status': 'OK'}
 
-    def heartbeat(self, job_uuid):
+    def heartbeat(self, job):
+        """A heartbeat on a job (its uuid and attempt: a server that lost the job's dispatch in a
+        crash gives it back to this pilot)."""
         try:
-            return self.tell('heartbeat', {'job': job_uuid})
+            return self.tell('heartbeat', {'job': job['uuid'], 'attempt': job.get('attempt')})
         except P3SError as e:
             log.warning('heartbeat not delivered (the payload goes on): %s', e)
             return {'status': 'OK'}
 
-    def beat(self, job_uuid):
+    def beat(self, job):
         """A heartbeat; returns its order (OK, KILL, STOP) and takes note of a drain order."""
-        reply = self.heartbeat(job_uuid)
+        reply = self.heartbeat(job)
         if reply.get('drain') and not self.draining:
-            log.info('drain ordered: job %s runs to its end, then this pilot leaves', job_uuid)
+            log.info('drain ordered: job %s runs to its end, then this pilot leaves', job['uuid'])
             self.draining = True
         return reply.get('status')
 
@@ -1076,7 +1078,7 @@ class Pilot:
                                     attempt=job.get('attempt')).get('status')
             elif now >= next_beat:
                 next_beat = now + self.args.beat
-                order = self.beat(job['uuid'])
+                order = self.beat(job)
             if order in ('KILL', 'STOP', 'signal'):
                 log.warning('job %s killed: %s', job['uuid'], order)
                 self.gone = self.gone or order == 'STOP'

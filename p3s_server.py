@@ -15,7 +15,7 @@ processes on one port. Every write is one short `BEGIN IMMEDIATE` transaction; b
 single `UPDATE ... RETURNING` statement.
 
 The file reads top-down, in these sections (tests/test_layout.py keeps them in this order):
-configuration, database, wake-ups, postgresql, migration, validation, jobs, brokerage,
+configuration, database, recovery, wake-ups, postgresql, migration, validation, jobs, brokerage,
 housekeeping, workflows, DQM controls, batch systems, data, dashboard numbers, metrics, API
 routes, monitor routes, monitor graph layout, authorization, errors, front, processes, main.
 Each domain section starts with the SQL it runs.
@@ -71,7 +71,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SERVER_FILES = HERE if os.path.exists(os.path.join(HERE, 'schema.sql')) else os.path.join(
     HERE, 'p3s_server_files')
 SCHEMA_FILE = os.path.join(SERVER_FILES, 'schema.sql')
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIN_SQLITE = (3, 35, 0)          # UPDATE ... RETURNING
 
 DEFAULT_PORT = 8080
@@ -414,6 +414,15 @@ class SQLite:
     def apply_schema(self, db):
         apply_schema(db)
 
+    def incarnation(self, db):
+        """The machine's boot: the commits not yet synced wait in its page cache, which a
+        server process that dies leaves behind, and a crash of the machine loses."""
+        try:
+            with open(BOOT_ID) as f:
+                return 'boot ' + f.read().strip()
+        except OSError:
+            return 'boot unknown'       # not Linux: a crash of the machine goes unseen
+
     def integrity(self, db):
         return [r[0] for r in db.execute(INTEGRITY_CHECK)]
 
@@ -483,7 +492,8 @@ class Store:
     synced: a power loss may lose the last commits, never the database.
     """
 
-    def __init__(self, path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, wakeups=None):
+    def __init__(self, path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, wakeups=None,
+                 serving=True):
         self.path = path
         self.db = database(path)
         # An idle pilot's heartbeat is written at most this often, so that most idle polls
@@ -496,16 +506,18 @@ class Store:
         self.stalled_since = None         # when the writer now in BEGIN IMMEDIATE began to wait
         self.idle = deque()               # connections not in use (append and pop are atomic)
         self.opened = []
+        self.recovery = Recovery(pilot_timeout)
         with self.connection() as db:
             self.db.apply_schema(db)
+            if serving:                   # a tool (check, purge) leaves the recovery to servers
+                self.recovery.check(self.db, db, utcnow())
 
     @contextmanager
     def connection(self):
         try:
             db = self.idle.pop()
         except IndexError:
-            db = self.db.connect()
-            self.opened.append(db)
+            db = self.new_connection()
         try:
             yield db
         except self.db.unavailable as e:
@@ -517,6 +529,20 @@ class Store:
             self.idle.append(db)
             raise
         self.idle.append(db)
+
+    def new_connection(self):
+        """A connection of the pool. Once the schema is in place, each new one looks at the
+        storage's incarnation first: a database server that restarted makes every connection
+        new, and may have lost the last dispatches (Recovery)."""
+        db = self.db.connect()
+        try:
+            if self.recovery.incarnation is not None:
+                self.recovery.check(self.db, db, utcnow())
+        except BaseException:
+            db.close()
+            raise
+        self.opened.append(db)
+        return db
 
     def discard(self, db):
         try:
@@ -594,6 +620,89 @@ class Store:
             db.close()
         self.opened.clear()
         self.idle.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery: dispatches lost in a crash
+# ---------------------------------------------------------------------------------------------
+
+# A dispatch is committed without waiting for the disk: the next synced commit (a submission, a
+# job's end) takes it along, and a server process that dies loses nothing. Only a crash of the
+# machine (SQLite) or of the database server (PostgreSQL) between the two loses it, and puts its
+# job back in the queue while its pilot runs it. So a server that finds the storage in another
+# incarnation than the one the last dispatches were made in recovers before it dispatches the
+# jobs queued before then: until every live pilot has been heard from (a pilot that runs a job
+# the queue holds gets it back, ADOPT_JOB), a pilot timeout at most (a pilot silent that long is
+# lost). Jobs submitted since go at once.
+BOOT_ID = '/proc/sys/kernel/random/boot_id'
+GET_RECOVERY = 'SELECT incarnation, began_at, ends_at, last_job FROM recovery'
+FIRST_INCARNATION = """
+INSERT INTO recovery (one, incarnation) VALUES (1, :incarnation) ON CONFLICT DO NOTHING
+"""
+NEW_INCARNATION = """
+UPDATE recovery SET incarnation = :incarnation, began_at = :now, ends_at = :ends,
+                    last_job = (SELECT coalesce(max(id), 0) FROM jobs)
+ WHERE incarnation <> :incarnation
+"""
+# A live pilot not heard from since the recovery began, but the one asking. Must repeat the
+# condition of the partial index pilots_live to use it.
+UNHEARD_PILOT = """
+SELECT uuid FROM pilots INDEXED BY pilots_live
+ WHERE state IN """ + SQL_LIVE_PILOT + """ AND last_seen < :began AND uuid <> :pilot LIMIT 1
+"""
+
+
+class Recovery:
+    """This process's part of the recovery: which jobs wait (`last_job`: those numbered up to
+    it; 0 when none does), while it lasts."""
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self.incarnation = None         # the storage's, as this process last found it
+        self.began = self.ends = None
+        self.last_job = 0
+
+    def check(self, backend, db, now):
+        """Take the storage's incarnation: a new one begins a recovery, for every server
+        process (the first to see it records it; the others, and those started later, find
+        the recovery recorded)."""
+        found = backend.incarnation(db)
+        if found == self.incarnation:
+            return
+        values = {'incarnation': found, 'now': now, 'ends': seconds_after(now, self.timeout)}
+        backend.begin(db, True)
+        try:
+            db.execute(FIRST_INCARNATION, values)
+            begun = db.execute(NEW_INCARNATION, values).rowcount
+            row = db.execute(GET_RECOVERY).fetchone()
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+        self.incarnation = found
+        if begun:
+            log.warning('the storage restarted (%s) since the last dispatches, which a crash may '
+                        'have lost: the jobs queued before now wait until every live pilot has '
+                        'been heard from (until %s at most); new jobs go at once', found,
+                        row['ends_at'])
+        if row['ends_at'] is not None and now < row['ends_at'] and row['last_job']:
+            self.began, self.ends, self.last_job = (row['began_at'], row['ends_at'],
+                                                    row['last_job'])
+
+    def last_queued(self, db, pilot_uuid, now):
+        """The last job that still waits for the recovery (0: none does). It ends when every
+        live pilot but this one has been heard from since it began (this one is, now)."""
+        if self.last_job and (now >= self.ends or db.execute(
+                UNHEARD_PILOT, {'began': self.began, 'pilot': pilot_uuid}).fetchone() is None):
+            log.info('recovery over: every job in the queue may go')
+            self.last_job = 0
+        return self.last_job
+
+    def heard_after(self, now, idle_touch):
+        """An idle pilot seen since then need not be written again; in a recovery, one not seen
+        since it began must be (the recovery waits for it)."""
+        since = seconds_before(now, idle_touch)
+        return max(since, self.began) if self.last_job else since
 
 
 def counts(store):
@@ -747,6 +856,9 @@ WAKE_GROUP = re.compile(r'^[0-9A-Za-z_]{1,40}$')    # a host's token, as a chann
 # number of hosts told.
 NOTIFY_CHANNELS = ('SELECT pg_notify(channel, :message)'
                    ' FROM unnest(CAST(:channels AS text[])) AS channel')
+# The database server's incarnation (Recovery): a mark that its crash recovery removes.
+STORAGE_MARK = 'SELECT mark FROM storage_mark'
+NEW_STORAGE_MARK = 'INSERT INTO storage_mark (one, mark) VALUES (1, :mark) ON CONFLICT DO NOTHING'
 PG_CONNECT_TIMEOUT = 10
 PG_RETRY = 1.0                      # seconds before a listener or a lock asks again
 PG_UNREACHABLE = 'it cannot be reached'
@@ -991,6 +1103,11 @@ class PostgreSQL:
             db.execute('DELETE FROM p3s_version')
             db.execute('INSERT INTO p3s_version (version) VALUES (:v)', {'v': SCHEMA_VERSION})
 
+    def incarnation(self, db):
+        """The database server's mark (storage_mark in schema.sql), made anew after a crash."""
+        db.execute(NEW_STORAGE_MARK, {'mark': str(uuidlib.uuid4())})
+        return 'postgresql ' + db.execute(STORAGE_MARK).fetchone()['mark']
+
     def integrity(self, db):
         return ['ok (PostgreSQL keeps its own)']
 
@@ -1233,6 +1350,8 @@ def close_quietly(db):
 MIGRATE_BATCH = 10000           # source rows read at a time
 SCHEMA_TABLE = re.compile(r'^CREATE TABLE IF NOT EXISTS (\w+)', re.M)
 SOURCE_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+# The storage's own state, not the history: a migrated database begins without it.
+STORAGE_TABLES = ('recovery',)
 SOURCE_VERSION = 'PRAGMA user_version'
 SOURCE_COLUMNS = 'SELECT name FROM pragma_table_info(:table) ORDER BY cid'
 SOURCE_ROWS = 'SELECT {columns} FROM {table}'
@@ -1265,8 +1384,9 @@ def named(sql, table, columns=()):
 
 
 def schema_tables():
-    """The tables of schema.sql, parents before the tables that refer to them."""
-    return SCHEMA_TABLE.findall(schema_parts('sqlite')[0])
+    """The tables of schema.sql that hold the history, parents before the tables that refer to
+    them."""
+    return [t for t in SCHEMA_TABLE.findall(schema_parts('sqlite')[0]) if t not in STORAGE_TABLES]
 
 
 def refuse(message, *args):
@@ -1358,7 +1478,7 @@ def source_tables(src, path):
     missing = [t for t in wanted if t not in present]
     if missing:
         refuse('%s is not a whole p3s database: it has no table %s', path, ', '.join(missing))
-    for other in sorted(present - set(wanted)):
+    for other in sorted(present - set(wanted) - set(STORAGE_TABLES)):
         log.warning('table %s of %s is not p3s\'s: it is left behind', other, path)
     return {t: [r[0] for r in src.execute(SOURCE_COLUMNS, {'table': t})] for t in wanted}
 
@@ -1939,7 +2059,9 @@ NOT_BLOCKED = '%s NOT IN (SELECT value FROM json_each(:blocked))'
 # queued job and sort them, and INDEXED BY makes that an error instead. Jobs past their deadline
 # are skipped (the sweep makes them stale). :left is the seconds the pilot has left (a batch
 # pilot's wall time; MAX_TIMELIMIT for the others): a job that might outlast it is left for
-# another pilot. It only filters the walk, so the plan stays the same.
+# another pilot. :last_queued holds back the jobs queued before a recovery began (Recovery; 0
+# when none lasts). Both only filter the walk, so the plan stays the same (the unary + keeps
+# SQLite from making the id a bound of the walk: it would skip-scan every priority and time).
 CLAIM_JOB = """
 UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_at = :now
  WHERE id = (SELECT id FROM jobs INDEXED BY jobs_queue
@@ -1947,6 +2069,7 @@ UPDATE jobs SET state = 'dispatched', pilot = :pilot, host = :host, dispatched_a
                 AND """ + TAKES_SITE + """
                 AND """ + IN_TIME + """
                 AND timelimit <= :left
+                AND +id > :last_queued
               ORDER BY priority DESC, defined_at, id
               LIMIT 1 /*FOR UPDATE SKIP LOCKED*/)
 RETURNING """ + JOB_COLUMNS
@@ -1969,7 +2092,7 @@ heads (id) AS (
              WHERE state = 'defined' AND jobtype = queued.jobtype
                AND """ + TAKES_SITE + """
                AND """ + IN_TIME + """
-               AND timelimit <= :left                         -- as in CLAIM_JOB
+               AND timelimit <= :left AND +id > :last_queued  -- as in CLAIM_JOB
              ORDER BY priority DESC, defined_at, id
              LIMIT 1 /*FOR UPDATE SKIP LOCKED*/)
       FROM queued
@@ -1998,6 +2121,13 @@ COUNT_ACTIVE_OF_TYPE = ('SELECT cap, ' + ACTIVE_OF_TYPE + ' AS active FROM jobty
 # A pilot asking for work while its job is still dispatched never got the reply that carried it.
 REDELIVER_JOB = ('SELECT ' + JOB_COLUMNS + ' FROM jobs'
                  " WHERE uuid = :job AND pilot = :pilot AND state = 'dispatched'")
+# A job its pilot reports on though the queue holds it: its dispatch was lost in a crash (see
+# Recovery), so it is the pilot's again, at the attempt the pilot was given and no later one.
+ADOPT_JOB = """
+UPDATE jobs SET state = 'dispatched', pilot = :pilot, dispatched_at = :now,
+                host = (SELECT host FROM pilots WHERE uuid = :pilot)
+ WHERE uuid = :uuid AND state = 'defined' AND pilot IS NULL AND attempt = :attempt
+"""
 # :started and :stopped are server times: the report's arrival less the seconds the pilot says
 # have passed since the payload started or ended (a duration, so the clocks need not agree).
 START_JOB = """
@@ -2247,8 +2377,21 @@ def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
     transaction: one commit per short job). Returns (reply, pilot row). `left`: the seconds the
     pilot has left; a drained pilot is stopped instead. `secret`: the call's proof that it
     comes from the pilot (see live_pilot)."""
+    try:
+        return brokerage(store, pilot_uuid, now, report, left, secret, durable=report is not None)
+    except SyncNeeded:
+        return brokerage(store, pilot_uuid, now, report, left, secret, durable=True)
+
+
+class SyncNeeded(Exception):
+    """The transaction must be synced after all: it is rolled back, to be done again, synced."""
+
+
+def brokerage(store, pilot_uuid, now, report, left, secret, durable):
+    """request_work's transaction. Synced if it applies a report, or stops a drained pilot; a
+    dispatch alone need not be (see Recovery)."""
     woken, caps = [], None
-    with store.write() as db:
+    with store.write(durable) as db:
         if report is None:
             # The types at their cap are read with the pilot (one round trip on PostgreSQL);
             # after a report, they are read once the report is in (it may free a slot).
@@ -2260,6 +2403,8 @@ def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
         if report is not None:
             note, woken = apply_report(db, pilot, report, now)
         if pilot['drain'] and pilot['state'] not in PILOT_GONE:
+            if not durable:
+                raise SyncNeeded()
             reply, released = leave_drained(db, pilot, now)
             woken += released
         else:
@@ -2267,23 +2412,25 @@ def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
             # be on an earlier attempt of the job the pilot holds now).
             redeliver = (report is None or report['uuid'] != pilot['job']
                          or not (note or {}).get('changed'))
-            reply = claim_for(db, pilot, now, store.idle_touch, left, redeliver, caps)
+            reply = claim_for(db, pilot, now, store, left, redeliver, caps)
     store.wake(woken)
     if note is not None:
         reply['report'] = note
     return reply, pilot
 
 
-def claim_for(db, pilot, now, idle_touch, left=None, redeliver=True, caps=None):
+def claim_for(db, pilot, now, store, left=None, redeliver=True, caps=None):
     """The pilot's undelivered job, else the best queued job it may run, else idle. An idle
-    pilot seen within the last `idle_touch` seconds is not written again."""
+    pilot seen within the last `store.idle_touch` seconds is not written again."""
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot)
     # Whole seconds left: a job's timelimit is whole, so it fits the floor just as the rest.
     params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
               'jobtypes': pilot['jobtypes'], 'now': now,
-              'left': MAX_TIMELIMIT if left is None else int(left)}
-    quiet = pilot['state'] == 'idle' and pilot['last_seen'] >= seconds_before(now, idle_touch)
+              'left': MAX_TIMELIMIT if left is None else int(left),
+              'last_queued': store.recovery.last_queued(db, pilot['uuid'], now)}
+    quiet = (pilot['state'] == 'idle'
+             and pilot['last_seen'] >= store.recovery.heard_after(now, store.idle_touch))
     if caps is None:
         caps = db.execute(CAPPED_JOBTYPES).fetchall()
     if pilot['state'] == 'dispatched':
@@ -2397,7 +2544,8 @@ def queue_reasons(db, job, now):
     all of those busy, or other jobs first in the claim's order."""
     params = dict(job, now=now, blocked=json.dumps([r['name'] for r in
                                                      db.execute(BLOCKED_JOBTYPES)]))
-    reasons = []
+    params.update(db.execute(JOB_PLACE, params).fetchone(), cap=WAIT_AHEAD_CAP)
+    reasons = recovery_reasons(db, params['id'], now)
     if not db.execute(JOB_IN_TIME, params).fetchone()['in_time']:
         reasons.append(reason('deadline', 'its deadline passed at %s: no pilot takes it, and '
                               'housekeeping makes it stale' % job['deadline_at']))
@@ -2414,7 +2562,6 @@ def queue_reasons(db, job, now):
         reasons.append(reason('busy', 'the %s that may run it %s busy with other jobs'
                               % (count_of(sum(k['n'] for k in takers), 'live pilot'),
                                  'is' if sum(k['n'] for k in takers) == 1 else 'are')))
-    params.update(db.execute(JOB_PLACE, params).fetchone(), cap=WAIT_AHEAD_CAP)
     ahead = min(db.execute(COUNT_AHEAD, dict(params, site=k['site'], jobtypes=k['jobtypes']))
                 .fetchone()[0] for k in takers)
     if ahead:
@@ -2426,6 +2573,20 @@ def queue_reasons(db, job, now):
         reasons.append(reason('next', 'it is next: %s that may run it will take it at its next '
                               'request' % count_of(free, 'free pilot')))
     return reasons
+
+
+def recovery_reasons(db, job_id, now):
+    """A job queued before a recovery that lasts (see Recovery) waits for it."""
+    r = db.execute(GET_RECOVERY).fetchone()
+    if r is None or job_id > r['last_job'] or not r['ends_at'] or now >= r['ends_at']:
+        return []
+    unheard = db.execute(UNHEARD_PILOT, {'began': r['began_at'], 'pilot': ''}).fetchone()
+    if unheard is None:
+        return []
+    return [reason('recovery', 'the storage restarted at %s, and a crash may have lost the last '
+                   'dispatches: the jobs queued before then wait until every live pilot has '
+                   'been heard from (pilot %s has not), until %s at most'
+                   % (r['began_at'], unheard['uuid'], r['ends_at']))]
 
 
 def cap_reason(db, jobtype):
@@ -2507,6 +2668,8 @@ def apply_report(db, pilot, rep, now):
                   started=None if elapsed is None else seconds_before(at, elapsed),
                   stopped=seconds_before(at, rep.get('ago') or 0))
     held = db.execute(GET_JOB_HOLDER, params).fetchone()
+    if pilot['state'] not in PILOT_GONE:
+        held = adopted(db, held, params)
     if held is None or held['pilot'] != pilot['uuid']:
         return {'status': 'REFUSED',
                 'error': 'job %s is not held by pilot %s' % (rep['uuid'], pilot['uuid'])}, []
@@ -2543,14 +2706,27 @@ def apply_report(db, pilot, rep, now):
     return {'status': 'OK', 'state': state, 'changed': bool(changed)}, woken
 
 
+def adopted(db, held, params):
+    """The job as held now: its pilot's again if the pilot runs the attempt the queue holds
+    (its dispatch was lost in a crash). `params`: the pilot, the job's uuid and attempt, now."""
+    if (held is None or held['state'] != 'defined' or held['pilot'] is not None
+            or params.get('attempt') != held['attempt']
+            or not db.execute(ADOPT_JOB, params).rowcount):
+        return held
+    log.warning('job %s: pilot %s runs it though it was queued again (its dispatch was lost in '
+                'a crash): it is the pilot\'s again', params['uuid'], params['pilot'])
+    return dict(held, state='dispatched', pilot=params['pilot'])
+
+
 def retry_jobs(db, job_uuids):
     """Queue again those of these jobs that ended lost or nonstarter with retries left."""
     return [tuple(r) for r in db.execute(RETRY_JOBS, {'jobs': json.dumps(job_uuids)})]
 
 
-def heartbeat(store, pilot_uuid, job_uuid, now):
+def heartbeat(store, pilot_uuid, job_uuid, now, attempt=None):
     """A running pilot is alive; tell it to kill its payload if its job was killed or lost,
-    and that it is drained (it finishes the job and leaves) if it is."""
+    and that it is drained (it finishes the job and leaves) if it is. A job whose dispatch was
+    lost in a crash is the pilot's again, running."""
     with store.write(durable=False) as db:
         row = db.execute(PILOT_SEEN, {'pilot': pilot_uuid, 'now': now}).fetchone()
         if row is None:
@@ -2561,7 +2737,14 @@ def heartbeat(store, pilot_uuid, job_uuid, now):
             else {}
         if job_uuid is None:
             return dict({'status': 'OK'}, **drain)
-        held = db.execute(GET_JOB_HOLDER, {'uuid': job_uuid}).fetchone()
+        params = {'uuid': job_uuid, 'pilot': pilot_uuid, 'attempt': attempt, 'now': now,
+                  'started': now, 'pid': None, 'job': job_uuid}
+        held = db.execute(GET_JOB_HOLDER, params).fetchone()
+        back = adopted(db, held, params)
+        if back is not held:          # running: its start report went with its dispatch
+            db.execute(START_JOB, params)
+            db.later(PILOT_RUNNING, params)
+            held = dict(back, state='running')
     if held is None or held['pilot'] != pilot_uuid or held['state'] not in ACTIVE_STATES:
         return {'status': 'KILL', 'state': held['state'] if held else 'deleted'}
     return dict({'status': 'OK', 'state': held['state']}, **drain)
@@ -4659,8 +4842,9 @@ def api_report(pilot_uuid):
 def api_heartbeat(pilot_uuid):
     pilot_uuid = own_pilot(pilot_uuid)
     body = check_object(json_body(), 'heartbeat')
-    check_known(body, {'job'}, 'heartbeat')
-    return heartbeat(store(), pilot_uuid, uuid_field(body, 'job'), utcnow())
+    check_known(body, {'job', 'attempt'}, 'heartbeat')
+    return heartbeat(store(), pilot_uuid, uuid_field(body, 'job'), utcnow(),
+                     int_field(body, 'attempt', None, 1))
 
 
 @app.post('/api/pilots/<pilot_uuid>/stop')
@@ -6475,11 +6659,12 @@ def reopen_log(*args):
 
 
 def configure(db_path, sync='full', pilot_timeout=DEFAULT_PILOT_TIMEOUT, token=None,
-              pilot_token=None, private=False, wakeups=None):
-    """Attach a database and the access policy to the app; returns the Store."""
+              pilot_token=None, private=False, wakeups=None, serving=True):
+    """Attach a database and the access policy to the app; returns the Store. `serving`: it
+    serves pilots (not a tool's, such as check)."""
     check_sqlite()
     process_metrics()
-    st = Store(db_path, sync, pilot_timeout, wakeups)
+    st = Store(db_path, sync, pilot_timeout, wakeups, serving)
     app.config.update({'p3s.store': st, 'p3s.pilot_timeout': pilot_timeout, 'p3s.token': token,
                        'p3s.pilot_token': pilot_token, 'p3s.private': private,
                        'p3s.started': utcnow()})
@@ -6664,7 +6849,7 @@ def check_command(argv):
     add_db_option(ap)
     args = ap.parse_args(argv)
     existing_database(ap, args.db)
-    st = configure(args.db)
+    st = configure(args.db, serving=False)
     with st.read() as db:
         verdict = st.db.integrity(db)
     print('integrity: %s' % '; '.join(verdict))
@@ -6688,7 +6873,7 @@ def purge_command(argv):
     if args.state and args.state not in TERMINAL_STATES + PILOT_GONE:
         ap.error('--state must be a terminal job state or stopped/lost/killed')
     existing_database(ap, args.db)
-    st = configure(args.db)
+    st = configure(args.db, serving=False)
     removed = purge(st, utcnow(), args.older, args.state)
     print('purged %(workflows)d workflows, %(jobs)d other jobs, %(pilots)d pilots and '
           '%(services)d service messages' % removed)

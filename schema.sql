@@ -382,10 +382,33 @@ CREATE INDEX IF NOT EXISTS batchjobs_site ON batchjobs (site, id);
 CREATE INDEX IF NOT EXISTS batchjobs_ended ON batchjobs (state, ended_at)
     WHERE ended_at IS NOT NULL;
 
+-- -- recovery ---------------------------------------------------------------------------------
+
+-- A dispatch is committed without waiting for the disk, so a crash of the machine (SQLite) or
+-- of the database server (PostgreSQL) may lose the last ones (p3s_server.py, Recovery). One
+-- row: the storage's incarnation the last dispatches were made in (the machine's boot, the
+-- database server's start), and the recovery begun when a server found another one: the jobs
+-- numbered up to `last_job` wait until every live pilot has been heard, or until `ends_at`.
+-- Not migrated: it describes the storage, not the history.
+CREATE TABLE IF NOT EXISTS recovery (
+    one         INTEGER PRIMARY KEY CHECK (one = 1),
+    incarnation TEXT NOT NULL,
+    began_at    TEXT,
+    ends_at     TEXT,
+    last_job    INTEGER NOT NULL DEFAULT 0
+);
+
 -- [sqlite]
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 -- [postgresql]
 CREATE TABLE IF NOT EXISTS p3s_version (version INTEGER NOT NULL);
+-- The database server's incarnation (see recovery): a random mark, in a table that crash
+-- recovery empties (an unlogged one), as it does on a replica taking over. A clean restart
+-- keeps it.
+CREATE UNLOGGED TABLE IF NOT EXISTS storage_mark (
+    one  INTEGER PRIMARY KEY CHECK (one = 1),
+    mark TEXT NOT NULL
+);
 -- Every job's row is rewritten several times in minutes: autovacuum cleans and analyzes the
 -- table after 1 % of it changed (not the default 20 %), so dead entries do not pile up in the
 -- queue's index and the claim's plan follows the queue as it is. Only on a jobs table with no
@@ -444,3 +467,6 @@ DROP TABLE workflows_version_1;
 -- to register again).
 ALTER TABLE pilots ADD COLUMN secret_hash TEXT;
 ALTER TABLE pilots ADD COLUMN nonce_hash TEXT;
+
+-- migrate to 4: the recovery of dispatches lost in a crash (a new table: the script above
+-- creates it).

@@ -39,7 +39,7 @@ def claimer(db, sync, index, ready, go, results):
     import p3s_server as s
     store = s.Store(db, sync)
     params = {'pilot': 'bench-%d' % index, 'host': 'bench', 'site': '', 'jobtypes': '[]',
-              'now': s.utcnow(), 'left': s.MAX_TIMELIMIT}
+              'now': s.utcnow(), 'left': s.MAX_TIMELIMIT, 'last_queued': 0}
 
     def claim():
         with store.write() as db:

@@ -110,7 +110,7 @@ def claim_cost(store, runs, claims, warmup):
     """(first claim ms, [µs per claim transaction per run], [µs of the statement per run])."""
     import p3s_server as s
     params = {'pilot': 'bench-pilot', 'host': 'bench', 'site': '', 'jobtypes': '[]',
-              'now': s.utcnow(), 'left': s.MAX_TIMELIMIT}
+              'now': s.utcnow(), 'left': s.MAX_TIMELIMIT, 'last_queued': 0}
 
     def one():
         t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def plan(store, backend):
     conditions."""
     import p3s_server as s
     params = {'pilot': 'p', 'host': 'h', 'site': '', 'jobtypes': '[]', 'now': s.utcnow(),
-              'left': s.MAX_TIMELIMIT}
+              'left': s.MAX_TIMELIMIT, 'last_queued': 0}
     with store.read() as db:
         if backend == 'postgresql':
             rows = db.execute('EXPLAIN (COSTS OFF) ' + s.CLAIM_JOB, params).fetchall()

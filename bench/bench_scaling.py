@@ -36,7 +36,7 @@ def claim_cost(path, runs, claims, sync='normal'):
     import p3s_server as s
     store = s.Store(path, sync)
     params = {'pilot': 'bench-pilot', 'host': 'bench', 'site': '', 'jobtypes': '[]',
-              'now': s.utcnow(), 'left': s.MAX_TIMELIMIT}
+              'now': s.utcnow(), 'left': s.MAX_TIMELIMIT, 'last_queued': 0}
     with store.read() as db:
         plan = ' | '.join(r[-1] for r in db.execute('EXPLAIN QUERY PLAN ' + s.CLAIM_JOB, params))
     per_run = []

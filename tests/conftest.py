@@ -278,10 +278,11 @@ class Postgres:
                  '-c full_page_writes=off -c max_connections=500' % (self.dir, self.port),
                  'start')
 
-    def restart(self, down=0):
-        """A fast restart (sessions are ended, what was committed is kept), the cluster away
-        for `down` seconds; it comes back on the same socket."""
-        self.run('pg_ctl', '-D', self.data, '-m', 'fast', '-w', 'stop')
+    def restart(self, down=0, mode='fast'):
+        """A restart, the cluster away for `down` seconds; it comes back on the same socket.
+        `fast`: sessions are ended, what was committed is kept; `immediate`: a crash (what
+        was committed but not flushed may be lost, and crash recovery runs)."""
+        self.run('pg_ctl', '-D', self.data, '-m', mode, '-w', 'stop')
         time.sleep(down)
         self.start()
 

@@ -55,7 +55,7 @@ def test_claim_plan_stays_on_indexes(store):
     """Both forms of the claim read queue indexes from the top, and the capped types are counted
     through an index: no sort of jobs, no scan of the jobs table (docs/performance.md)."""
     params = dict(pilot='p', host='h', site='', jobtypes='[]', now=T0, blocked='[]',
-                  left=srv.MAX_TIMELIMIT)
+                  left=srv.MAX_TIMELIMIT, last_queued=0)
     steps = plan(store, srv.CLAIM_JOB, **params)
     assert any(st.reads('jobs', 'jobs_queue', 'SCAN') for st in steps), steps
     assert not full_scans(steps) and not any(st.sorts for st in steps), steps

@@ -50,7 +50,7 @@ def would_claim(store, pilot_uuid, now=T1):
     """The job the claim would give this pilot now, without giving it (rolled back)."""
     row = S.get_pilot(store, pilot_uuid)
     params = {'pilot': pilot_uuid, 'host': row['host'], 'site': row['site'],
-              'jobtypes': json.dumps(row['jobtypes']), 'now': now, 'left': S.MAX_TIMELIMIT}
+              'jobtypes': json.dumps(row['jobtypes']), 'now': now, 'left': S.MAX_TIMELIMIT, 'last_queued': 0}
     try:
         with store.write() as db:
             job = S.claim(db, params)

@@ -11,7 +11,8 @@ import time
 import pytest
 
 import p3s_server as srv
-from conftest import ROOT, Clients, Server, free_port, make_job, pid_alive, sql_db, wait_for
+from conftest import (ON_POSTGRES, ROOT, Clients, Server, database_connection, free_port,
+                      fresh_database, make_job, pid_alive, postgres, sql_db, wait_for)
 from test_store import later, pilot, store, submit  # noqa: F401  (the store fixture)
 
 
@@ -54,6 +55,140 @@ def test_server_killed_mid_run_then_restarted_loses_and_repeats_nothing(tmp_path
     finally:
         clients.cleanup()
         server.stop()
+
+
+def lose_the_dispatch(db_url, job_uuid, pilot_uuid):
+    """What a crash of the machine (or of PostgreSQL) right after a dispatch leaves, since a
+    dispatch is not synced: the job queued again, its pilot idle, the storage in another
+    incarnation than the one the dispatch was made in."""
+    db = database_connection(db_url)
+    try:
+        db.execute("UPDATE jobs SET state = 'defined', pilot = NULL, host = NULL, pid = NULL, "
+                   "dispatched_at = NULL, started_at = NULL WHERE uuid = :job", {'job': job_uuid})
+        db.execute("UPDATE pilots SET state = 'idle', job = NULL WHERE uuid = :pilot",
+                   {'pilot': pilot_uuid})
+        db.execute("UPDATE recovery SET incarnation = 'before the crash'")
+    finally:
+        db.close()
+
+
+def test_a_dispatch_lost_in_a_crash_goes_back_to_its_pilot_and_runs_once(tmp_path):
+    """A crash loses a running job's dispatch (it is not synced): after the restart the queue
+    holds the job while its pilot runs it. Another pilot, asking at once, must not get it; the
+    running pilot's next heartbeat gives the job back to it; a job submitted after the restart
+    goes at once. Each job runs once."""
+    runs = tmp_path / 'runs.log'
+    port = free_port()
+    # In a session of its own, so that the crash kills its worker processes at once too.
+    server = Server(tmp_path, port=port, preexec_fn=os.setsid).start()
+    clients = Clients(tmp_path, server)
+    try:
+        record = 'echo $P3S_JOB_UUID >> %s; ' % runs
+        [lost] = clients.submit([make_job('/bin/sh -c "%ssleep 6"' % record)])
+        runner = clients.pilot('--cycles', '0', '--wait', '2', '--beat', '3')
+        wait_for(lambda: server.job(lost)['state'] == 'running', what='the job running')
+        holder = server.job(lost)['pilot']
+        other = clients.pilot('--cycles', '0', '--wait', '2', '--beat', '3')
+        wait_for(lambda: len(server.api('GET', '/api/pilots?state=idle')[1]['pilots']) == 1,
+                 what='the other pilot idle')
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        server.stop()
+        lose_the_dispatch(server.db, lost, holder)
+        server = Server(tmp_path, port=port, db=server.db).start()
+        clients.server = server
+        [fresh] = clients.submit([make_job('/bin/sh -c "%ssleep 0.1"' % record)])
+        wait_for(lambda: server.job(fresh)['state'] == 'finished', 30, what='the new job run')
+        wait_for(lambda: server.job(lost)['state'] == 'finished', 30, what='the lost job done')
+        assert server.job(lost)['pilot'] == holder
+        assert server.job(fresh)['pilot'] != holder
+        for p in (runner, other):
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=30)
+        assert collections.Counter(runs.read_text().split()) == {lost: 1, fresh: 1}
+        said = server.log_path.read_text()
+        assert 'the storage restarted' in said and 'dispatch was lost in a crash' in said
+    finally:
+        clients.cleanup()
+        server.stop()
+
+
+def storage_crashed(db_url):
+    """The storage in another incarnation, as a crash of the machine (SQLite) or of the
+    database server (PostgreSQL) leaves it."""
+    db = database_connection(db_url)
+    try:
+        db.execute("UPDATE recovery SET incarnation = 'before the crash'")
+    finally:
+        db.close()
+
+
+def work(store, pilot_uuid, now=None):
+    reply, _ = srv.request_work(store, pilot_uuid, now or srv.utcnow())
+    return reply['job']['uuid'] if reply['state'] == 'dispatched' else reply['state']
+
+
+def test_a_recovery_holds_back_the_jobs_queued_before_it_until_every_live_pilot_is_heard(
+        tmp_path):
+    url = fresh_database(tmp_path)
+    st = srv.configure(url)
+    first, second, third = pilot(st), pilot(st), pilot(st)
+    [old] = submit(st)
+    st.close()
+    st = srv.configure(url)                         # a restart: nothing was lost
+    assert st.recovery.last_job == 0
+    st.close()
+    storage_crashed(url)
+    subprocess.run([sys.executable, 'p3s_server.py', 'check', '--db', url], cwd=ROOT,
+                   check=True, capture_output=True)      # a tool: it leaves it to the servers
+    st = srv.configure(url)
+    try:
+        [new] = submit(st)
+        assert work(st, first) == new               # submitted since: goes at once
+        assert work(st, second) == 'idle'           # the third pilot may hold the old one
+        [why] = srv.get_job(st, old)['waiting']['reasons']
+        assert why['code'] == 'recovery' and third in why['text'], why
+        assert work(st, third) == old               # every live pilot heard: it goes
+        assert st.recovery.last_job == 0
+    finally:
+        st.close()
+
+
+def test_a_recovery_lasts_a_pilot_timeout_at_most(tmp_path):
+    url = fresh_database(tmp_path)
+    st = srv.configure(url, pilot_timeout=60)
+    first, _ = pilot(st), pilot(st)
+    [old] = submit(st)
+    st.close()
+    storage_crashed(url)
+    st = srv.configure(url, pilot_timeout=60)
+    try:
+        now = srv.utcnow()
+        assert work(st, first, now) == 'idle'       # the other pilot is silent ...
+        assert work(st, first, later(now, 59)) == 'idle'
+        assert work(st, first, later(now, 61)) == old   # ... a pilot timeout: it is lost
+    finally:
+        st.close()
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason='PostgreSQL\'s crash recovery')
+def test_a_crash_of_postgresql_begins_a_recovery_and_a_clean_restart_does_not(tmp_path):
+    """The storage's mark is in a table that PostgreSQL's crash recovery empties."""
+    url = fresh_database(tmp_path)
+    st = srv.configure(url)
+    [old] = submit(st)
+    st.close()
+    postgres().restart()                            # fast: a clean shutdown
+    st = srv.configure(url)
+    assert st.recovery.last_job == 0
+    st.close()
+    postgres().restart(mode='immediate')            # the server processes end at once: a crash
+    st = srv.configure(url)
+    try:
+        assert st.recovery.last_job == st.one('SELECT id FROM jobs WHERE uuid = :uuid',
+                                              {'uuid': old})['id']
+    finally:
+        st.close()
 
 
 @pytest.fixture

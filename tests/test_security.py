@@ -456,7 +456,7 @@ def test_a_version_2_database_is_migrated_with_its_pilots(tmp_path):
     db.close()
     st = srv.configure(path)
     try:
-        assert st.one('PRAGMA user_version')[0] == srv.SCHEMA_VERSION == 3
+        assert st.one('PRAGMA user_version')[0] == srv.SCHEMA_VERSION == 4
         assert srv.get_pilot(st, UUID)['state'] == 'idle'
         assert srv.get_job(st, '00000000-0000-0000-0000-00000000000a')['pilot'] == UUID
         status, _, reply = wsgi_call('POST', '/api/pilots/%s/heartbeat' % UUID, b'{}', 'guess')

@@ -65,7 +65,7 @@ def test_claim_walks_the_queue_index_without_sorting(store):
                    "VALUES (:uuid, :payload, :state, :now, :now)", rows)
     db.execute('ANALYZE')
     steps = plan(store, srv.CLAIM_JOB, {'pilot': 'p', 'host': 'h', 'site': '', 'jobtypes': '[]',
-                                        'now': now, 'left': srv.MAX_TIMELIMIT})
+                                        'now': now, 'left': srv.MAX_TIMELIMIT, 'last_queued': 0})
     assert any(s.reads('jobs', 'jobs_queue', 'SCAN') for s in steps), steps
     assert not any(s.sorts for s in steps), steps
     assert not full_scans(steps), steps
@@ -83,7 +83,7 @@ def test_both_claims_hand_out_jobs_in_the_same_order(store):
                    [{'uuid': 'u%d' % i, 'jobtype': rng.choice('abcde'), 'priority': rng.randint(-2, 2),
                      'now': now, 'defined': later(now, rng.randint(0, 50))} for i in range(300)])
     params = {'pilot': 'p', 'host': 'h', 'site': '', 'jobtypes': '[]', 'now': later(now, 99),
-              'blocked': '[]', 'left': srv.MAX_TIMELIMIT}
+              'blocked': '[]', 'left': srv.MAX_TIMELIMIT, 'last_queued': 0}
     orders = []
     for sql in (srv.CLAIM_JOB, srv.CLAIM_JOB_BY_TYPE):
         taken = [r['uuid'] for r in iter(lambda: db.execute(sql, params).fetchone(), None)]
