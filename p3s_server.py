@@ -2169,12 +2169,28 @@ PILOT_IDLE = "UPDATE pilots SET state = 'idle', last_seen = :now WHERE uuid = :p
 # On PostgreSQL a woken pilot's claim is the last round trip of its request: the claim marks its
 # pilot in the same statement (a data-modifying WITH, which SQLite lacks) and goes with the
 # COMMIT, the pilot's idle mark after it for the claim that finds nothing (see claim_for).
-CLAIM_MARKING_PILOT = {sql: """
-WITH claimed AS (""" + sql + """),
+def claim_marking_pilot(claim, first=''):
+    return ('WITH ' + first + 'claimed AS (' + claim + """),
      marked AS (UPDATE pilots SET state = 'dispatched', job = claimed.uuid, last_seen = :now
                   FROM claimed WHERE pilots.uuid = :pilot)
-SELECT * FROM claimed""" for sql in (CLAIM_JOB, CLAIM_JOB_BY_TYPE)}
+SELECT * FROM claimed""")
+
+
+CLAIM_MARKING_PILOT = {sql: claim_marking_pilot(sql) for sql in (CLAIM_JOB, CLAIM_JOB_BY_TYPE)}
 PILOT_IDLE_UNLESS_CLAIMED = PILOT_IDLE + " AND state <> 'dispatched'"
+# A held pilot's claim after a wake-up, on PostgreSQL: the request's only round trip, with the
+# COMMIT. The request proved its pilot when it was first asked; the claim is made only if the
+# pilot is still free and not drained and no type has a cap (else it finds nothing, and the
+# request takes the usual way).
+PILOT_READY = """ready AS (
+    SELECT 1 FROM pilots
+     WHERE uuid = :pilot AND state IN ('active', 'idle')
+       AND NOT EXISTS (SELECT 1 FROM pilot_drains WHERE pilot = :pilot)
+       AND NOT EXISTS (SELECT 1 FROM jobtypes WHERE cap IS NOT NULL)),
+     """
+HELD_CLAIM = {sql: claim_marking_pilot(sql.replace(
+    ')\nRETURNING ', ')\n   AND EXISTS (SELECT 1 FROM ready)\nRETURNING '), PILOT_READY)
+    for sql in (CLAIM_JOB, CLAIM_JOB_BY_TYPE)}
 PILOT_RUNNING = """
 UPDATE pilots SET state = 'running', job = :job, last_seen = :now WHERE uuid = :pilot
 """
@@ -2369,14 +2385,20 @@ PG_PREPARED = frozenset((
     INSERT_JOB, SEEN_JOBTYPE, GET_PILOT, GET_PILOT_AND_SECRET, CAPPED_JOBTYPES, CLAIM_JOB,
     CLAIM_JOB_BY_TYPE, REDELIVER_JOB, PILOT_DISPATCHED, PILOT_IDLE, GET_JOB_HOLDER, START_JOB,
     PILOT_RUNNING, FINISH_JOB, PILOT_JOB_DONE, SAVE_JOB_LOGS, GET_JOB, GET_RETRY_OF,
-    PILOT_IDLE_UNLESS_CLAIMED) + tuple(CLAIM_MARKING_PILOT.values()))
+    PILOT_IDLE_UNLESS_CLAIMED) + tuple(CLAIM_MARKING_PILOT.values())
+    + tuple(HELD_CLAIM.values()))
 
 
-def request_work(store, pilot_uuid, now, report=None, left=None, secret=None):
+def request_work(store, pilot_uuid, now, report=None, left=None, secret=None, held=None):
     """One brokerage attempt for a pilot, applying first the report it carries (in the same
     transaction: one commit per short job). Returns (reply, pilot row). `left`: the seconds the
     pilot has left; a drained pilot is stopped instead. `secret`: the call's proof that it
-    comes from the pilot (see live_pilot)."""
+    comes from the pilot (see live_pilot). `held`: the pilot as the request's first attempt
+    found it, when the front asks again after a wake-up."""
+    if held is not None and report is None:
+        job = held_claim(store, held, now, left)
+        if job is not None:
+            return dispatch_reply(job), held
     try:
         return brokerage(store, pilot_uuid, now, report, left, secret, durable=report is not None)
     except SyncNeeded:
@@ -2419,16 +2441,30 @@ def brokerage(store, pilot_uuid, now, report, left, secret, durable):
     return reply, pilot
 
 
+def held_claim(store, pilot, now, left):
+    """The claim of a held pilot that a job woke, in one round trip (PostgreSQL, outside a
+    recovery): the job, or None if it found none or could not be made so."""
+    if store.db.name != 'postgresql' or store.recovery.last_job:
+        return None
+    sql, values = claim_statement(claim_params(pilot, now, left, 0), [])
+    with store.write(durable=False) as db:
+        rows = db.commit_with([(HELD_CLAIM[sql], values)])
+    return counted_claim(rows[0] if rows else None)
+
+
+def claim_params(pilot, now, left, last_queued):
+    # Whole seconds left: a job's timelimit is whole, so it fits the floor just as the rest.
+    return {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
+            'jobtypes': pilot['jobtypes'], 'now': now,
+            'left': MAX_TIMELIMIT if left is None else int(left), 'last_queued': last_queued}
+
+
 def claim_for(db, pilot, now, store, left=None, redeliver=True, caps=None):
     """The pilot's undelivered job, else the best queued job it may run, else idle. An idle
     pilot seen within the last `store.idle_touch` seconds is not written again."""
     if pilot['state'] in PILOT_GONE:
         return stop_reply(pilot)
-    # Whole seconds left: a job's timelimit is whole, so it fits the floor just as the rest.
-    params = {'pilot': pilot['uuid'], 'host': pilot['host'], 'site': pilot['site'],
-              'jobtypes': pilot['jobtypes'], 'now': now,
-              'left': MAX_TIMELIMIT if left is None else int(left),
-              'last_queued': store.recovery.last_queued(db, pilot['uuid'], now)}
+    params = claim_params(pilot, now, left, store.recovery.last_queued(db, pilot['uuid'], now))
     quiet = (pilot['state'] == 'idle'
              and pilot['last_seen'] >= store.recovery.heard_after(now, store.idle_touch))
     if caps is None:
@@ -2629,8 +2665,10 @@ def wait_for_work(store, pilot_uuid, wait, report=None, poll=None, now=utcnow, l
     again after its period. `left`: the seconds a batch pilot has before it must be gone."""
     if poll is not None:
         left = poll.time_left(left)          # counted down while the request is held
-    reply, pilot = request_work(store, pilot_uuid, now(), report, left, secret)
+    reply, pilot = request_work(store, pilot_uuid, now(), report, left, secret,
+                                held=poll.pilot if poll is not None and poll.held else None)
     if poll is not None:
+        poll.pilot = pilot
         reply = poll.carry_note(reply)
     if reply['state'] != 'idle':
         return reply
@@ -6268,6 +6306,7 @@ class HeldPoll:
         self.held = False           # it has waited at least once
         self.note = None            # the first attempt's answer on the report it carried
         self.asked = None           # (site, jobtypes, ends): the last attempt asked to be held
+        self.pilot = None           # the pilot as the last attempt found it
 
     def carry_note(self, reply):
         """The answer on the report travels with the final reply, whichever attempt gives it."""

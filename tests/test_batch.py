@@ -157,6 +157,38 @@ def test_a_held_poll_counts_the_time_left_down(store):
     assert srv.request_work(store, me, T0, left=50)[0]['job']['uuid'] == job
 
 
+def woken_with(store, change, **job):
+    """A pilot held by the front; `change` happens to it while it waits, then a job comes.
+    Returns (the pilot's answer, the job)."""
+    import gevent
+    me = pilot(store)
+    door = InProcessFront(store)
+    try:
+        held = gevent.spawn(door.request, 'POST', '/api/pilots/%s/work' % me, {'wait': 1},
+                            door.secret_of(me))
+        door.wait_until(lambda: len(door.front.waiters) == 1, what='the pilot to wait')
+        change(me)
+        job_uuid = submit(store, **job)
+        held.join(10)
+    finally:
+        door.close()
+    return held.value[1], job_uuid
+
+
+def test_a_held_pilot_drained_while_it_waits_takes_no_job_when_woken(store):
+    """A woken pilot's claim checks the pilot again (on PostgreSQL inside the claim itself)."""
+    answer, job = woken_with(store, lambda me: srv.drain_pilot(store, me, T0))
+    assert answer['status'] == 'STOP', answer
+    assert srv.get_job(store, job)['state'] == 'defined'
+
+
+def test_a_held_pilot_woken_by_a_job_of_a_type_paused_meanwhile_does_not_take_it(store):
+    answer, job = woken_with(store, lambda me: srv.set_cap(store, {'name': 'reco', 'cap': 0}, T0),
+                             jobtype='reco')
+    assert answer['state'] == 'idle', answer
+    assert srv.get_job(store, job)['state'] == 'defined'
+
+
 # -- batch jobs on the server ---------------------------------------------------------------------
 
 
