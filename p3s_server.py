@@ -2442,12 +2442,15 @@ def brokerage(store, pilot_uuid, now, report, left, secret, durable):
 
 
 def held_claim(store, pilot, now, left):
-    """The claim of a held pilot that a job woke, in one round trip (PostgreSQL, outside a
-    recovery): the job, or None if it found none or could not be made so."""
-    if store.db.name != 'postgresql' or store.recovery.last_job:
+    """The claim of a held pilot that a job woke, in one round trip (PostgreSQL): the job, or
+    None if it found none or could not be made so."""
+    if store.db.name != 'postgresql':
         return None
-    sql, values = claim_statement(claim_params(pilot, now, left, 0), [])
     with store.write(durable=False) as db:
+        # Read once the connection is taken: a new one may have found a recovery begun (the
+        # jobs it holds back stay back; the next claim of the usual way sees when it ends).
+        params = claim_params(pilot, now, left, store.recovery.last_job)
+        sql, values = claim_statement(params, [])
         rows = db.commit_with([(HELD_CLAIM[sql], values)])
     return counted_claim(rows[0] if rows else None)
 
