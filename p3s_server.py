@@ -652,6 +652,15 @@ SELECT uuid FROM pilots INDEXED BY pilots_live
 """
 
 
+def awaited_pilot(db, began, ends, now, asking=''):
+    """A live pilot (not `asking`) that a recovery begun at `began` still waits for; None once
+    it is over: every one heard from since, or `ends` passed."""
+    if now >= ends:
+        return None
+    row = db.execute(UNHEARD_PILOT, {'began': began, 'pilot': asking}).fetchone()
+    return row and row['uuid']
+
+
 class Recovery:
     """This process's part of the recovery: which jobs wait (`last_job`: those numbered up to
     it; 0 when none does), while it lasts."""
@@ -692,8 +701,7 @@ class Recovery:
     def last_queued(self, db, pilot_uuid, now):
         """The last job that still waits for the recovery (0: none does). It ends when every
         live pilot but this one has been heard from since it began (this one is, now)."""
-        if self.last_job and (now >= self.ends or db.execute(
-                UNHEARD_PILOT, {'began': self.began, 'pilot': pilot_uuid}).fetchone() is None):
+        if self.last_job and awaited_pilot(db, self.began, self.ends, now, pilot_uuid) is None:
             log.info('recovery over: every job in the queue may go')
             self.last_job = 0
         return self.last_job
@@ -2188,9 +2196,16 @@ PILOT_READY = """ready AS (
        AND NOT EXISTS (SELECT 1 FROM pilot_drains WHERE pilot = :pilot)
        AND NOT EXISTS (SELECT 1 FROM jobtypes WHERE cap IS NOT NULL)),
      """
-HELD_CLAIM = {sql: claim_marking_pilot(sql.replace(
-    ')\nRETURNING ', ')\n   AND EXISTS (SELECT 1 FROM ready)\nRETURNING '), PILOT_READY)
-    for sql in (CLAIM_JOB, CLAIM_JOB_BY_TYPE)}
+def gated(claim):
+    """The claim, made only if `ready` holds a row (a condition after its WHERE)."""
+    where_ends = ')\nRETURNING '
+    if claim.count(where_ends) != 1:
+        raise AssertionError('the claim statement changed its shape: gate it anew')
+    return claim.replace(where_ends, ')\n   AND EXISTS (SELECT 1 FROM ready)\nRETURNING ')
+
+
+HELD_CLAIM = {sql: claim_marking_pilot(gated(sql), PILOT_READY)
+              for sql in (CLAIM_JOB, CLAIM_JOB_BY_TYPE)}
 PILOT_RUNNING = """
 UPDATE pilots SET state = 'running', job = :job, last_seen = :now WHERE uuid = :pilot
 """
@@ -2617,15 +2632,15 @@ def queue_reasons(db, job, now):
 def recovery_reasons(db, job_id, now):
     """A job queued before a recovery that lasts (see Recovery) waits for it."""
     r = db.execute(GET_RECOVERY).fetchone()
-    if r is None or job_id > r['last_job'] or not r['ends_at'] or now >= r['ends_at']:
+    if r is None or job_id > r['last_job'] or not r['ends_at']:
         return []
-    unheard = db.execute(UNHEARD_PILOT, {'began': r['began_at'], 'pilot': ''}).fetchone()
-    if unheard is None:
+    awaited = awaited_pilot(db, r['began_at'], r['ends_at'], now)
+    if awaited is None:
         return []
     return [reason('recovery', 'the storage restarted at %s, and a crash may have lost the last '
                    'dispatches: the jobs queued before then wait until every live pilot has '
                    'been heard from (pilot %s has not), until %s at most'
-                   % (r['began_at'], unheard['uuid'], r['ends_at']))]
+                   % (r['began_at'], awaited, r['ends_at']))]
 
 
 def cap_reason(db, jobtype):
@@ -2750,9 +2765,8 @@ def apply_report(db, pilot, rep, now):
 def adopted(db, held, params):
     """The job as held now: its pilot's again if the pilot runs the attempt the queue holds
     (its dispatch was lost in a crash). `params`: the pilot, the job's uuid and attempt, now."""
-    if (held is None or held['state'] != 'defined' or held['pilot'] is not None
-            or params.get('attempt') != held['attempt']
-            or not db.execute(ADOPT_JOB, params).rowcount):
+    # Most reports are on a job dispatched or running: no statement for them.
+    if held is None or held['state'] != 'defined' or not db.execute(ADOPT_JOB, params).rowcount:
         return held
     log.warning('job %s: pilot %s runs it though it was queued again (its dispatch was lost in '
                 'a crash): it is the pilot\'s again', params['uuid'], params['pilot'])

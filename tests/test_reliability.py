@@ -67,9 +67,9 @@ def lose_the_dispatch(db_url, job_uuid, pilot_uuid):
                    "dispatched_at = NULL, started_at = NULL WHERE uuid = :job", {'job': job_uuid})
         db.execute("UPDATE pilots SET state = 'idle', job = NULL WHERE uuid = :pilot",
                    {'pilot': pilot_uuid})
-        db.execute("UPDATE recovery SET incarnation = 'before the crash'")
     finally:
         db.close()
+    storage_crashed(db_url)
 
 
 def test_a_dispatch_lost_in_a_crash_goes_back_to_its_pilot_and_runs_once(tmp_path):
@@ -150,6 +150,33 @@ def test_a_recovery_holds_back_the_jobs_queued_before_it_until_every_live_pilot_
         assert why['code'] == 'recovery' and third in why['text'], why
         assert work(st, third) == old               # every live pilot heard: it goes
         assert st.recovery.last_job == 0
+    finally:
+        st.close()
+
+
+def test_a_pilot_whose_dispatch_was_lost_gets_its_job_back_with_its_final_report(tmp_path):
+    """A short job ends before any heartbeat: its final report, at the attempt the pilot was
+    given, gives it back; a report on another attempt does not."""
+    url = fresh_database(tmp_path)
+    st = srv.configure(url)
+    me = pilot(st)
+    [job] = submit(st)
+    assert work(st, me) == job
+    st.close()
+    lose_the_dispatch(url, job, me)
+    st = srv.configure(url)
+
+    def report(attempt):
+        return srv.check_report({'job': job, 'state': 'finished', 'errcode': 0,
+                                 'elapsed': 0.1, 'attempt': attempt})
+    try:
+        with pytest.raises(srv.Refused) as e:
+            srv.report_job(st, me, report(2), srv.utcnow())
+        assert e.value.status == 409 and srv.get_job(st, job)['state'] == 'defined'
+        reply, _ = srv.request_work(st, me, srv.utcnow(), report(1))
+        assert reply['report'] == {'status': 'OK', 'state': 'finished', 'changed': True}
+        done = srv.get_job(st, job)
+        assert (done['state'], done['pilot']) == ('finished', me)
     finally:
         st.close()
 
