@@ -975,7 +975,7 @@ class PostgresConnection:
     # them fails that message, inside the transaction, which is then rolled back as usual.
 
     def execute(self, sql, params=None):
-        if not self.waiting:
+        if not self.waiting and sql not in PG_QUEUE_WALKS:
             self.prepare(sql)
             return self.raw.execute(postgres_sql(sql), params or {})
         return self.send([(sql, params)])
@@ -985,6 +985,8 @@ class PostgresConnection:
 
     def read_each(self, statements):
         """The rows of each of these reads, all sent in one message with what waits."""
+        assert not PG_QUEUE_WALKS.intersection(sql for sql, _ in statements), \
+            'a walk of the queue is read alone (its settings would be read as rows)'
         cursor = self.send(statements)
         rows = []
         for _ in statements:
@@ -994,9 +996,15 @@ class PostgresConnection:
 
     def send(self, statements):
         """What waits and these statements in one message; the cursor is at the result of the
-        first of these."""
+        first of these (a walk of the queue, with its settings around it, goes first)."""
         skipped = len(self.waiting)
-        self.waiting.extend(self.bound(sql, params) for sql, params in statements)
+        for i, (sql, params) in enumerate(statements):
+            if sql in PG_QUEUE_WALKS:
+                assert i == 0, 'a walk of the queue is sent first, as its result is read'
+                self.waiting.extend((PG_SORTS_OFF, self.bound(sql, params), PG_SORTS_ON))
+                skipped += 1
+            else:
+                self.waiting.append(self.bound(sql, params))
         message, self.waiting = '; '.join(self.waiting), []
         cursor = self.raw.cursor()
         cursor.execute(message)
@@ -2394,6 +2402,15 @@ def stop_reply(pilot):
     return {'status': 'STOP', 'state': pilot['state']}
 
 
+# The plain walk of the queue must follow jobs_queue whatever the statistics say. Once a purge
+# has emptied the table and vacuum has counted it, or before autovacuum has seen a burst of
+# submissions, they say that hardly a job is queued; the planner then costs a sort as nothing,
+# takes another index and sorts the whole queue at every claim (measured after 10^6 jobs run
+# and purged: 0.56 ms a claim against 0.14 ms, for 1,000 queued). SQLite's INDEXED BY pins the
+# plan; here sorts are off while the walk is planned and run, and on again right after it.
+PG_QUEUE_WALKS = frozenset((CLAIM_JOB, CLAIM_MARKING_PILOT[CLAIM_JOB], HELD_CLAIM[CLAIM_JOB]))
+PG_SORTS_OFF = 'SET LOCAL enable_sort = off'
+PG_SORTS_ON = 'SET LOCAL enable_sort TO DEFAULT'
 # The statements of every short job, which PostgreSQL plans once per session instead of at
 # each use (planning costs more than running most of them): submission, brokerage, reports.
 PG_PREPARED = frozenset((

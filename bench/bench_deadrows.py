@@ -22,11 +22,14 @@ ahead of the jobs queued now. SQLite frees a deleted row's space at once.
 The claim is the server's CLAIM_JOB in its Store's write transaction, in-process, with
 `--sync normal` (no flush at commit: the figure is the query, not the disk). The first claim
 after the purge is shown apart (it may walk every dead entry); then 50 untimed, then 5 runs of
-150. Ratio = µs per claim after / empty; the target is at most 1.5. On PostgreSQL it is judged
-after autovacuum's next pass: the churn runs jobs far faster than a server does, so right after
-the purge the queue index still holds the entries of jobs claimed seconds before, which vacuum
-would have removed long before their purge in production (that figure is shown too: what a
-claim costs while autovacuum is behind).
+150, the two tables taking turns run by run (this machine's speed drifts by a third within an
+hour: timed one after the other, minutes apart, their ratio would carry the drift). Ratio = µs
+per claim after / empty, each against the empty table's runs taken in turn with it; the
+target is at most 1.5. On PostgreSQL it is judged after autovacuum's next pass: the churn
+runs jobs far faster than a server does, so right after the purge the queue index still holds
+the entries of jobs claimed seconds before, which vacuum would have removed long before their
+purge in production (that figure is shown too: what a claim costs while autovacuum is
+behind).
 
     python bench/bench_deadrows.py [--quick] [--db sqlite,postgresql] [--jobs 1000000]
 """
@@ -106,13 +109,16 @@ def queue(store, backend, n):
         db.execute(INSERT[backend], {'n': n, 't': now})
 
 
-def claim_cost(store, runs, claims, warmup):
-    """(first claim ms, [µs per claim transaction per run], [µs of the statement per run])."""
+def claim_cost(stores, runs, claims, warmup):
+    """For each store: (first claim ms, [µs per claim transaction per run], [µs of the
+    statement per run]). The stores take turns, run by run, so that a drift of the machine's
+    speed (this one's swings by a third within an hour) weighs on each alike: their ratio is the
+    figure judged."""
     import p3s_server as s
     params = {'pilot': 'bench-pilot', 'host': 'bench', 'site': '', 'jobtypes': '[]',
               'now': s.utcnow(), 'left': s.MAX_TIMELIMIT, 'last_queued': 0}
 
-    def one():
+    def one(store):
         t0 = time.perf_counter()
         with store.write() as db:
             t1 = time.perf_counter()
@@ -122,15 +128,16 @@ def claim_cost(store, runs, claims, warmup):
         if job is None:
             raise RuntimeError('the queue ran dry')
         return t3 - t0, t2 - t1
-    first = one()[0] * 1000
-    for _ in range(warmup - 1):
-        one()
-    tx, stmt = [], []
+    got = {store: (one(store)[0] * 1000, [], []) for store in stores}
+    for store in stores:
+        for _ in range(warmup - 1):
+            one(store)
     for _ in range(runs):
-        got = [one() for _ in range(claims)]
-        tx.append(sum(g[0] for g in got) / claims * 1e6)
-        stmt.append(sum(g[1] for g in got) / claims * 1e6)
-    return first, tx, stmt
+        for store in stores:
+            times = [one(store) for _ in range(claims)]
+            got[store][1].append(sum(t[0] for t in times) / claims * 1e6)
+            got[store][2].append(sum(t[1] for t in times) / claims * 1e6)
+    return [got[store] for store in stores]
 
 
 def plan(store, backend):
@@ -187,8 +194,16 @@ def measure(backend, jobs, batch, runs, claims, autovacuum_wait):
         db = common.new_database(backend) or os.path.join(common.tmpdir(), 'p3s.db')
         return s.Store(db, 'normal')
 
-    def timed(store):
-        return plan(store, backend), claim_cost(store, runs, claims, WARMUP)
+    def refilled(store):
+        """Back to QUEUED jobs queued (the claims timed before took some)."""
+        left = store.one("SELECT count(*) AS n FROM jobs WHERE state = 'defined'")['n']
+        queue(store, backend, QUEUED - left)
+        return store
+
+    def timed_in_turns():
+        """The claim on the empty table and on the purged one, timed in turns."""
+        base, got = claim_cost([refilled(empty), refilled(store)], runs, claims, WARMUP)
+        return (plan(empty, backend), base), (plan(store, backend), got)
 
     # The empty table first, so that autovacuum analyzes it while the other one churns.
     empty = database()
@@ -197,21 +212,23 @@ def measure(backend, jobs, batch, runs, claims, autovacuum_wait):
     took = churn(store, backend, jobs, batch)
     ended = store.one('SELECT now() AS now')['now'] if pg else None
     state = 'after the purge: ' + table_state(store, backend)
-    queue(store, backend, QUEUED)
-    after = timed(store)
-
     base_note = ''
     if pg:
         analyzed = autovacuum_passed(empty, 'last_autoanalyze', None, autovacuum_wait)
         base_note = (', analyzed by autovacuum' if analyzed is not None else
                      ', **not analyzed**: autovacuum did not pass within %d s' % autovacuum_wait)
-    base = timed(empty)
+    rounds = [(state, ) + timed_in_turns()]
+    if pg:
+        vacuumed = autovacuum_passed(store, 'last_autovacuum', ended, autovacuum_wait)
+        if vacuumed is not None:
+            rounds.append((table_state(store, backend), ) + timed_in_turns())
+    base = rounds[-1][1]                # the empty table of the round judged
     rows = [[LABEL[backend], 'empty table, {:,} queued'.format(QUEUED) + base_note,
              cell(base[1][1]), cell(base[1][2]), fmt(base[1][0]), '—',
              table_state(empty, backend), '`%s`' % base[0]]]
     empty.close()
 
-    def row(what, got, state):
+    def row(what, got, base, state):
         first, tx, stmt = got[1]
         ratio = common.summary(tx)[0] / common.summary(base[1][1])[0]
         stmt_ratio = common.summary(stmt)[0] / common.summary(base[1][2])[0]
@@ -220,21 +237,19 @@ def measure(backend, jobs, batch, runs, claims, autovacuum_wait):
         return ratio, stmt_ratio
 
     what = '{:,} jobs run and purged, then {:,} queued'.format(jobs, QUEUED)
-    ratio, stmt_ratio = row(what + (', right after the purge' if pg else ''), after, state)
+    state, base, after = rounds[0]
+    ratio, stmt_ratio = row(what + (', right after the purge' if pg else ''), after, base, state)
     figures = {'ratio_after_purge': ratio, 'stmt_ratio_after_purge': stmt_ratio,
                'ratio': ratio, 'churn_s': took, 'churn_jobs_per_s': jobs / took}
     if pg:
-        vacuumed = autovacuum_passed(store, 'last_autovacuum', ended, autovacuum_wait)
         what += ', after autovacuum\'s next pass over jobs'
-        if vacuumed is None:
+        if len(rounds) == 1:
             rows.append([LABEL[backend], what, 'n/a: autovacuum did not pass within %d s'
                          % autovacuum_wait, '', '', '', table_state(store, backend), ''])
         else:
-            left = store.one("SELECT count(*) AS n FROM jobs WHERE state = 'defined'")['n']
-            queue(store, backend, QUEUED - left)          # back to QUEUED queued
+            state, base, got = rounds[1]
             v_ratio, v_stmt = row(what + ' (it ended %.0f s after the purge)'
-                                  % (vacuumed - ended).total_seconds(), timed(store),
-                                  table_state(store, backend))
+                                  % (vacuumed - ended).total_seconds(), got, base, state)
             figures.update(ratio_vacuumed=v_ratio, stmt_ratio_vacuumed=v_stmt, ratio=v_ratio)
     store.close()
     note = '%s: {:,} jobs run and purged in %.0f s ({:,.0f} jobs/s).'.format(
@@ -267,7 +282,9 @@ def run(quick=False, backends=BACKENDS, jobs=None, autovacuum_wait=AUTOVACUUM_WA
          'µs of the claim statement', 'first claim ms', 'ratio to empty: transaction / '
          'statement', 'jobs table', 'claim plan (abridged)'], rows,
         note='The server\'s CLAIM_JOB in its Store\'s write transaction, in-process, '
-             '`--sync normal`; %d runs of %d claims after %d untimed (the first shown apart). '
+             '`--sync normal`; %d runs of %d claims after %d untimed (the first shown apart), '
+             'the purged table\'s runs in turn with the empty table\'s (each ratio is against '
+             'the empty table\'s runs taken with it; its row shows those of the round judged). '
              'Jobs run in batches of {:,}: bulk insert, three bulk updates (dispatched, running, '
              'finished) and the server\'s purge(); no VACUUM or ANALYZE by hand, autovacuum as '
              'configured (on PostgreSQL the empty table is timed once autovacuum has analyzed '

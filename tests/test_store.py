@@ -5,6 +5,7 @@ import os
 import sqlite3
 import threading
 import wsgiref.util
+from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
@@ -69,6 +70,38 @@ def test_claim_walks_the_queue_index_without_sorting(store):
     assert any(s.reads('jobs', 'jobs_queue', 'SCAN') for s in steps), steps
     assert not any(s.sorts for s in steps), steps
     assert not full_scans(steps), steps
+
+
+# Index scans of the jobs table in the current transaction, by index.
+INDEX_SCANS = """
+SELECT c.relname AS name, pg_stat_get_xact_numscans(c.oid) AS scans
+  FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid
+ WHERE i.indrelid = CAST('jobs' AS regclass) AND pg_stat_get_xact_numscans(c.oid) > 0
+"""
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason='PostgreSQL\'s planner (P3S_TEST_DB=postgresql)')
+def test_claim_walks_the_queue_index_when_statistics_say_nothing_is_queued(store):
+    """After a purge has emptied the table and vacuum has counted it, the planner believes no
+    job is queued: the claim must still walk the queue index, not sort the queue."""
+    db = sql_db(store)
+    now = srv.utcnow()
+    db.execute("INSERT INTO jobs (uuid, payload, state, created_at, defined_at) "
+               "SELECT CAST(gen_random_uuid() AS text), 'x', 'defined', :now, :now "
+               "FROM generate_series(1, 5000)", {'now': now})
+    db.execute("UPDATE jobs SET state = 'finished'")
+    db.execute('DELETE FROM jobs')
+    db.execute('VACUUM jobs')
+    submit(store, 1000)
+    params = srv.claim_params({'uuid': 'p', 'host': 'h', 'site': '', 'jobtypes': '[]'}, now,
+                              None, 0)
+    for _ in range(8):          # past the custom plans of a prepared statement, to its generic one
+        with store.write() as tx:
+            before = Counter({r['name']: r['scans'] for r in tx.execute(INDEX_SCANS).fetchall()})
+            assert tx.execute(srv.CLAIM_JOB, params).fetchone() is not None
+            after = Counter({r['name']: r['scans'] for r in tx.execute(INDEX_SCANS).fetchall()})
+            assert tx.execute('SHOW enable_sort').fetchone()[0] == 'on'     # for what follows
+        assert after - before == Counter({'jobs_queue': 1, 'jobs_pkey': 1}), after - before
 
 
 def test_both_claims_hand_out_jobs_in_the_same_order(store):
