@@ -104,7 +104,9 @@ BACKOFF_MAX = 30.0                    # ... jitter included, never more
 # a batch system kills it this long after SIGTERM (Slurm's KillWait is 30 s by default).
 SHUTDOWN_PATIENCE = 20.0
 # Settings a site may give; the pilot's own flags win, then the site's, then these.
-DEFAULTS = {'cycles': 1, 'period': 5.0, 'beat': 5.0, 'wait': 20.0}
+# A long poll is answered the moment a job comes, so its length costs no latency; the longer
+# it is, the fewer requests an idle pool makes (2,000 idle pilots: 67 a second, not 100).
+DEFAULTS = {'cycles': 1, 'period': 5.0, 'beat': 5.0, 'wait': 30.0}
 # Keys of the original site files, as the server names them ('server' is ignored, as it was).
 SITE_KEYS = {'pilotperiod': 'period', 'pilotcycles': 'cycles', 'pilotbeat': 'beat',
              'pilotwait': 'wait', 'pilotlife': 'lifetime', 'pilots': 'pilots'}
@@ -1286,7 +1288,7 @@ def parse_args(argv):
                     help='seconds between heartbeats while a job runs (site, else 5)')
     ap.add_argument('-w', '--wait', type=float,
                     help='seconds a request may wait on the server for a job, at most 30 '
-                    '(site, else 20; 0 = plain polling)')
+                    '(site, else 30; 0 = plain polling)')
     ap.add_argument('-j', '--jobtypes', default='',
                     help='comma-separated job types this pilot runs (default: any)')
     ap.add_argument('-e', '--extra', default=None, help='free text stored with the pilot, '

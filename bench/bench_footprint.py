@@ -9,8 +9,8 @@
   (utime + stime from /proc/<pid>/stat, of its supervisor and workers) over windows of 5 s, and
   the time of the submissions made meanwhile. The pilots are simulated by threads in 4 load
   processes (RLIMIT_NOFILE raised as needed), each pilot on its own kept-alive HTTP
-  connection, and behave as p3s_pilot.py does when idle: POST .../work {wait: 20}, again at
-  once when the server held the request, after the period (5 s) when it did not. Their first
+  connection, and behave as p3s_pilot.py does when idle: POST .../work {wait: its default
+  --wait}, again at once when the server held the request, after its --period when it did not. Their first
   polls start at random points of the wait, and the windows start once each pilot has polled:
   5 windows of the pilots alone, then 5 more (the figure judged) while a user submits one
   `/bin/true` job every 0.2 s as p3s_job.py does (POST /api/jobs, a new connection each); a
@@ -32,12 +32,13 @@ import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import p3s_pilot  # noqa: E402  (common puts the repository first on the path)
 from common import cell  # noqa: E402
 
 RUNS = 5
 IDLE_PILOTS = 2000
-PERIOD = 5.0               # p3s_pilot.py --period default
-WAIT = 20.0                # p3s_pilot.py --wait default
+PERIOD = p3s_pilot.DEFAULTS['period']
+WAIT = p3s_pilot.DEFAULTS['wait']
 WINDOW = 5.0               # seconds per CPU measurement (one period)
 PROCESSES = 4
 SUBMIT_INTERVAL = 0.2      # seconds between two submissions during the windows
@@ -95,7 +96,7 @@ class KeepAlive:
 
 def idle_pilot(port, stop_at, jobs_taken):
     """A registered pilot with nothing to do, as p3s_pilot.py is then: POST .../work {wait:
-    20} on its kept connection, again at once when the server held it, after its period
+    WAIT} on its kept connection, again at once when the server held it, after its period
     when it did not. A job submitted meanwhile may come to it: it "runs" it at once and
     reports it finished in its next request, as the pilot does for a short job."""
     link = KeepAlive(port)
