@@ -129,7 +129,7 @@ def run(quick=False, db='sqlite'):
         title,
         ['figure', 'p50 ms, median [min–max] of runs', 'p99 ms, median [min–max] of runs'],
         rows, note='%d runs of %d `/bin/true` jobs each; fresh server (default `--sync full`) '
-             'and pilots (`--cycles 0`, default `--wait 20`) per run; server timestamps.'
+             'and pilots (`--cycles 0`, the default `--wait`) per run; server timestamps.'
              % (runs, jobs) + (OTHER_HOST if db == 'postgresql' else '') + settings)
     if settings:
         figures['pg_settings'] = settings.strip(' .')
