@@ -1001,7 +1001,7 @@ class PostgresConnection:
         for i, (sql, params) in enumerate(statements):
             if sql in PG_QUEUE_WALKS:
                 assert i == 0, 'a walk of the queue is sent first, as its result is read'
-                self.waiting.extend((PG_SORTS_OFF, self.bound(sql, params), PG_SORTS_ON))
+                self.waiting.extend((PG_SORTS_OFF, self.bound(sql, params), PG_SORTS_DEFAULT))
                 skipped += 1
             else:
                 self.waiting.append(self.bound(sql, params))
@@ -2410,7 +2410,7 @@ def stop_reply(pilot):
 # plan; here sorts are off while the walk is planned and run, and on again right after it.
 PG_QUEUE_WALKS = frozenset((CLAIM_JOB, CLAIM_MARKING_PILOT[CLAIM_JOB], HELD_CLAIM[CLAIM_JOB]))
 PG_SORTS_OFF = 'SET LOCAL enable_sort = off'
-PG_SORTS_ON = 'SET LOCAL enable_sort TO DEFAULT'
+PG_SORTS_DEFAULT = 'SET LOCAL enable_sort TO DEFAULT'
 # The statements of every short job, which PostgreSQL plans once per session instead of at
 # each use (planning costs more than running most of them): submission, brokerage, reports.
 PG_PREPARED = frozenset((

@@ -12,7 +12,7 @@ import pytest
 
 import p3s_server as srv
 from conftest import (ON_POSTGRES, ROOT, InProcessFront, database_connection, fresh_database,
-                      full_scans, query_plan, sql_db, sqlite_only)
+                      full_scans, query_plan, sql_db, sqlite_only, wait_for)
 
 
 @pytest.fixture
@@ -72,18 +72,26 @@ def test_claim_walks_the_queue_index_without_sorting(store):
     assert not full_scans(steps), steps
 
 
-# Index scans of the jobs table in the current transaction, by index.
+# Index scans of the jobs table by index: those of the current transaction (and any not yet
+# flushed), and those every session has flushed.
 INDEX_SCANS = """
 SELECT c.relname AS name, pg_stat_get_xact_numscans(c.oid) AS scans
   FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid
  WHERE i.indrelid = CAST('jobs' AS regclass) AND pg_stat_get_xact_numscans(c.oid) > 0
 """
+FLUSHED_INDEX_SCANS = """
+SELECT indexrelname AS name, idx_scan AS scans FROM pg_stat_user_indexes
+ WHERE relname = 'jobs' AND idx_scan > 0
+"""
+WALKED = Counter({'jobs_queue': 1, 'jobs_pkey': 1})     # a claim that walked the queue index
 
 
-@pytest.mark.skipif(not ON_POSTGRES, reason='PostgreSQL\'s planner (P3S_TEST_DB=postgresql)')
-def test_claim_walks_the_queue_index_when_statistics_say_nothing_is_queued(store):
-    """After a purge has emptied the table and vacuum has counted it, the planner believes no
-    job is queued: the claim must still walk the queue index, not sort the queue."""
+def scans(db, sql):
+    return Counter({r['name']: r['scans'] for r in db.execute(sql).fetchall()})
+
+
+def statistics_say_nothing_is_queued(store):
+    """The jobs table as a purge leaves it once vacuum has counted it, then 1,000 jobs queued."""
     db = sql_db(store)
     now = srv.utcnow()
     db.execute("INSERT INTO jobs (uuid, payload, state, created_at, defined_at) "
@@ -93,15 +101,46 @@ def test_claim_walks_the_queue_index_when_statistics_say_nothing_is_queued(store
     db.execute('DELETE FROM jobs')
     db.execute('VACUUM jobs')
     submit(store, 1000)
-    params = srv.claim_params({'uuid': 'p', 'host': 'h', 'site': '', 'jobtypes': '[]'}, now,
-                              None, 0)
+    return db
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason='PostgreSQL\'s planner (P3S_TEST_DB=postgresql)')
+def test_claim_walks_the_queue_index_when_statistics_say_nothing_is_queued(store):
+    """After a purge has emptied the table and vacuum has counted it, the planner believes no
+    job is queued: the claim must still walk the queue index, not sort the queue."""
+    statistics_say_nothing_is_queued(store)
+    params = srv.claim_params({'uuid': 'p', 'host': 'h', 'site': '', 'jobtypes': '[]'},
+                              srv.utcnow(), None, 0)
     for _ in range(8):          # past the custom plans of a prepared statement, to its generic one
         with store.write() as tx:
-            before = Counter({r['name']: r['scans'] for r in tx.execute(INDEX_SCANS).fetchall()})
+            before = scans(tx, INDEX_SCANS)
             assert tx.execute(srv.CLAIM_JOB, params).fetchone() is not None
-            after = Counter({r['name']: r['scans'] for r in tx.execute(INDEX_SCANS).fetchall()})
+            after = scans(tx, INDEX_SCANS)
             assert tx.execute('SHOW enable_sort').fetchone()[0] == 'on'     # for what follows
-        assert after - before == Counter({'jobs_queue': 1, 'jobs_pkey': 1}), after - before
+        assert after - before == WALKED, after - before
+
+
+@pytest.mark.skipif(not ON_POSTGRES, reason='PostgreSQL\'s planner (P3S_TEST_DB=postgresql)')
+def test_a_pilots_claims_walk_the_queue_index_when_statistics_say_nothing_is_queued(store):
+    """The same through brokerage: a work request's claim (sent with its COMMIT) and a held
+    pilot's claim after a wake-up, their scans read once their session has flushed them."""
+    watcher = statistics_say_nothing_is_queued(store)
+    store.one('SELECT pg_stat_force_next_flush()')          # the submission's scans first
+    wait_for(lambda: scans(watcher, FLUSHED_INDEX_SCANS)['jobs_uuid_key'] >= 1000,
+             what='the submission\'s index scans to be flushed')
+    for i in range(8):
+        me = pilot(store)
+        before = scans(watcher, FLUSHED_INDEX_SCANS)
+        if i % 2:
+            reply, _ = srv.request_work(store, me, srv.utcnow())
+            assert reply['state'] == 'dispatched', reply
+        else:
+            held = store.one(srv.GET_PILOT, {'uuid': me})
+            assert srv.held_claim(store, held, srv.utcnow(), None) is not None
+        store.one('SELECT pg_stat_force_next_flush()')      # the claim's session, as it idles
+        wait_for(lambda: sum((scans(watcher, FLUSHED_INDEX_SCANS) - before).values()) >= 2,
+                 what='the claim\'s index scans to be flushed')
+        assert scans(watcher, FLUSHED_INDEX_SCANS) - before == WALKED
 
 
 def test_both_claims_hand_out_jobs_in_the_same_order(store):
