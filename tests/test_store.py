@@ -137,7 +137,9 @@ def test_a_pilots_claims_walk_the_queue_index_when_statistics_say_nothing_is_que
         else:
             held = store.one(srv.GET_PILOT, {'uuid': me})
             assert srv.held_claim(store, held, srv.utcnow(), None) is not None
-        store.one('SELECT pg_stat_force_next_flush()')      # the claim's session, as it idles
+        # The claim's session (the pool's one connection) flushes as soon as it idles; were it
+        # another, PostgreSQL flushes an idle session's scans within ten seconds all the same.
+        store.one('SELECT pg_stat_force_next_flush()')
         wait_for(lambda: sum((scans(watcher, FLUSHED_INDEX_SCANS) - before).values()) >= 2,
                  what='the claim\'s index scans to be flushed')
         assert scans(watcher, FLUSHED_INDEX_SCANS) - before == WALKED
