@@ -473,6 +473,18 @@ class FileLock:
             return False
         return True
 
+    def acquire(self):
+        """Wait for the lock: the kernel wakes a waiter when its holder lets go."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def held(self):
         return True                      # the kernel drops it only when this process dies
 
@@ -482,9 +494,10 @@ class Store:
 
     A connection is taken from the pool for one read or one transaction and given back, so
     any number of threads share a few connections. SQLite serialises writers anyway; taking a
-    process lock first keeps an unlucky thread out of SQLite's busy-handler back-off, which
-    costs up to seconds of tail latency (docs/performance.md). Between processes that back-off
-    is what serialises them.
+    thread lock, then a file lock that the server processes on the same database share, first
+    keeps an unlucky writer out of SQLite's busy-handler back-off (sleeps of up to 100 ms
+    each), which costs up to seconds of tail latency (docs/performance.md): the kernel wakes
+    the next writer the moment the last one lets go.
 
     `sync` is the promise made to clients: with 'full', a write that answers a client with a new
     fact (a submission, a dispatch, a job's end) is on disk before the answer; writes that can be
@@ -503,6 +516,8 @@ class Store:
         self.sync = sync
         self.wakeups = wakeups
         self.write_lock = threading.Lock() if self.db.serial_writes else nullcontext()
+        self.writers_lock = (FileLock(os.path.join(run_directory(path), 'writer.lock'))
+                             if self.db.serial_writes else None)
         self.stalled_since = None         # when the writer now in BEGIN IMMEDIATE began to wait
         self.idle = deque()               # connections not in use (append and pop are atomic)
         self.opened = []
@@ -593,11 +608,12 @@ class Store:
 
     @contextmanager
     def write_turn(self):
-        """This process's turn to write, after the transaction of another thread, but not
-        behind one that has waited STALLED_WRITER seconds for SQLite's write lock: another
-        process holds it, and waiting in line here would only make each request wait out the
-        busy timeout in turn. That is SQLite's own 'database is locked' (a 503), at once.
-        (PostgreSQL's writers run at once: no turns.)"""
+        """This thread's turn to write, after the transaction of another thread of this
+        process, then of another server process; but not behind a writer that has waited
+        STALLED_WRITER seconds for its turn or for SQLite's write lock: another process holds
+        it, and waiting in line here would only make each request wait out the busy timeout in
+        turn. That is SQLite's own 'database is locked' (a 503), at once. (PostgreSQL's writers
+        run at once: no turns.)"""
         if not self.db.serial_writes:
             yield
             return
@@ -606,7 +622,15 @@ class Store:
             if since is not None and time.monotonic() - since > STALLED_WRITER:
                 raise sqlite3.OperationalError('database is locked')
         try:
-            yield
+            self.stalled_since = time.monotonic()
+            try:
+                self.writers_lock.acquire()          # the other server processes' turns
+            finally:
+                self.stalled_since = None
+            try:
+                yield
+            finally:
+                self.writers_lock.release()
         finally:
             self.write_lock.release()
 
@@ -618,6 +642,8 @@ class Store:
     def close(self):
         for db in self.opened:
             db.close()
+        if self.writers_lock is not None:
+            self.writers_lock.close()
         self.opened.clear()
         self.idle.clear()
 

@@ -6,8 +6,8 @@ Each simulated pilot registers (POST /api/pilots), then loops: POST /api/pilots/
 p3s_pilot.py does. The real pilot sends a start report (POST .../report {state: running, pid,
 elapsed}) only when the payload still runs after 0.2 s; a payload-less cycle never does, so
 the main table has one request per job, and a second table (`--start-report`) adds the start
-report to every cycle, as for jobs of 0.2 s or more. One new connection per request with
-`Connection: close`, as urllib does. A Python client saturates at about 3k requests/s per
+report to every cycle, as for jobs of 0.2 s or more. Each pilot keeps its connection open
+between requests, as p3s_pilot.py does. A Python client saturates at about 3k requests/s per
 process (docs/performance.md), so the pilots are spread over several processes, each
 with threads. The queue is filled beforehand, so no request ever waits.
 
@@ -22,8 +22,6 @@ window. Cycles/s = complete cycles / (last request's end - start).
 queue is filled there by one INSERT ... SELECT and ANALYZEd.
 """
 import argparse
-import http.client
-import json
 import multiprocessing
 import os
 import sys
@@ -44,21 +42,14 @@ WAIT = 20
 
 
 def post(port, path, body, secret=None):
-    """One POST; `secret`: a pilot's own calls carry the secret its registration gave."""
-    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
-    headers = {'Content-Type': 'application/json', 'Accept': 'application/json',
-               'Connection': 'close'}
-    if secret:
-        headers['Authorization'] = 'Bearer ' + secret
+    """One POST on a new connection; `secret`: a pilot's own calls carry the secret its
+    registration gave."""
+    link = common.KeepAlive(port)
+    link.secret = secret
     try:
-        conn.request('POST', path, json.dumps(body).encode(), headers)
-        reply = conn.getresponse()
-        data = json.loads(reply.read())
-        if reply.status != 200:
-            raise RuntimeError('POST %s: HTTP %d %s' % (path, reply.status, data))
-        return data
+        return link.post(path, body)
     finally:
-        conn.close()
+        link.close()
 
 
 class SimPilot:
@@ -66,7 +57,7 @@ class SimPilot:
         self.port = port
         self.start_report = start_report
         self.uuid = str(uuidlib.uuid4())
-        self.secret = None
+        self.link = common.KeepAlive(port)       # one connection, kept, as the pilot's
         self.pending = None
         self.cycles = 0
         self.latencies = []
@@ -75,7 +66,7 @@ class SimPilot:
     def timed(self, path, body):
         t0 = time.perf_counter()
         try:
-            return post(self.port, path, body, self.secret)
+            return self.link.post(path, body)
         except Exception:
             self.errors += 1
             return {}
@@ -83,8 +74,8 @@ class SimPilot:
             self.latencies.append(time.perf_counter() - t0)
 
     def register(self):
-        self.secret = post(self.port, '/api/pilots', {'uuid': self.uuid, 'host': 'bench',
-                                                      'pid': os.getpid()})['secret']
+        self.link.secret = self.link.post('/api/pilots', {'uuid': self.uuid, 'host': 'bench',
+                                                          'pid': os.getpid()})['secret']
 
     def cycle(self):
         body = {'wait': WAIT}

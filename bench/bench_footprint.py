@@ -19,8 +19,6 @@
     python bench/bench_footprint.py [--quick] [--pilots 2000]
 """
 import argparse
-import http.client
-import json
 import multiprocessing
 import os
 import random
@@ -55,51 +53,12 @@ def pilot_rss(n):
         return [common.rss_mb(p.pid) for p in pilots]
 
 
-class KeepAlive:
-    """One pilot's HTTP connection to the server, kept open between requests as p3s_pilot.py
-    keeps it (a request on a connection the server has closed meanwhile goes again on a new
-    one)."""
-
-    def __init__(self, port):
-        self.port = port
-        self.conn = None
-        self.secret = None
-
-    def post(self, path, body, timeout):
-        headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-        if self.secret:
-            headers['Authorization'] = 'Bearer ' + self.secret
-        data = json.dumps(body).encode()
-        for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
-            try:
-                self.conn.timeout = timeout
-                if self.conn.sock is not None:
-                    self.conn.sock.settimeout(timeout)
-                self.conn.request('POST', path, data, headers)
-                reply = self.conn.getresponse()
-                raw = reply.read()
-            except (OSError, http.client.HTTPException):
-                self.conn.close()
-                self.conn = None
-                if attempt == 2:
-                    raise
-                continue
-            if reply.will_close:
-                self.conn.close()
-                self.conn = None
-            if reply.status != 200:
-                raise RuntimeError('POST %s: HTTP %d %s' % (path, reply.status, raw[:200]))
-            return json.loads(raw)
-
-
 def idle_pilot(port, stop_at, jobs_taken):
     """A registered pilot with nothing to do, as p3s_pilot.py is then: POST .../work {wait:
     WAIT} on its kept connection, again at once when the server held it, after its period
     when it did not. A job submitted meanwhile may come to it: it "runs" it at once and
     reports it finished in its next request, as the pilot does for a short job."""
-    link = KeepAlive(port)
+    link = common.KeepAlive(port)
     me = str(uuidlib.uuid4())
     link.secret = link.post('/api/pilots', {'uuid': me, 'host': 'bench-idle',
                                             'pid': os.getpid()}, 60)['secret']

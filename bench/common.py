@@ -270,6 +270,50 @@ def api(port, method, path, body=None, timeout=60):
     return reply
 
 
+class KeepAlive:
+    """One pilot's HTTP connection to the server, kept open between requests as p3s_pilot.py
+    keeps it (a request on a connection the server has closed meanwhile goes again on a new
+    one)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.conn = None
+        self.secret = None
+
+    def post(self, path, body, timeout=60):
+        headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
+        if self.secret:
+            headers['Authorization'] = 'Bearer ' + self.secret
+        data = json.dumps(body).encode()
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
+            try:
+                self.conn.timeout = timeout
+                if self.conn.sock is not None:
+                    self.conn.sock.settimeout(timeout)
+                self.conn.request('POST', path, data, headers)
+                reply = self.conn.getresponse()
+                raw = reply.read()
+            except (OSError, http.client.HTTPException):
+                self.conn.close()
+                self.conn = None
+                if attempt == 2:
+                    raise
+                continue
+            if reply.will_close:
+                self.conn.close()
+                self.conn = None
+            if reply.status != 200:
+                raise RuntimeError('POST %s: HTTP %d %s' % (path, reply.status, raw[:200]))
+            return json.loads(raw)
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
 def wait_for(predicate, timeout, what, interval=0.05):
     give_up = time.monotonic() + timeout
     while time.monotonic() < give_up:

@@ -22,7 +22,8 @@ PY_SPY = os.path.join(os.path.dirname(sys.executable), 'py-spy')
 
 def record(pid, seconds, out, idle=False):
     args = [PY_SPY, 'record', '--pid', str(pid), '--duration', str(int(seconds)),
-            '--format', 'raw', '--output', out, '--rate', '200', '--nonblocking']
+            '--format', 'raw', '--output', out, '--rate', '200', '--nonblocking',
+            '--subprocesses']            # the workers under their supervisor
     if idle:
         args.append('--idle')
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

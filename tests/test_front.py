@@ -359,7 +359,10 @@ def test_housekeeping_moves_to_another_worker_when_its_process_dies(tmp_path):
 
 def claim_all(path, pilots, done, finish):
     """In a process of its own with a store of its own: each pilot asks for work until there
-    is none, finishing (or keeping) each job it gets; the uuids it got go to `done`."""
+    is none, finishing (or keeping) each job it gets; the uuids it got go to `done`. Each
+    process has a run directory of its own, so that nothing but the database's transactions
+    keeps them apart (the server processes of one host also write in turns, see below)."""
+    tempfile.tempdir = tempfile.mkdtemp(prefix='race-', dir=os.environ['TMPDIR'])
     st = srv.configure(path, sync='normal')
     got = []
     for me in pilots:
@@ -417,6 +420,52 @@ def test_processes_racing_for_the_last_slots_of_a_cap_take_no_more(tmp_path):
         st.close()
         got = race(path, processes=6, pilots_each=4, finish=False)
         assert len(got) == 3 and len(set(got)) == 3, got
+
+
+def servers_run_directory(db):
+    """The run directory of the servers that the tests start (their TMPDIR, not this
+    process's)."""
+    saved, tempfile.tempdir = tempfile.tempdir, os.environ['TMPDIR']
+    try:
+        return srv.run_directory(db)
+    finally:
+        tempfile.tempdir = saved
+
+
+@sqlite_only
+def test_server_processes_write_in_turns_at_a_lock_the_kernel_hands_on(tmp_path):
+    """The server processes on one SQLite file take a shared file lock before SQLite's write
+    lock, so that the next writer goes the moment the last one lets go, where SQLite's busy
+    handler would have it sleep. While another process holds that lock, of two submissions
+    one waits for it and the other is refused with a 503, as behind a stalled writer; the
+    one that waited is answered, and stored, once the lock is let go."""
+    from test_security import storage_refusal, submit_over_http
+    server = Server(tmp_path, extra_args=['--workers', '1']).start()
+    lock = srv.FileLock(os.path.join(servers_run_directory(server.db), 'writer.lock'))
+    results = []
+    submissions = [threading.Thread(target=submit_over_http,
+                                    args=(server, [{'payload': '/bin/true', 'name': name}],
+                                          results))
+                   for name in ('one', 'two')]
+    try:
+        lock.acquire()
+        for t in submissions:
+            t.start()
+        wait_for(lambda: results, what='a submission refused')
+        [(status, headers, reply)] = results
+        storage_refusal(status, headers, reply, 'locked by another process')
+        assert any(t.is_alive() for t in submissions) and server.jobs() == []
+    finally:
+        lock.release()
+        lock.close()
+        for t in submissions:
+            t.join(60)
+    try:
+        status, _, reply = results[1]
+        assert status == 200, reply
+        assert len(server.jobs()) == 1
+    finally:
+        server.stop()
 
 
 # -- running it ----------------------------------------------------------------------------------
