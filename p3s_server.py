@@ -295,7 +295,6 @@ def seconds_after(then, seconds):
 
 
 class Connection(sqlite3.Connection):
-    synced = False                  # PRAGMA synchronous is FULL (see Store.write)
     serial_writes = True            # one writer at a time: what it read stays true till COMMIT
     commits_with_claim = False      # no data-modifying WITH (see CLAIM_MARKING_PILOT)
 
@@ -310,7 +309,8 @@ class Connection(sqlite3.Connection):
 
 def connect(path):
     """Open the database with the whole connection policy in one place. Commits are not
-    synced unless a write asks for it (Store.write), so the default here is NORMAL."""
+    synced by SQLite (NORMAL): the store syncs the write-ahead log itself after a commit that
+    must survive a power loss (WalSync)."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                          timeout=BUSY_TIMEOUT_MS / 1000, factory=Connection)
     db.row_factory = sqlite3.Row
@@ -401,15 +401,25 @@ class SQLite:
     def __init__(self, path):
         self.path = path
         self.version = sqlite3.sqlite_version
+        self.wal = WalSync(path + '-wal')
 
     def connect(self):
         return connect(self.path)
 
     def begin(self, db, synced):
-        if db.synced != synced:
-            db.execute('PRAGMA synchronous = ' + ('FULL' if synced else 'NORMAL'))
-            db.synced = synced
-        db.execute('BEGIN IMMEDIATE')
+        db.execute('BEGIN IMMEDIATE')          # synced afterwards, if need be (see committed)
+
+    def committed(self, synced):
+        """Called right after a COMMIT, in the writer's turn: what sync() takes once the turn is
+        over, so that the next writer does not wait for this one's disk."""
+        return self.wal.committed() if synced else None
+
+    def sync(self, commit):
+        if commit is not None:
+            self.wal.sync(commit)
+
+    def close(self):
+        self.wal.close()
 
     def apply_schema(self, db):
         apply_schema(db)
@@ -441,6 +451,60 @@ class SQLite:
 
 def is_postgres(db):
     return db.startswith(('postgresql://', 'postgres://'))
+
+
+class NotSynced(Exception):
+    """A commit was made but the disk refused to sync it: a power loss could undo it."""
+
+
+class WalSync:
+    """Group commit for SQLite. Writers commit without a sync, in turn; a writer whose commit
+    must survive a power loss then syncs the write-ahead log itself (fdatasync), outside its
+    turn: the next writer goes on meanwhile, and one sync makes durable every commit written
+    before it, so writers that wait here together share it. SQLite's synchronous = FULL syncs
+    the same file at each commit, holding the write lock through it."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.fd = -1
+        self.written = 0                 # commits counted, in the writers' turns
+        self.synced = 0                  # the last of them known to be on disk
+
+    def committed(self):
+        self.written += 1
+        return self.written
+
+    def sync(self, commit):
+        """Return once commit number `commit` of this process is on disk."""
+        with self.lock:
+            if self.synced >= commit:
+                return                   # a sync that began after it covered it
+            upto = self.written
+            try:
+                self.sync_file()
+            except OSError as e:
+                raise NotSynced('the disk could not sync the database (%s): the change is '
+                                'made but a power loss could undo it' % (e.strerror or e))
+            self.synced = upto
+
+    def sync_file(self):
+        """fdatasync the log, on a descriptor opened anew if the file at its path is not the
+        one opened before (SQLite removes the log when the last connection closes, in any
+        process; with none left it was checkpointed into the database, and synced, first)."""
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if self.fd < 0 or not os.path.samestat(os.fstat(self.fd), on_disk):
+            self.close()
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        os.fdatasync(self.fd)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def database(db):
@@ -593,10 +657,11 @@ class Store:
         """One write transaction: BEGIN (IMMEDIATE: SQLite's write lock first) ... COMMIT,
         rolled back on any error. `durable`: the commit must survive a power loss (under
         --sync full)."""
+        synced = durable and self.sync == 'full'
         with self.write_turn(), self.connection() as db:
             self.stalled_since = time.monotonic()
             try:
-                self.db.begin(db, durable and self.sync == 'full')
+                self.db.begin(db, synced)
             finally:
                 self.stalled_since = None
             try:
@@ -605,6 +670,8 @@ class Store:
             except BaseException:
                 db.rollback()           # if still open: a failed COMMIT may have rolled back
                 raise
+            commit = self.db.committed(synced)
+        self.db.sync(commit)
 
     @contextmanager
     def write_turn(self):
@@ -644,6 +711,7 @@ class Store:
             db.close()
         if self.writers_lock is not None:
             self.writers_lock.close()
+        self.db.close()
         self.opened.clear()
         self.idle.clear()
 
@@ -967,7 +1035,6 @@ class PostgresConnection:
     """A psycopg connection in autocommit mode (transactions are the Store's BEGIN ... COMMIT)
     that takes the statements as written here and gives rows as sqlite3 does."""
 
-    synced = None
     serial_writes = False           # others write at once: lock what a decision rests on
     commits_with_claim = True       # see CLAIM_MARKING_PILOT
     committed = False               # by commit_with, before the Store's commit
@@ -1115,6 +1182,15 @@ class PostgreSQL:
         db.later('BEGIN')
         if not synced:
             db.later('SET LOCAL synchronous_commit = off')
+
+    def committed(self, synced):
+        return None                      # its COMMIT waited for the flush it needs
+
+    def sync(self, commit):
+        pass
+
+    def close(self):
+        pass
 
     def apply_schema(self, db):
         """Create what is missing, one server at a time; refuse a newer schema. A database at
@@ -6113,6 +6189,9 @@ def domain_errors(callback):
             return callback(*args, **kwargs)
         except Refused as e:
             raise HTTPError(e.status, e.message)
+        except NotSynced as e:
+            log.error('%s %s: %s', request.method, request.path, e)
+            raise HTTPError(503, str(e))
         except Exception as e:
             dialect = store().db
             if isinstance(e, dialect.conflicts):
@@ -6887,7 +6966,8 @@ def parse_args(argv):
                     help='seconds of silence after which a pilot is lost (default %.0f)'
                     % DEFAULT_PILOT_TIMEOUT)
     ap.add_argument('--sync', choices=('normal', 'full'), default='full',
-                    help='SQLite synchronous setting (default full)')
+                    help='full (the default): a commit that tells a client something new is '
+                    'on disk before the answer; normal: commits reach the disk at checkpoints')
     ap.add_argument('--keep-days', type=float,
                     help='purge terminal jobs and departed pilots older than this, hourly')
     ap.add_argument('--token', default=env('P3S_TOKEN'),

@@ -4,7 +4,7 @@
 - Claim cost in-process (the server's own CLAIM_JOB in a BEGIN IMMEDIATE transaction, through
   its Store) with 10^3, 10^5 and 10^6 queued jobs, and with 10^6 finished jobs of history plus
   10^3 queued. The databases are filled directly with executemany. Measured with
-  `synchronous=NORMAL` so that the figure is the query, not the disk's fsync (reported apart).
+  `--sync normal` so that the figure is the query, not the disk's fsync (reported apart).
 - At 10^6 jobs (queued): `GET /api/jobs?state=defined&limit=100` and the dashboard `/`, with
   the server's RSS after them.
 - `p3s_job.py -j` submitting 10,000 jobs (the whole command, interpreter start included).
@@ -114,12 +114,12 @@ def run(quick=False):
         if finished:
             hist_db = path
     full, _ = claim_cost(make_db(10 ** 3), runs, CLAIMS, sync='full')
-    rows.append(['1,000 queued, `synchronous=FULL` (the server default)', cell(full), ''])
+    rows.append(['1,000 queued, `--sync full` (the server default: each commit synced)', cell(full), ''])
     ratio = common.summary(costs[(big, 0)])[0] / common.summary(costs[(10 ** 3, 0)])[0]
     figures['claim_ratio'] = ratio
     plan_note = 'query plan: `%s`' % plans[0]
     claim_table = common.table(
-        'Scaling: in-process claim cost (µs per claim transaction, `synchronous=NORMAL`)',
+        'Scaling: in-process claim cost (µs per claim transaction, `--sync normal`)',
         ['jobs in the database', 'µs per claim, median [min–max]', 'fill time'], rows,
         note='%d runs of %d claims each after %d untimed; cost ratio {:,} / 1,000 queued = '
              '**%.2f**; %s'

@@ -519,13 +519,14 @@ def test_sigterm_answers_held_polls_and_sighup_reopens_the_log(tmp_path):
 STRACE = shutil.which('strace')
 
 
-def syscalls_between(trace, request, reply):
-    """The sync calls a worker made after it read `request` and before it sent `reply`."""
+def syscalls_between(trace, request, reply, calls=('sync(',)):
+    """The calls (sync calls by default) a worker made after it read `request` and before it
+    sent `reply`."""
     lines = trace.splitlines()
     start = next(i for i, line in enumerate(lines) if request in line and 'recv' in line)
     end = next(i for i, line in enumerate(lines[start:], start)
                if 'send' in line and reply in line)
-    return [line for line in lines[start:end] if 'sync(' in line]
+    return [line for line in lines[start:end] if any(c in line for c in calls)]
 
 
 @sqlite_only
@@ -533,12 +534,14 @@ def syscalls_between(trace, request, reply):
                     'cannot be traced (CI installs it)')
 @pytest.mark.parametrize('sync', ['full', 'normal'])
 def test_a_submission_is_on_disk_before_its_answer_and_a_dispatch_is_not(tmp_path, sync):
-    """Under --sync full the commit of a submission is synced before the client hears of it;
-    a dispatch (recovered after a crash) and a heartbeat are not; --sync normal syncs none."""
+    """Under --sync full the commit of a submission is synced before the client hears of it
+    (its write-ahead log, after the commit's last write to it); a dispatch (recovered after a
+    crash) and a heartbeat are not; --sync normal syncs none."""
     server = Server(tmp_path, extra_args=['--workers', '1', '--sync', sync]).start()
     trace = tmp_path / 'strace.log'
-    tracer = subprocess.Popen([STRACE, '-f', '-s', '2000', '-e', 'trace=fsync,fdatasync,recvfrom,'
-                               'sendto', '-o', str(trace), '-p', str(server.proc.pid)],
+    tracer = subprocess.Popen([STRACE, '-f', '-y', '-s', '2000', '-e', 'trace=fsync,fdatasync,'
+                               'pwrite64,recvfrom,sendto', '-o', str(trace), '-p',
+                               str(server.proc.pid)],
                               stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: server.api('GET', '/api/ping')[0] == 200 and trace.exists()
@@ -560,7 +563,9 @@ def test_a_submission_is_on_disk_before_its_answer_and_a_dispatch_is_not(tmp_pat
     assert beat == []
     assert claim == []
     if sync == 'full':
-        assert submit, text[-3000:]
+        wal = [line for line in syscalls_between(text, 'POST /api/jobs', jobs['uuids'][0],
+                                                 ('sync(', 'pwrite64(')) if '-wal>' in line]
+        assert wal and 'sync(' in wal[-1], text[-3000:]
     else:
         assert submit == []
 

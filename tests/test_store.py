@@ -497,3 +497,33 @@ def test_the_jobs_table_is_vacuumed_often_unless_told_otherwise(tmp_path):
         assert 'autovacuum_vacuum_scale_factor=0.05' in options()
     finally:
         conn.close()
+
+
+@sqlite_only
+def test_a_durable_commit_syncs_the_log_that_holds_it(tmp_path):
+    """Group commit: one sync of SQLite's write-ahead log covers every commit counted before it
+    began, and it syncs the file at the log's path, opened anew when SQLite removed the log
+    (its last connection closed) and made another."""
+    path = str(tmp_path / 'wal.db')
+    wal = srv.WalSync(path + '-wal')
+
+    def commit():
+        db = srv.connect(path)
+        db.execute('CREATE TABLE IF NOT EXISTS t (x)')
+        db.execute('INSERT INTO t VALUES (1)')
+        return db, wal.committed()
+
+    def synced_file_is_the_log():
+        return os.path.samestat(os.fstat(wal.fd), os.stat(path + '-wal'))
+    db, first = commit()
+    second = wal.committed()
+    wal.sync(first)
+    assert wal.synced == second and synced_file_is_the_log()
+    db.close()                            # the last connection: the log is checkpointed, removed
+    assert not os.path.exists(path + '-wal')
+    wal.sync(wal.committed())             # nothing left to sync: no error
+    db, third = commit()
+    wal.sync(third)
+    assert wal.synced == third and synced_file_is_the_log()
+    db.close()
+    wal.close()
