@@ -163,7 +163,6 @@ def test_every_listing_fits_a_1400_px_window_with_long_values(tmp_path, browser)
     """Long names, hosts, paths and comments in every column: each listing still fits the
     window and its panel (a long value is clipped, all of it on hover), on a laptop and on a
     wall display."""
-    import sqlite3
     from conftest import api
     from synthetic import fill_workflows
     srv = Server(tmp_path)

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, Server, free_port, make_job, wait_for
+from conftest import ROOT, Server, make_job, wait_for
 
 CLIENTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 'p3s_*.py'))
                  if not p.endswith('p3s_server.py'))

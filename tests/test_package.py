@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, make_job, wait_for
+from conftest import ROOT, make_job
 
 WHEELS = os.path.join(ROOT, '.venv', 'wheels')     # run-time packages, kept by `make test`
 NOT_SHIPPED = shutil.ignore_patterns('.git', '.venv', '__pycache__', '.pytest_cache', 'build',
