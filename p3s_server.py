@@ -401,25 +401,20 @@ class SQLite:
     def __init__(self, path):
         self.path = path
         self.version = sqlite3.sqlite_version
-        self.wal = WalSync(path + '-wal')
 
     def connect(self):
         return connect(self.path)
 
     def begin(self, db, synced):
-        db.execute('BEGIN IMMEDIATE')          # synced afterwards, if need be (see committed)
+        db.execute('BEGIN IMMEDIATE')          # synced after the writer's turn (WalSync)
 
-    def committed(self, synced):
-        """Called right after a COMMIT, in the writer's turn: what sync() takes once the turn is
-        over, so that the next writer does not wait for this one's disk."""
-        return self.wal.committed() if synced else None
+    def syncer(self):
+        """What syncs a commit after the writer's turn (see Store.write)."""
+        return WalSync(self.path + '-wal')
 
-    def sync(self, commit):
-        if commit is not None:
-            self.wal.sync(commit)
-
-    def close(self):
-        self.wal.close()
+    def writers_lock(self):
+        """The turns of the server processes' writers (see Store)."""
+        return FileLock(os.path.join(run_directory(self.path), 'writer.lock'))
 
     def apply_schema(self, db):
         apply_schema(db)
@@ -580,8 +575,8 @@ class Store:
         self.sync = sync
         self.wakeups = wakeups
         self.write_lock = threading.Lock() if self.db.serial_writes else nullcontext()
-        self.writers_lock = (FileLock(os.path.join(run_directory(path), 'writer.lock'))
-                             if self.db.serial_writes else None)
+        self.writers_lock = self.db.writers_lock()
+        self.syncer = self.db.syncer()
         self.stalled_since = None         # when the writer now in BEGIN IMMEDIATE began to wait
         self.idle = deque()               # connections not in use (append and pop are atomic)
         self.opened = []
@@ -670,8 +665,10 @@ class Store:
             except BaseException:
                 db.rollback()           # if still open: a failed COMMIT may have rolled back
                 raise
-            commit = self.db.committed(synced)
-        self.db.sync(commit)
+            # Counted in this writer's turn, synced after it: the next writer goes on meanwhile.
+            commit = self.syncer.committed() if synced and self.syncer else None
+        if commit is not None:
+            self.syncer.sync(commit)
 
     @contextmanager
     def write_turn(self):
@@ -709,9 +706,9 @@ class Store:
     def close(self):
         for db in self.opened:
             db.close()
-        if self.writers_lock is not None:
-            self.writers_lock.close()
-        self.db.close()
+        for held in (self.writers_lock, self.syncer):
+            if held is not None:
+                held.close()
         self.opened.clear()
         self.idle.clear()
 
@@ -1183,14 +1180,11 @@ class PostgreSQL:
         if not synced:
             db.later('SET LOCAL synchronous_commit = off')
 
-    def committed(self, synced):
-        return None                      # its COMMIT waited for the flush it needs
+    def syncer(self):
+        return None                      # its COMMIT waits for the flush it needs
 
-    def sync(self, commit):
-        pass
-
-    def close(self):
-        pass
+    def writers_lock(self):
+        return None                      # its writers run at once
 
     def apply_schema(self, db):
         """Create what is missing, one server at a time; refuse a newer schema. A database at

@@ -535,12 +535,13 @@ def syscalls_between(trace, request, reply, calls=('sync(',)):
 @pytest.mark.parametrize('sync', ['full', 'normal'])
 def test_a_submission_is_on_disk_before_its_answer_and_a_dispatch_is_not(tmp_path, sync):
     """Under --sync full the commit of a submission is synced before the client hears of it
-    (its write-ahead log, after the commit's last write to it); a dispatch (recovered after a
+    (its write-ahead log, after the commit's last write to it, and after the writer's turn is
+    over, so that the next writer need not wait for the disk); a dispatch (recovered after a
     crash) and a heartbeat are not; --sync normal syncs none."""
     server = Server(tmp_path, extra_args=['--workers', '1', '--sync', sync]).start()
     trace = tmp_path / 'strace.log'
     tracer = subprocess.Popen([STRACE, '-f', '-y', '-s', '2000', '-e', 'trace=fsync,fdatasync,'
-                               'pwrite64,recvfrom,sendto', '-o', str(trace), '-p',
+                               'pwrite64,flock,recvfrom,sendto', '-o', str(trace), '-p',
                                str(server.proc.pid)],
                               stderr=subprocess.DEVNULL)
     try:
@@ -563,9 +564,11 @@ def test_a_submission_is_on_disk_before_its_answer_and_a_dispatch_is_not(tmp_pat
     assert beat == []
     assert claim == []
     if sync == 'full':
-        wal = [line for line in syscalls_between(text, 'POST /api/jobs', jobs['uuids'][0],
-                                                 ('sync(', 'pwrite64(')) if '-wal>' in line]
-        assert wal and 'sync(' in wal[-1], text[-3000:]
+        calls = syscalls_between(text, 'POST /api/jobs', jobs['uuids'][0],
+                                 ('sync(', 'pwrite64(', 'LOCK_UN'))
+        last = [line for line in calls if '-wal>' in line or 'writer.lock>' in line][-3:]
+        assert ('pwrite64(' in last[0] and 'LOCK_UN' in last[1] and 'sync(' in last[2]
+                and '-wal>' in last[2]), text[-3000:]
     else:
         assert submit == []
 
