@@ -31,6 +31,7 @@ import io
 import itertools
 import json
 import logging
+import mmap
 import os
 import posixpath
 import re
@@ -410,7 +411,7 @@ class SQLite:
 
     def syncer(self):
         """What syncs a commit after the writer's turn (see Store.write)."""
-        return WalSync(self.path + '-wal')
+        return WalSync(self.path + '-wal', run_directory(self.path))
 
     def writers_lock(self):
         """The turns of the server processes' writers (see Store)."""
@@ -452,36 +453,89 @@ class NotSynced(Exception):
     """A commit was made but the disk refused to sync it: a power loss could undo it."""
 
 
+class CommitCounts:
+    """Two counters that the server processes on one SQLite file share, in a small file of
+    their run directory mapped into each: the durable commits made (counted in the writers'
+    turns) and the last of them known to be on disk. Aligned 8-byte words, read and written
+    whole."""
+
+    SIZE = 16
+
+    def __init__(self, path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < self.SIZE:
+                os.ftruncate(fd, self.SIZE)      # zeros; never shortens what another wrote
+            self.map = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+        self.words = (ctypes.c_uint64 * 2).from_buffer(self.map)
+
+    @property
+    def written(self):
+        return self.words[0]
+
+    def count_one(self):
+        """In a writer's turn, which the processes take one at a time."""
+        self.words[0] += 1
+        return self.words[0]
+
+    @property
+    def synced(self):
+        return self.words[1]
+
+    @synced.setter
+    def synced(self, value):
+        self.words[1] = value
+
+    def close(self):
+        if self.map is not None:
+            del self.words
+            self.map.close()
+            self.map = None
+
+
 class WalSync:
     """Group commit for SQLite. Writers commit without a sync, in turn; a writer whose commit
     must survive a power loss then syncs the write-ahead log itself (fdatasync), outside its
     turn: the next writer goes on meanwhile, and one sync makes durable every commit written
-    before it, so writers that wait here together share it. SQLite's synchronous = FULL syncs
-    the same file at each commit, holding the write lock through it."""
+    before it, so writers that wait here together share it, whatever their process. SQLite's
+    synchronous = FULL syncs the same file at each commit, holding the write lock through it."""
 
-    def __init__(self, path):
+    def __init__(self, path, rundir):
         self.path = path
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()                        # this process's threads
+        self.turns = FileLock(os.path.join(rundir, 'sync.lock'))    # the processes
+        self.counts = CommitCounts(os.path.join(rundir, 'commits'))
         self.fd = -1
-        self.written = 0                 # commits counted, in the writers' turns
-        self.synced = 0                  # the last of them known to be on disk
 
     def committed(self):
-        self.written += 1
-        return self.written
+        """Count a durable commit, in its writer's turn: its number."""
+        return self.counts.count_one()
+
+    def last_commit(self):
+        """The number of the last durable commit, read in a writer's turn: every commit that
+        writer could see."""
+        return self.counts.written
 
     def sync(self, commit):
-        """Return once commit number `commit` of this process is on disk."""
+        """Return once durable commit number `commit`, of any process, is on disk."""
+        if self.counts.synced >= commit:
+            return                       # a sync that began after it covered it
         with self.lock:
-            if self.synced >= commit:
-                return                   # a sync that began after it covered it
-            upto = self.written
+            self.turns.acquire()
             try:
-                self.sync_file()
-            except OSError as e:
-                raise NotSynced('the disk could not sync the database (%s): the change is '
-                                'made but a power loss could undo it' % (e.strerror or e))
-            self.synced = upto
+                if self.counts.synced >= commit:
+                    return
+                upto = self.counts.written
+                try:
+                    self.sync_file()
+                except OSError as e:
+                    raise NotSynced('the disk could not sync the database (%s): the change is '
+                                    'made but a power loss could undo it' % (e.strerror or e))
+                self.counts.synced = upto
+            finally:
+                self.turns.release()
 
     def sync_file(self):
         """fdatasync the log, on a descriptor opened anew if the file at its path is not the
@@ -492,14 +546,19 @@ class WalSync:
         except FileNotFoundError:
             return
         if self.fd < 0 or not os.path.samestat(os.fstat(self.fd), on_disk):
-            self.close()
+            self.close_file()
             self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         os.fdatasync(self.fd)
 
-    def close(self):
+    def close_file(self):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def close(self):
+        self.close_file()
+        self.turns.close()
+        self.counts.close()
 
 
 def database(db):
@@ -651,7 +710,9 @@ class Store:
     def write(self, durable=True):
         """One write transaction: BEGIN (IMMEDIATE: SQLite's write lock first) ... COMMIT,
         rolled back on any error. `durable`: the commit must survive a power loss (under
-        --sync full)."""
+        --sync full). No write returns before the durable commits it could see are on disk,
+        whatever process made them: nothing is answered, a dispatch above all, that rests on a
+        commit a power loss could undo."""
         synced = durable and self.sync == 'full'
         with self.write_turn(), self.connection() as db:
             self.stalled_since = time.monotonic()
@@ -666,9 +727,16 @@ class Store:
                 db.rollback()           # if still open: a failed COMMIT may have rolled back
                 raise
             # Counted in this writer's turn, synced after it: the next writer goes on meanwhile.
-            commit = self.syncer.committed() if synced and self.syncer else None
-        if commit is not None:
-            self.syncer.sync(commit)
+            upto = self.commit_to_sync(synced)
+        if upto:
+            self.syncer.sync(upto)
+
+    def commit_to_sync(self, synced):
+        """In a writer's turn, after its commit: the durable commit it must wait for, if any
+        (its own, or the last one before it)."""
+        if self.syncer is None or self.sync != 'full':
+            return None
+        return self.syncer.committed() if synced else self.syncer.last_commit()
 
     @contextmanager
     def write_turn(self):

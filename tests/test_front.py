@@ -573,6 +573,65 @@ def test_a_submission_is_on_disk_before_its_answer_and_a_dispatch_is_not(tmp_pat
         assert submit == []
 
 
+def sync_done(line):
+    return 'fdatasync' in line and ('resumed>' in line or ') = 0' in line)
+
+
+@sqlite_only
+@pytest.mark.skipif(not STRACE, reason='strace is not installed: the durability of commits '
+                    'cannot be traced (CI installs it)')
+def test_no_dispatch_is_answered_before_its_submission_is_on_disk(tmp_path):
+    """A pilot asking another server process for work in the moment between a submission's
+    commit and its sync (here stretched: strace holds every sync 0.3 s) may be handed that job,
+    but hears of it only once a sync made the submission durable: a power loss meanwhile
+    would undo the job and leave it running. That process does not sync again: the first
+    process's sync covers it."""
+    first = Server(tmp_path, extra_args=['--workers', '1']).start()
+    second = Server(tmp_path, extra_args=['--workers', '1'], db=first.db).start()
+    trace = tmp_path / 'strace.log'
+    me, secret = second.register()
+    tracer = subprocess.Popen([STRACE, '-f', '-y', '-s', '2000', '-e',
+                               'trace=fdatasync,recvfrom,sendto', '-e',
+                               'inject=fdatasync:delay_enter=300000', '-o', str(trace),
+                               '-p', str(first.proc.pid), '-p', str(second.proc.pid)],
+                              stderr=subprocess.DEVNULL)
+    dispatched = []
+
+    def ask_for_work():
+        while not dispatched:
+            status, reply = second.api('POST', '/api/pilots/%s/work' % me, {'wait': 0},
+                                       token=secret)
+            assert status == 200, reply
+            if reply.get('job'):
+                dispatched.append(reply['job']['uuid'])
+    try:
+        wait_for(lambda: first.api('GET', '/api/ping')[0] == second.api('GET', '/api/ping')[0]
+                 == 200 and trace.exists() and trace.read_text().count('GET /api/ping') >= 2,
+                 what='strace to follow the servers')
+        pilot = threading.Thread(target=ask_for_work)
+        pilot.start()
+        status, jobs = first.api('POST', '/api/jobs', [{'payload': '/bin/true'}])
+        pilot.join(30)
+        assert status == 200 and dispatched == jobs['uuids']
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+        first.stop()
+        second.stop()
+    lines = trace.read_text().splitlines()
+    submitted = next(i for i, line in enumerate(lines)
+                     if 'recv' in line and 'POST /api/jobs' in line)
+    synced = next(i for i, line in enumerate(lines[submitted:], submitted) if sync_done(line))
+    answered = next(i for i, line in enumerate(lines)
+                    if 'sendto' in line and dispatched[0] in line)
+    server, fd = re.match(r'(\d+) sendto\((\d+)<', lines[answered]).groups()
+    asked = max(i for i, line in enumerate(lines[:answered])
+                if line.startswith(server + ' recvfrom(%s<' % fd) and '/work HTTP' in line)
+    assert asked < synced < answered, '\n'.join(lines[submitted:answered + 1])
+    assert server == str(second.proc.pid)
+    assert not any(line.startswith(server + ' ') and 'fdatasync' in line for line in lines)
+
+
 @sqlite_only
 def test_a_report_is_timed_at_its_arrival_not_when_a_thread_takes_it(tmp_path):
     """A report says how long ago its job started and ended; the server counts back from the

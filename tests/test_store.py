@@ -502,10 +502,12 @@ def test_the_jobs_table_is_vacuumed_often_unless_told_otherwise(tmp_path):
 @sqlite_only
 def test_a_durable_commit_syncs_the_log_that_holds_it(tmp_path):
     """Group commit: one sync of SQLite's write-ahead log covers every commit counted before it
-    began, and it syncs the file at the log's path, opened anew when SQLite removed the log
-    (its last connection closed) and made another."""
+    began, in any process (the counts are shared through the run directory), and it syncs the
+    file at the log's path, opened anew when SQLite removed the log (its last connection
+    closed) and made another."""
     path = str(tmp_path / 'wal.db')
-    wal = srv.WalSync(path + '-wal')
+    wal = srv.WalSync(path + '-wal', str(tmp_path))
+    other = srv.WalSync(path + '-wal', str(tmp_path))      # as another server process has it
 
     def commit():
         db = srv.connect(path)
@@ -513,17 +515,21 @@ def test_a_durable_commit_syncs_the_log_that_holds_it(tmp_path):
         db.execute('INSERT INTO t VALUES (1)')
         return db, wal.committed()
 
-    def synced_file_is_the_log():
-        return os.path.samestat(os.fstat(wal.fd), os.stat(path + '-wal'))
+    def synced_file_is_the_log(syncer):
+        return os.path.samestat(os.fstat(syncer.fd), os.stat(path + '-wal'))
     db, first = commit()
-    second = wal.committed()
+    second = other.committed()
+    assert other.last_commit() == wal.last_commit() == second == first + 1
     wal.sync(first)
-    assert wal.synced == second and synced_file_is_the_log()
+    assert other.counts.synced == second and synced_file_is_the_log(wal)
+    other.sync(second)
+    assert other.fd < 0                   # covered by the first process's sync: none of its own
     db.close()                            # the last connection: the log is checkpointed, removed
     assert not os.path.exists(path + '-wal')
     wal.sync(wal.committed())             # nothing left to sync: no error
     db, third = commit()
-    wal.sync(third)
-    assert wal.synced == third and synced_file_is_the_log()
+    other.sync(third)
+    assert wal.counts.synced == third and synced_file_is_the_log(other)
     db.close()
     wal.close()
+    other.close()
