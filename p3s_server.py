@@ -499,13 +499,15 @@ class WalSync:
     """Group commit for SQLite. Writers commit without a sync, in turn; a writer whose commit
     must survive a power loss then syncs the write-ahead log itself (fdatasync), outside its
     turn: the next writer goes on meanwhile, and one sync makes durable every commit written
-    before it, so writers that wait here together share it, whatever their process. SQLite's
-    synchronous = FULL syncs the same file at each commit, holding the write lock through it."""
+    before it, so writers that wait here together share it. The commits are counted across
+    the server processes, so that a writer knows whether another process's sync covered the
+    commits it waits for; processes do not wait for each other's syncs (a process stopped in
+    the middle of one would hold up the others). SQLite's synchronous = FULL syncs the same
+    file at each commit, holding the write lock through it."""
 
     def __init__(self, path, rundir):
         self.path = path
-        self.lock = threading.Lock()                        # this process's threads
-        self.turns = FileLock(os.path.join(rundir, 'sync.lock'))    # the processes
+        self.lock = threading.Lock()
         self.counts = CommitCounts(os.path.join(rundir, 'commits'))
         self.fd = -1
 
@@ -520,22 +522,18 @@ class WalSync:
 
     def sync(self, commit):
         """Return once durable commit number `commit`, of any process, is on disk."""
-        if self.counts.synced >= commit:
-            return                       # a sync that began after it covered it
         with self.lock:
-            self.turns.acquire()
+            if self.counts.synced >= commit:
+                return                   # a sync that began after it covered it
+            upto = self.counts.written
             try:
-                if self.counts.synced >= commit:
-                    return
-                upto = self.counts.written
-                try:
-                    self.sync_file()
-                except OSError as e:
-                    raise NotSynced('the disk could not sync the database (%s): the change is '
-                                    'made but a power loss could undo it' % (e.strerror or e))
+                self.sync_file()
+            except OSError as e:
+                raise NotSynced('the disk could not sync the database (%s): the change is '
+                                'made but a power loss could undo it' % (e.strerror or e))
+            # Another process may write a smaller figure meanwhile: that costs a sync, no more.
+            if upto > self.counts.synced:
                 self.counts.synced = upto
-            finally:
-                self.turns.release()
 
     def sync_file(self):
         """fdatasync the log, on a descriptor opened anew if the file at its path is not the
@@ -557,7 +555,6 @@ class WalSync:
 
     def close(self):
         self.close_file()
-        self.turns.close()
         self.counts.close()
 
 
