@@ -530,7 +530,8 @@ class WalSync:
                 self.sync_file()
             except OSError as e:
                 raise NotSynced('the disk could not sync the database (%s): the change is '
-                                'made but a power loss could undo it' % (e.strerror or e))
+                                'made but a power loss could undo it; the same request, asked '
+                                'again, syncs it' % (e.strerror or e))
             # Another process may write a smaller figure meanwhile: that costs a sync, no more.
             if upto > self.counts.synced:
                 self.counts.synced = upto
@@ -6249,8 +6250,10 @@ def domain_errors(callback):
         except Refused as e:
             raise HTTPError(e.status, e.message)
         except NotSynced as e:
+            # Every request a client repeats is one the server knows again (a submission by
+            # its uuids, a report by its job): asking again is safe, and makes a new sync.
             log.error('%s %s: %s', request.method, request.path, e)
-            raise HTTPError(503, str(e))
+            raise HTTPError(503, str(e), **{'Retry-After': str(STORAGE_RETRY_AFTER)})
         except Exception as e:
             dialect = store().db
             if isinstance(e, dialect.conflicts):

@@ -1,6 +1,7 @@
 """The server's front, with real processes on real sockets: clients that cannot starve it,
 several worker processes on one port, exactly once across processes, and housekeeping done by
 one process at a time."""
+import json
 import multiprocessing
 import os
 import pathlib
@@ -628,6 +629,45 @@ def test_no_dispatch_is_answered_before_its_submission_is_on_disk(tmp_path):
                 if re.match(r'%s +recvfrom\(%s<' % (server, fd), line) and '/work HTTP' in line)
     assert asked < synced < answered, '\n'.join(lines[submitted:answered + 1])
     assert server == str(second.proc.pid)
+
+
+@sqlite_only
+@pytest.mark.skipif(not STRACE, reason='strace is not installed: a failing disk cannot be '
+                    'feigned (CI installs it)')
+def test_a_commit_the_disk_cannot_sync_is_synced_when_the_client_asks_again(tmp_path):
+    """A sync that fails (strace fails the server's first fdatasync with EIO) leaves the change
+    made but not safe from a power loss: the server logs it and answers 503 with a Retry-After
+    and a message that says so. The same submission, sent again, is known by its uuid and
+    syncs: the job is stored once."""
+    import urllib.error
+    import urllib.request
+    server = Server(tmp_path, extra_args=['--workers', '1']).start()
+    wait_for(lambda: server.api('GET', '/api/ping')[0] == 200, what='the server to serve')
+    trace = tmp_path / 'strace.log'
+    tracer = subprocess.Popen([STRACE, '-f', '-e', 'trace=fdatasync,recvfrom', '-e',
+                               'inject=fdatasync:error=EIO:when=1', '-o', str(trace),
+                               '-p', str(server.proc.pid)], stderr=subprocess.DEVNULL)
+    jobs = [{'uuid': '0b7e3c52-5a8e-4c1e-9d62-3f4f1e0a1b2c', 'payload': '/bin/true'}]
+    try:
+        wait_for(lambda: server.api('GET', '/api/ping')[0] == 200 and trace.exists()
+                 and 'GET /api/ping' in trace.read_text(), what='strace to follow the server')
+        request = urllib.request.Request(server.url + 'api/jobs', json.dumps(jobs).encode(),
+                                         {'Content-Type': 'application/json'})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        error = json.loads(refused.value.read())['error']
+        assert refused.value.code == 503 and refused.value.headers['Retry-After'], error
+        assert 'made but a power loss could undo it' in error and '\n' not in error
+        assert server.job(jobs[0]['uuid'])['state'] == 'defined'
+        assert server.api('POST', '/api/jobs', jobs) == (200, {'uuids': [jobs[0]['uuid']]})
+        assert [j['uuid'] for j in server.jobs()] == [jobs[0]['uuid']]
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+        server.stop()
+    syncs = [line for line in trace.read_text().splitlines() if 'fdatasync' in line]
+    assert 'EIO (Input/output error) (INJECTED)' in syncs[0] and syncs[-1].endswith('= 0')
+    assert 'POST /api/jobs: the disk could not sync the database' in server.log_path.read_text()
 
 
 @sqlite_only
