@@ -639,7 +639,7 @@ class Store:
         self.opened = []
         self.recovery = Recovery(pilot_timeout)
         with self.connection() as db:
-            self.db.apply_schema(db)
+            schema_applied(self.db, db, path)
             if serving:                   # a tool (check, purge) leaves the recovery to servers
                 self.recovery.check(self.db, db, utcnow())
 
@@ -6958,9 +6958,22 @@ def prepare_database(db_path):
         raise SystemExit('p3s_server: error: cannot open the database %s: %s'
                          % (redact(db_path), first_line(e)))
     try:
-        dialect.apply_schema(db)
+        schema_applied(dialect, db, db_path)
     finally:
         db.close()
+
+
+def schema_applied(dialect, db, db_path):
+    """Apply the schema, or exit with a one-line error when the storage cannot take it now
+    (another process holds SQLite's write lock past the busy timeout, the disk fails)."""
+    try:
+        dialect.apply_schema(db)
+    except Exception as e:
+        reason = dialect.trouble(e)
+        if reason is None:
+            raise
+        raise SystemExit('p3s_server: error: cannot prepare the database %s: %s (%s); start '
+                         'again once it can' % (redact(db_path), reason, first_line(e)))
 
 
 def token_file(path):

@@ -481,6 +481,30 @@ def test_a_port_in_use_is_one_line(tmp_path, server):
                         r'in use\n', proc.stderr), proc.stderr
 
 
+@sqlite_only
+@pytest.mark.parametrize('command', ['serve', 'check'])
+def test_a_database_locked_past_the_busy_timeout_at_start_is_one_line(tmp_path, command):
+    """Another process holds SQLite's write lock while a server starts, or a tool (which
+    applies the schema as a server process does): after the busy timeout (10 s) it exits with
+    one line that says so, not a traceback."""
+    from test_security import HOLD_WRITE_LOCK
+    db = fresh_database(tmp_path)
+    Server(tmp_path, db=db).start().stop()              # the schema is in place
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_WRITE_LOCK, db],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        args = ['--port', '0', '--db', db] if command == 'serve' else ['check', '--db', db]
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, 'p3s_server.py')] + args,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        holder.communicate('go\n', timeout=10)
+    assert proc.returncode == 1
+    assert re.fullmatch(r'p3s_server: error: cannot prepare the database \S+: it is locked by '
+                        r'another process \(database is locked\); start again once it can\n',
+                        proc.stderr), proc.stderr
+
+
 def test_a_run_directory_too_long_for_a_socket_is_one_line(tmp_path):
     deep = tmp_path / ('d' * 100)
     deep.mkdir()
