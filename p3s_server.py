@@ -522,6 +522,8 @@ class WalSync:
 
     def sync(self, commit):
         """Return once durable commit number `commit`, of any process, is on disk."""
+        if self.counts.synced >= commit:
+            return                       # the common case, a claim's: not behind a sync
         with self.lock:
             if self.counts.synced >= commit:
                 return                   # a sync that began after it covered it
@@ -639,7 +641,7 @@ class Store:
         self.opened = []
         self.recovery = Recovery(pilot_timeout)
         with self.connection() as db:
-            schema_applied(self.db, db, path)
+            apply_schema_or_exit(self.db, db, path)
             if serving:                   # a tool (check, purge) leaves the recovery to servers
                 self.recovery.check(self.db, db, utcnow())
 
@@ -6958,12 +6960,12 @@ def prepare_database(db_path):
         raise SystemExit('p3s_server: error: cannot open the database %s: %s'
                          % (redact(db_path), first_line(e)))
     try:
-        schema_applied(dialect, db, db_path)
+        apply_schema_or_exit(dialect, db, db_path)
     finally:
         db.close()
 
 
-def schema_applied(dialect, db, db_path):
+def apply_schema_or_exit(dialect, db, db_path):
     """Apply the schema, or exit with a one-line error when the storage cannot take it now
     (another process holds SQLite's write lock past the busy timeout, the disk fails)."""
     try:

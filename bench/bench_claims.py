@@ -4,11 +4,11 @@
 Each connection is a process of its own (not threads sharing one process's lock): it opens the
 server's Store (p3s_server.Store, the same pool, BEGIN and COMMIT as the server's) on the
 database and claims in a loop, each claim the server's CLAIM_JOB statement in its own write
-transaction, with the server's default durability (`--sync full`: on SQLite the
-write-ahead log synced after the commit, on PostgreSQL synchronous_commit on). At 1, 4, 16 and 64 connections, each run
-on a fresh copy of a database of 100,000 queued jobs: claims/s over the window, and the time of
-each claim transaction (p50, p99). Every claimed job is checked to have gone to one connection
-only.
+transaction, with the server's default durability (`--sync full`: on SQLite the write-ahead
+log synced after the commit, on PostgreSQL synchronous_commit on). At 1, 4, 16 and 64
+connections, each run on a fresh copy of a database of 100,000 queued jobs: claims/s over the
+window, and the time of each claim transaction (p50, p99). Every claimed job is checked to have
+gone to one connection only.
 
     python bench/bench_claims.py [--quick] [--db sqlite,postgresql] [--connections 1,4,16,64]
                                  [--sync full|normal]

@@ -114,7 +114,8 @@ def run(quick=False):
         if finished:
             hist_db = path
     full, _ = claim_cost(make_db(10 ** 3), runs, CLAIMS, sync='full')
-    rows.append(['1,000 queued, `--sync full` (the server default: each commit synced)', cell(full), ''])
+    rows.append(['1,000 queued, `--sync full` (the server default: each commit synced)',
+                 cell(full), ''])
     ratio = common.summary(costs[(big, 0)])[0] / common.summary(costs[(10 ** 3, 0)])[0]
     figures['claim_ratio'] = ratio
     plan_note = 'query plan: `%s`' % plans[0]

@@ -710,8 +710,10 @@ def test_a_report_is_timed_at_its_arrival_not_when_a_thread_takes_it(tmp_path):
         holder = subprocess.Popen([sys.executable, '-c', HOLD_WRITE_LOCK, server.db],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline() == 'locked\n'
-        threading.Timer(1.5, holder.stdin.write, ('go\n',)).start()
-        threading.Timer(1.5, holder.stdin.flush).start()
+        def let_go():
+            holder.stdin.write('go\n')
+            holder.stdin.flush()
+        threading.Timer(1.5, let_go).start()     # one timer: a flush before the write is lost
         sent = time.time()
         status, note = server.api('POST', '/api/pilots/%s/report' % pilot,
                                   {'job': job, 'state': 'finished', 'errcode': 0,
