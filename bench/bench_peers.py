@@ -3,7 +3,8 @@
 huey on SQLite (thread workers; default and tuned polling) and Parsl's HighThroughputExecutor
 (LocalProvider).
 
-    python bench/bench_peers.py [--quick] [--runs N] [--only huey,huey_tuned,parsl,ceiling]
+    python bench/bench_peers.py [--quick] [--runs N]
+                                [--only huey,huey_tuned,parsl,ceiling,ceiling_supervised]
 
 huey and Parsl are installed, pinned, into a virtual environment of the benchmark's own,
 bench/.peers-venv (created on first use with pip; never by `make run` or `make test`), and
@@ -19,8 +20,10 @@ What is measured, as bench_throughput.py and bench_latency.py measure p3s:
 - memory: RSS of a worker process (huey: the consumer, whose threads are all 8 workers; Parsl:
   one of its 8 worker processes) and of all the peer's processes together, after the
   throughput jobs.
-- ceiling: no queue at all, 8 processes running their share of the jobs back to back: what
-  this machine allows for `/bin/true` from Python.
+- ceilings: no queue at all, 8 processes running their share of the jobs back to back: what
+  this machine allows for `/bin/true` from Python; and the same with each `/bin/true` started
+  as p3s's pilot starts a payload, through `setpriv --pdeathsig KILL` (so that it dies with
+  its pilot, kill -9 included): what that guarantee alone allows, before any queue.
 5 runs (2 with --quick), interleaved across the peers so that a busy spell hits them alike;
 median [min-max] of the runs. Every run starts a fresh pool, queue and records file.
 
@@ -80,8 +83,12 @@ PEERS = (
     ('parsl', 'Parsl HighThroughputExecutor, LocalProvider', ['parsl']),
 )
 RUN_FIGURES = ('rate', 'idle', 'p50', 'p99', 'worker_mb', 'all_mb')
-CEILING = 'ceiling'
-CEILING_LABEL = 'no queue: %d processes running `/bin/true` back to back' % WORKERS
+# key: label, peers_app.py's arguments before the records file
+CEILINGS = {
+    'ceiling': ('no queue: %d processes running `/bin/true` back to back' % WORKERS, []),
+    'ceiling_supervised': ('no queue: the same, each `/bin/true` started as the pilot starts a '
+                           'payload (`setpriv --pdeathsig KILL`)', ['--supervised']),
+}
 SHORT = {'huey': 'huey', 'huey_tuned': 'huey tuned', 'parsl': 'Parsl'}
 
 
@@ -170,13 +177,14 @@ def latency_once(python, args, jobs):
     return [ms(done[job]['started'] - at) for job, at in submitted.items()]
 
 
-def ceiling_once(jobs):
+def ceiling_once(jobs, options):
     """jobs/s of WORKERS processes each running its share of the jobs, with no queue."""
     workdir = common.tmpdir()
     records = os.path.join(workdir, 'records')
     names = ['t%d' % i for i in range(jobs)]
-    procs = [common.spawn([sys.executable, peers_app.__file__, records] + names[k::WORKERS],
-                          stdin=subprocess.DEVNULL) for k in range(WORKERS)]
+    procs = [common.spawn([sys.executable, peers_app.__file__] + options + [records]
+                          + names[k::WORKERS], stdin=subprocess.DEVNULL)
+             for k in range(WORKERS)]
     for proc in procs:
         try:
             proc.wait(bench_throughput.RUN_TIMEOUT)
@@ -196,7 +204,7 @@ def measure(quick, runs, only):
     """Per peer, the figures of every run, the runs interleaved across the peers."""
     jobs = QUICK_JOBS if quick else JOBS
     latency_jobs = QUICK_LATENCY_JOBS if quick else LATENCY_JOBS
-    python = peers_python() if set(only) - {CEILING} else None
+    python = peers_python() if set(only) - set(CEILINGS) else None
     per = {key: {name: [] for name in RUN_FIGURES} for key in only}
     for _ in range(runs):
         for key, label, args in PEERS:
@@ -209,9 +217,10 @@ def measure(quick, runs, only):
                 per[key][name].append(got[name])
             per[key].update(version=got['version'], settings=got['settings'])
             common.cleanup()
-        if CEILING in only:
-            per[CEILING]['rate'].append(ceiling_once(jobs))
-            common.cleanup()
+        for key, (_, options) in CEILINGS.items():
+            if key in only:
+                per[key]['rate'].append(ceiling_once(jobs, options))
+                common.cleanup()
     return per, jobs, latency_jobs
 
 
@@ -228,8 +237,8 @@ def tables(per, runs, jobs, latency_jobs):
     rows = [[label, cell(per[key]['rate']), cell(per[key]['idle']),
              cell(per[key]['worker_mb']), cell(per[key]['all_mb'])]
             for key, label, _ in PEERS if key in per]
-    if CEILING in per:
-        rows.append([CEILING_LABEL, cell(per[CEILING]['rate']), '—', '—', '—'])
+    rows += [[label, cell(per[key]['rate']), '—', '—', '—']
+             for key, (label, _) in CEILINGS.items() if key in per]
     throughput = common.table(
         'Peers: throughput, %d workers, `/bin/true` jobs' % WORKERS,
         ['system', 'jobs/s, first picked up → last ended',
@@ -266,7 +275,7 @@ def figures(per):
 
 
 def run(quick=False, runs=None, only=None):
-    only = only or [key for key, _, _ in PEERS] + [CEILING]
+    only = only or [key for key, _, _ in PEERS] + list(CEILINGS)
     runs = runs or (QUICK_RUNS if quick else RUNS)
     per, jobs, latency_jobs = measure(quick, runs, only)
     return {'tables': tables(per, runs, jobs, latency_jobs), 'figures': figures(per)}
@@ -276,7 +285,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='fewer runs and jobs')
     ap.add_argument('--runs', type=int, help='runs per peer (default 5, --quick 2)')
-    known = [key for key, _, _ in PEERS] + [CEILING]
+    known = [key for key, _, _ in PEERS] + list(CEILINGS)
     ap.add_argument('--only', default=','.join(known),
                     help='peers to measure, comma-separated (default all: %(default)s)')
     args = ap.parse_args()

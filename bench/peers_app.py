@@ -9,7 +9,10 @@ anything from the times.
 Python standard library only; huey is imported only when P3S_PEERS_HUEY_DB names the queue's
 database, which is how the huey consumer finds this module's app (`peers_app.huey`).
 
-    python bench/peers_app.py RECORDS JOB...   # run the jobs one after the other, no queue
+    python bench/peers_app.py [--supervised] RECORDS JOB...   # one after the other, no queue
+
+--supervised: each job's process is started as p3s's pilot starts a payload, through
+`setpriv --pdeathsig KILL --`, which makes it die with the process that started it.
 """
 import os
 import subprocess
@@ -98,6 +101,15 @@ if os.environ.get(HUEY_DB):
     huey, huey_job = make_huey(os.environ[HUEY_DB])
 
 
+def supervised(command):
+    """`command` as p3s's pilot starts a payload (p3s_pilot.start_payload)."""
+    return ['setpriv', '--pdeathsig', 'KILL', '--'] + command
+
+
 if __name__ == '__main__':
-    for name in sys.argv[2:]:
-        run_job(name, TRUE, sys.argv[1])
+    args = sys.argv[1:]
+    command = TRUE
+    if args[:1] == ['--supervised']:
+        args, command = args[1:], supervised(TRUE)
+    for name in args[1:]:
+        run_job(name, command, args[0])

@@ -20,12 +20,14 @@ import common  # noqa: E402
 PY_SPY = os.path.join(os.path.dirname(sys.executable), 'py-spy')
 
 
-def record(pid, seconds, out, idle=False):
+def record(pid, seconds, out, idle=False, gil=False):
     args = [PY_SPY, 'record', '--pid', str(pid), '--duration', str(int(seconds)),
             '--format', 'raw', '--output', out, '--rate', '200', '--nonblocking',
             '--subprocesses']            # the workers under their supervisor
     if idle:
         args.append('--idle')
+    if gil:
+        args.append('--gil')     # only the thread holding the GIL: where Python's time goes
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -55,19 +57,21 @@ def main():
     ap.add_argument('--seconds', type=float, default=6)
     ap.add_argument('--sync', default='full')
     ap.add_argument('--out', default='/tmp/p3s-profile.txt')
+    ap.add_argument('--gil', action='store_true',
+                    help='sample only the thread holding the GIL (CPU in Python, not waits)')
     args = ap.parse_args()
     if args.load == 'brokerage':
         import bench_brokerage as b
         server = common.Server(args=['--sync', args.sync])
         common.fill_jobs(server.db, 40000)
         with server:
-            spy = record(server.pid, args.seconds + 1, args.out)
+            spy = record(server.pid, args.seconds + 1, args.out, gil=args.gil)
             print(b.run_once(server, args.pilots, args.seconds))
             spy.wait()
     else:
         with common.Server(args=['--sync', args.sync]) as server:
             server.api('POST', '/api/jobs', [{'payload': '/bin/true'} for _ in range(20000)])
-            spy = record(server.pid, args.seconds, args.out)
+            spy = record(server.pid, args.seconds, args.out, gil=args.gil)
             common.start_pilots(server, 8, '--cycles', '0')
             spy.wait()
     report(args.out)

@@ -132,9 +132,11 @@ def t_throughput(f):
 
 def peers_throughput(f):
     text = peer_list(f, 'jobs_per_s', ' jobs/s')
-    ceiling = _v(f, 'peers.ceiling.jobs_per_s')
-    if ceiling is not None:
-        text = (text + '; ' if text else '') + 'no-queue ceiling %s/s' % fmt(ceiling)
+    for key, name in (('ceiling', 'no-queue ceiling'),
+                      ('ceiling_supervised', 'with the pilot\'s `setpriv --pdeathsig`')):
+        ceiling = _v(f, 'peers.%s.jobs_per_s' % key)
+        if ceiling is not None:
+            text = (text + '; ' if text else '') + '%s %s/s' % (name, fmt(ceiling))
     best, v = best_peer(f, 'jobs_per_s', max), _v(f, 'throughput.jobs_per_s_full')
     if best and v is not None:
         text += '; p3s ÷ best (%s) = %.2f' % (bench_peers.SHORT[best[0]], v / best[1])
@@ -333,9 +335,10 @@ def side_by_side(f):
         rows.append([label, fmt(g['jobs_per_s']), ratio(rate, g['jobs_per_s']),
                      pair(g['start_p50'], g['start_p99']), ratio(p50, g['start_p50']),
                      fmt(g['idle_start']), fmt(g['worker_rss'])])
-    if 'peers.ceiling.jobs_per_s' in f:
-        rows.append([bench_peers.CEILING_LABEL, fmt(f['peers.ceiling.jobs_per_s']),
-                     ratio(rate, f['peers.ceiling.jobs_per_s']), '—', '—', '—', '—'])
+    for key, (label, _) in bench_peers.CEILINGS.items():
+        ceiling = _v(f, 'peers.%s.jobs_per_s' % key)
+        if ceiling is not None:
+            rows.append([label, fmt(ceiling), ratio(rate, ceiling), '—', '—', '—', '—'])
     return common.table(
         'p3s and its peers, side by side', [
             'system', 'jobs/s, %d workers' % bench_peers.WORKERS, 'p3s jobs/s ÷ this',

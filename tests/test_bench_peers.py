@@ -3,6 +3,7 @@ back as they were written, and a job that is missing, ran twice, failed or was n
 stops the benchmark instead of being counted. Neither huey nor Parsl is needed here."""
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -28,6 +29,30 @@ def test_a_job_leaves_one_record_of_its_run(tmp_path):
                                                             ('bad', 1, os.getpid())]
     for r in got:
         assert r['picked'] <= r['started'] <= r['ended']
+
+
+# The exit code is the child's parent-death signal, read with prctl(PR_GET_PDEATHSIG).
+PDEATHSIG = ('import ctypes, sys; sig = ctypes.c_int(); '
+             'ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0); sys.exit(sig.value)')
+
+
+def test_the_supervised_ceiling_starts_each_job_to_die_with_its_starter(tmp_path):
+    path = str(tmp_path / 'records')
+    peers_app.run_job('plain', [sys.executable, '-c', PDEATHSIG], path)
+    peers_app.run_job('supervised', peers_app.supervised([sys.executable, '-c', PDEATHSIG]),
+                      path)
+    with open(path) as f:
+        got = {r['job']: r['rc'] for r in peers_app.parse_records(f.read())}
+    assert got == {'plain': 0, 'supervised': 9}          # SIGKILL, as the pilot sets it
+
+
+def test_the_ceiling_runs_its_jobs_one_after_the_other(tmp_path):
+    path = str(tmp_path / 'records')
+    subprocess.run([sys.executable, peers_app.__file__, '--supervised', path, 'a', 'b'],
+                   check=True, timeout=60)
+    with open(path) as f:
+        done = peers_app.account(peers_app.parse_records(f.read()), ['a', 'b'])
+    assert done['a']['ended'] <= done['b']['picked']
 
 
 def test_a_line_still_being_written_is_left_for_the_next_read():
