@@ -51,9 +51,10 @@ def one_job(server):
     raise RuntimeError('job %s did not finish within %.0f s' % (uuid, JOB_TIMEOUT))
 
 
-def run_once(jobs, db='sqlite', hosts=1):
+def run_once(jobs, db='sqlite', hosts=1, sync='full'):
     with contextlib.ExitStack() as servers:
-        server = servers.enter_context(common.Server(db=common.new_database(db)))
+        server = servers.enter_context(common.Server(db=common.new_database(db),
+                                                     args=['--sync', sync]))
         entry = server if hosts == 1 else servers.enter_context(common.Server(
             db=server.db, rundir=common.tmpdir(prefix='p3s-bench-host-', base='/tmp')))
         common.start_pilots(server, PILOTS, '--cycles', '0')
@@ -71,11 +72,11 @@ def run_once(jobs, db='sqlite', hosts=1):
     return start, finish, dispatch
 
 
-def percentiles_of_runs(runs, jobs, db, hosts=1):
+def percentiles_of_runs(runs, jobs, db, hosts=1, sync='full'):
     per_run = {'start50': [], 'start99': [], 'fin50': [], 'fin99': [], 'disp50': [],
                'disp99': []}
     for _ in range(runs):
-        start, finish, dispatch = run_once(jobs, db, hosts)
+        start, finish, dispatch = run_once(jobs, db, hosts, sync)
         for name, values in (('start', start), ('fin', finish), ('disp', dispatch)):
             per_run[name + '50'].append(percentile(values, 50))
             per_run[name + '99'].append(percentile(values, 99))
@@ -110,6 +111,14 @@ def run(quick=False, db='sqlite'):
         'start_p50': common.summary(per_run['start50'])[0],
         'start_p99': common.summary(per_run['start99'])[0],
     }
+    if db == 'sqlite':
+        # What the submission's sync costs: the same without it (a power loss may then undo
+        # an acknowledged submission).
+        normal = percentiles_of_runs(runs, jobs, db, sync='normal')
+        rows.append(['submit → start, `--sync normal`', cell(normal['start50']),
+                     cell(normal['start99'])])
+        figures['start_p50_normal'] = common.summary(normal['start50'])[0]
+        figures['start_p99_normal'] = common.summary(normal['start99'])[0]
     if db == 'postgresql':
         other = percentiles_of_runs(runs, jobs, db, hosts=2)
         rows += [
@@ -128,8 +137,9 @@ def run(quick=False, db='sqlite'):
     text = common.table(
         title,
         ['figure', 'p50 ms, median [min–max] of runs', 'p99 ms, median [min–max] of runs'],
-        rows, note='%d runs of %d `/bin/true` jobs each; fresh server (default `--sync full`) '
-             'and pilots (`--cycles 0`, the default `--wait`) per run; server timestamps.'
+        rows, note='%d runs of %d `/bin/true` jobs each; fresh server (default `--sync full` '
+             'unless said) and pilots (`--cycles 0`, the default `--wait`) per run; server '
+             'timestamps.'
              % (runs, jobs) + (OTHER_HOST if db == 'postgresql' else '') + settings)
     if settings:
         figures['pg_settings'] = settings.strip(' .')

@@ -56,6 +56,61 @@ def version(dist):
         return 'not installed'
 
 
+TMPFS = '/dev/shm'
+
+
+def tmpfs():
+    """A tmpfs directory to put files on, or None."""
+    try:
+        with open('/proc/mounts') as f:
+            mounts = {fields[1]: fields[2] for fields in (line.split() for line in f)}
+    except OSError:
+        return None
+    return TMPFS if mounts.get(TMPFS) == 'tmpfs' and os.access(TMPFS, os.W_OK) else None
+
+
+def file_creation_us(base, files=200):
+    """The median time, in µs, to create an empty file in a new directory under `base`: what
+    a pilot pays for each of a job's two logs. On some file systems it is the inode's
+    allocation, and costs hundreds of µs."""
+    directory = tempfile.mkdtemp(prefix='p3s-bench-files-', dir=base)
+    times = []
+    try:
+        for i in range(files):
+            path = os.path.join(directory, str(i))
+            began = time.perf_counter()
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            times.append(time.perf_counter() - began)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return statistics.median(times) * 1e6
+
+
+def fdatasync_us(base, syncs=100):
+    """The median time, in µs, of an fdatasync after a 4 kB write in `base`: what a durable
+    commit waits for."""
+    fd, path = tempfile.mkstemp(prefix='p3s-bench-sync-', dir=base)
+    times = []
+    try:
+        for i in range(syncs):
+            os.pwrite(fd, b'x' * 4096, (i % 16) * 4096)
+            began = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - began)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return statistics.median(times) * 1e6
+
+
+def storage_line():
+    """What the temporary directory's file system costs, and a tmpfs's."""
+    base, memory = tempfile.gettempdir(), tmpfs()
+    return 'in %s a new file %.0f µs and an fdatasync %.0f µs%s' % (
+        base, file_creation_us(base), fdatasync_us(base),
+        '; on tmpfs a new file %.0f µs' % file_creation_us(memory) if memory else '')
+
+
 def machine():
     return {
         'nproc': os.cpu_count(),
@@ -67,14 +122,15 @@ def machine():
         'psycopg': version('psycopg'),
         'loadavg': ' '.join('%.2f' % x for x in os.getloadavg()),
         'date': datetime.now().strftime('%Y-%m-%d %H:%M'),
+        'storage': storage_line(),
     }
 
 
 def machine_line(m=None):
     m = m or machine()
     return ('machine: nproc %(nproc)s, %(cpu)s; Python %(python)s, SQLite %(sqlite)s, '
-            'bottle %(bottle)s, gevent %(gevent)s, psycopg %(psycopg)s; load average at start '
-            '%(loadavg)s; %(date)s' % m)
+            'bottle %(bottle)s, gevent %(gevent)s, psycopg %(psycopg)s; %(storage)s; load average '
+            'at start %(loadavg)s; %(date)s' % m)
 
 
 def percentile(values, q):
