@@ -76,20 +76,24 @@ def run(quick=False, syncs=('full', 'normal'), db='sqlite', tmpfs=True):
     if memory and 'full' in syncs:
         variants.append(('`--sync full`, the job logs on tmpfs (%s)' % memory, 'full', memory,
                          'full_tmpfs'))
-    rows, figures = [], {}
-    for label, sync, joblog_base, key in variants:
-        rates, idles = [], []
-        for _ in range(runs):
+    # The variants take turns, run by run: the machine's speed drifts more, within minutes,
+    # than some of them differ by.
+    rates, idles = {key: [] for *_, key in variants}, {key: [] for *_, key in variants}
+    for _ in range(runs):
+        for _, sync, joblog_base, key in variants:
             rate, idle = run_once(jobs, sync, joblog_base, db=db)
-            rates.append(rate)
-            idles.append(idle)
-        rows.append([label, cell(rates), cell(idles)])
-        figures['jobs_per_s_' + key] = common.summary(rates)[0]
-        figures['idle_start_' + key] = common.summary(idles)[0]
+            rates[key].append(rate)
+            idles[key].append(idle)
+    rows, figures = [], {}
+    for label, _, _, key in variants:
+        rows.append([label, cell(rates[key]), cell(idles[key])])
+        figures['jobs_per_s_' + key] = common.summary(rates[key])[0]
+        figures['idle_start_' + key] = common.summary(idles[key])[0]
     text = common.table(
         title, ['server', 'jobs/s, first dispatch → last finish', 'first job after %.0f s idle, '
          'submit → start ms' % IDLE], rows,
-        note='%d runs of %d jobs per setting, median [min–max]; fresh server per run; '
+        note='%d runs of %d jobs per setting, median [min–max], the settings in turns; fresh '
+             'server per run; '
              'every job checked finished exactly once; the server\'s default --workers; the '
              'pilots\' job logs in %s unless said.' % (runs, jobs, tempfile.gettempdir())
              + settings)
