@@ -143,8 +143,8 @@ def run(quick=False, db='sqlite'):
         title,
         ['figure', 'p50 ms, median [min–max] of runs', 'p99 ms, median [min–max] of runs'],
         rows, note='%d runs of %d `/bin/true` jobs each, the settings in turns; fresh server '
-             '(default `--sync full` unless said) and pilots (`--cycles 0`, the default `--wait`) per run; server '
-             'timestamps.'
+             '(default `--sync full` unless said) and pilots (`--cycles 0`, the default '
+             '`--wait`) per run; server timestamps.'
              % (runs, jobs) + (OTHER_HOST if db == 'postgresql' else '') + settings)
     if settings:
         figures['pg_settings'] = settings.strip(' .')
