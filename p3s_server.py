@@ -566,13 +566,21 @@ def database(db):
     return PostgreSQL(db) if is_postgres(db) else SQLite(db)
 
 
+def temporary_directory():
+    """The temporary directory TMPDIR names now. tempfile keeps the first one it found, and a
+    process may set TMPDIR after that (a test session does, so that the run directories of its
+    stores go with its other files)."""
+    named = os.environ.get('TMPDIR')
+    return named if named and os.path.isdir(named) else tempfile.gettempdir()
+
+
 def run_directory(db):
     """The directory where the server processes that share a database meet: their wake-up
     sockets and locks. Named after the database (an SQLite file's real path), so every process
     finds it; in the temporary directory, because a socket's path must be short."""
     name = db if is_postgres(db) else os.path.realpath(db)
     key = hashlib.sha1(name.encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), 'p3s-%d-%s' % (os.getuid(), key))
+    path = os.path.join(temporary_directory(), 'p3s-%d-%s' % (os.getuid(), key))
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
 

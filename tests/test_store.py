@@ -533,3 +533,11 @@ def test_a_durable_commit_syncs_the_log_that_holds_it(tmp_path):
     db.close()
     wal.close()
     other.close()
+
+
+def test_a_run_directory_goes_where_tmpdir_names_now(tmp_path, monkeypatch):
+    """tempfile keeps the temporary directory it found first; a store's run directory follows
+    TMPDIR as it is when the store is made (so a test session's go with its other files)."""
+    monkeypatch.setenv('TMPDIR', str(tmp_path))
+    path = srv.run_directory(str(tmp_path / 'p3s.db'))
+    assert os.path.dirname(path) == str(tmp_path) and os.path.isdir(path)
