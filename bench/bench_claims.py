@@ -37,7 +37,7 @@ def claimer(db, sync, index, ready, go, results):
     """One connection: claims from start_at to end_at; puts (claims, latencies, uuids,
     errors, ran dry)."""
     import p3s_server as s
-    store = s.Store(db, sync)
+    store = common.store(db, sync)
     params = {'pilot': 'bench-%d' % index, 'host': 'bench', 'site': '', 'jobtypes': '[]',
               'now': s.utcnow(), 'left': s.MAX_TIMELIMIT, 'last_queued': 0}
 
@@ -67,6 +67,7 @@ def claimer(db, sync, index, ready, go, results):
 
 
 def run_once(db, connections, duration, sync):
+    common.run_directories()            # made here, before the fork: the claimers share it
     ctx = multiprocessing.get_context('fork')
     ready, results = ctx.Queue(), ctx.Queue()
     gos = [ctx.Queue() for _ in range(connections)]

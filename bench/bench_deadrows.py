@@ -187,12 +187,11 @@ def autovacuum_passed(store, column, since, timeout):
 
 def measure(backend, jobs, batch, runs, claims, autovacuum_wait):
     """Rows for the table and the figures of one backend."""
-    import p3s_server as s
     pg = backend == 'postgresql'
 
     def database():
         db = common.new_database(backend) or os.path.join(common.tmpdir(), 'p3s.db')
-        return s.Store(db, 'normal')
+        return common.store(db, 'normal')
 
     def refilled(store):
         """Back to QUEUED jobs queued (the claims timed before took some)."""

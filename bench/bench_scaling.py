@@ -34,7 +34,7 @@ SUBMIT_JOBS = 10000
 def claim_cost(path, runs, claims, sync='normal'):
     """µs per claim transaction, one figure per run."""
     import p3s_server as s
-    store = s.Store(path, sync)
+    store = common.store(path, sync)
     params = {'pilot': 'bench-pilot', 'host': 'bench', 'site': '', 'jobtypes': '[]',
               'now': s.utcnow(), 'left': s.MAX_TIMELIMIT, 'last_queued': 0}
     with store.read() as db:

@@ -394,6 +394,21 @@ def run_directories():
     return _rundirs[0]
 
 
+def store(db, sync):
+    """An in-process Store, whose run directory goes where the benchmark's servers make theirs
+    (removed with the benchmark's other temporary directories), not in /tmp."""
+    import p3s_server
+    saved = os.environ.get('TMPDIR')
+    os.environ['TMPDIR'] = run_directories()
+    try:
+        return p3s_server.Store(db, sync)
+    finally:
+        if saved is None:
+            os.environ.pop('TMPDIR', None)
+        else:
+            os.environ['TMPDIR'] = saved
+
+
 class Server:
     """p3s_server.py on a free port of 127.0.0.1 with its own database file."""
 
