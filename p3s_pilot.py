@@ -444,7 +444,7 @@ def start_payload(command, shell, env, out, err):
         command = ['/bin/sh', '-c', command]
     else:
         check_executable(command[0], env)    # a missing one is a nonstarter, not setpriv's 127
-    return subprocess.Popen([wrapper, '--pdeathsig', 'KILL', '--'] + command, env=env,
+    return subprocess.Popen(dying_with_parent(wrapper, command), env=env,
                             stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                             start_new_session=True)
 
@@ -455,12 +455,18 @@ def pdeathsig_wrapper():
     payload), or None: the payload is then started with a preexec_fn that does the same."""
     path = shutil.which('setpriv')
     try:
-        ok = path and subprocess.run([path, '--pdeathsig', 'KILL', '--', path, '--version'],
+        ok = path and subprocess.run(dying_with_parent(path, [path, '--version']),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         ok = False
     return path if ok else None
+
+
+def dying_with_parent(wrapper, command):
+    """`command` run through `wrapper` (setpriv), which sets the parent-death signal to SIGKILL,
+    then execs it."""
+    return [wrapper, '--pdeathsig', 'KILL', '--'] + command
 
 
 def check_executable(name, env):

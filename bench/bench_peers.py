@@ -83,11 +83,13 @@ PEERS = (
     ('parsl', 'Parsl HighThroughputExecutor, LocalProvider', ['parsl']),
 )
 RUN_FIGURES = ('rate', 'idle', 'p50', 'p99', 'worker_mb', 'all_mb')
-# key: label, peers_app.py's arguments before the records file
+# key: label, short name, peers_app.py's arguments before the records file
 CEILINGS = {
-    'ceiling': ('no queue: %d processes running `/bin/true` back to back' % WORKERS, []),
+    'ceiling': ('no queue: %d processes running `/bin/true` back to back' % WORKERS,
+                'no-queue ceiling', []),
     'ceiling_supervised': ('no queue: the same, each `/bin/true` started as the pilot starts a '
-                           'payload (`setpriv --pdeathsig KILL`)', ['--supervised']),
+                           'payload (`setpriv --pdeathsig KILL`)',
+                           'with the pilot\'s `setpriv --pdeathsig`', ['--supervised']),
 }
 SHORT = {'huey': 'huey', 'huey_tuned': 'huey tuned', 'parsl': 'Parsl'}
 
@@ -217,7 +219,7 @@ def measure(quick, runs, only):
                 per[key][name].append(got[name])
             per[key].update(version=got['version'], settings=got['settings'])
             common.cleanup()
-        for key, (_, options) in CEILINGS.items():
+        for key, (_, _, options) in CEILINGS.items():
             if key in only:
                 per[key]['rate'].append(ceiling_once(jobs, options))
                 common.cleanup()
@@ -238,7 +240,7 @@ def tables(per, runs, jobs, latency_jobs):
              cell(per[key]['worker_mb']), cell(per[key]['all_mb'])]
             for key, label, _ in PEERS if key in per]
     rows += [[label, cell(per[key]['rate']), '—', '—', '—']
-             for key, (label, _) in CEILINGS.items() if key in per]
+             for key, (label, _, _) in CEILINGS.items() if key in per]
     throughput = common.table(
         'Peers: throughput, %d workers, `/bin/true` jobs' % WORKERS,
         ['system', 'jobs/s, first picked up → last ended',

@@ -11,8 +11,8 @@ database, which is how the huey consumer finds this module's app (`peers_app.hue
 
     python bench/peers_app.py [--supervised] RECORDS JOB...   # one after the other, no queue
 
---supervised: each job's process is started as p3s's pilot starts a payload, through
-`setpriv --pdeathsig KILL --`, which makes it die with the process that started it.
+--supervised: each job's process is started as p3s's pilot starts a payload (its own code),
+through `setpriv --pdeathsig KILL --`, which makes it die with the process that started it.
 """
 import os
 import subprocess
@@ -102,8 +102,13 @@ if os.environ.get(HUEY_DB):
 
 
 def supervised(command):
-    """`command` as p3s's pilot starts a payload (p3s_pilot.start_payload)."""
-    return ['setpriv', '--pdeathsig', 'KILL', '--'] + command
+    """`command` as p3s's pilot starts a payload, by the pilot's own code."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import p3s_pilot
+    wrapper = p3s_pilot.pdeathsig_wrapper()
+    if wrapper is None:
+        raise SystemExit('peers_app: no setpriv --pdeathsig here')
+    return p3s_pilot.dying_with_parent(wrapper, command)
 
 
 if __name__ == '__main__':

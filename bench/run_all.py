@@ -138,8 +138,7 @@ def t_throughput(f):
 
 def peers_throughput(f):
     text = peer_list(f, 'jobs_per_s', ' jobs/s')
-    for key, name in (('ceiling', 'no-queue ceiling'),
-                      ('ceiling_supervised', 'with the pilot\'s `setpriv --pdeathsig`')):
+    for key, (_, name, _) in bench_peers.CEILINGS.items():
         ceiling = _v(f, 'peers.%s.jobs_per_s' % key)
         if ceiling is not None:
             text = (text + '; ' if text else '') + '%s %s/s' % (name, fmt(ceiling))
@@ -345,7 +344,7 @@ def side_by_side(f):
         rows.append([label, fmt(g['jobs_per_s']), ratio(rate, g['jobs_per_s']),
                      pair(g['start_p50'], g['start_p99']), ratio(p50, g['start_p50']),
                      fmt(g['idle_start']), fmt(g['worker_rss'])])
-    for key, (label, _) in bench_peers.CEILINGS.items():
+    for key, (label, _, _) in bench_peers.CEILINGS.items():
         ceiling = _v(f, 'peers.%s.jobs_per_s' % key)
         if ceiling is not None:
             rows.append([label, fmt(ceiling), ratio(rate, ceiling), '—', '—', '—', '—'])
